@@ -1,0 +1,119 @@
+"""``sparse_attention``: validate the inputs once, then dispatch to one backend.
+
+Backends never fall back to each other: a backend that cannot serve a call raises and says
+which one can.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor
+
+from longswap.kernels.blocks import blocks_attention
+from longswap.kernels.flex import flex_attention_backend
+from longswap.kernels.reference import reference_attention
+from longswap.patterns import Pattern, parse_pattern
+
+Backend = Literal["auto", "reference", "blocks", "flex"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
+    return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+
+
+def check_inputs(
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
+) -> None:
+    """Raise ValueError, with the shapes, when q/k/v/mask do not form one attention call."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    shapes = _shapes(q, k, v)
+    if not (q.dim() == k.dim() == v.dim() == 4):
+        raise ValueError(
+            f"q, k and v must have 4 dimensions: q (B, Hq, Lq, D), k and v (B, Hkv, Lk, D); "
+            f"got {shapes}"
+        )
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k and v must agree on (B, Hkv, Lk); got {shapes}")
+    if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must agree on batch B and head dim D; got {shapes}")
+    if q.shape[1] % k.shape[1]:
+        raise ValueError(
+            f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]}) "
+            f"for grouped-query attention; got {shapes}"
+        )
+    if q.shape[2] > k.shape[2]:
+        raise ValueError(
+            f"Lq ({q.shape[2]}) must not exceed Lk ({k.shape[2]}): query i sits at position "
+            f"Lk - Lq + i, so every query needs its own key; got {shapes}"
+        )
+    if min(q.shape) == 0 or min(k.shape) == 0 or min(v.shape) == 0:
+        raise ValueError(f"q, k and v must not be empty; got {shapes}")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in _DTYPES:
+        raise ValueError(
+            f"q, k and v must share one dtype among float32, bfloat16, float16; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype} for {shapes}"
+        )
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2]):
+            raise ValueError(
+                f"key_padding_mask must be a bool tensor (B, Lk) = ({k.shape[0]}, {k.shape[2]}), "
+                f"True for keys to keep; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+            )
+        if key_padding_mask.device != k.device:
+            raise ValueError(
+                f"key_padding_mask is on {key_padding_mask.device} but k is on {k.device}"
+            )
+
+
+def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+    """The concrete backend for ``backend`` on these inputs (``auto`` decides here)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if q.device.type == "cuda":
+        return "flex"
+    # CPU: FlexAttention has no backward here, and on 2 cores its compiled forward was not
+    # faster than `blocks` on the patterns we measured (benchmarks/attention.py), while
+    # every new shape costs seconds of compilation. `blocks` serves both.
+    return "blocks"
+
+
+def sparse_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern | str,
+    backend: Backend = "auto",
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
+    block_size: int = 128,
+) -> Tensor:
+    """Attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, Lk, D)`` restricted to ``pattern``.
+
+    Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` defaults to
+    ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep. Rows with no
+    visible key return zeros. Returns ``(B, Hq, Lq, D)`` in q's dtype.
+    """
+    pattern = parse_pattern(pattern)
+    check_inputs(q, k, v, key_padding_mask)
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    pattern.check_heads(q.shape[1])
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    elif not scale > 0:
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    chosen = resolve_backend(backend, q, k, v)
+    if chosen == "reference":
+        return reference_attention(q, k, v, pattern, scale, key_padding_mask)
+    run = blocks_attention if chosen == "blocks" else flex_attention_backend
+    return run(q, k, v, pattern, scale, key_padding_mask, block_size)

@@ -1,0 +1,136 @@
+"""The ``blocks`` backend: pure PyTorch, visits only the key blocks each query block needs.
+
+Differentiable on CPU and GPU; time and memory are O(L x keys visited per query), never
+O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
+
+* static patterns: one tile per (batch, key head, query block) holding the query rows of
+  all ``G`` query heads that share the key head (grouped-query attention without expanding
+  keys), against the key blocks of the block structure. Per-head patterns get one tile per
+  query head instead. Tiles are built once per shape and cached.
+* ``block_topk``: the own block is a static tile set; every (query, selected block) pair
+  is grouped by key block and the groups are cut into chunks of ``CHUNK`` queries, so each
+  chunk is a small dense attention against one block. Both sets merge per query row.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from longswap.kernels.tile_attention import TileSet, tile_attention
+from longswap.patterns import BlockTopK, Pattern
+
+#: Queries per chunk in the selected-block tiles of ``block_topk``.
+CHUNK = 128
+
+
+@functools.lru_cache(maxsize=16)
+def static_tiles(
+    pattern: Pattern,
+    batch: int,
+    hq: int,
+    hkv: int,
+    q_len: int,
+    kv_len: int,
+    block_size: int,
+    device: torch.device,
+) -> TileSet:
+    """Tiles of a static pattern for one shape (cached: a model reuses them every layer)."""
+    st = pattern.block_structure(q_len, kv_len, block_size, hq, device)
+    bs, g = block_size, hq // hkv
+    heads, n_q, slots = st.kv_indices.shape
+    arange = functools.partial(torch.arange, device=device)
+    rel = arange(n_q * bs).view(n_q, bs)  # query row within q
+    kpos = (st.kv_indices[..., None] * bs + arange(bs)).view(heads, n_q, slots * bs)
+    k_ok = st.kv_valid.repeat_interleave(bs, -1) & (kpos < kv_len)
+    visible = pattern.mask_fn(kv_len, hq, device)(
+        (rel + kv_len - q_len)[None, :, :, None], kpos[:, :, None, :], arange(heads).view(-1, 1, 1, 1)
+    ) & k_ok[:, :, None, :]  # (Hs, nQ, bs, S*bs)
+    if heads == 1:  # tile axis: key heads; rows: the G query heads of the group
+        q_heads = (arange(hkv)[:, None] * g + arange(g)[None, :])  # (hx, g)
+        kv_heads = arange(hkv)
+    else:  # tile axis: query heads, each with its own structure
+        q_heads, kv_heads = arange(hq)[:, None], arange(hq) // g
+    hx, g_rows = q_heads.shape
+    n_qb, n_kb = -(-q_len // bs), -(-kv_len // bs)
+    b = arange(batch).view(batch, 1, 1, 1)
+    # Query blocks in the blocked space (B*Hq*nQ) and their flat rows (B*Hq*Lq, dummy last).
+    q_heads = q_heads.view(1, hx, 1, g_rows)
+    q_index = ((b * hq + q_heads) * n_qb + arange(n_q).view(1, 1, n_q, 1)).reshape(-1, g_rows)
+    rows = (b[..., None] * hq + q_heads[..., None]) * q_len + rel.view(1, 1, n_q, 1, bs)
+    rows = torch.where(rel.view(1, 1, n_q, 1, bs) < q_len, rows, batch * hq * q_len)
+    kv_index = (b * hkv + kv_heads.view(1, hx, 1, 1)) * n_kb + st.kv_indices[None]
+    kv_index = torch.where(st.kv_valid[None], kv_index, batch * hkv * n_kb)
+    n_tiles = batch * hx * n_q
+    visible = visible[None, :, :, None].expand(batch, hx, n_q, g_rows, bs, slots * bs)
+    return TileSet.build(
+        q_index, bs, kv_index.reshape(n_tiles, slots), bs, rows.reshape(n_tiles, g_rows * bs),
+        visible.reshape(n_tiles, g_rows * bs, slots * bs),
+    )
+
+
+def _with_padding(tiles: TileSet, key_padding_mask: Tensor, hkv: int) -> TileSet:
+    """``tiles`` restricted to the keys that ``key_padding_mask (B, Lk)`` keeps."""
+    batch, kv_len = key_padding_mask.shape
+    unit = tiles.kv_unit
+    n = -(-kv_len // unit)
+    keep = key_padding_mask.new_zeros(batch * hkv * n + 1, unit)
+    keep[:-1].view(batch, hkv, n * unit)[:, :, :kv_len] = key_padding_mask[:, None]
+    return tiles.restricted(keep[tiles.kv_index].view(tiles.kv_index.shape[0], 1, -1))
+
+
+@torch.no_grad()
+def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> TileSet:
+    """Tiles for ``block_topk``'s selected blocks: ``selected (B, Hq, Lq, n)`` bool.
+
+    Pairs (query row, key block) are sorted by key block and each block's queries are cut
+    into chunks of ``CHUNK`` rows; a tile is one chunk against one complete key block.
+    """
+    batch, hq, q_len, n = selected.shape
+    device = selected.device
+    b, h, i, j = torch.nonzero(selected, as_tuple=True)
+    row = (b * hq + h) * q_len + i
+    key_block = (b * hkv + h // (hq // hkv)) * n + j  # flat block in (B, Hkv, n)
+    order = torch.argsort(key_block, stable=True)
+    key_block, row = key_block[order], row[order]
+    counts = torch.bincount(key_block, minlength=batch * hkv * n)
+    rank = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[key_block]
+    chunks = -(-counts // CHUNK)
+    slot = ((torch.cumsum(chunks, 0) - chunks)[key_block] + rank // CHUNK) * CHUNK + rank % CHUNK
+    n_chunks = int(chunks.sum())
+    rows = torch.full((n_chunks * CHUNK,), batch * hq * q_len, dtype=torch.int64, device=device)
+    rows[slot] = row
+    rows = rows.view(n_chunks, CHUNK)
+    # Key block (b, kv head, j) in the blocked key space of unit block_size.
+    block = torch.repeat_interleave(torch.arange(counts.numel(), device=device), chunks)
+    kv_index = (block // n * -(-kv_len // block_size) + block % n)[:, None]
+    return TileSet.build(rows, 1, kv_index, block_size, rows, None)
+
+
+def blocks_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    block_size: int = 128,
+    force_math: bool = False,
+) -> Tensor:
+    """Sparse attention that touches only the blocks the pattern needs (any device, autograd).
+
+    ``force_math`` runs the device-generic tile kernels on CPU too (tests compare both).
+    """
+    batch, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    sets = [static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device)]
+    if pattern.data_dependent:
+        assert isinstance(pattern, BlockTopK)
+        selected = pattern.select(q, k, key_padding_mask)
+        if bool(selected.any()):
+            sets.append(selected_tiles(selected, hkv, kv_len, pattern.block_size))
+    if key_padding_mask is not None:
+        sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
+    return tile_attention(q, k, v, sets, scale, force_math)

@@ -1,0 +1,144 @@
+"""The ``flex`` backend: torch FlexAttention, compiled, with BlockMasks built from block indices.
+
+The BlockMask comes straight from the pattern's block structure
+(``BlockMask.from_kv_blocks``): ``mask_mod`` is only evaluated inside the visited tiles,
+never over all L^2 pairs. BlockMasks of static patterns are cached per (pattern, shape).
+FlexAttention has no backward pass on CPU in torch 2.13, so this backend refuses CPU
+inputs that require grad instead of failing deep inside the compiler.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from longswap.patterns import BlockTopK, Pattern
+from longswap.patterns.base import MaskMod
+
+
+@functools.cache
+def _compiled_flex():  # noqa: ANN202 - returns torch's compiled callable
+    """Compile FlexAttention once per process (the first call of a shape takes seconds)."""
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _index_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
+    """Dense ``(..., nQ, nK)`` tile flags to FlexAttention's ``(num_blocks, indices)``, int32."""
+    order = torch.sort(flags.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    return flags.sum(-1).to(torch.int32), order.to(torch.int32)
+
+
+def _tile_maps(
+    pattern: Pattern, q_len: int, kv_len: int, bs: int, heads: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Dense ``(Hs, nQ, nK)`` maps of visited and of fully visible tiles."""
+    st = pattern.block_structure(q_len, kv_len, bs, heads, device)
+    shape = (*st.kv_indices.shape[:2], -(-kv_len // bs))
+    # Unused slots point at block 0 with a False flag: accumulate, so they cannot erase it.
+    counts = torch.zeros(shape, dtype=torch.int32, device=device)
+    visited = counts.scatter_add(-1, st.kv_indices, st.kv_valid.to(torch.int32)) > 0
+    full = counts.scatter_add(-1, st.kv_indices, st.kv_full.to(torch.int32)) > 0
+    return visited, full
+
+
+def _and_padding(mask_mod: MaskMod, key_padding_mask: Tensor) -> MaskMod:
+    """``mask_mod`` restricted to keys that ``key_padding_mask (B, Lk)`` keeps."""
+
+    def padded(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return mask_mod(b, h, q_idx, kv_idx) & key_padding_mask[b, kv_idx]
+
+    return padded
+
+
+def _block_mask(
+    visited: Tensor, full: Tensor, bs: int, mask_mod: MaskMod, q_len: int, kv_len: int
+) -> BlockMask:
+    """BlockMask from tile maps with leading ``(B, H)`` dims (size 1 broadcasts)."""
+    partial_n, partial_idx = _index_lists(visited & ~full)
+    full_n, full_idx = _index_lists(full)
+    return BlockMask.from_kv_blocks(
+        partial_n, partial_idx, full_n, full_idx,
+        BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _static_parts(
+    pattern: Pattern, q_len: int, kv_len: int, bs: int, heads: int, device: torch.device
+) -> tuple[Tensor, Tensor, MaskMod]:
+    """Tile maps ``(1, Hs, nQ, nK)`` and ``mask_mod`` of a static pattern for one shape."""
+    visited, full = _tile_maps(pattern, q_len, kv_len, bs, heads, device)
+    return visited[None], full[None], pattern.mask_mod(q_len, kv_len, heads, device)
+
+
+@functools.lru_cache(maxsize=16)
+def static_block_mask(
+    pattern: Pattern, q_len: int, kv_len: int, bs: int, heads: int, device: torch.device
+) -> BlockMask:
+    """Cached BlockMask of a static pattern for one shape."""
+    visited, full, mask_mod = _static_parts(pattern, q_len, kv_len, bs, heads, device)
+    return _block_mask(visited, full, bs, mask_mod, q_len, kv_len)
+
+
+def _topk_parts(
+    pattern: BlockTopK, q: Tensor, k: Tensor, bs: int, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, MaskMod]:
+    """Tile maps ``(B, Hq, nQ, nK)`` and ``mask_mod``: own block plus every token's selection."""
+    batch, heads, q_len, _ = q.shape
+    kv_len, bb = k.shape[2], pattern.block_size
+    selected = pattern.select(q, k, key_padding_mask)  # (B, Hq, Lq, n)
+    n, n_q, n_k = selected.shape[-1], -(-q_len // bs), -(-kv_len // bs)
+    visited, full, local = _static_parts(pattern, q_len, kv_len, bs, heads, q.device)
+    per_block = F.pad(selected, (0, 0, 0, n_q * bs - q_len)).view(batch, heads, n_q, bs, n).any(3)
+    per_key = F.pad(per_block.repeat_interleave(bb, -1), (0, n_k * bs - n * bb))
+    visited = visited | per_key.view(batch, heads, n_q, n_k, bs).any(-1)
+    last = max(n - 1, 0)
+    table = F.pad(selected, (0, 1))  # an extra all-False column for keys outside any block
+
+    def mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        column = torch.where(kv_idx < n * bb, torch.clamp(kv_idx // bb, max=last), n)
+        return local(b, h, q_idx, kv_idx) | table[b, h, q_idx, column]
+
+    return visited, full.expand_as(visited), mask_mod
+
+
+def flex_attention_backend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+    block_size: int = 128,
+) -> Tensor:
+    """Sparse attention through compiled FlexAttention (forward only on CPU)."""
+    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
+        t.requires_grad for t in (q, k, v)
+    ):
+        raise ValueError(
+            "backend='flex' cannot compute gradients on CPU: FlexAttention has no CPU backward "
+            "pass in this torch. Use backend='blocks' (or 'auto') to train on CPU, or run "
+            "inference under torch.no_grad()."
+        )
+    q_len, kv_len, heads = q.shape[2], k.shape[2], q.shape[1]
+    if pattern.data_dependent:
+        assert isinstance(pattern, BlockTopK)
+        visited, full, mask_mod = _topk_parts(pattern, q, k, block_size, key_padding_mask)
+    elif key_padding_mask is None:
+        visited = None
+        block_mask = static_block_mask(pattern, q_len, kv_len, block_size, heads, q.device)
+    else:
+        visited, full, mask_mod = _static_parts(pattern, q_len, kv_len, block_size, heads, q.device)
+    if key_padding_mask is not None:
+        # Padding makes every tile partial: the padding rule must be evaluated everywhere.
+        mask_mod, full = _and_padding(mask_mod, key_padding_mask), torch.zeros_like(full)
+    if visited is not None:
+        block_mask = _block_mask(visited, full, block_size, mask_mod, q_len, kv_len)
+    out = _compiled_flex()(
+        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads
+    )
+    return out

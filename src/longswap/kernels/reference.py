@@ -1,0 +1,44 @@
+"""The dense oracle: a full boolean mask and a softmax in float32. Every backend equals it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longswap.patterns import Pattern
+
+
+def dense_pattern_mask(
+    q: Tensor, k: Tensor, pattern: Pattern, key_padding_mask: Tensor | None = None
+) -> Tensor:
+    """Boolean mask ``(B or 1, Hq or 1, Lq, Lk)`` of ``pattern`` for these inputs."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if pattern.data_dependent:
+        mask = pattern.token_mask(q, k, key_padding_mask)
+    else:
+        mask = pattern.dense_mask(q_len, kv_len, q.shape[1], q.device)[None]
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask[:, None, None, :]
+    return mask
+
+
+def reference_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern,
+    scale: float,
+    key_padding_mask: Tensor | None = None,
+) -> Tensor:
+    """Attention through the pattern's dense mask; O(L^2) time and memory.
+
+    Rows with no visible key are zero. Computed in float32 whatever the input dtype.
+    """
+    group = q.shape[1] // k.shape[1]
+    mask = dense_pattern_mask(q, k, pattern, key_padding_mask)
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
+    has_key = mask.any(-1, keepdim=True)
+    return ((torch.softmax(scores, -1) @ v) * has_key).to(q.dtype)

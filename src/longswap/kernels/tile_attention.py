@@ -1,0 +1,226 @@
+"""Attention over gathered tiles, with a flash-style backward: the engine of ``blocks``.
+
+A sparse pattern is cut into *tiles*: a tile is ``R`` query rows and the ``K`` key rows
+they may look at, with an additive mask. Rows are addressed in flat row spaces:
+``q.reshape(B * Hq * Lq, D)`` and ``k.reshape(B * Hkv * Lk, D)``, each followed by one
+zero "dummy" row that padding slots point to. A query row may appear in several tiles
+(``block_topk`` visits its own block and its selected blocks separately); the partial
+results merge through their log-sum-exp.
+
+The backward pass recomputes each tile from the saved inputs, the merged output and the
+merged log-sum-exp, exactly as FlashAttention does across key splits, so nothing of size
+``L x keys`` is kept between the passes. On CPU, each tile batch runs through torch's
+fused flash-attention kernels (``aten::_scaled_dot_product_flash_attention_for_cpu`` and
+its backward); on other devices, through the same equations in plain torch ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TileSet:
+    """``N`` tiles, each ``R`` query rows by ``K`` key rows, addressed by blocks of rows.
+
+    Queries and keys are read in units of ``q_unit`` and ``kv_unit`` consecutive rows:
+    ``q_index (N, R / q_unit)`` indexes the blocked query space ``(B*Hq*ceil(Lq/q_unit) + 1,
+    q_unit, D)`` and ``kv_index (N, K / kv_unit)`` the blocked key space; the last block of
+    each is a zero dummy for padding slots. ``rows (N, R)`` gives each tile row's flat query
+    row ``b*Hq*Lq + h*Lq + i`` (``B*Hq*Lq`` for padding). ``mask (N or 1, 1, R or 1, K)`` is
+    additive float32 (0 or -inf), or None when every pair is visible. ``has_key (N, R)`` is
+    False for rows that see no key in this set: their mask row is cleared to keep the
+    kernels finite, and their results are discarded.
+    """
+
+    q_index: Tensor
+    q_unit: int
+    kv_index: Tensor
+    kv_unit: int
+    rows: Tensor
+    mask: Tensor | None
+    has_key: Tensor
+    _cast: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def build(cls, q_index: Tensor, q_unit: int, kv_index: Tensor, kv_unit: int, rows: Tensor,
+              visible: Tensor | None) -> TileSet:
+        """Tiles from a boolean ``visible (N or 1, R or 1, K)`` (None: all pairs visible)."""
+        n, r = rows.shape
+        if visible is None:
+            has_key, mask = torch.ones(n, r, dtype=torch.bool, device=rows.device), None
+        else:
+            any_key = visible.any(-1, keepdim=True)
+            keep = visible | ~any_key
+            mask = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))
+            has_key, mask = any_key[..., 0].expand(n, r), mask[:, None]
+        return cls(q_index, q_unit, kv_index, kv_unit, rows, mask, has_key)
+
+    def restricted(self, keep: Tensor) -> TileSet:
+        """These tiles with only the keys where ``keep (N, 1, K)`` is True."""
+        visible = self.visible()
+        return TileSet.build(self.q_index, self.q_unit, self.kv_index, self.kv_unit, self.rows,
+                             keep if visible is None else visible & keep)
+
+    def visible(self) -> Tensor | None:
+        """The boolean visibility this set was built from (None: all pairs)."""
+        if self.mask is None:
+            return None
+        return (self.mask[:, 0] == 0) & self.has_key[..., None]
+
+    def mask_as(self, dtype: torch.dtype) -> Tensor | None:
+        """The additive mask in ``dtype`` (cached: plans are reused across calls)."""
+        if self.mask is None or dtype == torch.float32:
+            return self.mask
+        if dtype not in self._cast:
+            self._cast[dtype] = self.mask.to(dtype)
+        return self._cast[dtype]
+
+
+def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+                 ) -> tuple[Tensor, Tensor]:
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=mask, scale=scale
+    )
+    return out, lse
+
+
+def _cpu_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                  mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
+    )
+
+
+def _scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+    s = (q @ k.transpose(-1, -2)).float() * scale
+    return s if mask is None else s + mask
+
+
+def _math_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+                  ) -> tuple[Tensor, Tensor]:
+    s = _scores(q, k, mask, scale)
+    lse = torch.logsumexp(s, -1)
+    return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
+
+
+def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
+                   mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])  # (N, 1, R, K)
+    dv = p.transpose(-1, -2).to(do.dtype) @ do
+    delta = (do.float() * out.float()).sum(-1, keepdim=True)
+    ds = (p * ((do @ v.transpose(-1, -2)).float() - delta) * scale).to(q.dtype)
+    return ds @ k, ds.transpose(-1, -2) @ q, dv
+
+
+def _engine(device: torch.device, force_math: bool) -> tuple:
+    """(forward, backward) tile kernels for this device."""
+    if device.type == "cpu" and not force_math:
+        return _cpu_forward, _cpu_backward
+    return _math_forward, _math_backward
+
+
+def _blocked(x: Tensor, unit: int) -> Tensor:
+    """``(B, H, L, D)`` to ``(B*H*ceil(L/unit) + 1, unit, D)``, zero-padded, plus a dummy block."""
+    batch, heads, length, dim = x.shape
+    n = -(-length // unit)
+    out = x.new_zeros(batch * heads * n + 1, unit, dim)
+    out[:-1].view(batch, heads, n * unit, dim)[:, :, :length] = x
+    return out
+
+
+def _unblocked(x: Tensor, shape: tuple[int, ...]) -> Tensor:
+    """Inverse of :func:`_blocked` for a gradient: drop padding and the dummy block."""
+    batch, heads, length, dim = shape
+    return x[:-1].view(batch, heads, -1, dim)[:, :, :length]
+
+
+class _Blocked:
+    """Blocked views of one tensor, made once per unit size."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.x, self.views = x, {}
+
+    def gather(self, index: Tensor, unit: int) -> Tensor:
+        """Rows of the blocks in ``index (N, n)``: ``(N, 1, n * unit, D)``."""
+        if unit not in self.views:
+            self.views[unit] = _blocked(self.x, unit)
+        return self.views[unit][index].view(index.shape[0], 1, -1, self.x.shape[-1])
+
+
+def _merge(sets: list[TileSet], outs: list[Tensor], lses: list[Tensor], n_rows: int
+           ) -> tuple[Tensor, Tensor]:
+    """Merge per-tile partial results into ``(out (n_rows, D), lse (n_rows,))`` per flat row."""
+    index = torch.cat([ts.rows.reshape(-1) for ts in sets])
+    out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).float()
+    lse = torch.cat([x.reshape(-1) for x in lses])
+    top = torch.full((n_rows,), float("-inf"), device=lse.device).scatter_reduce(
+        0, index, lse, "amax"
+    )
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    weight = torch.exp(lse - top[index])  # 0 where the set saw no key
+    total = torch.zeros(n_rows, device=lse.device).index_add_(0, index, weight)
+    merged = torch.zeros(n_rows, out.shape[-1], device=out.device).index_add_(
+        0, index, out * weight[:, None]
+    )
+    merged /= total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]
+    return merged, top + torch.log(total)
+
+
+class TileAttention(torch.autograd.Function):
+    """Autograd function: attention of q over k, v restricted to a list of tile sets."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float,  # noqa: ANN001
+                force_math: bool) -> Tensor:
+        forward, _ = _engine(q.device, force_math)
+        qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
+        outs, lses = [], []
+        for ts in sets:
+            out, lse = forward(
+                qb.gather(ts.q_index, ts.q_unit), kb.gather(ts.kv_index, ts.kv_unit),
+                vb.gather(ts.kv_index, ts.kv_unit), ts.mask_as(q.dtype), scale,
+            )  # (N, 1, R, Dv), (N, 1, R)
+            outs.append(out)
+            lses.append(lse[:, 0].masked_fill(~ts.has_key, float("-inf")))
+        n_rows = q.shape[0] * q.shape[1] * q.shape[2] + 1
+        out, lse = _merge(sets, outs, lses, n_rows)
+        out = out.to(q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.sets, ctx.scale, ctx.force_math = sets, scale, force_math
+        return out[:-1].view(*q.shape[:3], v.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
+        q, k, v, out, lse = ctx.saved_tensors
+        _, backward = _engine(q.device, ctx.force_math)
+        qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
+        grad = torch.cat([grad.reshape(-1, grad.shape[-1]), grad.new_zeros(1, grad.shape[-1])])
+        # Rows that saw no key at all: +inf makes every recomputed probability zero.
+        lse = torch.where(torch.isfinite(lse), lse, float("inf"))
+        dq = torch.zeros(out.shape[0], q.shape[-1], dtype=q.dtype, device=q.device)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        for ts in ctx.sets:
+            rows = ts.rows
+            g = grad[rows] * ts.has_key[..., None]  # rows without keys here contribute nothing
+            dq_t, dk_t, dv_t = backward(
+                g[:, None], qb.gather(ts.q_index, ts.q_unit), kb.gather(ts.kv_index, ts.kv_unit),
+                vb.gather(ts.kv_index, ts.kv_unit), out[rows][:, None], lse[rows][:, None],
+                ts.mask_as(q.dtype), ctx.scale,
+            )
+            dq.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, q.shape[-1]))
+            for target, part in ((dk, dk_t), (dv, dv_t)):
+                unit = ts.kv_unit
+                acc = torch.zeros_like(kb.views[unit] if target is dk else vb.views[unit])
+                acc.index_add_(0, ts.kv_index.reshape(-1), part.reshape(-1, unit, part.shape[-1]))
+                target += _unblocked(acc, target.shape)
+        return dq[:-1].view_as(q), dk, dv, None, None, None
+
+
+def tile_attention(q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float,
+                   force_math: bool = False) -> Tensor:
+    """``(B, Hq, Lq, Dv)`` attention of q over the tiles in ``sets`` (differentiable)."""
+    return TileAttention.apply(q, k, v, sets, scale, force_math)

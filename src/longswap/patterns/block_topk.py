@@ -1,0 +1,101 @@
+"""``block_topk(block_size, top_k)``: MoBA's mixture of block attention, strictly causal.
+
+Keys are cut into blocks of ``block_size``. Each query token attends to its own block
+(causally) plus the ``top_k`` earlier complete blocks whose mean-pooled keys score highest
+against that query, per query token and per head. Selection is parameter-free and
+depends only on the query and earlier keys; ties go to the more recent block.
+
+Selecting once per query *block* (as some implementations do) would let later tokens of a
+block steer an earlier token's choice, which leaks the future; this pattern never does.
+The element and block views of this class describe the static part (the own block); the
+selected blocks come from :meth:`BlockTopK.select`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longswap.patterns.base import MaskFn, Pattern, TileGrid, check_int
+from longswap.patterns.registry import register
+
+
+@register
+@dataclass(frozen=True)
+class BlockTopK(Pattern):
+    """Own block plus the ``top_k`` best-matching earlier blocks, chosen per token and head."""
+
+    block_size: int = 128
+    top_k: int = 4
+
+    name = "block_topk"
+    data_dependent = True
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "block_size", self.block_size, 1)
+        check_int(self.name, "top_k", self.top_k, 0)
+
+    def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
+        bb = self.block_size
+        return lambda q, kv, h: q // bb == kv // bb
+
+    def _tiles(self, grid: TileGrid, num_heads: int) -> tuple[Tensor, Tensor]:
+        bb = self.block_size
+        (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
+        any_ = (q_lo // bb <= k_hi // bb) & (k_lo // bb <= q_hi // bb)
+        full = (q_lo // bb == q_hi // bb) & (k_lo // bb == k_hi // bb) & (q_lo // bb == k_lo // bb)
+        return any_, full
+
+    def num_candidate_blocks(self, kv_len: int) -> int:
+        """Complete key blocks, the only ones a query can select."""
+        return kv_len // self.block_size
+
+    @torch.no_grad()
+    def select(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Boolean ``(B, Hq, Lq, nC)``: which complete key block each query token selects.
+
+        q is ``(B, Hq, Lq, D)``, k is ``(B, Hkv, Lk, D)``; query ``i`` sits at absolute
+        position ``Lk - Lq + i``. Key blocks whose keys are all padding are never selected,
+        and padded keys do not enter the mean.
+        """
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        n = self.num_candidate_blocks(kv_len)
+        bb = self.block_size
+        if n == 0 or self.top_k == 0:
+            return torch.zeros(batch, hq, q_len, n, dtype=torch.bool, device=q.device)
+        keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
+        if key_padding_mask is None:
+            means = keys.mean(3)  # (B, Hkv, n, D)
+            usable = torch.ones(batch, 1, n, dtype=torch.bool, device=q.device)
+        else:
+            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
+            count = keep.sum(3)  # (B, 1, n, 1)
+            means = (keys * keep).sum(3) / count.clamp_min(1)
+            usable = count[..., 0] > 0
+        group = hq // hkv
+        qg = q.float().reshape(batch, hkv, group * q_len, dim)
+        scores = (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
+        own = (torch.arange(kv_len - q_len, kv_len, device=q.device) // bb)[:, None]
+        valid = (torch.arange(n, device=q.device)[None, :] < own) & usable[:, :, None, :]
+        scores = torch.where(valid, scores, float("-inf"))
+        threshold = torch.topk(scores, min(self.top_k, n), dim=-1).values[..., -1:]
+        above = scores > threshold
+        # Fill the remaining places from the blocks tied at the threshold, most recent first.
+        tied = (scores == threshold) & valid
+        places = min(self.top_k, n) - above.sum(-1, keepdim=True)
+        from_right = tied.flip(-1).cumsum(-1).flip(-1)
+        return above | (tied & (from_right <= places))
+
+    def token_mask(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Boolean ``(B, Hq, Lq, Lk)``: the full element view for these inputs (for the oracle)."""
+        kv_len = k.shape[2]
+        selected = self.select(q, k, key_padding_mask)  # (B, Hq, Lq, n)
+        n = selected.shape[-1]
+        spread = selected.repeat_interleave(self.block_size, dim=-1)
+        tail = kv_len - n * self.block_size
+        spread = torch.nn.functional.pad(spread, (0, tail))
+        local = self.dense_mask(q.shape[2], kv_len, device=q.device)  # (1, Lq, Lk)
+        return spread | local[None]

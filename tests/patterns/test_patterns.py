@@ -1,0 +1,210 @@
+"""Pattern definitions: hand-checked cases, validation, and the block view's soundness."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longswap.patterns import (
+    REGISTRY,
+    bigbird,
+    block_topk,
+    dilated,
+    full,
+    local_global,
+    parse_pattern,
+    shifted_groups,
+    sliding_window,
+)
+
+STATIC = [
+    full(),
+    sliding_window(7),
+    sliding_window(5, sinks=3),
+    dilated(4, 3),
+    dilated(6, 1),
+    local_global(5, [0, 9, 40]),
+    bigbird(8, 1, 1, 2, seed=3),
+    bigbird(5, 0, 2, 1, seed=0),
+    shifted_groups(8),
+    shifted_groups(6),
+    block_topk(8, 2),  # its static part: the own block
+    sliding_window(9) | dilated(3, 7),
+    sliding_window(20) & shifted_groups(16),
+]
+
+
+def visible_keys(pattern, q, kv_len, head=0, num_heads=2):
+    """Keys visible from absolute query position q."""
+    mask = pattern.dense_mask(kv_len, kv_len, num_heads)
+    return torch.nonzero(mask[min(head, mask.shape[0] - 1), q]).flatten().tolist()
+
+
+def test_full_is_causal():
+    assert visible_keys(full(), 5, 10) == [0, 1, 2, 3, 4, 5]
+
+
+def test_window_edges_hf_convention():
+    # window=w: keys j with i - w < j <= i, w keys including the query itself.
+    assert visible_keys(sliding_window(3), 10, 20) == [8, 9, 10]
+    assert visible_keys(sliding_window(1), 4, 20) == [4]
+    assert visible_keys(sliding_window(3), 1, 20) == [0, 1]
+
+
+def test_sinks_visible_to_later_queries_only():
+    assert visible_keys(sliding_window(2, sinks=2), 10, 20) == [0, 1, 9, 10]
+    assert visible_keys(sliding_window(2, sinks=4), 1, 20) == [0, 1]
+
+
+def test_dilation_distances():
+    # distance d visible iff d % 3 == 0 and d < 4 * 3
+    assert visible_keys(dilated(4, 3), 20, 30) == [11, 14, 17, 20]
+    assert visible_keys(dilated(4, 3), 4, 30) == [1, 4]
+
+
+def test_global_tokens_both_directions():
+    p = local_global(2, [3])
+    assert visible_keys(p, 10, 20) == [3, 9, 10]  # every later query sees the global key
+    assert visible_keys(p, 3, 20) == [0, 1, 2, 3]  # the global query sees all earlier keys
+    assert visible_keys(p, 2, 20) == [1, 2]  # an earlier query does not see it
+
+
+def test_global_tokens_beyond_sequence_are_ignored():
+    p = local_global(2, [0, 500])
+    assert visible_keys(p, 9, 10) == [0, 8, 9]
+
+
+def test_shifted_group_borders():
+    p = shifted_groups(4)
+    # unshifted heads: groups [0,4) [4,8) ...; shifted heads: [0,2) [2,6) [6,10) ...
+    assert visible_keys(p, 5, 12, head=0, num_heads=2) == [4, 5]
+    assert visible_keys(p, 5, 12, head=1, num_heads=2) == [2, 3, 4, 5]
+    assert visible_keys(p, 1, 12, head=1, num_heads=2) == [0, 1]
+    assert visible_keys(p, 6, 12, head=1, num_heads=2) == [6]
+
+
+def test_shifted_groups_never_see_the_future():
+    mask = shifted_groups(4).dense_mask(16, 16, 4)
+    assert not torch.triu(mask, diagonal=1).any()
+
+
+def test_shifted_groups_need_even_heads():
+    with pytest.raises(ValueError, match="num_heads must be even, got 3"):
+        shifted_groups(4).dense_mask(8, 8, 3)
+
+
+def test_bigbird_parts():
+    p = bigbird(block_size=4, window_blocks=1, global_blocks=1, random_blocks=1, seed=0)
+    table = p.block_table(8)
+    assert table[5, 4] and table[5, 5] and table[5, 0]  # neighbour, own, global
+    assert table.sum(1)[5] == 4  # plus exactly one random earlier block
+    assert not torch.triu(table, diagonal=1).any()
+
+
+def test_bigbird_random_blocks_do_not_depend_on_length():
+    p = bigbird(4, 1, 1, 2, seed=7)
+    assert torch.equal(p.block_table(50)[:20, :20], p.block_table(20))
+    assert not torch.equal(p.block_table(20), bigbird(4, 1, 1, 2, seed=8).block_table(20))
+
+
+def test_block_topk_selection_ties_go_to_recent_block():
+    p = block_topk(block_size=2, top_k=1)
+    k = torch.ones(1, 1, 8, 1)  # every block has the same mean: a four-way tie
+    q = torch.ones(1, 1, 8, 1)
+    selected = p.select(q, k)  # (1, 1, 8, 4)
+    assert selected[0, 0, 7].tolist() == [False, False, True, False]  # query 7 is in block 3
+    assert selected[0, 0, 3].tolist() == [True, False, False, False]
+    assert not selected[0, 0, :2].any()  # block 0 has no earlier block
+
+
+def test_block_topk_is_strictly_causal():
+    torch.manual_seed(0)
+    p = block_topk(block_size=4, top_k=2)
+    q, k = torch.randn(1, 2, 32, 8), torch.randn(1, 2, 32, 8)
+    first = p.token_mask(q, k)
+    k2 = k.clone()
+    k2[:, :, 20:] = torch.randn(1, 2, 12, 8)  # change the future of query 19
+    second = p.token_mask(q, k2)
+    assert torch.equal(first[..., :20, :], second[..., :20, :])
+    assert not torch.triu(first[0, 0], diagonal=1).any()
+
+
+def test_block_topk_picks_the_best_block():
+    p = block_topk(block_size=2, top_k=1)
+    k = torch.tensor([1.0, 1.0, -1.0, -1.0, 5.0, 5.0, 0.0, 0.0]).view(1, 1, 8, 1)
+    q = torch.ones(1, 1, 8, 1)
+    assert p.select(q, k)[0, 0, 7].tolist() == [False, False, True, False]
+    assert p.select(-q, k)[0, 0, 7].tolist() == [False, True, False, False]
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: sliding_window(0), "sliding_window: window must be an integer >= 1, got 0"),
+        (lambda: sliding_window(4, sinks=-1), "sinks must be an integer >= 0, got -1"),
+        (lambda: dilated(4, 0), "dilation must be an integer >= 1, got 0"),
+        (lambda: local_global(4, [1, -2]), "each of global_tokens must be an integer >= 0"),
+        (lambda: local_global(4, 3), "global_tokens must be a list of positions"),
+        (lambda: bigbird(block_size=0), "block_size must be an integer >= 1, got 0"),
+        (lambda: shifted_groups(1), "group_size must be an integer >= 2, got 1"),
+        (lambda: block_topk(128, -1), "top_k must be an integer >= 0, got -1"),
+        (lambda: sliding_window(2.5), "window must be an integer >= 1, got 2.5"),
+        (lambda: block_topk(8) | full(), "block_topk selects keys from the data"),
+    ],
+)
+def test_bad_parameters_name_the_parameter(make, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        make()
+
+
+@pytest.mark.parametrize("pattern", [*STATIC, block_topk(64, 3)], ids=str)
+def test_string_round_trip(pattern):
+    assert parse_pattern(str(pattern)) == pattern
+
+
+def test_parse_examples_and_errors():
+    assert parse_pattern("sliding_window(window=4096, sinks=4)") == sliding_window(4096, 4)
+    assert parse_pattern("sliding_window(8) | (dilated(2, 4) & full())") == sliding_window(8) | (
+        dilated(2, 4) & full()
+    )
+    with pytest.raises(ValueError, match="unknown pattern 'slidingwindow'.*known patterns"):
+        parse_pattern("slidingwindow(4)")
+    with pytest.raises(ValueError, match="syntax error"):
+        parse_pattern("sliding_window(")
+    with pytest.raises(ValueError, match="not a literal"):
+        parse_pattern("sliding_window(window=x)")
+    with pytest.raises(ValueError, match="bad arguments for sliding_window"):
+        parse_pattern("sliding_window(size=3)")
+
+
+def test_registry_has_the_seven_patterns():
+    assert set(REGISTRY) == {
+        "full", "sliding_window", "dilated", "local_global", "bigbird", "shifted_groups", "block_topk",
+    }
+
+
+@pytest.mark.parametrize("pattern", STATIC, ids=str)
+@given(
+    q_len=st.integers(1, 70),
+    extra=st.integers(0, 40),
+    block_size=st.sampled_from([1, 3, 4, 8, 16, 128]),
+)
+def test_block_view_covers_element_view(pattern, q_len, extra, block_size):
+    """No visible pair outside the listed blocks; no partially visible block called full."""
+    kv_len, heads = q_len + extra, 4
+    dense = pattern.dense_mask(q_len, kv_len, heads)  # (Hs, Lq, Lk)
+    st_ = pattern.block_structure(q_len, kv_len, block_size, heads)
+    n_q, n_k = -(-q_len // block_size), -(-kv_len // block_size)
+    listed = torch.zeros(st_.num_heads, n_q, n_k, dtype=torch.int32)
+    listed = listed.scatter_add(-1, st_.kv_indices, st_.kv_valid.int()) > 0
+    full_map = torch.zeros(st_.num_heads, n_q, n_k, dtype=torch.int32)
+    full_map = full_map.scatter_add(-1, st_.kv_indices, st_.kv_full.int()) > 0
+    padded = torch.nn.functional.pad(dense, (0, n_k * block_size - kv_len, 0, n_q * block_size - q_len))
+    tiles = padded.view(dense.shape[0], n_q, block_size, n_k, block_size)
+    any_pair = tiles.any(4).any(2)
+    qi = torch.arange(n_q * block_size).view(n_q, block_size) < q_len
+    ki = torch.arange(n_k * block_size).view(n_k, block_size) < kv_len
+    real = qi[:, :, None, None] & ki[None, None]  # (nQ, bs, nK, bs)
+    all_pairs = (tiles | ~real.permute(0, 1, 2, 3)).all(4).all(2)
+    assert not (any_pair & ~listed).any(), "a visible pair lies in an unlisted block"
+    assert not (full_map & ~all_pairs).any(), "a block called full has a hidden pair"
