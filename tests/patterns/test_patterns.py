@@ -179,7 +179,13 @@ def test_parse_examples_and_errors():
 
 def test_registry_has_the_seven_patterns():
     assert set(REGISTRY) == {
-        "full", "sliding_window", "dilated", "local_global", "bigbird", "shifted_groups", "block_topk",
+        "full",
+        "sliding_window",
+        "dilated",
+        "local_global",
+        "bigbird",
+        "shifted_groups",
+        "block_topk",
     }
 
 
@@ -199,7 +205,9 @@ def test_block_view_covers_element_view(pattern, q_len, extra, block_size):
     listed = listed.scatter_add(-1, st_.kv_indices, st_.kv_valid.int()) > 0
     full_map = torch.zeros(st_.num_heads, n_q, n_k, dtype=torch.int32)
     full_map = full_map.scatter_add(-1, st_.kv_indices, st_.kv_full.int()) > 0
-    padded = torch.nn.functional.pad(dense, (0, n_k * block_size - kv_len, 0, n_q * block_size - q_len))
+    padded = torch.nn.functional.pad(
+        dense, (0, n_k * block_size - kv_len, 0, n_q * block_size - q_len)
+    )
     tiles = padded.view(dense.shape[0], n_q, block_size, n_k, block_size)
     any_pair = tiles.any(4).any(2)
     qi = torch.arange(n_q * block_size).view(n_q, block_size) < q_len

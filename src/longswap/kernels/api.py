@@ -25,9 +25,7 @@ def _shapes(q: Tensor, k: Tensor, v: Tensor) -> str:
     return f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
 
 
-def check_inputs(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None
-) -> None:
+def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None = None) -> None:
     """Raise ValueError, with the shapes, when q/k/v/mask do not form one attention call."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
@@ -60,12 +58,18 @@ def check_inputs(
             f"{q.dtype}, {k.dtype}, {v.dtype} for {shapes}"
         )
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}")
+        raise ValueError(
+            f"q, k and v must be on one device; got {q.device}, {k.device}, {v.device}"
+        )
     if key_padding_mask is not None:
-        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (k.shape[0], k.shape[2]):
+        if key_padding_mask.dtype != torch.bool or key_padding_mask.shape != (
+            k.shape[0],
+            k.shape[2],
+        ):
             raise ValueError(
                 f"key_padding_mask must be a bool tensor (B, Lk) = ({k.shape[0]}, {k.shape[2]}), "
-                f"True for keys to keep; got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+                f"True for keys to keep; got {key_padding_mask.dtype} "
+                f"{tuple(key_padding_mask.shape)}"
             )
         if key_padding_mask.device != k.device:
             raise ValueError(

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from longswap.kernels.tile_attention import TileSet, tile_attention
-from longswap.patterns import BlockTopK, Pattern
+from longswap.patterns import BlockStructure, BlockTopK, Pattern
 
 #: Queries per chunk in the selected-block tiles of ``block_topk``.
 CHUNK = 128
@@ -36,37 +36,68 @@ def static_tiles(
     kv_len: int,
     block_size: int,
     device: torch.device,
-) -> TileSet:
-    """Tiles of a static pattern for one shape (cached: a model reuses them every layer)."""
+) -> tuple[TileSet, ...]:
+    """Tiles of a static pattern for one shape (cached: a model reuses them every layer).
+
+    Query blocks are bucketed by how many key blocks they visit (up to the next power of
+    two), so that a few dense rows (a global query, the first blocks) do not widen every
+    tile of the sequence.
+    """
     st = pattern.block_structure(q_len, kv_len, block_size, hq, device)
-    bs, g = block_size, hq // hkv
-    heads, n_q, slots = st.kv_indices.shape
+    heads = st.num_heads
+    counts = st.kv_counts  # (Hs, nQ)
+    width = torch.clamp(counts, min=1)
+    bucket = torch.ceil(torch.log2(width.float())).long()
+    return tuple(
+        _tiles_for(pattern, st, torch.nonzero(bucket == b_), batch, hq, hkv, heads)
+        for b_ in torch.unique(bucket).tolist()
+    )
+
+
+def _tiles_for(
+    pattern: Pattern, st: BlockStructure, picked: Tensor, batch: int, hq: int, hkv: int, heads: int
+) -> TileSet:
+    """One tile set for the (structure head, query block) pairs in ``picked (T, 2)``."""
+    device, bs = picked.device, st.block_size
+    q_len, kv_len, g = st.q_len, st.kv_len, hq // hkv
+    sh, qb = picked[:, 0], picked[:, 1]  # structure head, query block
+    slots = int(st.kv_counts[sh, qb].max().clamp_min(1))
+    idx, valid = st.kv_indices[sh, qb, :slots], st.kv_valid[sh, qb, :slots]  # (T, S)
     arange = functools.partial(torch.arange, device=device)
-    rel = arange(n_q * bs).view(n_q, bs)  # query row within q
-    kpos = (st.kv_indices[..., None] * bs + arange(bs)).view(heads, n_q, slots * bs)
-    k_ok = st.kv_valid.repeat_interleave(bs, -1) & (kpos < kv_len)
-    visible = pattern.mask_fn(kv_len, hq, device)(
-        (rel + kv_len - q_len)[None, :, :, None], kpos[:, :, None, :], arange(heads).view(-1, 1, 1, 1)
-    ) & k_ok[:, :, None, :]  # (Hs, nQ, bs, S*bs)
-    if heads == 1:  # tile axis: key heads; rows: the G query heads of the group
-        q_heads = (arange(hkv)[:, None] * g + arange(g)[None, :])  # (hx, g)
-        kv_heads = arange(hkv)
-    else:  # tile axis: query heads, each with its own structure
-        q_heads, kv_heads = arange(hq)[:, None], arange(hq) // g
-    hx, g_rows = q_heads.shape
+    rel = qb[:, None] * bs + arange(bs)  # (T, bs) query row within q
+    kpos = (idx[..., None] * bs + arange(bs)).view(-1, slots * bs)  # (T, S*bs)
+    k_ok = valid.repeat_interleave(bs, -1) & (kpos < kv_len)
+    visible = (
+        pattern.mask_fn(kv_len, hq, device)(
+            (rel + kv_len - q_len)[:, :, None], kpos[:, None, :], sh.view(-1, 1, 1)
+        )
+        & k_ok[:, None, :]
+    )  # (T, bs, S*bs)
+    if heads == 1:  # tile axis: key heads; rows: the G query heads sharing each key head
+        hx = hkv
+        qh = (arange(hkv)[:, None] * g + arange(g)).view(1, hkv, 1, g)
+        kvh = arange(hkv).view(1, hkv, 1, 1)
+    else:  # one tile per (query head, query block): the head is part of the picked pair
+        hx = 1
+        qh, kvh = sh.view(1, 1, -1, 1), (sh // g).view(1, 1, -1, 1)
     n_qb, n_kb = -(-q_len // bs), -(-kv_len // bs)
     b = arange(batch).view(batch, 1, 1, 1)
-    # Query blocks in the blocked space (B*Hq*nQ) and their flat rows (B*Hq*Lq, dummy last).
-    q_heads = q_heads.view(1, hx, 1, g_rows)
-    q_index = ((b * hq + q_heads) * n_qb + arange(n_q).view(1, 1, n_q, 1)).reshape(-1, g_rows)
-    rows = (b[..., None] * hq + q_heads[..., None]) * q_len + rel.view(1, 1, n_q, 1, bs)
-    rows = torch.where(rel.view(1, 1, n_q, 1, bs) < q_len, rows, batch * hq * q_len)
-    kv_index = (b * hkv + kv_heads.view(1, hx, 1, 1)) * n_kb + st.kv_indices[None]
-    kv_index = torch.where(st.kv_valid[None], kv_index, batch * hkv * n_kb)
-    n_tiles = batch * hx * n_q
-    visible = visible[None, :, :, None].expand(batch, hx, n_q, g_rows, bs, slots * bs)
+    t = qb.numel()
+    # Blocked query index (B*Hq*nQ space) and flat rows (B*Hq*Lq space, dummy last).
+    q_index = (b * hq + qh) * n_qb + qb.view(1, 1, t, 1)  # (B, hx, T, g_rows)
+    g_rows = q_index.shape[-1]
+    rows = (b[..., None] * hq + qh[..., None]) * q_len + rel.view(1, 1, t, 1, bs)
+    rows = torch.where(rel.view(1, 1, t, 1, bs) < q_len, rows, batch * hq * q_len)
+    kv_index = (b * hkv + kvh) * n_kb + idx.view(1, 1, t, slots)
+    kv_index = torch.where(valid.view(1, 1, t, slots), kv_index, batch * hkv * n_kb)
+    n_tiles = batch * hx * t
+    visible = visible.view(1, 1, t, 1, bs, slots * bs).expand(batch, hx, t, g_rows, bs, -1)
     return TileSet.build(
-        q_index, bs, kv_index.reshape(n_tiles, slots), bs, rows.reshape(n_tiles, g_rows * bs),
+        q_index.reshape(n_tiles, g_rows),
+        bs,
+        kv_index.reshape(n_tiles, slots),
+        bs,
+        rows.reshape(n_tiles, g_rows * bs),
         visible.reshape(n_tiles, g_rows * bs, slots * bs),
     )
 
@@ -125,7 +156,7 @@ def blocks_attention(
     """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    sets = [static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device)]
+    sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)
         selected = pattern.select(q, k, key_padding_mask)

@@ -61,8 +61,13 @@ def _block_mask(
     partial_n, partial_idx = _index_lists(visited & ~full)
     full_n, full_idx = _index_lists(full)
     return BlockMask.from_kv_blocks(
-        partial_n, partial_idx, full_n, full_idx,
-        BLOCK_SIZE=bs, mask_mod=mask_mod, seq_lengths=(q_len, kv_len),
+        partial_n,
+        partial_idx,
+        full_n,
+        full_idx,
+        BLOCK_SIZE=bs,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, kv_len),
     )
 
 
@@ -116,8 +121,10 @@ def flex_attention_backend(
     block_size: int = 128,
 ) -> Tensor:
     """Sparse attention through compiled FlexAttention (forward only on CPU)."""
-    if q.device.type == "cpu" and torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, v)
+    if (
+        q.device.type == "cpu"
+        and torch.is_grad_enabled()
+        and any(t.requires_grad for t in (q, k, v))
     ):
         raise ValueError(
             "backend='flex' cannot compute gradients on CPU: FlexAttention has no CPU backward "

@@ -46,8 +46,15 @@ class TileSet:
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
-    def build(cls, q_index: Tensor, q_unit: int, kv_index: Tensor, kv_unit: int, rows: Tensor,
-              visible: Tensor | None) -> TileSet:
+    def build(
+        cls,
+        q_index: Tensor,
+        q_unit: int,
+        kv_index: Tensor,
+        kv_unit: int,
+        rows: Tensor,
+        visible: Tensor | None,
+    ) -> TileSet:
         """Tiles from a boolean ``visible (N or 1, R or 1, K)`` (None: all pairs visible)."""
         n, r = rows.shape
         if visible is None:
@@ -62,8 +69,14 @@ class TileSet:
     def restricted(self, keep: Tensor) -> TileSet:
         """These tiles with only the keys where ``keep (N, 1, K)`` is True."""
         visible = self.visible()
-        return TileSet.build(self.q_index, self.q_unit, self.kv_index, self.kv_unit, self.rows,
-                             keep if visible is None else visible & keep)
+        return TileSet.build(
+            self.q_index,
+            self.q_unit,
+            self.kv_index,
+            self.kv_unit,
+            self.rows,
+            keep if visible is None else visible & keep,
+        )
 
     def visible(self) -> Tensor | None:
         """The boolean visibility this set was built from (None: all pairs)."""
@@ -80,16 +93,25 @@ class TileSet:
         return self._cast[dtype]
 
 
-def _cpu_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
-                 ) -> tuple[Tensor, Tensor]:
+def _cpu_forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         q, k, v, 0.0, False, attn_mask=mask, scale=scale
     )
     return out, lse
 
 
-def _cpu_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                  mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _cpu_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
         do, q, k, v, out, lse, 0.0, False, attn_mask=mask, scale=scale
     )
@@ -100,15 +122,24 @@ def _scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     return s if mask is None else s + mask
 
 
-def _math_forward(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
-                  ) -> tuple[Tensor, Tensor]:
+def _math_forward(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+) -> tuple[Tensor, Tensor]:
     s = _scores(q, k, mask, scale)
     lse = torch.logsumexp(s, -1)
     return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
 
 
-def _math_backward(do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
-                   mask: Tensor | None, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+def _math_backward(
+    do: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    mask: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])  # (N, 1, R, K)
     dv = p.transpose(-1, -2).to(do.dtype) @ do
     delta = (do.float() * out.float()).sum(-1, keepdim=True)
@@ -151,8 +182,9 @@ class _Blocked:
         return self.views[unit][index].view(index.shape[0], 1, -1, self.x.shape[-1])
 
 
-def _merge(sets: list[TileSet], outs: list[Tensor], lses: list[Tensor], n_rows: int
-           ) -> tuple[Tensor, Tensor]:
+def _merge(
+    sets: list[TileSet], outs: list[Tensor], lses: list[Tensor], n_rows: int
+) -> tuple[Tensor, Tensor]:
     """Merge per-tile partial results into ``(out (n_rows, D), lse (n_rows,))`` per flat row."""
     index = torch.cat([ts.rows.reshape(-1) for ts in sets])
     out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).float()
@@ -174,15 +206,25 @@ class TileAttention(torch.autograd.Function):
     """Autograd function: attention of q over k, v restricted to a list of tile sets."""
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float,  # noqa: ANN001
-                force_math: bool) -> Tensor:
+    def forward(
+        ctx,  # noqa: ANN001
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        sets: list[TileSet],
+        scale: float,
+        force_math: bool,
+    ) -> Tensor:
         forward, _ = _engine(q.device, force_math)
         qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
         outs, lses = [], []
         for ts in sets:
             out, lse = forward(
-                qb.gather(ts.q_index, ts.q_unit), kb.gather(ts.kv_index, ts.kv_unit),
-                vb.gather(ts.kv_index, ts.kv_unit), ts.mask_as(q.dtype), scale,
+                qb.gather(ts.q_index, ts.q_unit),
+                kb.gather(ts.kv_index, ts.kv_unit),
+                vb.gather(ts.kv_index, ts.kv_unit),
+                ts.mask_as(q.dtype),
+                scale,
             )  # (N, 1, R, Dv), (N, 1, R)
             outs.append(out)
             lses.append(lse[:, 0].masked_fill(~ts.has_key, float("-inf")))
@@ -207,9 +249,14 @@ class TileAttention(torch.autograd.Function):
             rows = ts.rows
             g = grad[rows] * ts.has_key[..., None]  # rows without keys here contribute nothing
             dq_t, dk_t, dv_t = backward(
-                g[:, None], qb.gather(ts.q_index, ts.q_unit), kb.gather(ts.kv_index, ts.kv_unit),
-                vb.gather(ts.kv_index, ts.kv_unit), out[rows][:, None], lse[rows][:, None],
-                ts.mask_as(q.dtype), ctx.scale,
+                g[:, None],
+                qb.gather(ts.q_index, ts.q_unit),
+                kb.gather(ts.kv_index, ts.kv_unit),
+                vb.gather(ts.kv_index, ts.kv_unit),
+                out[rows][:, None],
+                lse[rows][:, None],
+                ts.mask_as(q.dtype),
+                ctx.scale,
             )
             dq.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, q.shape[-1]))
             for target, part in ((dk, dk_t), (dv, dv_t)):
@@ -220,7 +267,8 @@ class TileAttention(torch.autograd.Function):
         return dq[:-1].view_as(q), dk, dv, None, None, None
 
 
-def tile_attention(q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float,
-                   force_math: bool = False) -> Tensor:
+def tile_attention(
+    q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float, force_math: bool = False
+) -> Tensor:
     """``(B, Hq, Lq, Dv)`` attention of q over the tiles in ``sets`` (differentiable)."""
     return TileAttention.apply(q, k, v, sets, scale, force_math)

@@ -38,9 +38,7 @@ MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 def check_int(owner: str, name: str, value: object, minimum: int) -> int:
     """Return ``value`` if it is an integer >= ``minimum``, else raise a ValueError naming it."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(
-            f"{owner}: {name} must be an integer >= {minimum}, got {value!r}"
-        )
+        raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -167,7 +165,9 @@ class Pattern:
         return None
 
     # -- what every pattern gets -------------------------------------------------------
-    def mask_fn(self, kv_len: int, num_heads: int = 1, device: torch.device | str = "cpu") -> MaskFn:
+    def mask_fn(
+        self, kv_len: int, num_heads: int = 1, device: torch.device | str = "cpu"
+    ) -> MaskFn:
         """Causal element rule ``(q, kv, h) -> bool`` on absolute positions below ``kv_len``."""
         self.check_heads(num_heads)
         rule = self._mask_fn(kv_len, num_heads, torch.device(device))
@@ -180,7 +180,7 @@ class Pattern:
     def mask_mod(
         self, q_len: int, kv_len: int, num_heads: int = 1, device: torch.device | str = "cpu"
     ) -> MaskMod:
-        """FlexAttention ``mask_mod``: query index ``i`` is absolute position ``kv_len - q_len + i``."""
+        """FlexAttention ``mask_mod``; query index ``i`` is position ``kv_len - q_len + i``."""
         visible = self.mask_fn(kv_len, num_heads, device)
         offset = kv_len - q_len
 

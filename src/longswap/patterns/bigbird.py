@@ -56,7 +56,9 @@ class BigBird(Pattern):
         """``(num_blocks, num_blocks)`` bool: query block row sees key block column (not causal)."""
         blocks = torch.arange(num_blocks, device=device)
         qb, kb = blocks[:, None], blocks[None, :]
-        table = (qb - kb <= self.window_blocks) | (kb < self.global_blocks) | (qb < self.global_blocks)
+        table = (
+            (qb - kb <= self.window_blocks) | (kb < self.global_blocks) | (qb < self.global_blocks)
+        )
         table = table & (kb <= qb)
         draws = min(self.random_blocks, num_blocks)
         if draws:

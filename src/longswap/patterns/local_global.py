@@ -61,7 +61,10 @@ class LocalGlobal(Pattern):
         def count(lo: Tensor, hi: Tensor) -> Tensor:
             """Number of global positions in [lo, hi] (0 when the range is empty)."""
             lo, hi = torch.broadcast_tensors(lo, hi)
-            n = prefix[torch.clamp(hi + 1, 0, grid.kv_len)] - prefix[torch.clamp(lo, 0, grid.kv_len)]
+            n = (
+                prefix[torch.clamp(hi + 1, 0, grid.kv_len)]
+                - prefix[torch.clamp(lo, 0, grid.kv_len)]
+            )
             return torch.where(hi >= lo, n, 0)
 
         global_key = count(k_lo, torch.minimum(k_hi, q_hi)) > 0

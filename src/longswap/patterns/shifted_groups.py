@@ -8,6 +8,7 @@ the last tokens into the first group, which leaks the future into the past.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -43,7 +44,7 @@ class ShiftedGroups(Pattern):
         """No query sees farther back than its group."""
         return self.group_size - 1
 
-    def _group_fn(self, num_heads: int):  # noqa: ANN202 - a local closure factory
+    def _group_fn(self, num_heads: int) -> Callable[[Tensor, Tensor], Tensor]:
         g = self.group_size
 
         def group(x: Tensor, h: Tensor) -> Tensor:

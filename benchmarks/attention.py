@@ -1,0 +1,346 @@
+"""Speed and memory of every pattern x backend against dense SDPA, side by side in one run.
+
+    python benchmarks/attention.py                       # L = 2k..32k, B=1, H=8, D=64
+    python benchmarks/attention.py --lengths 4096 --patterns sliding_window --repeats 5
+
+For each length: torch SDPA with ``is_causal=True`` (the dense baseline) and SDPA with a
+dense boolean mask (what Hugging Face's built-in sliding window does; it computes every
+pair, so its cost does not depend on the pattern and it is measured once per length).
+Then each pattern with ``blocks`` (forward, and forward+backward) and ``flex`` (forward;
+on CPU FlexAttention has no backward). Times are medians of ``--repeats`` runs after a
+warm-up; structure build and FlexAttention compile times are reported apart. Peak memory
+is the resident-set high-water mark above the level before the call (Linux), or CUDA's
+peak allocation on a GPU.
+
+density  = visible pairs / causal pairs (so ``full()`` has density 1);
+speedup  = dense SDPA time / this time;
+efficiency = speedup / (1 / density), the share of the ideal speedup reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from longswap import sparse_attention
+from longswap.kernels import blocks, flex
+from longswap.patterns import (
+    Pattern,
+    bigbird,
+    block_topk,
+    dilated,
+    full,
+    local_global,
+    shifted_groups,
+    sliding_window,
+)
+
+PATTERNS: dict[str, Pattern] = {
+    "full": full(),
+    "sliding_window": sliding_window(512),
+    "dilated": dilated(window=256, dilation=4),
+    "local_global": local_global(window=512, global_tokens=tuple(range(16))),
+    "bigbird": bigbird(block_size=128, window_blocks=2, global_blocks=1, random_blocks=2),
+    "shifted_groups": shifted_groups(group_size=2048),
+    "block_topk": block_topk(block_size=128, top_k=4),
+}
+
+
+def peak_rss_reset() -> None:
+    """Reset the process's resident-set high-water mark (Linux; no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def rss_kib(field: str) -> int:
+    """``VmHWM`` or ``VmRSS`` of this process in KiB (0 where /proc is missing)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
+    """Median seconds over ``repeats`` calls after one warm-up, and the peak extra memory."""
+    fn()
+    times, peaks = [], []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            peak_rss_reset()
+            base = rss_kib("VmRSS") * 1024
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            peaks.append(torch.cuda.max_memory_allocated() - base)
+        else:
+            peaks.append(rss_kib("VmHWM") * 1024 - base)
+        times.append(time.perf_counter() - start)
+    return {"s": statistics.median(times), "peak_mb": max(peaks) / 2**20, "runs": times}
+
+
+def density(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> float:
+    """Visible pairs / causal pairs, counted on the kernel's own tiles (exact, no L^2 mask)."""
+    heads, length = q.shape[1], q.shape[2]
+    sets = blocks.static_tiles(pattern, 1, heads, heads, length, length, 128, q.device)
+    dummy = heads * length
+    visible = 0
+    for ts in sets:
+        real = (ts.rows != dummy)[..., None]
+        vis = ts.visible()
+        count = real.expand(*ts.rows.shape, ts.kv_index.shape[1] * ts.kv_unit)
+        visible += int((count if vis is None else count & vis).sum())
+    if pattern.data_dependent:
+        visible += int(pattern.select(q, k).sum()) * pattern.block_size
+    return visible / (heads * length * (length + 1) / 2)
+
+
+def estimate_gb(pattern: Pattern, length: int, heads: int, dim: int) -> float:
+    """Rough peak of the blocks backend: gathered keys and values, mask, gradients."""
+    st = pattern.block_structure(length, length, 128, heads)
+    keys = float(st.kv_counts.float().clamp_min(1).sum()) * 128 * 128  # pairs in tiles
+    keys *= heads if st.num_heads == 1 else 1
+    return keys * (4 + 2) / 2**30 + 6 * keys / 128 * dim * 4 / 2**30
+
+
+def environment(device: torch.device) -> dict:
+    """What produced the numbers."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def build_times(length: int, heads: int, device: torch.device) -> list[dict]:
+    """Block-structure and FlexAttention BlockMask build time per static pattern."""
+    rows = []
+    for name, pattern in PATTERNS.items():
+        start = time.perf_counter()
+        pattern.block_structure(length, length, 128, heads, device)
+        structure_ms = (time.perf_counter() - start) * 1000
+        flex.static_block_mask.cache_clear()
+        flex._static_parts.cache_clear()
+        start = time.perf_counter()
+        flex.static_block_mask(pattern, length, length, 128, heads, device)
+        rows.append(
+            {
+                "pattern": name,
+                "length": length,
+                "structure_ms": structure_ms,
+                "blockmask_ms": (time.perf_counter() - start) * 1000,
+            }
+        )
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure everything asked for; return the JSON-ready record."""
+    device = torch.device(args.device)
+    h, d = args.heads, args.dim
+    results: list[dict] = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+
+    def inputs(length: int, grad: bool) -> tuple[torch.Tensor, ...]:
+        return tuple(
+            torch.randn(1, h, length, d, generator=gen).to(device).requires_grad_(grad)
+            for _ in range(3)
+        )
+
+    def fwd_bwd(attend: Callable[..., torch.Tensor], length: int) -> Callable[[], None]:
+        q, k, v = inputs(length, True)
+        return lambda: attend(q, k, v).sum().backward()
+
+    def fwd(attend: Callable[..., torch.Tensor], length: int) -> Callable[[], None]:
+        q, k, v = inputs(length, False)
+
+        def call() -> None:
+            with torch.no_grad():
+                attend(q, k, v)
+
+        return call
+
+    for length in args.lengths:
+        print(f"--- L={length}", file=sys.stderr, flush=True)
+        dense = {
+            "fwd": measure(fwd(causal_sdpa, length), args.repeats, device),
+            "fwd_bwd": measure(fwd_bwd(causal_sdpa, length), args.repeats, device),
+        }
+        results.append({"name": "sdpa_causal", "length": length, "density": 1.0, **dense})
+        mask_gb = length * length * (1 + 4 * 3) / 2**30
+        row = {"name": "sdpa_dense_mask", "length": length, "density": None}
+        if mask_gb > args.memory_budget_gb:
+            row["skipped"] = f"needs about {mask_gb:.0f} GB for the L x L mask and its copies"
+        else:
+            mask = PATTERNS["sliding_window"].dense_mask(length, length, 1, device)[None]
+
+            def masked(q, k, v, mask=mask):  # noqa: ANN001, ANN202
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+            row["fwd"] = measure(fwd(masked, length), args.repeats, device)
+            row["fwd_bwd"] = measure(fwd_bwd(masked, length), args.repeats, device)
+        results.append(row)
+        for name in args.patterns:
+            pattern = PATTERNS[name]
+            q, k, _ = inputs(length, False)
+            dens = density(pattern, q, k)
+            for backend in args.backends:
+                row = {
+                    "name": name,
+                    "pattern": str(pattern),
+                    "backend": backend,
+                    "length": length,
+                    "density": dens,
+                }
+                results.append(row)
+                need = estimate_gb(pattern, length, h, d)
+                if backend == "blocks" and need > args.memory_budget_gb:
+                    row["skipped"] = f"needs about {need:.0f} GB (> --memory-budget-gb)"
+                    continue
+                if backend == "flex" and name == "full" and length > 8192:
+                    row["skipped"] = "dense flex on CPU: minutes per call, nothing to learn"
+                    continue
+
+                def attend(q, k, v, p=pattern, b=backend):  # noqa: ANN001, ANN202
+                    return sparse_attention(q, k, v, p, backend=b)
+
+                start = time.perf_counter()
+                fwd(attend, length)()  # first call: builds tiles or compiles
+                row["first_call_s"] = time.perf_counter() - start
+                row["fwd"] = measure(fwd(attend, length), args.repeats, device)
+                if backend == "blocks" or device.type == "cuda":
+                    row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
+                print(f"{name:15s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
+    for row in results:
+        base = next(
+            r for r in results if r["name"] == "sdpa_causal" and r["length"] == row["length"]
+        )
+        for mode in ("fwd", "fwd_bwd"):
+            if mode in row:
+                row[f"{mode}_speedup"] = base[mode]["s"] / row[mode]["s"]
+                if row.get("density"):
+                    row[f"{mode}_efficiency"] = row[f"{mode}_speedup"] * row["density"]
+    return {
+        "benchmark": "attention",
+        "command": "python " + " ".join(sys.argv),
+        "config": {"batch": 1, "heads": h, "dim": d, "block_size": 128, "repeats": args.repeats},
+        "environment": environment(device),
+        "results": results,
+        "build": build_times(args.build_length, h, device),
+    }
+
+
+def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The dense baseline."""
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def table(record: dict) -> str:
+    """Markdown tables: attention times and ratios, then build times."""
+    lines = [
+        "| pattern | backend | L | density | fwd s | fwd speedup | fwd+bwd s | fwd+bwd speedup "
+        "| efficiency (fwd+bwd) | peak MB (fwd+bwd) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in record["results"]:
+        head = [r["name"], r.get("backend", "sdpa"), str(r["length"])]
+        if "skipped" in r:
+            lines.append("| " + " | ".join([*head, "", f"skipped: {r['skipped']}"]) + " |||||")
+            continue
+        dens = r.get("density")
+        cells = [
+            f"{dens:.3f}" if dens is not None else "1 (computes all)",
+            f"{r['fwd']['s']:.3f}",
+            f"{r['fwd_speedup']:.1f}x",
+        ]
+        fb = r.get("fwd_bwd")
+        if fb:
+            eff = r.get("fwd_bwd_efficiency")
+            cells += [
+                f"{fb['s']:.3f}",
+                f"{r['fwd_bwd_speedup']:.1f}x",
+                f"{eff:.0%}" if eff is not None else "",
+                f"{fb['peak_mb']:.0f}",
+            ]
+        else:
+            cells += ["n/a"] * 4
+        lines.append("| " + " | ".join(head + cells) + " |")
+    lines += [
+        "",
+        "| pattern | L | block structure ms | FlexAttention BlockMask ms |",
+        "|---|---:|---:|---:|",
+    ]
+    for b in record["build"]:
+        lines.append(
+            f"| {b['pattern']} | {b['length']} | {b['structure_ms']:.1f} "
+            f"| {b['blockmask_ms']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, run, print the table, write JSON."""
+    if os.environ.get("MALLOC_MMAP_THRESHOLD_") is None and sys.platform == "linux":
+        # Large blocks straight from mmap go back to the OS when freed, so the resident
+        # high-water mark of one call is not hidden by memory kept from the previous one.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "1048576"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--lengths",
+        default="2048,4096,8192,16384,32768",
+        type=lambda s: [int(x) for x in s.split(",")],
+    )
+    parser.add_argument(
+        "--patterns", default=",".join(PATTERNS), type=lambda s: [x for x in s.split(",") if x]
+    )
+    parser.add_argument("--backends", default="blocks,flex", type=lambda s: s.split(","))
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--build-length", type=int, default=65536)
+    parser.add_argument("--memory-budget-gb", type=float, default=8.0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
+    args = parser.parse_args()
+    unknown = [p for p in args.patterns if p not in PATTERNS]
+    if unknown:
+        parser.error(f"unknown pattern(s) {unknown}; choose from {', '.join(PATTERNS)}")
+    record = run(args)
+    print(table(record))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"\nwrote {args.out} ({os.path.getsize(args.out)} bytes)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Every pattern x backend equals the dense reference, forward and gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+from longswap import sparse_attention
+from longswap.kernels.blocks import blocks_attention
+from longswap.patterns import (
+    bigbird,
+    block_topk,
+    dilated,
+    full,
+    local_global,
+    shifted_groups,
+    sliding_window,
+)
+
+PATTERNS = [
+    full(),
+    sliding_window(40, sinks=4),
+    dilated(8, 5),
+    local_global(24, [0, 3, 130, 700]),
+    bigbird(32, 1, 1, 2, seed=1),
+    shifted_groups(64),
+    block_topk(32, 3),
+    sliding_window(16) | dilated(4, 40),
+]
+
+shapes = st.fixed_dictionaries(
+    {
+        "q_len": st.sampled_from([1, 2, 63, 127, 129, 200, 1000]),
+        "extra": st.sampled_from([0, 0, 1, 37]),
+        "heads": st.sampled_from([(2, 2), (4, 2), (4, 1)]),
+        "block": st.sampled_from([16, 32, 128]),
+        "dim": st.sampled_from([8, 16]),
+        "batch": st.integers(1, 2),
+        "padding": st.booleans(),
+        "seed": st.integers(0, 2**16),
+    }
+)
+
+
+def make_inputs(s, dtype=torch.float32, grad=True):
+    g = torch.Generator().manual_seed(s["seed"])
+    hq, hkv = s["heads"]
+    kv_len = s["q_len"] + s["extra"]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_(grad)
+
+    q = rand(s["batch"], hq, s["q_len"], s["dim"])
+    k, v = rand(s["batch"], hkv, kv_len, s["dim"]), rand(s["batch"], hkv, kv_len, s["dim"])
+    mask = None
+    if s["padding"]:
+        mask = torch.rand(s["batch"], kv_len, generator=g) > 0.2
+        mask[0, : kv_len // 3] = False  # left padding on the first row
+    return q, k, v, mask
+
+
+def assert_matches_reference(pattern, q, k, v, mask, atol, **kwargs):
+    ref = sparse_attention(q, k, v, pattern, backend="reference", key_padding_mask=mask)
+    out = blocks_attention(q, k, v, pattern, q.shape[-1] ** -0.5, mask, **kwargs)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=atol)
+    w = torch.randn_like(ref)
+    grads_ref = torch.autograd.grad((ref * w).sum(), (q, k, v))
+    grads = torch.autograd.grad((out * w).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, grads_ref, strict=True):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@given(s=shapes)
+def test_blocks_equals_reference(pattern, s):
+    q, k, v, mask = make_inputs(s)
+    assert_matches_reference(pattern, q, k, v, mask, 2e-5, block_size=s["block"])
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@given(s=shapes)
+def test_blocks_portable_kernels_equal_reference(pattern, s):
+    """The plain-torch tile kernels (used off CPU) against the oracle, run here on CPU."""
+    q, k, v, mask = make_inputs(s)
+    assert_matches_reference(pattern, q, k, v, mask, 2e-5, block_size=s["block"], force_math=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pattern", [sliding_window(30, sinks=2), block_topk(16, 2)], ids=str)
+def test_low_precision(pattern, dtype):
+    s = {
+        "q_len": 150,
+        "extra": 10,
+        "heads": (4, 2),
+        "block": 32,
+        "dim": 16,
+        "batch": 2,
+        "padding": True,
+        "seed": 3,
+    }
+    q, k, v, mask = make_inputs(s, dtype)
+    out = sparse_attention(q, k, v, pattern, backend="blocks", key_padding_mask=mask, block_size=32)
+    assert out.dtype == dtype
+    ref = sparse_attention(q, k, v, pattern, backend="reference", key_padding_mask=mask)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+def test_covering_pattern_equals_causal_sdpa(backend):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 300, 16) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    for pattern in [full(), sliding_window(300), sliding_window(5, sinks=300), dilated(300, 1)]:
+        out = sparse_attention(q, k, v, pattern, backend=backend, block_size=64)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+def test_rows_without_keys_are_zero_not_nan(backend):
+    q, k, v = (torch.randn(1, 2, 20, 8, requires_grad=True) for _ in range(3))
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[0, :10] = False  # queries 0..9 see only padding under a window of 3
+    out = sparse_attention(
+        q, k, v, sliding_window(3), backend=backend, key_padding_mask=mask, block_size=8
+    )
+    assert torch.equal(out[0, :, :10], torch.zeros(2, 10, 8))
+    assert torch.isfinite(out).all()
+    out.sum().backward()
+    assert torch.equal(q.grad[0, :, :10], torch.zeros(2, 10, 8))
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_decoding_rows_match_the_full_computation():
+    """Lq < Lk: the last queries of a prefill equal the same queries against a KV cache."""
+    torch.manual_seed(1)
+    q, k, v = torch.randn(1, 4, 500, 16), torch.randn(1, 2, 500, 16), torch.randn(1, 2, 500, 16)
+    for pattern in [sliding_window(64, sinks=4), bigbird(32, 1, 1, 2), block_topk(32, 2)]:
+        whole = sparse_attention(q, k, v, pattern, backend="blocks", block_size=64)
+        tail = sparse_attention(q[:, :, -3:], k, v, pattern, backend="blocks", block_size=64)
+        torch.testing.assert_close(tail, whole[:, :, -3:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.flex
+@pytest.mark.parametrize(
+    "pattern",
+    [sliding_window(40, sinks=4), shifted_groups(32), block_topk(32, 2), bigbird(32, 1, 1, 1)],
+    ids=str,
+)
+def test_flex_forward_equals_reference(pattern):
+    s = {
+        "q_len": 200,
+        "extra": 37,
+        "heads": (4, 2),
+        "block": 128,
+        "dim": 16,
+        "batch": 2,
+        "padding": True,
+        "seed": 5,
+    }
+    q, k, v, mask = make_inputs(s, grad=False)
+    ref = sparse_attention(q, k, v, pattern, backend="reference", key_padding_mask=mask)
+    out = sparse_attention(q, k, v, pattern, backend="flex", key_padding_mask=mask)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_flex_refuses_gradients_on_cpu():
+    q, k, v = (torch.randn(1, 1, 8, 8, requires_grad=True) for _ in range(3))
+    with pytest.raises(ValueError, match="backend='blocks'"):
+        sparse_attention(q, k, v, full(), backend="flex")
+
+
+def test_auto_trains_with_blocks_on_cpu():
+    q, k, v = (torch.randn(1, 2, 40, 8, requires_grad=True) for _ in range(3))
+    out = sparse_attention(q, k, v, "sliding_window(window=8)")
+    ref = sparse_attention(q, k, v, sliding_window(8), backend="reference")
+    torch.testing.assert_close(out, ref)
+
+
+def test_pattern_string_is_accepted():
+    q = torch.randn(1, 2, 10, 8)
+    a = sparse_attention(q, q, q, "dilated(window=3, dilation=2)", backend="blocks")
+    b = sparse_attention(q, q, q, dilated(3, 2), backend="reference")
+    torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    ("q", "k", "v", "kwargs", "message"),
+    [
+        ((2, 4, 8), (2, 4, 8), (2, 4, 8), {}, r"4 dimensions.*q \(2, 4, 8\)"),
+        ((1, 3, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {}, r"multiple of key/value heads \(2\)"),
+        ((1, 2, 9, 8), (1, 2, 8, 8), (1, 2, 8, 8), {}, r"Lq \(9\) must not exceed Lk \(8\)"),
+        ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 7, 8), {}, r"k and v must agree"),
+        ((1, 2, 8, 8), (1, 2, 8, 4), (1, 2, 8, 4), {}, r"agree on batch B and head dim D"),
+        (
+            (1, 2, 8, 8),
+            (1, 2, 8, 8),
+            (1, 2, 8, 8),
+            {"backend": "dense"},
+            r"unknown backend 'dense'",
+        ),
+        ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {"scale": 0.0}, r"scale must be a positive"),
+        ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {"block_size": 0}, r"block_size must be"),
+        (
+            (1, 2, 8, 8),
+            (1, 2, 8, 8),
+            (1, 2, 8, 8),
+            {"key_padding_mask": torch.ones(1, 7)},
+            r"key_padding_mask must be a bool tensor \(B, Lk\) = \(1, 8\)",
+        ),
+    ],
+)
+def test_bad_inputs(q, k, v, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sparse_attention(torch.randn(*q), torch.randn(*k), torch.randn(*v), full(), **kwargs)
+
+
+def test_dtype_mismatch_is_reported_with_shapes():
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"one dtype.*torch.float32, torch.float64"):
+        sparse_attention(q, q.double(), q, full())
+
+
+def test_per_head_pattern_rejects_odd_heads():
+    q = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match="num_heads must be even, got 3"):
+        sparse_attention(q, q, q, shifted_groups(4))
