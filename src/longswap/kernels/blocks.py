@@ -8,8 +8,8 @@ O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
   keys), against the key blocks of the block structure. Per-head patterns get one tile per
   query head instead. Tiles are built once per shape and cached.
 * ``block_topk``: the own block is a static tile set; every (query, selected block) pair
-  is grouped by key block and the groups are cut into chunks of ``CHUNK`` queries, so each
-  chunk is a small dense attention against one block. Both sets merge per query row.
+  is grouped by key block, so that each key block is one tile holding the queries that
+  chose it. The sets merge per query row through their log-sum-exp.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from torch import Tensor
 
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.patterns import BlockStructure, BlockTopK, Pattern
-
-#: Queries per chunk in the selected-block tiles of ``block_topk``.
-CHUNK = 128
-
 
 @functools.lru_cache(maxsize=16)
 def static_tiles(
@@ -89,7 +85,7 @@ def _tiles_for(
     rows = (b[..., None] * hq + qh[..., None]) * q_len + rel.view(1, 1, t, 1, bs)
     rows = torch.where(rel.view(1, 1, t, 1, bs) < q_len, rows, batch * hq * q_len)
     kv_index = (b * hkv + kvh) * n_kb + idx.view(1, 1, t, slots)
-    kv_index = torch.where(valid.view(1, 1, t, slots), kv_index, batch * hkv * n_kb)
+    kv_index = torch.where(valid.view(1, 1, t, slots), kv_index, 0)  # unused: masked
     n_tiles = batch * hx * t
     visible = visible.view(1, 1, t, 1, bs, slots * bs).expand(batch, hx, t, g_rows, bs, -1)
     return TileSet.build(
@@ -113,11 +109,14 @@ def _with_padding(tiles: TileSet, key_padding_mask: Tensor, hkv: int) -> TileSet
 
 
 @torch.no_grad()
-def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> TileSet:
+def selected_tiles(
+    selected: Tensor, hkv: int, kv_len: int, block_size: int
+) -> tuple[TileSet, ...]:
     """Tiles for ``block_topk``'s selected blocks: ``selected (B, Hq, Lq, n)`` bool.
 
-    Pairs (query row, key block) are sorted by key block and each block's queries are cut
-    into chunks of ``CHUNK`` rows; a tile is one chunk against one complete key block.
+    One tile per key block, holding every query row (of every query head sharing the key
+    head) that selected it. Blocks are bucketed by how many queries chose them (up to the
+    next power of two), so padding stays below half of each bucket.
     """
     batch, hq, q_len, n = selected.shape
     device = selected.device
@@ -128,16 +127,22 @@ def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> 
     key_block, row = key_block[order], row[order]
     counts = torch.bincount(key_block, minlength=batch * hkv * n)
     rank = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[key_block]
-    chunks = -(-counts // CHUNK)
-    slot = ((torch.cumsum(chunks, 0) - chunks)[key_block] + rank // CHUNK) * CHUNK + rank % CHUNK
-    n_chunks = int(chunks.sum())
-    rows = torch.full((n_chunks * CHUNK,), batch * hq * q_len, dtype=torch.int64, device=device)
-    rows[slot] = row
-    rows = rows.view(n_chunks, CHUNK)
-    # Key block (b, kv head, j) in the blocked key space of unit block_size.
-    block = torch.repeat_interleave(torch.arange(counts.numel(), device=device), chunks)
-    kv_index = (block // n * -(-kv_len // block_size) + block % n)[:, None]
-    return TileSet.build(rows, 1, kv_index, block_size, rows, None)
+    bucket = torch.ceil(torch.log2(counts.clamp_min(1).float())).long()
+    n_kv_blocks = -(-kv_len // block_size)  # blocks per key head in the blocked key space
+    sets = []
+    for level in torch.unique(bucket[counts > 0]).tolist():
+        blocks_here = torch.nonzero((bucket == level) & (counts > 0)).squeeze(1)  # (T,)
+        width = int(counts[blocks_here].max())
+        tile_of = torch.full_like(counts, -1)
+        tile_of[blocks_here] = torch.arange(blocks_here.numel(), device=device)
+        pick = tile_of[key_block] >= 0
+        rows = torch.full((blocks_here.numel() * width,), batch * hq * q_len, device=device)
+        rows[tile_of[key_block[pick]] * width + rank[pick]] = row[pick]
+        rows = rows.view(-1, width)
+        kv_index = (blocks_here // n * n_kv_blocks + blocks_here % n)[:, None]
+        sets.append(TileSet.build(rows.clamp_max(batch * hq * q_len - 1), 1, kv_index,
+                                  block_size, rows, None))
+    return tuple(sets)
 
 
 def blocks_attention(
@@ -160,8 +165,7 @@ def blocks_attention(
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)
         selected = pattern.select(q, k, key_padding_mask)
-        if bool(selected.any()):
-            sets.append(selected_tiles(selected, hkv, kv_len, pattern.block_size))
+        sets += selected_tiles(selected, hkv, kv_len, pattern.block_size)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
-    return tile_attention(q, k, v, sets, scale, force_math)
+    return tile_attention(q, k, v, sets, scale, force_math, not pattern.data_dependent)

@@ -1,11 +1,12 @@
 """Attention over gathered tiles, with a flash-style backward: the engine of ``blocks``.
 
 A sparse pattern is cut into *tiles*: a tile is ``R`` query rows and the ``K`` key rows
-they may look at, with an additive mask. Rows are addressed in flat row spaces:
-``q.reshape(B * Hq * Lq, D)`` and ``k.reshape(B * Hkv * Lk, D)``, each followed by one
-zero "dummy" row that padding slots point to. A query row may appear in several tiles
-(``block_topk`` visits its own block and its selected blocks separately); the partial
-results merge through their log-sum-exp.
+they may look at, with an additive mask. Queries and keys are read by blocks of rows from
+``(B*H*L/unit, unit, D)`` views of q, k and v (zero-padded copies when ``L`` is not a
+multiple of the unit). Results go to flat output rows ``b*Hq*Lq + h*Lq + i`` plus one
+extra row that collects padding. A query row may appear in several tiles (``block_topk``
+visits its own block and its selected blocks separately); the partial results merge
+through their log-sum-exp.
 
 The backward pass recomputes each tile from the saved inputs, the merged output and the
 merged log-sum-exp, exactly as FlashAttention does across key splits, so nothing of size
@@ -27,10 +28,10 @@ class TileSet:
     """``N`` tiles, each ``R`` query rows by ``K`` key rows, addressed by blocks of rows.
 
     Queries and keys are read in units of ``q_unit`` and ``kv_unit`` consecutive rows:
-    ``q_index (N, R / q_unit)`` indexes the blocked query space ``(B*Hq*ceil(Lq/q_unit) + 1,
-    q_unit, D)`` and ``kv_index (N, K / kv_unit)`` the blocked key space; the last block of
-    each is a zero dummy for padding slots. ``rows (N, R)`` gives each tile row's flat query
-    row ``b*Hq*Lq + h*Lq + i`` (``B*Hq*Lq`` for padding). ``mask (N or 1, 1, R or 1, K)`` is
+    ``q_index (N, R / q_unit)`` indexes the blocked query space ``(B*Hq*ceil(Lq/q_unit),
+    q_unit, D)`` and ``kv_index (N, K / kv_unit)`` the blocked key space; unused key slots
+    point anywhere and are masked. ``rows (N, R)`` gives each tile row's flat output row
+    ``b*Hq*Lq + h*Lq + i`` (``B*Hq*Lq`` for padding). ``mask (N or 1, 1, R or 1, K)`` is
     additive float32 (0 or -inf), or None when every pair is visible. ``has_key (N, R)`` is
     False for rows that see no key in this set: their mask row is cleared to keep the
     kernels finite, and their results are discarded.
@@ -155,18 +156,14 @@ def _engine(device: torch.device, force_math: bool) -> tuple:
 
 
 def _blocked(x: Tensor, unit: int) -> Tensor:
-    """``(B, H, L, D)`` to ``(B*H*ceil(L/unit) + 1, unit, D)``, zero-padded, plus a dummy block."""
+    """``(B, H, L, D)`` as ``(B*H*ceil(L/unit), unit, D)``: a view, or a zero-padded copy."""
     batch, heads, length, dim = x.shape
     n = -(-length // unit)
-    out = x.new_zeros(batch * heads * n + 1, unit, dim)
-    out[:-1].view(batch, heads, n * unit, dim)[:, :, :length] = x
+    if n * unit == length:
+        return x.reshape(batch * heads * n, unit, dim)
+    out = x.new_zeros(batch * heads * n, unit, dim)
+    out.view(batch, heads, n * unit, dim)[:, :, :length] = x
     return out
-
-
-def _unblocked(x: Tensor, shape: tuple[int, ...]) -> Tensor:
-    """Inverse of :func:`_blocked` for a gradient: drop padding and the dummy block."""
-    batch, heads, length, dim = shape
-    return x[:-1].view(batch, heads, -1, dim)[:, :, :length]
 
 
 class _Blocked:
@@ -175,20 +172,28 @@ class _Blocked:
     def __init__(self, x: Tensor) -> None:
         self.x, self.views = x, {}
 
-    def gather(self, index: Tensor, unit: int) -> Tensor:
-        """Rows of the blocks in ``index (N, n)``: ``(N, 1, n * unit, D)``."""
+    def view(self, unit: int) -> Tensor:
+        """The blocked tensor for ``unit``."""
         if unit not in self.views:
             self.views[unit] = _blocked(self.x, unit)
-        return self.views[unit][index].view(index.shape[0], 1, -1, self.x.shape[-1])
+        return self.views[unit]
+
+    def gather(self, index: Tensor, unit: int) -> Tensor:
+        """Rows of the blocks in ``index (N, n)``: ``(N, 1, n * unit, D)``."""
+        return self.view(unit)[index].view(index.shape[0], 1, -1, self.x.shape[-1])
 
 
 def _merge(
-    sets: list[TileSet], outs: list[Tensor], lses: list[Tensor], n_rows: int
+    sets: list[TileSet], outs: list[Tensor], lses: list[Tensor], n_rows: int, disjoint: bool
 ) -> tuple[Tensor, Tensor]:
     """Merge per-tile partial results into ``(out (n_rows, D), lse (n_rows,))`` per flat row."""
     index = torch.cat([ts.rows.reshape(-1) for ts in sets])
-    out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs]).float()
+    out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
     lse = torch.cat([x.reshape(-1) for x in lses])
+    if disjoint:  # each row is in one tile at most: place it
+        has_key = torch.isfinite(lse)[:, None]
+        merged = out.new_zeros(n_rows, out.shape[-1]).index_copy_(0, index, out * has_key)
+        return merged, lse.new_full((n_rows,), float("-inf")).index_copy_(0, index, lse)
     top = torch.full((n_rows,), float("-inf"), device=lse.device).scatter_reduce(
         0, index, lse, "amax"
     )
@@ -196,10 +201,10 @@ def _merge(
     weight = torch.exp(lse - top[index])  # 0 where the set saw no key
     total = torch.zeros(n_rows, device=lse.device).index_add_(0, index, weight)
     merged = torch.zeros(n_rows, out.shape[-1], device=out.device).index_add_(
-        0, index, out * weight[:, None]
+        0, index, out.float() * weight[:, None]
     )
     merged /= total.clamp_min(torch.finfo(total.dtype).tiny)[:, None]
-    return merged, top + torch.log(total)
+    return merged.to(out.dtype), top + torch.log(total)
 
 
 class TileAttention(torch.autograd.Function):
@@ -214,6 +219,7 @@ class TileAttention(torch.autograd.Function):
         sets: list[TileSet],
         scale: float,
         force_math: bool,
+        disjoint: bool,
     ) -> Tensor:
         forward, _ = _engine(q.device, force_math)
         qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
@@ -228,9 +234,8 @@ class TileAttention(torch.autograd.Function):
             )  # (N, 1, R, Dv), (N, 1, R)
             outs.append(out)
             lses.append(lse[:, 0].masked_fill(~ts.has_key, float("-inf")))
-        n_rows = q.shape[0] * q.shape[1] * q.shape[2] + 1
-        out, lse = _merge(sets, outs, lses, n_rows)
-        out = out.to(q.dtype)
+        n_rows = q.shape[0] * q.shape[1] * q.shape[2] + 1  # the last row collects padding
+        out, lse = _merge(sets, outs, lses, n_rows, disjoint)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sets, ctx.scale, ctx.force_math = sets, scale, force_math
         return out[:-1].view(*q.shape[:3], v.shape[-1])
@@ -244,7 +249,7 @@ class TileAttention(torch.autograd.Function):
         # Rows that saw no key at all: +inf makes every recomputed probability zero.
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
         dq = torch.zeros(out.shape[0], q.shape[-1], dtype=q.dtype, device=q.device)
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dkv: dict[int, tuple[Tensor, Tensor]] = {}  # per key unit: blocked dk, dv
         for ts in ctx.sets:
             rows = ts.rows
             g = grad[rows] * ts.has_key[..., None]  # rows without keys here contribute nothing
@@ -259,16 +264,34 @@ class TileAttention(torch.autograd.Function):
                 ctx.scale,
             )
             dq.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, q.shape[-1]))
-            for target, part in ((dk, dk_t), (dv, dv_t)):
-                unit = ts.kv_unit
-                acc = torch.zeros_like(kb.views[unit] if target is dk else vb.views[unit])
+            unit = ts.kv_unit
+            if unit not in dkv:
+                dkv[unit] = (torch.zeros_like(kb.view(unit)), torch.zeros_like(vb.view(unit)))
+            for acc, part in zip(dkv[unit], (dk_t, dv_t), strict=True):
                 acc.index_add_(0, ts.kv_index.reshape(-1), part.reshape(-1, unit, part.shape[-1]))
-                target += _unblocked(acc, target.shape)
-        return dq[:-1].view_as(q), dk, dv, None, None, None
+        dk, dv = (
+            sum(_unblocked(acc[i], x.shape) for acc in dkv.values()) for i, x in ((0, k), (1, v))
+        )
+        return dq[:-1].view_as(q), dk, dv, None, None, None, None
+
+
+def _unblocked(x: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`_blocked` for a gradient: drop the padding."""
+    batch, heads, length, dim = shape
+    return x.view(batch, heads, -1, dim)[:, :, :length]
 
 
 def tile_attention(
-    q: Tensor, k: Tensor, v: Tensor, sets: list[TileSet], scale: float, force_math: bool = False
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    sets: list[TileSet],
+    scale: float,
+    force_math: bool = False,
+    disjoint: bool = False,
 ) -> Tensor:
-    """``(B, Hq, Lq, Dv)`` attention of q over the tiles in ``sets`` (differentiable)."""
-    return TileAttention.apply(q, k, v, sets, scale, force_math)
+    """``(B, Hq, Lq, Dv)`` attention of q over the tiles in ``sets`` (differentiable).
+
+    ``disjoint``: no query row appears in two tiles, so results are placed, not merged.
+    """
+    return TileAttention.apply(q, k, v, sets, scale, force_math, disjoint)

@@ -81,13 +81,17 @@ class BlockTopK(Pattern):
         own = (torch.arange(kv_len - q_len, kv_len, device=q.device) // bb)[:, None]
         valid = (torch.arange(n, device=q.device)[None, :] < own) & usable[:, :, None, :]
         scores = torch.where(valid, scores, float("-inf"))
-        threshold = torch.topk(scores, min(self.top_k, n), dim=-1).values[..., -1:]
-        above = scores > threshold
-        # Fill the remaining places from the blocks tied at the threshold, most recent first.
-        tied = (scores == threshold) & valid
-        places = min(self.top_k, n) - above.sum(-1, keepdim=True)
-        from_right = tied.flip(-1).cumsum(-1).flip(-1)
-        return above | (tied & (from_right <= places))
+        places = min(self.top_k, n)
+        threshold = torch.topk(scores, places, dim=-1).values[..., -1:]
+        chosen = (scores >= threshold) & valid
+        crowded = chosen.sum(-1) > places  # ties at the threshold: keep the most recent
+        if bool(crowded.any()):
+            rows = chosen[crowded]
+            tied = rows & (scores[crowded] == threshold[crowded])
+            spare = places - (rows & ~tied).sum(-1, keepdim=True)
+            from_right = tied.flip(-1).cumsum(-1).flip(-1)
+            chosen[crowded] = (rows & ~tied) | (tied & (from_right <= spare))
+        return chosen
 
     def token_mask(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Boolean ``(B, Hq, Lq, Lk)``: the full element view for these inputs (for the oracle)."""
