@@ -144,11 +144,7 @@ def test_decoding_rows_match_the_full_computation():
 
 
 @pytest.mark.flex
-@pytest.mark.parametrize(
-    "pattern",
-    [sliding_window(40, sinks=4), shifted_groups(32), block_topk(32, 2), bigbird(32, 1, 1, 1)],
-    ids=str,
-)
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
 def test_flex_forward_equals_reference(pattern):
     s = {
         "q_len": 200,

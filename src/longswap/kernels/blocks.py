@@ -17,10 +17,17 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.patterns import BlockStructure, BlockTopK, Pattern
+from longswap.patterns.base import compact
+
+#: Query rows a tile should hold at least: the CPU flash kernel works on slices of 32 rows
+#: below 192 rows and of 64 above, which runs much faster (benchmarks/attention.py).
+MIN_TILE_ROWS = 256
+
 
 @functools.lru_cache(maxsize=16)
 def static_tiles(
@@ -35,66 +42,84 @@ def static_tiles(
 ) -> tuple[TileSet, ...]:
     """Tiles of a static pattern for one shape (cached: a model reuses them every layer).
 
-    Query blocks are bucketed by how many key blocks they visit (up to the next power of
-    two), so that a few dense rows (a global query, the first blocks) do not widen every
-    tile of the sequence.
+    A tile holds ``m`` consecutive query blocks (enough for ``MIN_TILE_ROWS`` rows, counting
+    the query heads that share a key head) against the union of their key blocks. Tiles are
+    bucketed by how many key blocks they visit (up to the next power of two), so that a few
+    dense rows (a global query, the first blocks) do not widen every tile.
     """
     st = pattern.block_structure(q_len, kv_len, block_size, hq, device)
-    heads = st.num_heads
-    counts = st.kv_counts  # (Hs, nQ)
-    width = torch.clamp(counts, min=1)
+    g_rows = hq // hkv if st.num_heads == 1 else 1
+    m = max(1, -(-MIN_TILE_ROWS // (g_rows * block_size)))
+    visited, _ = st.tile_maps()  # (Hs, nQ, nK)
+    n_groups = -(-visited.shape[1] // m)
+    visited = F.pad(visited, (0, 0, 0, n_groups * m - visited.shape[1]))
+    visited = visited.view(visited.shape[0], n_groups, m, -1).any(2)  # (Hs, nG, nK)
+    indices, valid = compact(visited)
+    width = valid.sum(-1).clamp_min(1)
     bucket = torch.ceil(torch.log2(width.float())).long()
     return tuple(
-        _tiles_for(pattern, st, torch.nonzero(bucket == b_), batch, hq, hkv, heads)
-        for b_ in torch.unique(bucket).tolist()
+        _tiles_for(pattern, st, m, indices, valid, torch.nonzero(bucket == level), batch, hq, hkv)
+        for level in torch.unique(bucket).tolist()
     )
 
 
 def _tiles_for(
-    pattern: Pattern, st: BlockStructure, picked: Tensor, batch: int, hq: int, hkv: int, heads: int
+    pattern: Pattern,
+    st: BlockStructure,
+    m: int,
+    indices: Tensor,
+    valid: Tensor,
+    picked: Tensor,
+    batch: int,
+    hq: int,
+    hkv: int,
 ) -> TileSet:
-    """One tile set for the (structure head, query block) pairs in ``picked (T, 2)``."""
-    device, bs = picked.device, st.block_size
-    q_len, kv_len, g = st.q_len, st.kv_len, hq // hkv
-    sh, qb = picked[:, 0], picked[:, 1]  # structure head, query block
-    slots = int(st.kv_counts[sh, qb].max().clamp_min(1))
-    idx, valid = st.kv_indices[sh, qb, :slots], st.kv_valid[sh, qb, :slots]  # (T, S)
+    """One tile set for the (structure head, query group) pairs in ``picked (T, 2)``.
+
+    ``indices``/``valid (Hs, nG, S)``: the key blocks of each group of ``m`` query blocks.
+    """
+    device, bs, g = picked.device, st.block_size, hq // hkv
+    q_len, kv_len = st.q_len, st.kv_len
+    sh, qg = picked[:, 0], picked[:, 1]  # structure head, query group
+    t = qg.numel()
+    slots = int(valid[sh, qg].sum(-1).max().clamp_min(1))
+    idx, ok = indices[sh, qg, :slots], valid[sh, qg, :slots]  # (T, S)
     arange = functools.partial(torch.arange, device=device)
-    rel = qb[:, None] * bs + arange(bs)  # (T, bs) query row within q
-    kpos = (idx[..., None] * bs + arange(bs)).view(-1, slots * bs)  # (T, S*bs)
-    k_ok = valid.repeat_interleave(bs, -1) & (kpos < kv_len)
+    n_qb, n_kb = -(-q_len // bs), -(-kv_len // bs)
+    rel = qg[:, None] * (m * bs) + arange(m * bs)  # (T, m*bs) query row within q
+    kpos = (idx[..., None] * bs + arange(bs)).view(t, slots * bs)  # (T, S*bs)
+    k_ok = ok.repeat_interleave(bs, -1) & (kpos < kv_len)
     visible = (
         pattern.mask_fn(kv_len, hq, device)(
             (rel + kv_len - q_len)[:, :, None], kpos[:, None, :], sh.view(-1, 1, 1)
         )
         & k_ok[:, None, :]
-    )  # (T, bs, S*bs)
-    if heads == 1:  # tile axis: key heads; rows: the G query heads sharing each key head
-        hx = hkv
-        qh = (arange(hkv)[:, None] * g + arange(g)).view(1, hkv, 1, g)
+    )  # (T, m*bs, S*bs)
+    if st.num_heads == 1:  # tile axis: key heads; rows: the G query heads sharing each one
+        hx, g_rows = hkv, g
+        qh = (arange(hkv)[:, None] * g + arange(g)).view(1, hkv, 1, g, 1)
         kvh = arange(hkv).view(1, hkv, 1, 1)
-    else:  # one tile per (query head, query block): the head is part of the picked pair
-        hx = 1
-        qh, kvh = sh.view(1, 1, -1, 1), (sh // g).view(1, 1, -1, 1)
-    n_qb, n_kb = -(-q_len // bs), -(-kv_len // bs)
-    b = arange(batch).view(batch, 1, 1, 1)
-    t = qb.numel()
-    # Blocked query index (B*Hq*nQ space) and flat rows (B*Hq*Lq space, dummy last).
-    q_index = (b * hq + qh) * n_qb + qb.view(1, 1, t, 1)  # (B, hx, T, g_rows)
-    g_rows = q_index.shape[-1]
-    rows = (b[..., None] * hq + qh[..., None]) * q_len + rel.view(1, 1, t, 1, bs)
-    rows = torch.where(rel.view(1, 1, t, 1, bs) < q_len, rows, batch * hq * q_len)
-    kv_index = (b * hkv + kvh) * n_kb + idx.view(1, 1, t, slots)
-    kv_index = torch.where(valid.view(1, 1, t, slots), kv_index, 0)  # unused: masked
+    else:  # one tile per (query head, query group): the head is part of the picked pair
+        hx, g_rows = 1, 1
+        qh, kvh = sh.view(1, 1, t, 1, 1), (sh // g).view(1, 1, t, 1)
+    b = arange(batch).view(batch, 1, 1, 1, 1)
+    # Query blocks in the blocked space (B*Hq*nQ); past the last block, any block will do.
+    qblock = torch.clamp(qg.view(1, 1, t, 1, 1) * m + arange(m), max=n_qb - 1)
+    q_index = (b * hq + qh) * n_qb + qblock  # (B, hx, T, g_rows, m)
+    # Flat output rows (B*Hq*Lq space; the extra last row collects padding).
+    rows = (b * hq + qh) * q_len + rel.view(1, 1, t, 1, m * bs)
+    rows = torch.where(rel.view(1, 1, t, 1, m * bs) < q_len, rows, batch * hq * q_len)
+    kv_index = (b[..., 0] * hkv + kvh) * n_kb + idx.view(1, 1, t, slots)
+    kv_index = torch.where(ok.view(1, 1, t, slots), kv_index, 0)  # unused slots are masked
     n_tiles = batch * hx * t
-    visible = visible.view(1, 1, t, 1, bs, slots * bs).expand(batch, hx, t, g_rows, bs, -1)
+    visible = visible.view(1, 1, t, 1, m * bs, -1).expand(batch, hx, t, g_rows, m * bs, -1)
     return TileSet.build(
-        q_index.reshape(n_tiles, g_rows),
+        q_index.reshape(n_tiles, g_rows * m),
         bs,
         kv_index.reshape(n_tiles, slots),
         bs,
-        rows.reshape(n_tiles, g_rows * bs),
-        visible.reshape(n_tiles, g_rows * bs, slots * bs),
+        rows.reshape(n_tiles, g_rows * m * bs),
+        visible.reshape(n_tiles, g_rows * m * bs, slots * bs),
     )
 
 
@@ -109,9 +134,7 @@ def _with_padding(tiles: TileSet, key_padding_mask: Tensor, hkv: int) -> TileSet
 
 
 @torch.no_grad()
-def selected_tiles(
-    selected: Tensor, hkv: int, kv_len: int, block_size: int
-) -> tuple[TileSet, ...]:
+def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> tuple[TileSet, ...]:
     """Tiles for ``block_topk``'s selected blocks: ``selected (B, Hq, Lq, n)`` bool.
 
     One tile per key block, holding every query row (of every query head sharing the key
@@ -140,8 +163,11 @@ def selected_tiles(
         rows[tile_of[key_block[pick]] * width + rank[pick]] = row[pick]
         rows = rows.view(-1, width)
         kv_index = (blocks_here // n * n_kv_blocks + blocks_here % n)[:, None]
-        sets.append(TileSet.build(rows.clamp_max(batch * hq * q_len - 1), 1, kv_index,
-                                  block_size, rows, None))
+        sets.append(
+            TileSet.build(
+                rows.clamp_max(batch * hq * q_len - 1), 1, kv_index, block_size, rows, None
+            )
+        )
     return tuple(sets)
 
 

@@ -10,6 +10,7 @@ inputs that require grad instead of failing deep inside the compiler.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -17,32 +18,25 @@ from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from longswap.patterns import BlockTopK, Pattern
-from longswap.patterns.base import MaskMod
+from longswap.patterns.base import MaskMod, compact
+
+#: Compiled kernels kept per process. Each (pattern, shape) compiles its own kernel, and
+#: dynamo's default limit (8) would send later ones to the slow uncompiled path.
+RECOMPILE_LIMIT = 64
 
 
 @functools.cache
-def _compiled_flex():  # noqa: ANN202 - returns torch's compiled callable
+def _compiled_flex() -> Callable[..., Tensor]:
     """Compile FlexAttention once per process (the first call of a shape takes seconds)."""
+    dynamo = torch._dynamo.config
+    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
 def _index_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
     """Dense ``(..., nQ, nK)`` tile flags to FlexAttention's ``(num_blocks, indices)``, int32."""
-    order = torch.sort(flags.to(torch.int8), dim=-1, descending=True, stable=True).indices
-    return flags.sum(-1).to(torch.int32), order.to(torch.int32)
-
-
-def _tile_maps(
-    pattern: Pattern, q_len: int, kv_len: int, bs: int, heads: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Dense ``(Hs, nQ, nK)`` maps of visited and of fully visible tiles."""
-    st = pattern.block_structure(q_len, kv_len, bs, heads, device)
-    shape = (*st.kv_indices.shape[:2], -(-kv_len // bs))
-    # Unused slots point at block 0 with a False flag: accumulate, so they cannot erase it.
-    counts = torch.zeros(shape, dtype=torch.int32, device=device)
-    visited = counts.scatter_add(-1, st.kv_indices, st.kv_valid.to(torch.int32)) > 0
-    full = counts.scatter_add(-1, st.kv_indices, st.kv_full.to(torch.int32)) > 0
-    return visited, full
+    indices, _ = compact(flags, flags.shape[-1])
+    return flags.sum(-1).to(torch.int32), indices.to(torch.int32)
 
 
 def _and_padding(mask_mod: MaskMod, key_padding_mask: Tensor) -> MaskMod:
@@ -76,7 +70,7 @@ def _static_parts(
     pattern: Pattern, q_len: int, kv_len: int, bs: int, heads: int, device: torch.device
 ) -> tuple[Tensor, Tensor, MaskMod]:
     """Tile maps ``(1, Hs, nQ, nK)`` and ``mask_mod`` of a static pattern for one shape."""
-    visited, full = _tile_maps(pattern, q_len, kv_len, bs, heads, device)
+    visited, full = pattern.block_structure(q_len, kv_len, bs, heads, device).tile_maps()
     return visited[None], full[None], pattern.mask_mod(q_len, kv_len, heads, device)
 
 

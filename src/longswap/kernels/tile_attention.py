@@ -44,6 +44,7 @@ class TileSet:
     rows: Tensor
     mask: Tensor | None
     has_key: Tensor
+    every_row_has_key: bool = True
     _cast: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
@@ -65,7 +66,7 @@ class TileSet:
             keep = visible | ~any_key
             mask = torch.zeros(keep.shape, device=keep.device).masked_fill_(~keep, float("-inf"))
             has_key, mask = any_key[..., 0].expand(n, r), mask[:, None]
-        return cls(q_index, q_unit, kv_index, kv_unit, rows, mask, has_key)
+        return cls(q_index, q_unit, kv_index, kv_unit, rows, mask, has_key, bool(has_key.all()))
 
     def restricted(self, keep: Tensor) -> TileSet:
         """These tiles with only the keys where ``keep (N, 1, K)`` is True."""
@@ -191,8 +192,9 @@ def _merge(
     out = torch.cat([o.reshape(-1, o.shape[-1]) for o in outs])
     lse = torch.cat([x.reshape(-1) for x in lses])
     if disjoint:  # each row is in one tile at most: place it
-        has_key = torch.isfinite(lse)[:, None]
-        merged = out.new_zeros(n_rows, out.shape[-1]).index_copy_(0, index, out * has_key)
+        if not all(ts.every_row_has_key for ts in sets):
+            out = out * torch.isfinite(lse)[:, None]
+        merged = out.new_zeros(n_rows, out.shape[-1]).index_copy_(0, index, out)
         return merged, lse.new_full((n_rows,), float("-inf")).index_copy_(0, index, lse)
     top = torch.full((n_rows,), float("-inf"), device=lse.device).scatter_reduce(
         0, index, lse, "amax"
@@ -223,39 +225,45 @@ class TileAttention(torch.autograd.Function):
     ) -> Tensor:
         forward, _ = _engine(q.device, force_math)
         qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
-        outs, lses = [], []
+        outs, lses, queries = [], [], []
         for ts in sets:
+            queries.append(qb.gather(ts.q_index, ts.q_unit))
             out, lse = forward(
-                qb.gather(ts.q_index, ts.q_unit),
+                queries[-1],
                 kb.gather(ts.kv_index, ts.kv_unit),
                 vb.gather(ts.kv_index, ts.kv_unit),
                 ts.mask_as(q.dtype),
                 scale,
             )  # (N, 1, R, Dv), (N, 1, R)
             outs.append(out)
-            lses.append(lse[:, 0].masked_fill(~ts.has_key, float("-inf")))
+            lse = lse[:, 0]
+            lses.append(lse if ts.every_row_has_key else lse.masked_fill(~ts.has_key, -torch.inf))
         n_rows = q.shape[0] * q.shape[1] * q.shape[2] + 1  # the last row collects padding
         out, lse = _merge(sets, outs, lses, n_rows, disjoint)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.sets, ctx.scale, ctx.force_math = sets, scale, force_math
+        # The gathered queries are kept for the backward pass (about 1 + top_k copies of q).
+        ctx.queries = queries if any(ctx.needs_input_grad[:3]) else None
         return out[:-1].view(*q.shape[:3], v.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
         _, backward = _engine(q.device, ctx.force_math)
-        qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
+        kb, vb = _Blocked(k), _Blocked(v)
         grad = torch.cat([grad.reshape(-1, grad.shape[-1]), grad.new_zeros(1, grad.shape[-1])])
         # Rows that saw no key at all: +inf makes every recomputed probability zero.
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
         dq = torch.zeros(out.shape[0], q.shape[-1], dtype=q.dtype, device=q.device)
         dkv: dict[int, tuple[Tensor, Tensor]] = {}  # per key unit: blocked dk, dv
-        for ts in ctx.sets:
+        for ts, queries in zip(ctx.sets, ctx.queries, strict=True):
             rows = ts.rows
-            g = grad[rows] * ts.has_key[..., None]  # rows without keys here contribute nothing
+            g = grad[rows]
+            if not ts.every_row_has_key:
+                g = g * ts.has_key[..., None]  # rows without keys here contribute nothing
             dq_t, dk_t, dv_t = backward(
                 g[:, None],
-                qb.gather(ts.q_index, ts.q_unit),
+                queries,
                 kb.gather(ts.kv_index, ts.kv_unit),
                 vb.gather(ts.kv_index, ts.kv_unit),
                 out[rows][:, None],

@@ -121,20 +121,39 @@ class BlockStructure:
     def from_tiles(cls, grid: TileGrid, any_: Tensor, full: Tensor) -> BlockStructure:
         """Compact ``(Hs, nQ, nK)`` boolean tile maps into per-row index lists."""
         any_ = any_.expand(any_.shape[0], grid.num_q_blocks, grid.num_kv_blocks)
-        full = full.expand_as(any_) & any_
-        width = max(int(any_.sum(-1).max()), 1)
-        # Stable descending sort of the flags puts visible blocks first, in ascending order.
-        order = torch.sort(any_.to(torch.int8), dim=-1, descending=True, stable=True).indices
-        order = order[..., :width]
-        valid = torch.gather(any_, -1, order)
+        indices, valid = compact(any_)
         return cls(
             block_size=grid.block_size,
             q_len=grid.q_len,
             kv_len=grid.kv_len,
-            kv_indices=torch.where(valid, order, 0),
+            kv_indices=indices,
             kv_valid=valid,
-            kv_full=torch.gather(full, -1, order) & valid,
+            kv_full=torch.gather(full.expand_as(any_), -1, indices) & valid,
         )
+
+    def tile_maps(self) -> tuple[Tensor, Tensor]:
+        """Dense ``(Hs, nQ, nK)`` maps of the visited tiles and of the fully visible ones."""
+        shape = (*self.kv_indices.shape[:2], -(-self.kv_len // self.block_size))
+        # Unused slots point at block 0 with a False flag: accumulate, so they cannot erase it.
+        counts = torch.zeros(shape, dtype=torch.int32, device=self.kv_indices.device)
+        visited = counts.scatter_add(-1, self.kv_indices, self.kv_valid.int()) > 0
+        full = counts.scatter_add(-1, self.kv_indices, self.kv_full.int()) > 0
+        return visited, full
+
+
+def compact(flags: Tensor, width: int | None = None) -> tuple[Tensor, Tensor]:
+    """Positions of the True entries of ``flags (..., n)``, ascending, in ``width`` slots.
+
+    Returns ``(indices, valid)``; unused slots hold index 0 and ``valid`` False. ``width``
+    defaults to the largest count of any row (at least 1).
+    """
+    if width is None:
+        width = max(int(flags.sum(-1).max()), 1) if flags.numel() else 1
+    # A stable descending sort of the flags puts the True positions first, in order.
+    order = torch.sort(flags.to(torch.int8), dim=-1, descending=True, stable=True).indices
+    order = order[..., :width]
+    valid = torch.gather(flags, -1, order)
+    return torch.where(valid, order, 0), valid
 
 
 class Pattern:

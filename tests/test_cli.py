@@ -1,0 +1,38 @@
+"""The command line: pattern catalogue and pictures."""
+
+import subprocess
+import sys
+
+from longswap.cli import main
+from longswap.patterns import REGISTRY, parse_pattern
+from longswap.patterns.catalogue import CATALOGUE
+
+
+def test_catalogue_covers_every_pattern_and_round_trips():
+    assert set(CATALOGUE) == set(REGISTRY)
+    for example, _ in CATALOGUE.values():
+        assert parse_pattern(str(example)) == example
+
+
+def test_patterns_plot_writes_one_png_per_pattern(tmp_path, capsys):
+    out = tmp_path / "pictures"
+    assert main(["patterns", "--plot", str(out), "--length", "512"]) == 0
+    pngs = sorted(p.name for p in out.iterdir())
+    assert pngs == sorted(f"{name}.png" for name in REGISTRY)
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in pngs)
+    assert "sliding_window" in capsys.readouterr().out
+
+
+def test_patterns_plot_refuses_a_file(tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("keep me")
+    assert main(["patterns", "--plot", str(target)]) == 2
+    assert "not a directory" in capsys.readouterr().err
+    assert target.read_text() == "keep me"
+
+
+def test_module_entry_point():
+    done = subprocess.run(
+        [sys.executable, "-m", "longswap", "patterns"], capture_output=True, text=True, check=True
+    )
+    assert "block_topk" in done.stdout
