@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from longswap import sparse_attention
-from longswap.kernels import blocks, flex
+from longswap.kernels import flex
 from longswap.patterns import (
     Pattern,
     bigbird,
@@ -103,18 +103,18 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dic
     return {"s": statistics.median(times), "peak_mb": max(peaks) / 2**20, "runs": times}
 
 
-def density(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> float:
-    """Visible pairs / causal pairs, counted on the kernel's own tiles (exact, no L^2 mask)."""
+def density(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, chunk: int = 1024) -> float:
+    """Visible pairs / causal pairs, counted exactly, ``chunk`` query rows at a time."""
     heads, length = q.shape[1], q.shape[2]
-    sets = blocks.static_tiles(pattern, 1, heads, heads, length, length, 128, q.device)
-    dummy = heads * length
+    mask_heads = pattern.mask_heads(heads)
+    visible_fn = pattern.mask_fn(length, heads, q.device)
+    kv = torch.arange(length, device=q.device)[None, None, :]
+    h = torch.arange(mask_heads, device=q.device)[:, None, None]
     visible = 0
-    for ts in sets:
-        real = (ts.rows != dummy)[..., None]
-        vis = ts.visible()
-        count = real.expand(*ts.rows.shape, ts.kv_index.shape[1] * ts.kv_unit)
-        visible += int((count if vis is None else count & vis).sum())
-    if pattern.data_dependent:
+    for start in range(0, length, chunk):
+        rows = torch.arange(start, min(start + chunk, length), device=q.device)[None, :, None]
+        visible += int(visible_fn(rows, kv, h).sum()) * (heads // mask_heads)
+    if pattern.data_dependent:  # plus the blocks each query selected
         visible += int(pattern.select(q, k).sum()) * pattern.block_size
     return visible / (heads * length * (length + 1) / 2)
 
@@ -246,6 +246,8 @@ def run(args: argparse.Namespace) -> dict:
                 if backend == "blocks" or device.type == "cuda":
                     row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
                 print(f"{name:15s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
+        if args.partial is not None:  # what is measured so far survives a crash
+            args.partial.write_text(json.dumps({"results": results}, indent=1))
     for row in results:
         base = next(
             r for r in results if r["name"] == "sdpa_causal" and r["length"] == row["length"]
@@ -337,6 +339,7 @@ def main() -> None:
     parser.add_argument("--memory-budget-gb", type=float, default=8.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
+    parser.add_argument("--partial", type=Path, help="also write results after each length here")
     args = parser.parse_args()
     unknown = [p for p in args.patterns if p not in PATTERNS]
     if unknown:

@@ -2,6 +2,15 @@
 
 from longswap.kernels import sparse_attention
 from longswap.patterns import parse_pattern
+from longswap.swap import SwapReport, load, restore, swap_attention
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "parse_pattern", "sparse_attention"]
+__all__ = [
+    "SwapReport",
+    "__version__",
+    "load",
+    "parse_pattern",
+    "restore",
+    "sparse_attention",
+    "swap_attention",
+]

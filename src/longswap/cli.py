@@ -26,6 +26,52 @@ def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    """``"0,1,-1"`` to ``[0, 1, -1]``."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+
+
+def cmd_swap(
+    model: Path,
+    pattern: str,
+    out: Path,
+    max_length: int | None = None,
+    rope: str = "auto",
+    backend: str = "auto",
+    layers: list[int] | None = None,
+    full_layers: list[int] | None = None,
+    block_size: int = 128,
+    overwrite: bool = False,
+) -> int:
+    """Swap a checkpoint's attention and write the converted checkpoint to ``--out``."""
+    from longswap.io import check_output_dir, save_checkpoint
+    from longswap.patterns import parse_pattern
+    from longswap.swap import load, swap_attention
+
+    parse_pattern(pattern)  # a bad pattern or output folder fails before the model is read
+    check_output_dir(out, overwrite)
+    loaded = load(model)
+    report = swap_attention(
+        loaded,
+        pattern,
+        backend=backend,
+        layers=layers,
+        full_layers=full_layers or (),
+        max_length=max_length,
+        rope=rope,
+        block_size=block_size,
+    )
+    save_checkpoint(loaded, out, source=model, overwrite=overwrite)
+    print(report)
+    print(f"wrote {out}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longswap",
@@ -36,6 +82,36 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per pattern into DIR")
     p.add_argument("--length", type=int, default=2048, help="tokens shown in each picture")
     p.set_defaults(run=lambda a: cmd_patterns(a.plot, a.length))
+
+    p = sub.add_parser("swap", help=cmd_swap.__doc__, description=cmd_swap.__doc__)
+    p.add_argument("--model", type=Path, required=True, help="local checkpoint folder")
+    p.add_argument(
+        "--pattern",
+        required=True,
+        help='pattern string, e.g. "sliding_window(window=4096, sinks=4)"',
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the swapped checkpoint")
+    p.add_argument("--max-length", type=int, help="longest sequence to support (extends positions)")
+    p.add_argument("--rope", default="auto", help="auto, none, linear, ntk or yarn")
+    p.add_argument("--backend", default="auto", help="auto, reference, blocks or flex")
+    p.add_argument("--layers", type=_int_list, help="swap only these layers (e.g. 0,1,2)")
+    p.add_argument("--full-layers", type=_int_list, help="keep these layers dense (e.g. -1,-2)")
+    p.add_argument("--block-size", type=int, default=128, help="kernel block size")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(
+        run=lambda a: cmd_swap(
+            a.model,
+            a.pattern,
+            a.out,
+            a.max_length,
+            a.rope,
+            a.backend,
+            a.layers,
+            a.full_layers,
+            a.block_size,
+            a.overwrite,
+        )
+    )
     return parser
 
 
@@ -43,7 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``longswap`` command."""
     args = _parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        return run(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def plot_pattern(
     fig, axes = plt.subplots(1, panels, figsize=(3.6 * panels, 3.8), squeeze=False)
     for h, ax in enumerate(axes[0]):
         ax.imshow(
-            density[h],
+            density[h].numpy(),
             cmap="Blues",
             vmin=0,
             vmax=1,

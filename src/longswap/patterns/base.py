@@ -165,6 +165,9 @@ class Pattern:
     head_dependent: ClassVar[bool] = False
     #: True when which keys are visible depends on q and k (top-k selection).
     data_dependent: ClassVar[bool] = False
+    #: True when visibility depends only on the distance q - kv, so shifting every position
+    #: by the same amount (left padding) changes nothing.
+    translation_invariant: ClassVar[bool] = False
 
     # -- what subclasses implement -------------------------------------------------------
     def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:

@@ -36,6 +36,11 @@ class _Composite(Pattern):
         """Per head as soon as one part is."""
         return any(p.head_dependent for p in self.parts)
 
+    @property
+    def translation_invariant(self) -> bool:  # type: ignore[override]
+        """Distance-only when every part is."""
+        return all(p.translation_invariant for p in self.parts)
+
     def check_heads(self, num_heads: int) -> None:
         """Every part must accept the head count."""
         for p in self.parts:

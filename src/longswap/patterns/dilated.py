@@ -24,6 +24,7 @@ class Dilated(Pattern):
     dilation: int
 
     name = "dilated"
+    translation_invariant = True
 
     def __post_init__(self) -> None:
         check_int(self.name, "window", self.window, 1)

@@ -17,6 +17,7 @@ class Full(Pattern):
     """Every query sees every earlier key and itself."""
 
     name = "full"
+    translation_invariant = True
 
     def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
         return lambda q, kv, h: kv == kv

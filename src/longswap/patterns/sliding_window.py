@@ -30,6 +30,11 @@ class SlidingWindow(Pattern):
         check_int(self.name, "window", self.window, 1)
         check_int(self.name, "sinks", self.sinks, 0)
 
+    @property
+    def translation_invariant(self) -> bool:  # type: ignore[override]
+        """Sinks sit at absolute positions; a plain window depends on distance only."""
+        return self.sinks == 0
+
     def reach(self) -> int | None:
         """A window reaches ``window - 1`` back; sinks reach arbitrarily far."""
         return None if self.sinks else self.window - 1

@@ -1,0 +1,59 @@
+"""Writing checkpoints safely: never half-written, never over a user's files by surprise."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from transformers import PreTrainedModel
+
+#: Files of a tokenizer that travel with a converted checkpoint.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "generation_config.json",
+)
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Raise ValueError unless ``out`` is absent, empty, or may be overwritten."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ValueError(
+            f"--out {out} is not empty; choose another folder or pass --overwrite to replace it"
+        )
+
+
+def save_checkpoint(
+    model: PreTrainedModel, out: Path, source: Path | None = None, overwrite: bool = False
+) -> None:
+    """Save ``model`` (and ``source``'s tokenizer files) into ``out`` atomically.
+
+    Everything is written to a temporary sibling folder first and moved into place only
+    when complete, so an interrupted save leaves ``out`` as it was.
+    """
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(staging)
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (source / name).is_file() and not (staging / name).exists():
+                shutil.copy2(source / name, staging / name)
+        if out.exists():
+            trash = out.with_name(f".{out.name}.old")
+            out.rename(trash)
+            staging.rename(out)
+            shutil.rmtree(trash)
+        else:
+            staging.rename(out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)

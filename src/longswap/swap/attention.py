@@ -1,0 +1,128 @@
+"""The attention and mask functions longswap registers with transformers, by name, once.
+
+transformers calls ``longswap_attention`` for every attention layer of a model whose
+``config._attn_implementation`` is ``"longswap"``; other models in the process never see
+it. The layer's pattern comes from that model's own config (``config.longswap``), so each
+instance carries its own swap.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from longswap.kernels import sparse_attention
+from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
+
+
+@dataclass(frozen=True)
+class SwapMask:
+    """What the mask function hands to the attention function.
+
+    ``key_padding``: ``(B, Lk)`` bool, True for real tokens, or None without padding.
+    ``q_offset``: absolute position of the first query (tokens already in the cache).
+    """
+
+    key_padding: Tensor | None
+    q_offset: int
+
+
+def longswap_mask(
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int | Tensor = 0,
+    kv_offset: int = 0,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> SwapMask:
+    """Mask interface: keep the 2D padding mask; the pattern itself is applied per layer."""
+    padding = None
+    if attention_mask is not None:
+        padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
+        if padding.shape[-1] != kv_length:
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the keys span "
+                f"{kv_length}: pass a (batch, past + new tokens) mask"
+            )
+        if bool(padding.all()):
+            padding = None
+    return SwapMask(padding, int(q_offset))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_from_json(text: str) -> SwapSpec:
+    return SwapSpec.from_dict(json.loads(text))
+
+
+def spec_of(config: Any) -> SwapSpec:
+    """The swap recorded in ``config`` (parsed once per distinct record)."""
+    record = getattr(config, CONFIG_KEY, None)
+    if record is None:
+        raise ValueError(
+            f"{type(config).__name__} has attn_implementation={ATTN_NAME!r} but no "
+            f"'{CONFIG_KEY}' record: swap it with longswap.swap_attention(model, pattern)"
+        )
+    return _spec_from_json(json.dumps(record, sort_keys=True))
+
+
+def _left_padded(key_padding: Tensor) -> bool:
+    """True when some row has padding before a real token (left or inner padding)."""
+    return bool((~key_padding[:, :-1] & key_padding[:, 1:]).any())
+
+
+def longswap_attention(
+    module: torch.nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: SwapMask | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Attention interface: q ``(B, Hq, L, D)``, k/v ``(B, Hkv, S, D)`` -> ``(B, L, Hq, D)``."""
+    spec = spec_of(module.config)
+    layer = module.layer_idx
+    pattern = spec.pattern(layer)
+    if dropout:
+        raise ValueError(
+            f"layer {layer}: attention dropout {dropout} is not implemented by the sparse "
+            "kernels; swap_attention turns it off, so something turned it back on"
+        )
+    if softcap:
+        raise ValueError(f"layer {layer}: attention soft-capping is not supported by longswap")
+    if kwargs.get("s_aux") is not None:
+        raise ValueError(f"layer {layer}: learned attention sinks are not supported by longswap")
+    padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
+    if padding is not None and not pattern.translation_invariant and _left_padded(padding):
+        raise ValueError(
+            f"layer {layer}: {pattern} depends on absolute positions, and left padding shifts "
+            "them differently per row; pad on the right (tokenizer.padding_side = 'right') or "
+            "run the sequences one at a time"
+        )
+    out = sparse_attention(
+        query,
+        key,
+        value,
+        pattern,
+        backend=spec.backend,
+        scale=scaling,
+        key_padding_mask=padding,
+        block_size=spec.block_size,
+    )
+    return out.transpose(1, 2), None
+
+
+def register() -> None:
+    """Make ``attn_implementation="longswap"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, longswap_attention)
+    AttentionMaskInterface.register(ATTN_NAME, longswap_mask)

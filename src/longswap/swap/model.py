@@ -1,0 +1,405 @@
+"""Swap the attention of a Hugging Face causal LM, per instance and reversibly.
+
+``swap_attention`` validates everything first, then changes the model in place: the
+config records the swap (``config.longswap`` and ``attn_implementation="longswap"``),
+positions are extended when asked, and attention dropout is turned off (the sparse
+kernels have none). Every parameter of the model is kept as the new model's initial
+value. ``restore`` undoes all of it from the record alone, so it also works on a model
+loaded from a swapped checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+from longswap.kernels import BACKENDS
+from longswap.patterns import Pattern, full, parse_pattern, sliding_window
+from longswap.positions import (
+    ROPE_KINDS,
+    find_position_embedding,
+    rope_parameters,
+    rotary_modules,
+    tile_positions,
+)
+from longswap.swap.attention import register
+from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
+
+PatternSpec = Pattern | str | Sequence[Pattern | str] | Mapping[int, Pattern | str]
+_DROPOUT_FIELDS = ("attention_dropout", "attn_pdrop")
+
+
+@dataclass
+class SwapReport:
+    """What a swap changed."""
+
+    model_type: str
+    layers: list[str]
+    backend: str
+    positions: dict[str, Any]
+    reused_parameters: int
+    added_parameters: int
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"longswap: {self.model_type}, {len(self.layers)} layers, backend {self.backend}"]
+        runs: list[tuple[int, int, str]] = []
+        for i, text in enumerate(self.layers):
+            if runs and runs[-1][2] == text:
+                runs[-1] = (runs[-1][0], i, text)
+            else:
+                runs.append((i, i, text))
+        for first, last, text in runs:
+            span = f"layer {first}" if first == last else f"layers {first}-{last}"
+            lines.append(f"  {span:14s} {text}")
+        pos = self.positions
+        lines.append(f"  positions      {pos.get('summary', pos.get('kind'))}")
+        lines.append(
+            f"  parameters     {self.reused_parameters:,} reused, {self.added_parameters:,} added"
+        )
+        lines += [f"  note           {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _base_model(model: Any) -> PreTrainedModel:
+    """The transformers model inside ``model`` (unwrapping PEFT), or a clear error."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    supported = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+    if not isinstance(inner, PreTrainedModel):
+        raise ValueError(
+            f"expected a Hugging Face causal LM (a transformers PreTrainedModel), got "
+            f"{type(model).__name__}"
+        )
+    if type(inner).__name__ not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        raise ValueError(
+            f"{type(inner).__name__} is not a causal language model; longswap swaps the "
+            f"attention of AutoModelForCausalLM classes (model types such as "
+            f"{', '.join(supported[:12])}, ...)"
+        )
+    if not inner._can_set_attn_implementation():
+        raise ValueError(
+            f"{type(inner).__name__} ({inner.config.model_type}) computes attention in its own "
+            "code instead of through transformers' AttentionInterface, so its attention "
+            "cannot be swapped; supported are models whose attention goes through that "
+            "interface (Llama, Mistral, Qwen2, Qwen3, GPT-2, GPT-NeoX, Phi-3 and most recent ones)"
+        )
+    return inner
+
+
+def _attention_modules(model: PreTrainedModel) -> dict[int, nn.Module]:
+    """Self-attention modules by layer index."""
+    found = {
+        m.layer_idx: m
+        for m in model.modules()
+        if "Attention" in type(m).__name__ and isinstance(getattr(m, "layer_idx", None), int)
+    }
+    n = model.config.num_hidden_layers
+    if sorted(found) != list(range(n)):
+        raise ValueError(
+            f"{type(model).__name__}: found attention modules for layers {sorted(found)}, "
+            f"expected 0..{n - 1}; this architecture is not supported"
+        )
+    return found
+
+
+def _layer_index(i: object, n: int, what: str) -> int:
+    if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+        raise ValueError(f"{what}: layer index {i!r} is out of range for a model with {n} layers")
+    return i % n
+
+
+def _per_layer(
+    pattern: PatternSpec, n: int, layers: Iterable[int] | None, full_layers: Iterable[int]
+) -> list[Pattern]:
+    """One pattern per layer from the user's forms, validated."""
+    if isinstance(pattern, Mapping):
+        chosen = [full()] * n
+        for i, p in pattern.items():
+            chosen[_layer_index(i, n, "pattern dict")] = parse_pattern(p)
+    elif isinstance(pattern, (list, tuple)):
+        if len(pattern) != n:
+            raise ValueError(f"a list of patterns needs one per layer: {n}, got {len(pattern)}")
+        chosen = [parse_pattern(p) for p in pattern]
+    else:
+        one = parse_pattern(pattern)
+        chosen = [one] * n
+    if layers is not None:
+        keep = {_layer_index(i, n, "layers") for i in layers}
+        chosen = [p if i in keep else full() for i, p in enumerate(chosen)]
+    for i in full_layers:
+        chosen[_layer_index(i, n, "full_layers")] = full()
+    return chosen
+
+
+def _native_windows(config: Any, n: int) -> list[int | None]:
+    """Per layer, the sliding window the model itself applies (None for full attention)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if not window:
+        return [None] * n
+    if types is None:
+        return [window] * n
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+def _refuse_unsupported(model: PreTrainedModel) -> None:
+    config = model.config
+    for name in ("attn_logit_softcapping",):
+        if getattr(config, name, None):
+            raise ValueError(
+                f"{type(model).__name__} soft-caps its attention logits ({name}="
+                f"{getattr(config, name)}); longswap's kernels do not, so it refuses to swap"
+            )
+    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules()):
+        raise ValueError(
+            f"{type(model).__name__} has learned attention sinks; longswap does not support them"
+        )
+
+
+def _positions(
+    model: PreTrainedModel,
+    spec_layers: list[Pattern],
+    max_length: int | None,
+    rope: str,
+    trained: int,
+) -> dict[str, Any]:
+    """Decide the position extension (nothing is changed here)."""
+    if max_length is None or max_length <= trained:
+        return {
+            "kind": "none",
+            "trained_length": trained,
+            "summary": f"unchanged (trained length {trained})",
+        }
+    config = model.config
+    if rotary_modules(model):
+        kind = rope
+        if rope == "auto":
+            reaches = [p.reach() for p in spec_layers]
+            if all(r is not None and r < trained for r in reaches):
+                kind = "none"
+                why = f"every layer reaches at most {max(reaches)} back, within {trained}"
+            else:
+                kind, why = "yarn", "some layer reaches beyond the trained length"
+        else:
+            why = "requested"
+        record: dict[str, Any] = {
+            "kind": kind,
+            "trained_length": trained,
+            "max_length": max_length,
+            "original_rope_parameters": dict(config.rope_parameters),
+        }
+        if kind != "none":
+            record["rope_parameters"] = rope_parameters(config, kind, max_length, trained)
+            _check_rope(config, record["rope_parameters"], max_length, kind)
+        record["summary"] = f"RoPE {kind} to {max_length} (trained {trained}): {why}"
+        return record
+    if find_position_embedding(model, config) is not None:
+        if rope not in ("auto", "none"):
+            raise ValueError(
+                f"{type(model).__name__} has learned position embeddings, not RoPE; "
+                f"rope={rope!r} does not apply (use rope='auto')"
+            )
+        return {
+            "kind": "learned",
+            "trained_length": trained,
+            "max_length": max_length,
+            "summary": f"learned positions tiled from {trained} to {max_length} rows",
+        }
+    return {
+        "kind": "none",
+        "trained_length": trained,
+        "max_length": max_length,
+        "summary": "no position table or RoPE found: nothing to extend",
+    }
+
+
+def _check_rope(config: Any, params: dict[str, Any], max_length: int, kind: str) -> None:
+    """Let transformers validate the new RoPE settings on a copy of the config."""
+    trial = copy.deepcopy(config)
+    trial.rope_parameters = params
+    trial.max_position_embeddings = max_length
+    try:
+        if hasattr(trial, "validate"):
+            trial.validate()
+    except Exception as err:  # transformers raises several types here
+        raise ValueError(
+            f"{config.model_type} does not accept RoPE scaling {kind!r} ({err}); choose "
+            "another rope= value, or rope='none' with a pattern whose reach stays within the "
+            "trained length"
+        ) from None
+
+
+def _set_rope(model: PreTrainedModel, params: dict[str, Any], max_length: int) -> None:
+    model.config.rope_parameters = params
+    model.config.max_position_embeddings = max_length
+    for name, module in rotary_modules(model):
+        fresh = type(module)(config=module.config).to(module.inv_freq.device)
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], fresh)
+
+
+def _apply_positions(model: PreTrainedModel, record: dict[str, Any]) -> int:
+    """Apply a position record; returns the number of parameters added."""
+    kind = record["kind"]
+    if kind in ("linear", "ntk", "yarn"):
+        _set_rope(model, record["rope_parameters"], record["max_length"])
+    elif kind == "learned":
+        parent, attr = find_position_embedding(model, model.config)
+        old = getattr(parent, attr)
+        setattr(parent, attr, tile_positions(old, record["max_length"]))
+        model.config.max_position_embeddings = record["max_length"]
+        return (record["max_length"] - old.num_embeddings) * old.embedding_dim
+    return 0
+
+
+def _zero_dropout(model: PreTrainedModel, modules: dict[int, nn.Module]) -> dict[str, float]:
+    """Turn attention dropout off; return the original values by config field."""
+    original = {
+        name: float(getattr(model.config, name))
+        for name in _DROPOUT_FIELDS
+        if getattr(model.config, name, 0)
+    }
+    _put_dropout(model, modules, dict.fromkeys(original, 0.0))
+    return original
+
+
+def _put_dropout(
+    model: PreTrainedModel, modules: dict[int, nn.Module], values: dict[str, float]
+) -> None:
+    """Set attention dropout in the config fields named in ``values`` and in the modules."""
+    for name, p in values.items():
+        setattr(model.config, name, p)
+        for m in modules.values():
+            if isinstance(getattr(m, "attention_dropout", None), float):
+                m.attention_dropout = p
+            if isinstance(getattr(m, "attn_dropout", None), nn.Dropout):
+                m.attn_dropout.p = p
+
+
+def swap_attention(
+    model: Any,
+    pattern: PatternSpec,
+    *,
+    backend: str = "auto",
+    layers: Iterable[int] | None = None,
+    full_layers: Iterable[int] = (),
+    max_length: int | None = None,
+    rope: str = "auto",
+    block_size: int = 128,
+) -> SwapReport:
+    """Give ``model`` sparse attention, in place; every parameter carries over.
+
+    ``pattern``: one pattern (object or string) for every layer, a list with one per layer,
+    or a ``{layer: pattern}`` dict (other layers stay dense). ``layers`` limits the swap to
+    some layers; ``full_layers`` keeps those dense (MoBA keeps its last layers dense).
+    ``max_length``: the longest sequence the swapped model must handle; beyond the trained
+    length, RoPE is scaled (``rope``: auto, none, linear, ntk, yarn) or learned positions
+    are extended. Swapping a swapped model replaces its swap. Nothing changes when an
+    argument is invalid.
+    """
+    inner = _base_model(model)
+    config = inner.config
+    n = config.num_hidden_layers
+    modules = _attention_modules(inner)
+    _refuse_unsupported(inner)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if rope not in ROPE_KINDS:
+        raise ValueError(f"unknown rope {rope!r}; choose one of {', '.join(ROPE_KINDS)}")
+    if max_length is not None and (
+        isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1
+    ):
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    chosen = _per_layer(pattern, n, layers, full_layers)
+    notes = []
+    for i, (p, window) in enumerate(zip(chosen, _native_windows(config, n), strict=True)):
+        if window is not None:
+            chosen[i] = sliding_window(window) if p == full() else p & sliding_window(window)
+            notes.append(f"layer {i} keeps the model's own sliding window of {window}")
+    heads = config.num_attention_heads
+    for i, p in enumerate(chosen):
+        try:
+            p.check_heads(heads)
+        except ValueError as err:
+            raise ValueError(f"layer {i}: {err} (the model has {heads} heads)") from None
+    previous = getattr(config, CONFIG_KEY, None)
+    old_spec = SwapSpec.from_dict(previous) if previous is not None else None
+    trained = old_spec.positions["trained_length"] if old_spec else config.max_position_embeddings
+    if old_spec is not None:
+        restore(inner)
+    positions = _positions(inner, chosen, max_length, rope, trained)
+
+    # Validated: from here on the model changes.
+    added = _apply_positions(inner, positions)
+    dropout = _zero_dropout(inner, modules)
+    if dropout:
+        notes.append(f"attention dropout {dropout} turned off: the sparse kernels have none")
+    spec = SwapSpec(
+        layers=tuple(str(p) for p in chosen),
+        backend=backend,
+        block_size=block_size,
+        positions=positions,
+        attention_dropout=dropout,
+        original_attn_implementation=config._attn_implementation or "sdpa",
+    )
+    setattr(config, CONFIG_KEY, spec.to_dict())
+    config.attn_implementation = ATTN_NAME  # written to config.json, read back on load
+    inner.set_attn_implementation(ATTN_NAME)
+    total = sum(p.numel() for p in inner.parameters())
+    return SwapReport(
+        model_type=config.model_type,
+        layers=list(spec.layers),
+        backend=backend,
+        positions=positions,
+        reused_parameters=total - added,
+        added_parameters=added,
+        notes=notes,
+    )
+
+
+def restore(model: Any) -> None:
+    """Undo a swap: original attention, positions and dropout (logits as before the swap)."""
+    inner = _base_model(model)
+    config = inner.config
+    record = getattr(config, CONFIG_KEY, None)
+    if record is None:
+        raise ValueError(f"{type(inner).__name__} is not swapped: nothing to restore")
+    spec = SwapSpec.from_dict(record)
+    positions = spec.positions
+    kind = positions["kind"]
+    if kind in ("linear", "ntk", "yarn"):
+        _set_rope(inner, positions["original_rope_parameters"], positions["trained_length"])
+    elif kind == "learned":
+        parent, attr = find_position_embedding(inner, config)
+        table = getattr(parent, attr)
+        setattr(parent, attr, tile_positions(table, positions["trained_length"]))
+        config.max_position_embeddings = positions["trained_length"]
+    _put_dropout(inner, _attention_modules(inner), dict(spec.attention_dropout))
+    delattr(config, CONFIG_KEY)
+    if "attn_implementation" in config.__dict__:
+        del config.__dict__["attn_implementation"]
+    inner.set_attn_implementation(spec.original_attn_implementation)
+
+
+def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """Load a checkpoint saved after a swap (or any local causal LM) with its swap in place."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is not a model folder: no config.json there (save one with "
+            "model.save_pretrained or `longswap swap --out`)"
+        )
+    register()
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if getattr(model.config, CONFIG_KEY, None) is not None:
+        SwapSpec.from_dict(getattr(model.config, CONFIG_KEY))  # a clear error if malformed
+    return model

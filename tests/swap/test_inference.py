@@ -1,0 +1,71 @@
+"""Swapped models under padding and generation with a KV cache."""
+
+import pytest
+import torch
+
+import longswap
+from longswap.patterns import bigbird, block_topk, dilated, sliding_window
+
+from .conftest import make_model
+
+
+def last_logits(model, ids, mask=None):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask).logits
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), block_topk(8, 2)], ids=str)
+def test_right_padding_matches_each_input_alone(family, pattern):
+    model = make_model(family)
+    longswap.swap_attention(model, pattern, block_size=16)
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randint(1, 97, (1, 37), generator=g), torch.randint(1, 97, (1, 21), generator=g)
+    batch = torch.zeros(2, 37, dtype=torch.long)
+    mask = torch.zeros(2, 37, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, :21], mask[1, :21] = b[0], 1
+    out = last_logits(model, batch, mask)
+    torch.testing.assert_close(out[0], last_logits(model, a)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out[1, :21], last_logits(model, b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_with_a_distance_only_pattern_matches():
+    model = make_model("llama")
+    longswap.swap_attention(model, sliding_window(5) | dilated(3, 7), block_size=16)
+    g = torch.Generator().manual_seed(4)
+    b = torch.randint(1, 97, (1, 25), generator=g)
+    batch = torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)
+    mask = torch.cat([torch.zeros(1, 12, dtype=torch.long), torch.ones(1, 25, dtype=torch.long)], 1)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        out = model(batch, attention_mask=mask, position_ids=position_ids).logits
+    torch.testing.assert_close(out[0, 12:], last_logits(model, b)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_left_padding_with_absolute_positions_is_refused():
+    model = make_model("llama")
+    longswap.swap_attention(model, sliding_window(5, sinks=2))
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with pytest.raises(ValueError, match="pad on the right"):
+        last_logits(model, torch.ones(2, 6, dtype=torch.long), mask)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize(
+    "pattern", [sliding_window(6, sinks=2), block_topk(4, 2), bigbird(4, 1, 1, 1)], ids=str
+)
+def test_generate_with_cache_equals_recomputing(family, pattern):
+    model = make_model(family)
+    longswap.swap_attention(model, pattern, block_size=16)
+    prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        generated = model.generate(
+            prompt, max_new_tokens=25, do_sample=False, min_new_tokens=25, pad_token_id=0
+        )
+        ids = prompt
+        for _ in range(25):  # recompute the whole forward at every step, no cache
+            step = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], 1)
+    assert generated.shape[1] == 30  # beyond the window
+    assert torch.equal(generated, ids)

@@ -1,0 +1,99 @@
+"""Swapping attention into Hugging Face models: identity, oracle, restore, persistence."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import longswap
+from longswap.patterns import block_topk, full, shifted_groups, sliding_window
+
+from .conftest import FAMILIES, make_model
+
+
+def logits(model, ids, **kwargs):
+    with torch.no_grad():
+        return model(ids, **kwargs).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_full_swap_leaves_logits_unchanged(family, tokens):
+    model = make_model(family)
+    before = logits(model, tokens)
+    report = longswap.swap_attention(model, full())
+    assert model.config._attn_implementation == "longswap"
+    assert report.layers == ["full()"] * model.config.num_hidden_layers
+    torch.testing.assert_close(logits(model, tokens), before, atol=1e-5, rtol=1e-5)
+    longswap.restore(model)
+    torch.testing.assert_close(logits(model, tokens), before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(
+    "pattern", [sliding_window(8, sinks=2), block_topk(8, 2), shifted_groups(8)], ids=str
+)
+def test_swapped_model_equals_dense_mask_oracle(family, pattern, tokens):
+    model = make_model(family)
+    dense = logits(model, tokens)
+    longswap.swap_attention(model, pattern, backend="reference", block_size=16)
+    oracle = logits(model, tokens)
+    longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
+    torch.testing.assert_close(logits(model, tokens), oracle, atol=1e-5, rtol=1e-5)
+    # The pattern really restricts attention: later positions differ from dense attention.
+    assert not torch.allclose(oracle[:, 20:], dense[:, 20:], atol=1e-4)
+
+
+def test_only_this_instance_is_swapped(tokens):
+    a, b = make_model("llama"), make_model("llama")
+    before = logits(b, tokens)
+    longswap.swap_attention(a, sliding_window(4))
+    assert b.config._attn_implementation != "longswap"
+    torch.testing.assert_close(logits(b, tokens), before, atol=0, rtol=0)
+
+
+def test_per_layer_patterns_and_dense_layers(tokens):
+    model = make_model("llama", num_hidden_layers=3)
+    report = longswap.swap_attention(model, {0: "sliding_window(window=4)", 2: "dilated(2, 2)"})
+    assert report.layers == [
+        "sliding_window(window=4, sinks=0)",
+        "full()",
+        "dilated(window=2, dilation=2)",
+    ]
+    report = longswap.swap_attention(model, sliding_window(4), full_layers=[-1])
+    assert report.layers[-1] == "full()" and report.layers[0].startswith("sliding_window")
+    report = longswap.swap_attention(model, [full(), sliding_window(2), full()])
+    assert report.layers[1] == "sliding_window(window=2, sinks=0)"
+    assert "layers 0-0" not in str(report) and "layer 1" in str(report)
+
+
+def test_swapping_again_replaces_and_restore_returns_the_original(tokens):
+    model = make_model("qwen2")
+    before = logits(model, tokens)
+    longswap.swap_attention(model, sliding_window(4), max_length=256, rope="linear")
+    first = logits(model, tokens)
+    longswap.swap_attention(model, block_topk(8, 1))
+    assert model.config.longswap["layers"][0] == "block_topk(block_size=8, top_k=1)"
+    assert model.config.rope_parameters["rope_type"] == "default"
+    assert not torch.allclose(logits(model, tokens), first)
+    longswap.restore(model)
+    torch.testing.assert_close(logits(model, tokens), before, atol=0, rtol=0)
+    assert not hasattr(model.config, "longswap")
+
+
+@pytest.mark.parametrize(("family", "max_length"), [("llama", 128), ("gpt2", 128), ("phi3", None)])
+def test_save_and_load_round_trip(family, max_length, tokens, tmp_path):
+    model = make_model(family)
+    longswap.swap_attention(model, sliding_window(6, sinks=1), max_length=max_length)
+    expected = logits(model, tokens)
+    model.save_pretrained(tmp_path)
+    loaded = longswap.load(tmp_path).eval()
+    assert loaded.config._attn_implementation == "longswap"
+    torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
+    auto = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(auto, tokens), expected, atol=1e-6, rtol=1e-6)
+    longswap.restore(loaded)
+    assert loaded.config._attn_implementation != "longswap"
+
+
+def test_load_refuses_a_folder_without_config(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        longswap.load(tmp_path)
