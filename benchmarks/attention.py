@@ -20,10 +20,8 @@ efficiency = speedup / (1 / density), the share of the ideal speedup reached.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from longswap import sparse_attention
+from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
 from longswap.kernels import flex
 from longswap.patterns import (
     Pattern,
@@ -57,23 +56,6 @@ PATTERNS: dict[str, Pattern] = {
 }
 
 
-def peak_rss_reset() -> None:
-    """Reset the process's resident-set high-water mark (Linux; no-op elsewhere)."""
-    with contextlib.suppress(OSError):
-        Path("/proc/self/clear_refs").write_text("5")
-
-
-def rss_kib(field: str) -> int:
-    """``VmHWM`` or ``VmRSS`` of this process in KiB (0 where /proc is missing)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:
     """Median seconds over ``repeats`` calls after one warm-up, and the peak extra memory.
 
@@ -90,15 +72,15 @@ def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dic
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
-            peak_rss_reset()
-            base = rss_kib("VmRSS") * 1024
+            reset_peak_rss()
+            base = peak_rss_mb("VmRSS") * 2**20
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
             peaks.append(torch.cuda.max_memory_allocated() - base)
         else:
-            peaks.append(rss_kib("VmHWM") * 1024 - base)
+            peaks.append(peak_rss_mb() * 2**20 - base)
         times.append(time.perf_counter() - start)
     return {"s": statistics.median(times), "peak_mb": max(peaks) / 2**20, "runs": times}
 
@@ -125,26 +107,6 @@ def estimate_gb(pattern: Pattern, length: int, heads: int, dim: int) -> float:
     keys = float(st.kv_counts.float().clamp_min(1).sum()) * 128 * 128  # pairs in tiles
     keys *= heads if st.num_heads == 1 else 1
     return keys * (4 + 2) / 2**30 + 6 * keys / 128 * dim * 4 / 2**30
-
-
-def environment(device: torch.device) -> dict:
-    """What produced the numbers."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else cpu,
-        "threads": torch.get_num_threads(),
-        "platform": platform.platform(),
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
 
 
 def build_times(length: int, heads: int, device: torch.device) -> list[dict]:

@@ -2,7 +2,7 @@
 
 from longswap.kernels import sparse_attention
 from longswap.patterns import parse_pattern
-from longswap.swap import SwapReport, load, restore, swap_attention
+from longswap.swap import SwapReport, load, restore, save, swap_attention
 
 __version__ = "0.1.0"
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "load",
     "parse_pattern",
     "restore",
+    "save",
     "sparse_attention",
     "swap_attention",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -31,22 +33,17 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
-def save_checkpoint(
-    model: PreTrainedModel, out: Path, source: Path | None = None, overwrite: bool = False
-) -> None:
-    """Save ``model`` (and ``source``'s tokenizer files) into ``out`` atomically.
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``out`` to write into; move it into place on success.
 
-    Everything is written to a temporary sibling folder first and moved into place only
-    when complete, so an interrupted save leaves ``out`` as it was.
+    An interrupted or failed write leaves ``out`` as it was.
     """
     check_output_dir(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model.save_pretrained(staging)
-        for name in TOKENIZER_FILES if source is not None else ():
-            if (source / name).is_file() and not (staging / name).exists():
-                shutil.copy2(source / name, staging / name)
+        yield staging
         if out.exists():
             trash = out.with_name(f".{out.name}.old")
             out.rename(trash)
@@ -57,3 +54,14 @@ def save_checkpoint(
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def save_checkpoint(
+    model: PreTrainedModel, out: Path, source: Path | None = None, overwrite: bool = False
+) -> None:
+    """Save ``model`` (and ``source``'s tokenizer files) into ``out`` atomically."""
+    with staged_folder(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        for name in TOKENIZER_FILES if source is not None else ():
+            if (source / name).is_file() and not (staging / name).exists():
+                shutil.copy2(source / name, staging / name)

@@ -223,3 +223,15 @@ def test_per_head_pattern_rejects_odd_heads():
     q = torch.randn(1, 3, 8, 8)
     with pytest.raises(ValueError, match="num_heads must be even, got 3"):
         sparse_attention(q, q, q, shifted_groups(4))
+
+
+def test_auto_choice():
+    from longswap.kernels import resolve_backend
+
+    small = torch.randn(1, 2, 4, 8)
+    big = torch.randn(1, 2, 2048, 8)
+    assert resolve_backend("auto", small, small, small) == "reference"
+    assert resolve_backend("auto", big, big, big) == "blocks"
+    assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
+    with torch.no_grad():
+        assert resolve_backend("auto", small, small, small) == "reference"

@@ -18,7 +18,7 @@ def last_logits(model, ids, mask=None):
 @pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), block_topk(8, 2)], ids=str)
 def test_right_padding_matches_each_input_alone(family, pattern):
     model = make_model(family)
-    longswap.swap_attention(model, pattern, block_size=16)
+    longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
     g = torch.Generator().manual_seed(3)
     a, b = torch.randint(1, 97, (1, 37), generator=g), torch.randint(1, 97, (1, 21), generator=g)
     batch = torch.zeros(2, 37, dtype=torch.long)
@@ -32,7 +32,9 @@ def test_right_padding_matches_each_input_alone(family, pattern):
 
 def test_left_padding_with_a_distance_only_pattern_matches():
     model = make_model("llama")
-    longswap.swap_attention(model, sliding_window(5) | dilated(3, 7), block_size=16)
+    longswap.swap_attention(
+        model, sliding_window(5) | dilated(3, 7), backend="blocks", block_size=16
+    )
     g = torch.Generator().manual_seed(4)
     b = torch.randint(1, 97, (1, 25), generator=g)
     batch = torch.cat([torch.zeros(1, 12, dtype=torch.long), b], 1)
@@ -57,7 +59,7 @@ def test_left_padding_with_absolute_positions_is_refused():
 )
 def test_generate_with_cache_equals_recomputing(family, pattern):
     model = make_model(family)
-    longswap.swap_attention(model, pattern, block_size=16)
+    longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
     prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         generated = model.generate(
@@ -69,3 +71,29 @@ def test_generate_with_cache_equals_recomputing(family, pattern):
             ids = torch.cat([ids, step], 1)
     assert generated.shape[1] == 30  # beyond the window
     assert torch.equal(generated, ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
+@pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), sliding_window(5)], ids=str)
+def test_bounded_cache_gives_the_same_tokens_and_stays_bounded(family, pattern):
+    model = make_model(family)
+    longswap.swap_attention(model, [pattern, "full()"], backend="blocks", block_size=16)
+    prompt = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    cache = longswap.swap.bounded_cache(model)
+    with torch.no_grad():
+        plain = model.generate(
+            prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
+        )
+        bounded = model.generate(
+            prompt,
+            max_new_tokens=30,
+            min_new_tokens=30,
+            do_sample=False,
+            pad_token_id=0,
+            cache=cache,
+        )
+    assert torch.equal(bounded, plain)
+    kept = pattern.sinks + pattern.window - 1
+    assert cache.layers[0].keys.shape[-2] == kept  # the window layer stopped growing
+    assert cache.layers[1].keys.shape[-2] == 38  # the dense layer keeps everything
+    assert cache.get_seq_length() == 38

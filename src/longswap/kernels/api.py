@@ -77,6 +77,11 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | Non
             )
 
 
+#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle:
+#: decoding steps and short prompts cost less as one small masked softmax than as tiles.
+SMALL_PAIRS = 1 << 20
+
+
 def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
     """The concrete backend for ``backend`` on these inputs (``auto`` decides here)."""
     if backend not in BACKENDS:
@@ -85,9 +90,12 @@ def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
         return backend
     if q.device.type == "cuda":
         return "flex"
-    # CPU: FlexAttention has no backward here, and on 2 cores its compiled forward was not
-    # faster than `blocks` on the patterns we measured (benchmarks/attention.py), while
-    # every new shape costs seconds of compilation. `blocks` serves both.
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    if not needs_grad and q.shape[2] * k.shape[2] <= SMALL_PAIRS:
+        return "reference"
+    # CPU otherwise: FlexAttention has no backward here, and its compiled forward, though
+    # slightly faster on static patterns at 16k (benchmarks/attention.py), costs seconds of
+    # compilation for every new shape. `blocks` serves both.
     return "blocks"
 
 

@@ -1,9 +1,20 @@
 """Where a pattern goes: into a Hugging Face model, per instance, reversibly, saved with it."""
 
 from longswap.swap.attention import register
-from longswap.swap.model import SwapReport, load, restore, swap_attention
+from longswap.swap.cache import bounded_cache
+from longswap.swap.model import SwapReport, apply_spec, restore, swap_attention
+from longswap.swap.persist import load, save
 from longswap.swap.spec import SwapSpec
 
 register()
 
-__all__ = ["SwapReport", "SwapSpec", "load", "restore", "swap_attention"]
+__all__ = [
+    "SwapReport",
+    "SwapSpec",
+    "apply_spec",
+    "bounded_cache",
+    "load",
+    "restore",
+    "save",
+    "swap_attention",
+]

@@ -45,15 +45,14 @@ def longswap_mask(
 ) -> SwapMask:
     """Mask interface: keep the 2D padding mask; the pattern itself is applied per layer."""
     padding = None
-    if attention_mask is not None:
-        padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
-        if padding.shape[-1] != kv_length:
+    if attention_mask is not None and not bool(attention_mask.all()):
+        if attention_mask.shape[-1] != kv_offset + kv_length:
             raise ValueError(
-                f"attention_mask covers {attention_mask.shape[-1]} positions but the keys span "
-                f"{kv_length}: pass a (batch, past + new tokens) mask"
+                f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds "
+                f"{kv_length}: a bounded cache drops keys, so batches with padding cannot use it; "
+                "decode the sequences one at a time, or use the default cache"
             )
-        if bool(padding.all()):
-            padding = None
+        padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
     return SwapMask(padding, int(q_offset))
 
 

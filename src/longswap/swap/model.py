@@ -13,15 +13,14 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from longswap.kernels import BACKENDS
-from longswap.patterns import Pattern, full, parse_pattern, sliding_window
+from longswap.patterns import Intersection, Pattern, full, parse_pattern, sliding_window
 from longswap.positions import (
     ROPE_KINDS,
     find_position_embedding,
@@ -29,7 +28,6 @@ from longswap.positions import (
     rotary_modules,
     tile_positions,
 )
-from longswap.swap.attention import register
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 PatternSpec = Pattern | str | Sequence[Pattern | str] | Mapping[int, Pattern | str]
@@ -147,6 +145,16 @@ def _native_windows(config: Any, n: int) -> list[int | None]:
     if types is None:
         return [window] * n
     return [window if t == "sliding_attention" else None for t in types]
+
+
+def _with_window(pattern: Pattern, window: int) -> Pattern:
+    """``pattern`` restricted to a native sliding window (once, however often it is applied)."""
+    own = sliding_window(window)
+    if pattern == full():
+        return own
+    if pattern == own or (isinstance(pattern, Intersection) and own in pattern.parts):
+        return pattern
+    return pattern & own
 
 
 def _refuse_unsupported(model: PreTrainedModel) -> None:
@@ -323,7 +331,7 @@ def swap_attention(
     notes = []
     for i, (p, window) in enumerate(zip(chosen, _native_windows(config, n), strict=True)):
         if window is not None:
-            chosen[i] = sliding_window(window) if p == full() else p & sliding_window(window)
+            chosen[i] = _with_window(p, window)
             notes.append(f"layer {i} keeps the model's own sliding window of {window}")
     heads = config.num_attention_heads
     for i, p in enumerate(chosen):
@@ -390,16 +398,15 @@ def restore(model: Any) -> None:
     inner.set_attn_implementation(spec.original_attn_implementation)
 
 
-def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
-    """Load a checkpoint saved after a swap (or any local causal LM) with its swap in place."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise ValueError(
-            f"{path} is not a model folder: no config.json there (save one with "
-            "model.save_pretrained or `longswap swap --out`)"
-        )
-    register()
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    if getattr(model.config, CONFIG_KEY, None) is not None:
-        SwapSpec.from_dict(getattr(model.config, CONFIG_KEY))  # a clear error if malformed
-    return model
+def apply_spec(model: Any, spec: SwapSpec) -> SwapReport:
+    """Swap ``model`` as ``spec`` records (used to rebuild a swap saved beside an adapter)."""
+    positions = spec.positions
+    kind = positions.get("kind", "none")
+    return swap_attention(
+        model,
+        list(spec.layers),
+        backend=spec.backend,
+        block_size=spec.block_size,
+        max_length=positions.get("max_length") if kind != "none" else None,
+        rope="auto" if kind == "learned" else kind,
+    )

@@ -1,0 +1,48 @@
+"""What produced a number: versions, device, threads; and the process's peak memory."""
+
+from __future__ import annotations
+
+import contextlib
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """An environment stamp for result records, so two runs can be compared."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    import transformers
+
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def reset_peak_rss() -> None:
+    """Reset the process's resident-set high-water mark (Linux; a no-op elsewhere)."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """The resident-set high-water mark (``VmHWM``) or current size (``VmRSS``) in MiB."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return 0.0

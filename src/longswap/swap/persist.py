@@ -1,0 +1,79 @@
+"""Saving and loading swapped models, plain or wrapped by PEFT.
+
+A plain swapped model is a normal checkpoint whose ``config.json`` carries the swap. A
+PEFT-wrapped one saves its adapter as PEFT does, plus ``longswap.json`` with the swap, so
+that loading rebuilds base model, swap and adapter in that order.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from longswap.io import save_checkpoint, staged_folder
+from longswap.swap.attention import register
+from longswap.swap.model import apply_spec
+from longswap.swap.spec import CONFIG_KEY, SwapSpec
+
+#: File beside a PEFT adapter that records the swap of its base model.
+ADAPTER_SWAP_FILE = "longswap.json"
+
+
+def _is_peft(model: Any) -> bool:
+    return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
+
+
+def save(model: Any, out: str | Path, overwrite: bool = False) -> Path:
+    """Save a swapped model (or a PEFT model around one) into ``out``, atomically."""
+    out = Path(out)
+    if not _is_peft(model):
+        save_checkpoint(model, out, overwrite=overwrite)
+        return out
+    base = model.get_base_model()
+    record = getattr(base.config, CONFIG_KEY, None)
+    with staged_folder(out, overwrite) as staging:
+        model.save_pretrained(staging)
+        if record is not None:
+            payload = {"swap": record, "base_model": str(base.name_or_path)}
+            (staging / ADAPTER_SWAP_FILE).write_text(json.dumps(payload, indent=1))
+    return out
+
+
+def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+    """Load a swapped checkpoint, or a PEFT adapter saved by :func:`save`, swap included."""
+    path = Path(path)
+    register()
+    if (path / "adapter_config.json").is_file():
+        return _load_adapter(path, **kwargs)
+    if not (path / "config.json").is_file():
+        raise ValueError(
+            f"{path} is not a model folder: no config.json there (save one with "
+            "longswap.save, model.save_pretrained or `longswap swap --out`)"
+        )
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    record = getattr(model.config, CONFIG_KEY, None)
+    if record is not None:
+        SwapSpec.from_dict(record)  # a clear error if malformed
+    return model
+
+
+def _load_adapter(path: Path, **kwargs: Any) -> Any:
+    from peft import PeftModel
+
+    adapter = json.loads((path / "adapter_config.json").read_text())
+    swap_file = path / ADAPTER_SWAP_FILE
+    payload = json.loads(swap_file.read_text()) if swap_file.is_file() else {}
+    base_path = Path(payload.get("base_model") or adapter.get("base_model_name_or_path") or "")
+    if not (base_path / "config.json").is_file():
+        raise ValueError(
+            f"the adapter in {path} was trained on {str(base_path) or 'an unnamed model'}, "
+            "which is not a local model folder; load the base yourself, then "
+            "PeftModel.from_pretrained(base, adapter_folder)"
+        )
+    base = load(base_path, **kwargs)
+    if "swap" in payload and getattr(base.config, CONFIG_KEY, None) is None:
+        apply_spec(base, SwapSpec.from_dict(payload["swap"]))
+    return PeftModel.from_pretrained(base, path)
