@@ -72,7 +72,7 @@ def decode(model: torch.nn.Module, length: int, cache: object | None) -> dict:
     return {
         "tokens_per_s": (len(tail) - 1) / (tail[-1] - tail[0]),
         "cache_mb": cache_bytes(cache) / 2**20,
-        "peak_rss_growth_mb": peak_rss_mb() - base,
+        "peak_rss_growth_mb": max(peak_rss_mb() - base, 0.0),
     }
 
 
