@@ -77,8 +77,9 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | Non
             )
 
 
-#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle:
-#: decoding steps and short prompts cost less as one small masked softmax than as tiles.
+#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle on
+#: any device: decoding steps and short prompts cost less as one small masked softmax than
+#: as tiles, and need no compilation.
 SMALL_PAIRS = 1 << 20
 
 
@@ -88,11 +89,11 @@ def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
-    if q.device.type == "cuda":
-        return "flex"
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     if not needs_grad and q.shape[2] * k.shape[2] <= SMALL_PAIRS:
-        return "reference"
+        return "reference"  # also spares FlexAttention a compilation per decoding step
+    if q.device.type == "cuda":
+        return "flex"
     # CPU otherwise: FlexAttention has no backward here, and its compiled forward, though
     # slightly faster on static patterns at 16k (benchmarks/attention.py), costs seconds of
     # compilation for every new shape. `blocks` serves both.

@@ -1,0 +1,90 @@
+"""Synthetic long-context tasks, generated offline from seeds.
+
+* Passkey retrieval in the Landmark / LongLoRA format: a five-digit key hidden in filler
+  at a chosen depth, followed by "What is the pass key?".
+* Multi-query associative recall: many ``key: value`` pairs, then several keys to recall.
+
+Keys are split once and for all into a training and a held-out set (by a hash of the
+key), so evaluation never asks for a key that training mixed in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and "
+    "memorize it. I will quiz you about the important information there.\n"
+)
+FILLER = (
+    "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+)
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def heldout_key(key: int | str) -> bool:
+    """True for the tenth of keys reserved for evaluation (stable across machines)."""
+    return hashlib.sha256(str(key).encode()).digest()[0] % 10 == 0
+
+
+def draw_key(rng: random.Random, heldout: bool, low: int = 10000, high: int = 99999) -> int:
+    """A random key from the held-out set, or from the training set."""
+    while True:
+        key = rng.randint(low, high)
+        if heldout_key(key) == heldout:
+            return key
+
+
+def passkey_prompt(length: int, depth: float, key: int, count: Callable[[str], int] = len) -> str:
+    """A prompt of about ``length`` units (``count``: e.g. tokens) with ``key`` at ``depth``.
+
+    ``depth`` in [0, 1] is where the key sentence goes among the filler sentences (0: first,
+    1: last). Filler is added sentence by sentence until the prompt would exceed ``length``.
+    """
+    if not 0 <= depth <= 1:
+        raise ValueError(f"depth must be within [0, 1], got {depth!r}")
+    needle = f"The pass key is {key}. Remember it. {key} is the pass key. "
+    sentences = [s.strip() + ". " for s in FILLER.split(". ") if s.strip()]
+
+    def build(n: int) -> str:
+        filler = [sentences[i % len(sentences)] for i in range(n)]
+        at = round(depth * n)
+        return INTRO + "".join(filler[:at]) + needle + "".join(filler[at:]) + QUESTION
+
+    unit = count(FILLER) / len(sentences)
+    n = max(int((length - count(build(0))) / unit), 0)
+    while n > 0 and count(build(n)) > length:
+        n -= 1
+    return build(n)
+
+
+def first_integer(answer: str) -> int | None:
+    """The first integer in a generated answer, or None when it has no digits."""
+    match = re.search(r"\d+", answer)
+    return int(match.group()) if match else None
+
+
+def associative_recall(
+    pairs: int, queries: int, seed: int, heldout: bool = False
+) -> tuple[str, list[str]]:
+    """``pairs`` lines ``key: value``, then ``Recall.`` and ``queries`` of them again.
+
+    Keys are four letters, values four digits. Returns the full text (as training data)
+    and the recalled values in order; an evaluation cuts the text after a query's colon.
+    """
+    if queries > pairs:
+        raise ValueError(f"cannot query {queries} keys out of {pairs} pairs")
+    rng = random.Random(seed)
+    keys: list[str] = []
+    while len(keys) < pairs:
+        key = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(4))
+        if heldout_key(key) == heldout and key not in keys:
+            keys.append(key)
+    values = [f"{rng.randint(0, 9999):04d}" for _ in keys]
+    lines = "".join(f"{k}: {v}\n" for k, v in zip(keys, values, strict=True))
+    asked = rng.sample(range(pairs), queries)
+    text = lines + "Recall.\n" + "".join(f"{keys[i]}: {values[i]}\n" for i in asked)
+    return text, [values[i] for i in asked]

@@ -1,0 +1,44 @@
+"""The byte-level tokenizer of the embedded default model: one token per byte, plus EOS.
+
+Built with the ``tokenizers`` library as a byte-level BPE without merges, so it is a normal
+``PreTrainedTokenizerFast``: it saves with the model and loads offline with AutoTokenizer.
+Token ``b`` is byte ``b``; bits per byte equal bits per token.
+"""
+
+from __future__ import annotations
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import PreTrainedTokenizerFast
+
+EOS = "<|endoftext|>"
+
+
+def byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer with ids 0..255 for bytes and 256 for ``<|endoftext|>``."""
+    alphabet = ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    byte_to_char = _bytes_to_unicode()
+    vocab = {byte_to_char[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], ignore_merges=True))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token=EOS, pad_token=EOS)
+    return tok
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters."""
+    visible = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    chars = visible[:]
+    extra = 0
+    for b in range(256):
+        if b not in visible:
+            visible.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(visible, chars, strict=True)}
