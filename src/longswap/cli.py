@@ -72,6 +72,19 @@ def cmd_swap(
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    """Pre-train a small byte-level Llama with full attention (the dense base)."""
+    from longswap.train import PretrainConfig, pretrain
+    from longswap.train.config import from_arguments
+
+    record = pretrain(from_arguments(PretrainConfig, args))
+    print(
+        f"trained {record['parameters']:,} parameters; held-out loss {record['eval_loss']:.3f} "
+        f"({record['eval_bits_per_byte']:.3f} bits per byte); wrote {record['config']['out']}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longswap",
@@ -112,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
             a.overwrite,
         )
     )
+
+    from longswap.train.config import PretrainConfig, add_arguments
+
+    p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=PretrainConfig.__doc__)
+    add_arguments(p, PretrainConfig)
+    p.set_defaults(run=cmd_pretrain)
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -30,7 +31,7 @@ class Packed:
 
 
 def pack_documents(
-    token_lists: Sequence[Sequence[int]], seq_len: int, eos_id: int | None = None
+    token_lists: Sequence[Sequence[int] | np.ndarray], seq_len: int, eos_id: int | None = None
 ) -> Packed:
     """Concatenate documents (each followed by ``eos_id``) and cut into ``seq_len`` pieces.
 
@@ -39,20 +40,17 @@ def pack_documents(
     """
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
-    ids: list[int] = []
-    docs: list[int] = []
-    for d, tokens in enumerate(token_lists):
-        piece = list(tokens) + ([eos_id] if eos_id is not None else [])
-        ids += piece
-        docs += [d] * len(piece)
-    n = len(ids) // seq_len
+    eos = [] if eos_id is None else [eos_id]
+    pieces = [np.concatenate([np.asarray(t, dtype=np.int64).reshape(-1), eos]) for t in token_lists]
+    lengths = [len(p) for p in pieces]
+    total = sum(lengths)
+    n = total // seq_len
     if n == 0:
         raise ValueError(
-            f"the data holds {len(ids)} tokens, too few to fill a single sequence of "
+            f"the data holds {total} tokens, too few to fill a single sequence of "
             f"{seq_len}; add data or lower the sequence length"
         )
     keep = n * seq_len
-    return Packed(
-        torch.tensor(ids[:keep], dtype=torch.long).view(n, seq_len),
-        torch.tensor(docs[:keep], dtype=torch.long).view(n, seq_len),
-    )
+    ids = np.concatenate(pieces)[:keep]
+    docs = np.repeat(np.arange(len(pieces)), lengths)[:keep]
+    return Packed(torch.from_numpy(ids).view(n, seq_len), torch.from_numpy(docs).view(n, seq_len))
