@@ -85,6 +85,21 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    """Fine-tune a (swapped) model on long sequences; --pattern swaps first."""
+    from longswap.train import FinetuneConfig, finetune
+    from longswap.train.config import from_arguments
+
+    record = finetune(from_arguments(FinetuneConfig, args))
+    for note in record["notes"]:
+        print(note)
+    print(
+        f"trained {record['trainable_parameters']:,} of {record['parameters']:,} parameters; "
+        f"held-out loss {record['eval_loss']:.3f}; wrote {record['config']['out']}"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longswap",
@@ -126,11 +141,14 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
 
-    from longswap.train.config import PretrainConfig, add_arguments
+    from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments
 
     p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=PretrainConfig.__doc__)
     add_arguments(p, PretrainConfig)
     p.set_defaults(run=cmd_pretrain)
+    p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=FinetuneConfig.__doc__)
+    add_arguments(p, FinetuneConfig)
+    p.set_defaults(run=cmd_finetune)
     return parser
 
 

@@ -2,7 +2,13 @@
 
 from longswap.swap.attention import register
 from longswap.swap.cache import bounded_cache
-from longswap.swap.model import SwapReport, apply_spec, restore, swap_attention
+from longswap.swap.model import (
+    SwapReport,
+    apply_spec,
+    extend_positions,
+    restore,
+    swap_attention,
+)
 from longswap.swap.persist import load, save
 from longswap.swap.spec import SwapSpec
 
@@ -13,6 +19,7 @@ __all__ = [
     "SwapSpec",
     "apply_spec",
     "bounded_cache",
+    "extend_positions",
     "load",
     "restore",
     "save",

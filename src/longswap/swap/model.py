@@ -410,3 +410,22 @@ def apply_spec(model: Any, spec: SwapSpec) -> SwapReport:
         max_length=positions.get("max_length") if kind != "none" else None,
         rope="auto" if kind == "learned" else kind,
     )
+
+
+def extend_positions(model: Any, max_length: int, rope: str = "auto") -> dict[str, Any]:
+    """Extend a dense model's positions to ``max_length`` without swapping its attention.
+
+    The same rules as :func:`swap_attention` (``rope="auto"`` means YaRN here, since dense
+    attention reaches every distance). Returns the record of what was done.
+    """
+    inner = _base_model(model)
+    if getattr(inner.config, CONFIG_KEY, None) is not None:
+        raise ValueError("the model is swapped: pass max_length to swap_attention instead")
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    if rope not in ROPE_KINDS:
+        raise ValueError(f"unknown rope {rope!r}; choose one of {', '.join(ROPE_KINDS)}")
+    n = inner.config.num_hidden_layers
+    record = _positions(inner, [full()] * n, max_length, rope, inner.config.max_position_embeddings)
+    _apply_positions(inner, record)
+    return record

@@ -1,6 +1,7 @@
-"""Training: pre-train the small dense base (fine-tuning the swapped model comes next)."""
+"""Training: pre-train the small dense base; fine-tune swapped models for long contexts."""
 
-from longswap.train.config import PretrainConfig
+from longswap.train.config import FinetuneConfig, PretrainConfig
+from longswap.train.finetune import finetune
 from longswap.train.pretrain import pretrain
 
-__all__ = ["PretrainConfig", "pretrain"]
+__all__ = ["FinetuneConfig", "PretrainConfig", "finetune", "pretrain"]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,8 @@ def _help(text: str, **kwargs: Any) -> Any:
 
 
 @dataclass
-class PretrainConfig:
-    """Pre-train a Llama-architecture, byte-level model with full attention, from scratch."""
+class TrainingFields:
+    """Fields every training run has."""
 
     out: str = _help("folder for the trained model (and checkpoints/ while training)", default="")
     data: list[str] = _help(
@@ -29,10 +28,7 @@ class PretrainConfig:
         "standard library, its tests held out)",
         default_factory=list,
     )
-    seq_len: int = _help("tokens (bytes) per training sequence", default=512)
-    size: Size = _help(
-        "model size: tiny (~0.8M parameters), small (~3M), base (~5M)", default="tiny"
-    )
+    seq_len: int = _help("tokens per training sequence", default=512)
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("sequences per step", default=16)
     learning_rate: float = _help("peak learning rate (cosine schedule after warm-up)", default=2e-3)
@@ -45,12 +41,55 @@ class PretrainConfig:
     resume: bool = _help("continue from the last checkpoint in --out", default=False)
 
 
+@dataclass
+class PretrainConfig(TrainingFields):
+    """Pre-train a Llama-architecture, byte-level model with full attention, from scratch."""
+
+    size: Size = _help(
+        "model size: tiny (~0.8M parameters), small (~3M), base (~5M)", default="tiny"
+    )
+
+
+Method = Literal["lora-plus", "full", "attention"]
+
+
+@dataclass
+class FinetuneConfig(TrainingFields):
+    """Fine-tune a (swapped) model on long sequences."""
+
+    model: str = _help("local checkpoint folder to start from", default="")
+    pattern: str = _help(
+        "swap to this pattern first (e.g. 'sliding_window(window=512)'); empty: keep the "
+        "model's attention (a swapped model keeps its pattern)",
+        default="",
+    )
+    full_layers: list[int] = _help(
+        "layers kept dense when --pattern swaps (e.g. -1)", default_factory=list
+    )
+    backend: str = _help("attention backend: auto, reference, blocks or flex", default="auto")
+    rope: str = _help(
+        "position extension beyond the trained length: auto, none, linear, ntk, yarn",
+        default="auto",
+    )
+    method: Method = _help(
+        "trainable parameters: lora-plus (LoRA on attention + embeddings and norms), full, "
+        "or attention (attention projections only)",
+        default="lora-plus",
+    )
+    lora_rank: int = _help("LoRA rank", default=8)
+    lora_alpha: int = _help("LoRA alpha", default=16)
+    merge: bool = _help("merge LoRA into the weights when saving", default=False)
+    gradient_checkpointing: bool = _help(
+        "recompute activations in the backward pass", default=False
+    )
+
+
 def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return str, {"choices": list(typing.get_args(annotation))}
-    if origin in (list, types.GenericAlias) or annotation == list[str]:
-        return str, {"nargs": "*"}
+    if origin is list:
+        return typing.get_args(annotation)[0], {"nargs": "*"}
     return annotation, {}
 
 

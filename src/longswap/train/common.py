@@ -1,0 +1,149 @@
+"""What pre-training and fine-tuning share: validation, data, the Trainer, the record."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from longswap.data import local_documents, pack_documents, split_documents, stdlib_documents
+from longswap.data.corpus import Document
+from longswap.data.tokenizer import EOS
+from longswap.evaluate import environment
+from longswap.train.config import TrainingFields
+
+
+class PackedDataset(Dataset):
+    """Fixed-length token sequences for causal language modelling."""
+
+    def __init__(self, input_ids: torch.Tensor) -> None:
+        self.input_ids = input_ids
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        return {"input_ids": ids, "labels": ids}
+
+
+def common_problems(config: TrainingFields) -> list[str]:
+    """Problems with the fields every run has."""
+    found = []
+    if not config.out:
+        found.append("--out is required")
+    else:
+        out = Path(config.out)
+        if out.exists() and not out.is_dir():
+            found.append(f"--out {out} exists and is not a folder")
+        elif out.is_dir() and any(out.iterdir()) and not (config.overwrite or config.resume):
+            found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
+        if config.resume and not (out / "checkpoints").is_dir():
+            found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
+    for path in config.data:
+        if not Path(path).exists():
+            found.append(f"data path {path} does not exist")
+    for name, low in (("seq_len", 8), ("steps", 1), ("batch_size", 1), ("eval_steps", 1)):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < low:
+            found.append(f"{name} must be an integer >= {low}, got {value!r}")
+    if not config.learning_rate > 0:
+        found.append(f"learning_rate must be positive, got {config.learning_rate!r}")
+    if not 0 < config.validation_share < 1:
+        found.append(f"validation_share must be in (0, 1), got {config.validation_share!r}")
+    return found
+
+
+def refuse(found: list[str], what: str) -> None:
+    """Raise one ValueError listing every problem, if there are any."""
+    if found:
+        raise ValueError(f"invalid {what} configuration:\n- " + "\n- ".join(found))
+
+
+def _token_arrays(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
+    if len(tokenizer) == 257 and tokenizer.eos_token == EOS:  # the byte tokenizer
+        return [np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8) for d in docs]
+    return tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+
+
+def datasets(
+    config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PackedDataset, PackedDataset]:
+    """Packed train and validation sets (validation capped at 64 sequences)."""
+    docs = local_documents(config.data) if config.data else stdlib_documents("train")
+    train_docs, val_docs = split_documents(docs, config.validation_share)
+    if not val_docs:
+        val_docs, train_docs = train_docs[-1:], train_docs[:-1]
+    eos = tokenizer.eos_token_id
+    train = pack_documents(_token_arrays(train_docs, tokenizer), config.seq_len, eos)
+    val = pack_documents(_token_arrays(val_docs, tokenizer), config.seq_len, eos)
+    return PackedDataset(train.input_ids), PackedDataset(val.input_ids[:64])
+
+
+def prepare_out(config: TrainingFields) -> Path:
+    """The output folder, emptied first when ``--overwrite`` (and not ``--resume``)."""
+    out = Path(config.out)
+    if config.overwrite and out.is_dir() and not config.resume:
+        shutil.rmtree(out)
+    return out
+
+
+def train(
+    model: Any, train_set: Dataset, val_set: Dataset, config: TrainingFields, **extra: Any
+) -> tuple[Trainer, dict[str, Any]]:
+    """Run the Trainer; returns it and a record of the run (config, command, metrics)."""
+    out = Path(config.out)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=max(1, min(50, config.steps // 20)),
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+        **extra,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set)
+    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    metrics = trainer.evaluate()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    record = {
+        "config": dict(config.__dict__),
+        "command": "longswap " + " ".join(sys.argv[1:]),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_sequences": len(train_set),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": metrics["eval_loss"],
+        "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
+        "environment": environment(),
+    }
+    return trainer, record
+
+
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    """``longswap_train.json`` beside the saved model."""
+    (out / "longswap_train.json").write_text(json.dumps(record, indent=1))

@@ -1,0 +1,140 @@
+"""Fine-tune a swapped (or dense) model on long sequences, with the Hugging Face Trainer.
+
+The third step of the method: the swapped model starts from the dense model's parameters
+and continues training at the long length. ``--pattern`` swaps first; a model that is
+already swapped keeps its pattern; a dense model stays dense (the baseline), with its
+positions extended when the length needs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+from longswap.data import byte_tokenizer
+from longswap.io import TOKENIZER_FILES, save_checkpoint
+from longswap.kernels import BACKENDS
+from longswap.patterns import parse_pattern
+from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
+from longswap.swap import extend_positions, load, save, swap_attention
+from longswap.swap.spec import CONFIG_KEY, SwapSpec
+from longswap.train.common import (
+    common_problems,
+    datasets,
+    prepare_out,
+    refuse,
+    train,
+    write_record,
+)
+from longswap.train.config import FinetuneConfig
+from longswap.train.trainable import apply_method, projection_names
+
+METHODS = ("lora-plus", "full", "attention")
+
+
+def problems(config: FinetuneConfig) -> list[str]:
+    """Everything wrong with ``config`` that can be told without training."""
+    found = common_problems(config)
+    model_dir = Path(config.model) if config.model else None
+    if model_dir is None:
+        found.append("--model is required")
+    elif not (model_dir / "config.json").is_file():
+        found.append(f"--model {model_dir} is not a model folder (no config.json)")
+    if config.method not in METHODS:
+        found.append(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
+    if config.backend not in BACKENDS:
+        found.append(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.rope not in ROPE_KINDS:
+        found.append(f"rope must be one of {', '.join(ROPE_KINDS)}, got {config.rope!r}")
+    if not isinstance(config.lora_rank, int) or config.lora_rank < 1:
+        found.append(f"lora_rank must be a positive integer, got {config.lora_rank!r}")
+    if config.pattern:
+        try:
+            reach = parse_pattern(config.pattern).reach()
+        except ValueError as err:
+            found.append(str(err))
+        else:
+            if reach is not None and isinstance(config.seq_len, int) and reach >= config.seq_len:
+                found.append(
+                    f"the pattern reaches {reach} tokens back, as far as or beyond the sequence "
+                    f"length {config.seq_len}: it would be dense attention; shorten the window "
+                    "or lengthen --seq-len"
+                )
+    return found
+
+
+def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
+    found = []
+    trained = model.config.max_position_embeddings
+    extendable = rotary_modules(model) or find_position_embedding(model, model.config)
+    if config.seq_len > trained and config.rope == "none" and not rotary_modules(model):
+        found.append(
+            f"seq_len {config.seq_len} is beyond the {trained} learned positions and "
+            "rope='none' forbids extending them"
+        )
+    if config.seq_len > trained and not extendable:
+        found.append(f"seq_len {config.seq_len} is beyond the model's {trained} positions")
+    if config.method != "full" and not projection_names(model):
+        found.append(f"{type(model).__name__} has no attention projections for {config.method}")
+    swapped = getattr(model.config, CONFIG_KEY, None) is not None or bool(config.pattern)
+    if (
+        config.method == "lora-plus"
+        and not config.merge
+        and not swapped
+        and (config.seq_len > trained)
+    ):
+        found.append(
+            "a dense model fine-tuned beyond its trained length changes its positions, "
+            "which a LoRA adapter alone cannot carry: pass --merge"
+        )
+    return found
+
+
+def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(model_dir)
+    return byte_tokenizer()
+
+
+def finetune(config: FinetuneConfig) -> dict[str, Any]:
+    """Swap if asked, set the trainable parameters, train, save; returns the run record."""
+    refuse(problems(config), "fine-tuning")
+    model_dir = Path(config.model)
+    model = load(model_dir)
+    refuse(_model_problems(model, config), "fine-tuning")
+    out = prepare_out(config)
+    tokenizer = _tokenizer(model_dir)
+    train_set, val_set = datasets(config, tokenizer)
+    notes = []
+    record = getattr(model.config, CONFIG_KEY, None)
+    if config.pattern or record is not None:
+        layers = config.pattern or list(SwapSpec.from_dict(record).layers)
+        report = swap_attention(
+            model,
+            layers,
+            backend=config.backend,
+            full_layers=config.full_layers,
+            max_length=config.seq_len,
+            rope=config.rope,
+        )
+        notes.append(str(report))
+    elif config.seq_len > model.config.max_position_embeddings:
+        notes.append(extend_positions(model, config.seq_len, config.rope)["summary"])
+    if config.gradient_checkpointing:
+        model.activation_checkpointing_enable()
+        model.enable_input_require_grads()
+    model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
+    trainer, run = train(model, train_set, val_set, config)
+    run["notes"] = notes
+    if config.method == "lora-plus" and config.merge:
+        model = model.merge_and_unload()
+    if hasattr(model, "peft_config"):
+        save(model, out, overwrite=True)
+    else:
+        save_checkpoint(model, out, overwrite=True)
+    if not any((out / name).exists() for name in TOKENIZER_FILES[:2]):
+        tokenizer.save_pretrained(out)
+    write_record(out, run)
+    return run

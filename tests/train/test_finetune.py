@@ -1,0 +1,171 @@
+"""Fine-tuning swapped models: trainable-parameter policies, saving, validation."""
+
+import shutil
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import longswap
+from longswap.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from longswap.train.finetune import problems
+from longswap.train.trainable import apply_method, embedding_and_norm_names, projection_names
+
+from ..swap.conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft")
+    data = root / "data"
+    data.mkdir()
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    for name in ("argparse.py", "dataclasses.py"):
+        shutil.copy(stdlib / name, data / name)
+    pretrain(
+        PretrainConfig(
+            out=str(root / "base"),
+            data=[str(data)],
+            seq_len=32,
+            steps=10,
+            batch_size=8,
+            eval_steps=10,
+            warmup_steps=2,
+        )
+    )
+    return root
+
+
+def run(base, out, **kwargs):
+    fields = dict(
+        model=str(base / "base"),
+        data=[str(base / "data")],
+        seq_len=128,
+        steps=6,
+        batch_size=2,
+        eval_steps=6,
+        warmup_steps=1,
+        learning_rate=1e-3,
+        out=str(out),
+    )
+    fields.update(kwargs)
+    return finetune(FinetuneConfig(**fields))
+
+
+def test_lora_plus_trains_adapter_embeddings_and_norms(base, tmp_path):
+    out = tmp_path / "lora"
+    record = run(base, out, pattern="sliding_window(window=16)")
+    assert "RoPE none to 128" in record["notes"][0]  # a 16-token window never needs scaling
+    assert (out / "adapter_config.json").is_file() and (out / "longswap.json").is_file()
+    model = longswap.load(out)
+    inner = model.get_base_model()
+    assert inner.config.longswap["layers"][0] == "sliding_window(window=16, sinks=0)"
+    embed = 257 * 128
+    assert record["trainable_parameters"] > embed  # LoRA + embeddings + norms
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 256, (1, 128))).logits).all()
+
+
+def test_merge_writes_a_plain_swapped_checkpoint(base, tmp_path):
+    out = tmp_path / "merged"
+    run(base, out, pattern="block_topk(block_size=16, top_k=2)", merge=True)
+    assert not (out / "adapter_config.json").exists()
+    model = longswap.load(out)
+    assert model.config.longswap["layers"][0] == "block_topk(block_size=16, top_k=2)"
+    assert model.config.rope_parameters["rope_type"] == "yarn"  # top-k reaches everywhere
+
+
+def test_attention_only_and_full(base, tmp_path):
+    record = run(base, tmp_path / "attn", method="attention", pattern="sliding_window(8)")
+    hidden, kv = 128, 64
+    per_layer = hidden * hidden * 2 + hidden * kv * 2  # q, o and k, v
+    assert record["trainable_parameters"] == 4 * per_layer
+    record = run(base, tmp_path / "full", method="full")  # dense baseline, no swap
+    assert record["trainable_parameters"] == record["parameters"]
+    model = longswap.load(tmp_path / "full")
+    assert model.config.max_position_embeddings == 128  # positions extended (YaRN)
+    assert not hasattr(model.config, "longswap")
+
+
+def test_lora_with_gradient_checkpointing_has_real_gradients():
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model("llama")
+        if checkpointing:
+            model.activation_checkpointing_enable()
+            model.enable_input_require_grads()
+        longswap.swap_attention(model, "sliding_window(window=4)", backend="blocks")
+        assert projection_names(model) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+        assert "embed_tokens" in embedding_and_norm_names(model)
+        wrapped = apply_method(model, "lora-plus")
+        wrapped.train()
+        ids = torch.randint(1, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+        wrapped(ids, labels=ids).loss.backward()
+        # lora_B starts at zero, so it is lora_B that must receive gradient on the first step.
+        grads.append([p.grad for n, p in wrapped.named_parameters() if "lora_B" in n])
+    assert grads[1] and all(g is not None and g.abs().sum() > 0 for g in grads[1])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_gpt2_lora_targets_conv1d():
+    model = make_model("gpt2")
+    assert projection_names(model) == ["c_attn", "c_proj"]
+    wrapped = apply_method(model, "lora-plus")
+    assert any("lora_A" in n for n, _ in wrapped.named_parameters())
+
+
+def test_invalid_configurations_are_listed_together(base, tmp_path):
+    config = FinetuneConfig(
+        model=str(tmp_path / "nope"),
+        data=[str(tmp_path / "missing")],
+        seq_len=64,
+        pattern="sliding_window(window=100)",
+        method="lora",
+        out=str(tmp_path / "o"),
+    )
+    found = "\n".join(problems(config))
+    assert "not a model folder" in found and "does not exist" in found
+    assert "method must be one of" in found and "reaches 99 tokens back" in found
+    with pytest.raises(ValueError, match="pass --merge"):
+        run(base, tmp_path / "dense-lora")  # dense, LoRA, beyond trained length, no merge
+    assert not (tmp_path / "dense-lora").exists()
+
+
+def test_cli_finetune(base, tmp_path, capsys):
+    from longswap.cli import main
+
+    out = tmp_path / "cli"
+    code = main(
+        [
+            "finetune",
+            "--model",
+            str(base / "base"),
+            "--data",
+            str(base / "data"),
+            "--seq-len",
+            "64",
+            "--pattern",
+            "sliding_window(window=8, sinks=2)",
+            "--full-layers",
+            "-1",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+            "--eval-steps",
+            "2",
+            "--method",
+            "lora-plus",
+            "--merge",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "layers 0-2" in printed and "layer 3" in printed and "trained" in printed
+    assert longswap.load(out).config.longswap["layers"][-1] == "full()"
+    assert main(["finetune", "--model", str(base / "base"), "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err
