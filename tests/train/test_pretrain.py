@@ -7,12 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, LlamaForCausalLM, TrainerCallback
 
 import longswap
 from longswap.cli import main
+from longswap.data import byte_tokenizer
 from longswap.train import PretrainConfig, pretrain
-from longswap.train.pretrain import problems
+from longswap.train.common import datasets, train
+from longswap.train.pretrain import model_config, problems
 
 
 @pytest.fixture
@@ -104,3 +106,28 @@ def test_help_documents_every_field(capsys):
     for flag in ("--seq-len", "--size", "--steps", "--data", "--resume", "--overwrite"):
         assert flag in text
     assert "embedded corpus" in text
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    class Poison(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 5:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+    config = PretrainConfig(
+        out=str(tmp_path / "o"),
+        data=[str(corpus)],
+        seq_len=32,
+        steps=12,
+        batch_size=4,
+        eval_steps=2,
+        warmup_steps=1,
+    )
+
+    model = LlamaForCausalLM(model_config("tiny", 32, 257))
+    train_set, val_set = datasets(config, byte_tokenizer())
+    with pytest.raises(RuntimeError, match=r"at step (5|6).*Last good checkpoint: .*checkpoint-4"):
+        train(model, train_set, val_set, config, callbacks=[Poison()], logging_steps=1)
+    kept = sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir())
+    assert kept[-1] == "checkpoint-4"

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from transformers import PreTrainedTokenizerBase, Trainer, TrainingArguments
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
 from longswap.data import local_documents, pack_documents, split_documents, stdlib_documents
 from longswap.data.corpus import Document
@@ -96,12 +96,55 @@ def prepare_out(config: TrainingFields) -> Path:
     return out
 
 
+class NonFiniteGuard(TrainerCallback):
+    """Stop at the first NaN or inf loss, and never write a checkpoint of broken weights."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """A logged training loss that is not finite stops the run before any saving."""
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(state, control, float(loss))
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        """Before a checkpoint, check that every parameter is finite."""
+        if (
+            control.should_save
+            and model is not None
+            and not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        ):
+            self._stop(state, control, float("nan"))
+
+    def _stop(self, state: Any, control: Any, value: float) -> None:
+        if self.bad_step is None:
+            self.bad_step, self.bad_value = state.global_step, value
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+
+
 def train(
-    model: Any, train_set: Dataset, val_set: Dataset, config: TrainingFields, **extra: Any
+    model: Any,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainingFields,
+    callbacks: list[TrainerCallback] | None = None,
+    **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
-    """Run the Trainer; returns it and a record of the run (config, command, metrics)."""
+    """Run the Trainer; returns it and a record of the run (config, command, metrics).
+
+    ``extra`` overrides TrainingArguments fields. A NaN or inf loss raises RuntimeError
+    naming the step and the last good checkpoint.
+    """
     out = Path(config.out)
-    args = TrainingArguments(
+    settings = dict(
         output_dir=str(out / "checkpoints"),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
@@ -123,10 +166,24 @@ def train(
         report_to=[],
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
-        **extra,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=val_set)
+    args = TrainingArguments(**{**settings, **extra})
+    guard = NonFiniteGuard()
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        callbacks=[guard, *(callbacks or [])],
+    )
     trainer.train(resume_from_checkpoint=True if config.resume else None)
+    if guard.bad_step is not None:
+        kept = sorted((out / "checkpoints").glob("checkpoint-*"))
+        raise RuntimeError(
+            f"the training loss became {guard.bad_value} at step {guard.bad_step}; training "
+            f"stopped and nothing was saved after it. Last good checkpoint: "
+            f"{kept[-1] if kept else 'none yet'}. Lower the learning rate, or resume from it."
+        )
     metrics = trainer.evaluate()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     record = {
