@@ -192,6 +192,7 @@ def train(
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set),
+        "world_size": trainer.args.world_size,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "eval_loss": metrics["eval_loss"],
