@@ -119,3 +119,19 @@ def test_associative_recall():
     assert all(heldout_key(line.split(": ")[0]) for line in held.splitlines()[:20])
     with pytest.raises(ValueError, match="cannot query"):
         associative_recall(2, 3, seed=0)
+
+
+def test_jsonl_and_parquet_through_datasets(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"body": "first text", "id": 1}, {"body": "second text", "id": 2}, {"body": ""}]
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pq.write_table(pa.table({"body": ["third text"]}), tmp_path / "b.parquet")
+    docs = local_documents([tmp_path], text_field="body")
+    assert [d.text for d in docs] == ["first text", "second text", "third text"]
+    assert docs[0].name == "a.jsonl#0"
+    with pytest.raises(ValueError, match=r"has no field 'text'; its fields are \['body', 'id'\]"):
+        local_documents([tmp_path / "a.jsonl"])

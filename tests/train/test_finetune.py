@@ -169,3 +169,33 @@ def test_cli_finetune(base, tmp_path, capsys):
     assert longswap.load(out).config.longswap["layers"][-1] == "full()"
     assert main(["finetune", "--model", str(base / "base"), "--out", str(out)]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_synthetic_mix_and_hybrid_schedule(base, tmp_path):
+    from types import SimpleNamespace
+
+    from longswap.train.finetune import DenseFirst
+
+    plain = run(base, tmp_path / "plain", pattern="sliding_window(window=16)")
+    mixed = run(
+        base,
+        tmp_path / "mixed",
+        pattern="sliding_window(window=16)",
+        synthetic_ratio=0.5,
+        dense_fraction=0.5,
+    )
+    assert mixed["train_sequences"] == 2 * plain["train_sequences"]
+    assert any("use full attention" in n for n in mixed["notes"])
+    assert longswap.load(tmp_path / "mixed").get_base_model().config._attn_implementation == (
+        "longswap"
+    )
+    model = make_model("llama")
+    longswap.swap_attention(model, "sliding_window(window=4)")
+    schedule = DenseFirst(model, switch=2)
+    seen = []
+    for step in range(4):
+        schedule.on_step_begin(None, SimpleNamespace(global_step=step), None)
+        seen.append(model.config._attn_implementation)
+    schedule.on_train_end(None, None, None)
+    assert seen == ["sdpa", "sdpa", "longswap", "longswap"]
+    assert model.config._attn_implementation == "longswap"

@@ -7,6 +7,7 @@ from longswap.data.synthetic import (
     first_integer,
     heldout_key,
     passkey_prompt,
+    synthetic_texts,
 )
 from longswap.data.tokenizer import byte_tokenizer
 
@@ -22,4 +23,5 @@ __all__ = [
     "passkey_prompt",
     "split_documents",
     "stdlib_documents",
+    "synthetic_texts",
 ]

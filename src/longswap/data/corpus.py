@@ -16,6 +16,8 @@ from typing import Literal
 
 #: File types read as plain text.
 TEXT_SUFFIXES = (".txt", ".md", ".py")
+#: File types read as tables (one document per row) through the ``datasets`` library.
+TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 @dataclass(frozen=True)
@@ -58,30 +60,52 @@ def stdlib_documents(part: Literal["train", "heldout"] = "train") -> list[Docume
     return docs
 
 
-def local_documents(paths: Sequence[str | Path]) -> list[Document]:
-    """Documents from ``.txt``, ``.md`` and ``.py`` files and folders (searched recursively).
+def _table_documents(path: Path, text_field: str) -> list[Document]:
+    """One document per row of a local JSONL/JSON or Parquet file."""
+    from datasets import load_dataset
 
-    A missing path, an unsupported file type, or a folder without such files raises
-    ValueError naming it, before anything is read.
+    kind = "parquet" if path.suffix == ".parquet" else "json"
+    table = load_dataset(kind, data_files=str(path), split="train")
+    if text_field not in table.column_names:
+        raise ValueError(
+            f"{path} has no field {text_field!r}; its fields are {table.column_names} "
+            "(choose one with --text-field)"
+        )
+    return [
+        Document(f"{path.name}#{i}", text)
+        for i, text in enumerate(table[text_field])
+        if isinstance(text, str) and text.strip()
+    ]
+
+
+def local_documents(paths: Sequence[str | Path], text_field: str = "text") -> list[Document]:
+    """Documents from local files and folders (searched recursively).
+
+    ``.txt``, ``.md`` and ``.py`` files are one document each; ``.jsonl``, ``.json`` and
+    ``.parquet`` files give one document per row, from the column ``text_field``. A missing
+    path, an unsupported file type, or a folder without such files raises ValueError
+    naming it, before anything is read.
     """
+    suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
     files: list[tuple[Path, Path]] = []
     for raw in paths:
         path = Path(raw)
         if not path.exists():
             raise ValueError(f"data path {path} does not exist")
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file())
+            found = sorted(p for p in path.rglob("*") if p.suffix in suffixes and p.is_file())
             if not found:
-                raise ValueError(f"data folder {path} holds no {', '.join(TEXT_SUFFIXES)} files")
+                raise ValueError(f"data folder {path} holds no {', '.join(suffixes)} files")
             files += [(p, path) for p in found]
-        elif path.suffix in TEXT_SUFFIXES:
+        elif path.suffix in suffixes:
             files.append((path, path.parent))
         else:
-            raise ValueError(
-                f"data file {path} has an unsupported type; use {', '.join(TEXT_SUFFIXES)}"
-            )
+            raise ValueError(f"data file {path} has an unsupported type; use {', '.join(suffixes)}")
     docs = []
     for path, root in files:
+        if path.suffix in TABLE_SUFFIXES:
+            docs += _table_documents(path, text_field)
+            continue
         text = path.read_text(encoding="utf-8", errors="replace")
         if text.strip():
             docs.append(Document(path.relative_to(root).as_posix(), text))

@@ -88,3 +88,32 @@ def associative_recall(
     asked = rng.sample(range(pairs), queries)
     text = lines + "Recall.\n" + "".join(f"{keys[i]}: {values[i]}\n" for i in asked)
     return text, [values[i] for i in asked]
+
+
+def synthetic_texts(
+    n: int, length: int, seed: int, count: Callable[[str], int] = len, heldout: bool = False
+) -> list[str]:
+    """``n`` task texts of at most ``length`` units, answers included (training data).
+
+    Even items are passkey prompts with their answer, at a random depth; odd items are
+    associative-recall texts with as many pairs as fit. Keys come from the training set
+    unless ``heldout``.
+    """
+    rng = random.Random(seed)
+    texts = []
+    for i in range(n):
+        if i % 2 == 0:
+            key = draw_key(rng, heldout)
+            answer = f" {key}."
+            texts.append(passkey_prompt(length - count(answer), rng.random(), key, count) + answer)
+        else:
+            pairs = max(2, length // max(count("abcd: 1234\n"), 1) // 2)
+            while True:
+                text, _ = associative_recall(
+                    pairs, max(1, pairs // 4), rng.randint(0, 2**31), heldout
+                )
+                if count(text) <= length or pairs <= 2:
+                    break
+                pairs = int(pairs * 0.9)
+            texts.append(text)
+    return texts

@@ -78,7 +78,11 @@ def datasets(
     config: TrainingFields, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[PackedDataset, PackedDataset]:
     """Packed train and validation sets (validation capped at 64 sequences)."""
-    docs = local_documents(config.data) if config.data else stdlib_documents("train")
+    docs = (
+        local_documents(config.data, config.text_field)
+        if config.data
+        else stdlib_documents("train")
+    )
     train_docs, val_docs = split_documents(docs, config.validation_share)
     if not val_docs:
         val_docs, train_docs = train_docs[-1:], train_docs[:-1]

@@ -28,6 +28,7 @@ class TrainingFields:
         "standard library, its tests held out)",
         default_factory=list,
     )
+    text_field: str = _help("column holding the text in .jsonl/.json/.parquet data", default="text")
     seq_len: int = _help("tokens per training sequence", default=512)
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("sequences per step", default=16)
@@ -81,6 +82,16 @@ class FinetuneConfig(TrainingFields):
     merge: bool = _help("merge LoRA into the weights when saving", default=False)
     gradient_checkpointing: bool = _help(
         "recompute activations in the backward pass", default=False
+    )
+    synthetic_ratio: float = _help(
+        "share of training sequences that are synthetic passkey and associative-recall "
+        "tasks (training keys only; held-out keys stay for evaluation)",
+        default=0.0,
+    )
+    dense_fraction: float = _help(
+        "share of the first steps trained with full attention before the sparse pattern "
+        "takes over (MoBA's hybrid schedule)",
+        default=0.0,
     )
 
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+import torch
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 
-from longswap.data import byte_tokenizer
+from longswap.data import byte_tokenizer, synthetic_texts
 from longswap.io import TOKENIZER_FILES, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
@@ -21,6 +22,7 @@ from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modul
 from longswap.swap import extend_positions, load, save, swap_attention
 from longswap.swap.spec import CONFIG_KEY, SwapSpec
 from longswap.train.common import (
+    PackedDataset,
     common_problems,
     datasets,
     prepare_out,
@@ -48,6 +50,11 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     if config.rope not in ROPE_KINDS:
         found.append(f"rope must be one of {', '.join(ROPE_KINDS)}, got {config.rope!r}")
+    for name in ("synthetic_ratio", "dense_fraction"):
+        if not 0 <= getattr(config, name) < 1:
+            found.append(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+    if config.dense_fraction and not config.pattern:
+        found.append("dense_fraction needs --pattern: a hybrid schedule switches to a pattern")
     if not isinstance(config.lora_rank, int) or config.lora_rank < 1:
         found.append(f"lora_rank must be a positive integer, got {config.lora_rank!r}")
     if config.pattern:
@@ -98,6 +105,47 @@ def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return byte_tokenizer()
 
 
+def _with_synthetic(
+    train_set: PackedDataset, config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
+) -> PackedDataset:
+    """Mix synthetic task sequences into ``train_set`` at ``config.synthetic_ratio``."""
+    real = len(train_set)
+    n = max(1, round(config.synthetic_ratio / (1 - config.synthetic_ratio) * real))
+
+    def count(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    texts = synthetic_texts(n, config.seq_len - 1, config.seed, count)
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.eos_token_id
+    # One task per sequence; a task longer than the sequence keeps its end (the answer).
+    rows = [row[-config.seq_len :] + [pad] * (config.seq_len - len(row)) for row in ids]
+    synthetic = torch.tensor(rows, dtype=torch.long)
+    return PackedDataset(torch.cat([train_set.input_ids, synthetic]))
+
+
+class DenseFirst(TrainerCallback):
+    """MoBA's hybrid schedule: full attention for the first ``switch`` steps."""
+
+    def __init__(self, model: Any, switch: int) -> None:
+        self.config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.switch = switch
+        self.sparse = self.config._attn_implementation
+        self.dense = SwapSpec.from_dict(
+            getattr(self.config, CONFIG_KEY)
+        ).original_attn_implementation
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Pick the attention of this step."""
+        self.config._attn_implementation = (
+            self.dense if state.global_step < self.switch else self.sparse
+        )
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """The saved model always carries the sparse pattern."""
+        self.config._attn_implementation = self.sparse
+
+
 def finetune(config: FinetuneConfig) -> dict[str, Any]:
     """Swap if asked, set the trainable parameters, train, save; returns the run record."""
     refuse(problems(config), "fine-tuning")
@@ -107,6 +155,8 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     out = prepare_out(config)
     tokenizer = _tokenizer(model_dir)
     train_set, val_set = datasets(config, tokenizer)
+    if config.synthetic_ratio:
+        train_set = _with_synthetic(train_set, config, tokenizer)
     notes = []
     record = getattr(model.config, CONFIG_KEY, None)
     if config.pattern or record is not None:
@@ -126,7 +176,12 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
-    trainer, run = train(model, train_set, val_set, config)
+    callbacks = []
+    if config.dense_fraction:
+        switch = round(config.dense_fraction * config.steps)
+        callbacks.append(DenseFirst(model, switch))
+        notes.append(f"steps 0-{switch - 1} use full attention, then the pattern")
+    trainer, run = train(model, train_set, val_set, config, callbacks=callbacks)
     run["notes"] = notes
     if config.method == "lora-plus" and config.merge:
         model = model.merge_and_unload()
