@@ -100,6 +100,7 @@ def test_torchrun_data_parallel_on_cpu(corpus, tmp_path):
             sys.executable,
             "-m",
             "torch.distributed.run",
+            "--standalone",
             "--nproc_per_node",
             "2",
             "-m",
