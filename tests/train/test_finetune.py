@@ -199,3 +199,40 @@ def test_synthetic_mix_and_hybrid_schedule(base, tmp_path):
     schedule.on_train_end(None, None, None)
     assert seen == ["sdpa", "sdpa", "longswap", "longswap"]
     assert model.config._attn_implementation == "longswap"
+
+
+@pytest.mark.parametrize(
+    "pattern", ["sliding_window(window=4)", "block_topk(block_size=4, top_k=1)", "dilated(3, 2)"]
+)
+def test_attention_transfer_teaches_sparse_layers_dense_outputs(pattern):
+    from longswap.swap.attention import attention_transfer
+
+    model = make_model("llama")
+    longswap.swap_attention(model, pattern, backend="blocks")
+    model.requires_grad_(False)
+    trainable = [p for n, p in model.named_parameters() if "q_proj" in n or "k_proj" in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(trainable, lr=1e-2)
+    ids = torch.randint(1, 97, (2, 32), generator=torch.Generator().manual_seed(0))
+    history = []
+    for _ in range(30):
+        with attention_transfer(model) as losses:
+            model(ids)
+        assert len(losses) == model.config.num_hidden_layers
+        loss = torch.stack(losses).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(loss.item())
+    assert history[-1] < 0.95 * history[0]  # the sparse layers move towards dense outputs
+
+
+def test_finetune_with_a_transfer_warm_up(base, tmp_path):
+    record = run(
+        base, tmp_path / "transfer", pattern="sliding_window(window=16)", transfer_steps=3, steps=6
+    )
+    assert any("attention transfer" in n for n in record["notes"])
+    assert record["final_loss"] is not None
+    with pytest.raises(ValueError, match="must be fewer than steps"):
+        run(base, tmp_path / "bad", pattern="sliding_window(window=16)", transfer_steps=6)

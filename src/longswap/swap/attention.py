@@ -8,18 +8,42 @@ instance carries its own swap.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
+
+#: Per model config (by id), the per-layer attention-transfer losses of the current forward.
+_TRANSFER: dict[int, list[Tensor]] = {}
+
+
+@contextlib.contextmanager
+def attention_transfer(model: Any) -> Iterator[list[Tensor]]:
+    """Collect, for every swapped layer, the MSE between its output and dense attention's.
+
+    Inside the context each forward of ``model`` appends one loss per layer to the yielded
+    list: sparse output against causal dense attention of the same queries, keys and values
+    (detached: the teacher). Training on their mean makes each sparse layer reproduce what
+    the dense layer computed, whatever the pattern (the LoLCATs attention-transfer idea).
+    """
+    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+    losses: list[Tensor] = []
+    _TRANSFER[id(config)] = losses
+    try:
+        yield losses
+    finally:
+        _TRANSFER.pop(id(config), None)
 
 
 @dataclass(frozen=True)
@@ -118,6 +142,18 @@ def longswap_attention(
         key_padding_mask=padding,
         block_size=spec.block_size,
     )
+    losses = _TRANSFER.get(id(module.config))
+    if losses is not None:
+        with torch.no_grad():
+            dense = F.scaled_dot_product_attention(
+                query,
+                key,
+                value,
+                is_causal=True,
+                scale=scaling,
+                enable_gqa=query.shape[1] != key.shape[1],
+            )
+        losses.append(F.mse_loss(out.float(), dense.float()))
     return out.transpose(1, 2), None
 
 

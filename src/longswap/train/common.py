@@ -134,12 +134,34 @@ class NonFiniteGuard(TrainerCallback):
         control.should_training_stop = True
 
 
+class TransferTrainer(Trainer):
+    """A Trainer whose first ``transfer_steps`` optimise attention transfer, not the LM loss."""
+
+    def __init__(self, *args: Any, transfer_steps: int = 0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.transfer_steps = transfer_steps
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """Mean per-layer MSE to dense attention during the warm-up; the LM loss after."""
+        if not model.training or self.state.global_step >= self.transfer_steps:
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        from longswap.swap.attention import attention_transfer
+
+        with attention_transfer(model) as losses:
+            model(input_ids=inputs["input_ids"])
+        if not losses:
+            raise ValueError("attention transfer needs a swapped model: no layer reported")
+        loss = torch.stack(losses).mean()
+        return (loss, None) if kwargs.get("return_outputs") else loss
+
+
 def train(
     model: Any,
     train_set: Dataset,
     val_set: Dataset,
     config: TrainingFields,
     callbacks: list[TrainerCallback] | None = None,
+    transfer_steps: int = 0,
     **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Run the Trainer; returns it and a record of the run (config, command, metrics).
@@ -173,7 +195,8 @@ def train(
     )
     args = TrainingArguments(**{**settings, **extra})
     guard = NonFiniteGuard()
-    trainer = Trainer(
+    trainer = TransferTrainer(
+        transfer_steps=transfer_steps,
         model=model,
         args=args,
         train_dataset=train_set,

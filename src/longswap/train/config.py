@@ -88,6 +88,11 @@ class FinetuneConfig(TrainingFields):
         "tasks (training keys only; held-out keys stay for evaluation)",
         default=0.0,
     )
+    transfer_steps: int = _help(
+        "attention-transfer warm-up steps before the language-model loss: each sparse layer "
+        "learns to reproduce dense attention's output (LoLCATs-style); needs a swap",
+        default=0,
+    )
     dense_fraction: float = _help(
         "share of the first steps trained with full attention before the sparse pattern "
         "takes over (MoBA's hybrid schedule)",

@@ -53,6 +53,12 @@ def problems(config: FinetuneConfig) -> list[str]:
     for name in ("synthetic_ratio", "dense_fraction"):
         if not 0 <= getattr(config, name) < 1:
             found.append(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+    if not isinstance(config.transfer_steps, int) or config.transfer_steps < 0:
+        found.append(f"transfer_steps must be an integer >= 0, got {config.transfer_steps!r}")
+    elif isinstance(config.steps, int) and config.transfer_steps >= config.steps:
+        found.append(
+            f"transfer_steps ({config.transfer_steps}) must be fewer than steps ({config.steps})"
+        )
     if config.dense_fraction and not config.pattern:
         found.append("dense_fraction needs --pattern: a hybrid schedule switches to a pattern")
     if not isinstance(config.lora_rank, int) or config.lora_rank < 1:
@@ -181,7 +187,16 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         switch = round(config.dense_fraction * config.steps)
         callbacks.append(DenseFirst(model, switch))
         notes.append(f"steps 0-{switch - 1} use full attention, then the pattern")
-    trainer, run = train(model, train_set, val_set, config, callbacks=callbacks)
+    if config.transfer_steps:
+        notes.append(f"steps 0-{config.transfer_steps - 1} train attention transfer")
+    trainer, run = train(
+        model,
+        train_set,
+        val_set,
+        config,
+        callbacks=callbacks,
+        transfer_steps=config.transfer_steps,
+    )
     run["notes"] = notes
     if config.method == "lora-plus" and config.merge:
         model = model.merge_and_unload()
