@@ -235,3 +235,46 @@ def test_auto_choice():
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+@pytest.mark.parametrize("q_len", [150, 3])
+def test_documents_keep_attention_inside(pattern, q_len):
+    g = torch.Generator().manual_seed(7)
+    kv_len = 150
+    q = torch.randn(2, 4, q_len, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 2, kv_len, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 2, kv_len, 16, generator=g, requires_grad=True)
+    docs = torch.cumsum(torch.rand(2, kv_len, generator=g) < 0.03, dim=1)
+    ref = sparse_attention(q, k, v, pattern, backend="reference", document_ids=docs)
+    out = sparse_attention(q, k, v, pattern, backend="blocks", document_ids=docs, block_size=32)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    for a, b in zip(grads, torch.autograd.grad(ref.sum(), (q, k, v)), strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
+    # The first document's queries ignore everything after it.
+    first_end = int((docs[0] == docs[0, 0]).sum())
+    if q_len == kv_len and first_end < kv_len:
+        k2 = k.detach().clone()
+        k2[0, :, first_end:] += 1.0
+        again = sparse_attention(
+            q.detach(), k2, v.detach(), pattern, backend="blocks", document_ids=docs, block_size=32
+        )
+        torch.testing.assert_close(again[0, :, :first_end], out.detach()[0, :, :first_end])
+
+
+@pytest.mark.flex
+def test_flex_documents():
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(1, 2, 200, 16, generator=g) for _ in range(3))
+    docs = torch.cumsum(torch.rand(1, 200, generator=g) < 0.02, dim=1)
+    pattern = sliding_window(40, sinks=2)
+    ref = sparse_attention(q, k, v, pattern, backend="reference", document_ids=docs)
+    out = sparse_attention(q, k, v, pattern, backend="flex", document_ids=docs)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_document_ids():
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match=r"document_ids must be an integer tensor \(B, Lk\)"):
+        sparse_attention(q, q, q, full(), document_ids=torch.zeros(1, 7, dtype=torch.long))

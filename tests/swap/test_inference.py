@@ -97,3 +97,20 @@ def test_bounded_cache_gives_the_same_tokens_and_stays_bounded(family, pattern):
     assert cache.layers[0].keys.shape[-2] == kept  # the window layer stopped growing
     assert cache.layers[1].keys.shape[-2] == 38  # the dense layer keeps everything
     assert cache.get_seq_length() == 38
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_packed_documents_do_not_see_each_other(family):
+    """Positions that restart mark documents: each one attends only inside itself."""
+    model = make_model(family)
+    longswap.swap_attention(
+        model, sliding_window(8) | dilated(3, 5), backend="blocks", block_size=16
+    )
+    g = torch.Generator().manual_seed(9)
+    a, b = torch.randint(1, 97, (1, 23), generator=g), torch.randint(1, 97, (1, 17), generator=g)
+    packed = torch.cat([a, b], 1)
+    positions = torch.cat([torch.arange(23), torch.arange(17)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=positions).logits
+        alone = model(b).logits
+    torch.testing.assert_close(out[:, 23:], alone, atol=1e-5, rtol=1e-5)

@@ -236,3 +236,23 @@ def test_finetune_with_a_transfer_warm_up(base, tmp_path):
     assert record["final_loss"] is not None
     with pytest.raises(ValueError, match="must be fewer than steps"):
         run(base, tmp_path / "bad", pattern="sliding_window(window=16)", transfer_steps=6)
+
+
+def test_separate_documents_feeds_restarting_positions(base, tmp_path):
+    from longswap.data import byte_tokenizer
+    from longswap.train.common import datasets
+
+    config = FinetuneConfig(
+        data=[str(base / "data")], seq_len=512, separate_documents=True, out=str(tmp_path / "o")
+    )
+    train_set, _ = datasets(config, byte_tokenizer())
+    item = train_set[0]
+    assert set(item) == {"input_ids", "labels", "position_ids"}
+    positions = train_set.position_ids
+    assert positions.shape == train_set.input_ids.shape and bool((positions[:, 0] == 0).all())
+    steps = positions[:, 1:] - positions[:, :-1]
+    assert bool(((steps == 1) | (positions[:, 1:] == 0)).all())  # +1, or a new document
+    record = run(
+        base, tmp_path / "sep", pattern="sliding_window(window=16)", separate_documents=True
+    )
+    assert record["final_loss"] is not None

@@ -77,6 +77,23 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | Non
             )
 
 
+def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
+    """Raise ValueError unless ``document_ids`` is an integer ``(B, Lk)`` tensor beside k."""
+    if document_ids is None:
+        return
+    if (
+        not isinstance(document_ids, Tensor)
+        or document_ids.dtype.is_floating_point
+        or document_ids.dtype == torch.bool
+        or document_ids.shape != (k.shape[0], k.shape[2])
+        or document_ids.device != k.device
+    ):
+        raise ValueError(
+            f"document_ids must be an integer tensor (B, Lk) = ({k.shape[0]}, {k.shape[2]}) "
+            f"on {k.device}, one id per key position"
+        )
+
+
 #: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle on
 #: any device: decoding steps and short prompts cost less as one small masked softmax than
 #: as tiles, and need no compilation.
@@ -109,15 +126,18 @@ def sparse_attention(
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
     block_size: int = 128,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, Lk, D)`` restricted to ``pattern``.
 
     Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` defaults to
-    ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep. Rows with no
+    ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep;
+    ``document_ids (B, Lk)`` (packed sequences) keeps attention inside each document. Rows with no
     visible key return zeros. Returns ``(B, Hq, Lq, D)`` in q's dtype.
     """
     pattern = parse_pattern(pattern)
     check_inputs(q, k, v, key_padding_mask)
+    check_documents(k, document_ids)
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     pattern.check_heads(q.shape[1])
@@ -127,6 +147,6 @@ def sparse_attention(
         raise ValueError(f"scale must be a positive number, got {scale!r}")
     chosen = resolve_backend(backend, q, k, v)
     if chosen == "reference":
-        return reference_attention(q, k, v, pattern, scale, key_padding_mask)
+        return reference_attention(q, k, v, pattern, scale, key_padding_mask, document_ids)
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
-    return run(q, k, v, pattern, scale, key_padding_mask, block_size)
+    return run(q, k, v, pattern, scale, key_padding_mask, block_size, document_ids)

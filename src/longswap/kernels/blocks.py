@@ -123,14 +123,29 @@ def _tiles_for(
     )
 
 
+def _per_key(values: Tensor, hkv: int, unit: int, fill: int) -> Tensor:
+    """``(B, Lk)`` per-key values in the blocked key space ``(B*Hkv*n, unit)``."""
+    batch, kv_len = values.shape
+    n = -(-kv_len // unit)
+    out = values.new_full((batch * hkv * n, unit), fill)
+    out.view(batch, hkv, n * unit)[:, :, :kv_len] = values[:, None]
+    return out
+
+
 def _with_padding(tiles: TileSet, key_padding_mask: Tensor, hkv: int) -> TileSet:
     """``tiles`` restricted to the keys that ``key_padding_mask (B, Lk)`` keeps."""
-    batch, kv_len = key_padding_mask.shape
-    unit = tiles.kv_unit
-    n = -(-kv_len // unit)
-    keep = key_padding_mask.new_zeros(batch * hkv * n + 1, unit)
-    keep[:-1].view(batch, hkv, n * unit)[:, :, :kv_len] = key_padding_mask[:, None]
+    keep = _per_key(key_padding_mask, hkv, tiles.kv_unit, False)
     return tiles.restricted(keep[tiles.kv_index].view(tiles.kv_index.shape[0], 1, -1))
+
+
+def _with_documents(tiles: TileSet, document_ids: Tensor, hq: int, hkv: int, q_len: int) -> TileSet:
+    """``tiles`` restricted to pairs of a query and a key of the same document."""
+    batch, kv_len = document_ids.shape
+    own = document_ids[:, kv_len - q_len :, None].transpose(1, 2).expand(batch, hq, q_len)
+    row_doc = torch.cat([own.reshape(-1), own.new_full((1,), -1)])  # the padding row: none
+    key_doc = _per_key(document_ids, hkv, tiles.kv_unit, -2)[tiles.kv_index]
+    same = row_doc[tiles.rows][:, :, None] == key_doc.view(tiles.kv_index.shape[0], 1, -1)
+    return tiles.restricted(same)
 
 
 @torch.no_grad()
@@ -179,6 +194,7 @@ def blocks_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
     block_size: int = 128,
+    document_ids: Tensor | None = None,
     force_math: bool = False,
 ) -> Tensor:
     """Sparse attention that touches only the blocks the pattern needs (any device, autograd).
@@ -194,4 +210,6 @@ def blocks_attention(
         sets += selected_tiles(selected, hkv, kv_len, pattern.block_size)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
+    if document_ids is not None:
+        sets = [_with_documents(s, document_ids, hq, hkv, q_len) for s in sets]
     return tile_attention(q, k, v, sets, scale, force_math, not pattern.data_dependent)

@@ -9,7 +9,11 @@ from longswap.patterns import Pattern
 
 
 def dense_pattern_mask(
-    q: Tensor, k: Tensor, pattern: Pattern, key_padding_mask: Tensor | None = None
+    q: Tensor,
+    k: Tensor,
+    pattern: Pattern,
+    key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask ``(B or 1, Hq or 1, Lq, Lk)`` of ``pattern`` for these inputs."""
     q_len, kv_len = q.shape[2], k.shape[2]
@@ -19,6 +23,9 @@ def dense_pattern_mask(
         mask = pattern.dense_mask(q_len, kv_len, q.shape[1], q.device)[None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
+    if document_ids is not None:
+        own = document_ids[:, kv_len - q_len :]
+        mask = mask & (own[:, None, :, None] == document_ids[:, None, None, :])
     return mask
 
 
@@ -29,13 +36,14 @@ def reference_attention(
     pattern: Pattern,
     scale: float,
     key_padding_mask: Tensor | None = None,
+    document_ids: Tensor | None = None,
 ) -> Tensor:
     """Attention through the pattern's dense mask; O(L^2) time and memory.
 
     Rows with no visible key are zero. Computed in float32 whatever the input dtype.
     """
     group = q.shape[1] // k.shape[1]
-    mask = dense_pattern_mask(q, k, pattern, key_padding_mask)
+    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids)
     k = k.float().repeat_interleave(group, dim=1)
     v = v.float().repeat_interleave(group, dim=1)
     scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)

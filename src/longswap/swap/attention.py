@@ -101,6 +101,21 @@ def _left_padded(key_padding: Tensor) -> bool:
     return bool((~key_padding[:, :-1] & key_padding[:, 1:]).any())
 
 
+def _documents(position_ids: Tensor | None, key: Tensor, padding: Tensor | None) -> Tensor | None:
+    """Document ids of packed sequences: positions that restart mark a new document.
+
+    As transformers does for dense attention, packing is recognised only without a cache
+    (positions cover every key) and without a padding mask.
+    """
+    if position_ids is None or padding is not None or position_ids.shape[-1] != key.shape[2]:
+        return None
+    restarts = position_ids[:, 1:] <= position_ids[:, :-1]
+    if not bool(restarts.any()):
+        return None
+    starts = torch.nn.functional.pad(restarts, (1, 0)).long()
+    return torch.cumsum(starts, dim=-1).expand(key.shape[0], -1)
+
+
 def longswap_attention(
     module: torch.nn.Module,
     query: Tensor,
@@ -141,6 +156,7 @@ def longswap_attention(
         scale=scaling,
         key_padding_mask=padding,
         block_size=spec.block_size,
+        document_ids=_documents(kwargs.get("position_ids"), key, padding),
     )
     losses = _TRANSFER.get(id(module.config))
     if losses is not None:

@@ -22,17 +22,23 @@ from longswap.train.config import TrainingFields
 
 
 class PackedDataset(Dataset):
-    """Fixed-length token sequences for causal language modelling."""
+    """Fixed-length token sequences for causal language modelling.
 
-    def __init__(self, input_ids: torch.Tensor) -> None:
-        self.input_ids = input_ids
+    With ``position_ids`` (restarting at each document), attention stays inside documents.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+        self.input_ids, self.position_ids = input_ids, position_ids
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.input_ids[i]
-        return {"input_ids": ids, "labels": ids}
+        item = {"input_ids": ids, "labels": ids}
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[i]
+        return item
 
 
 def common_problems(config: TrainingFields) -> list[str]:
@@ -87,9 +93,12 @@ def datasets(
     if not val_docs:
         val_docs, train_docs = train_docs[-1:], train_docs[:-1]
     eos = tokenizer.eos_token_id
-    train = pack_documents(_token_arrays(train_docs, tokenizer), config.seq_len, eos)
-    val = pack_documents(_token_arrays(val_docs, tokenizer), config.seq_len, eos)
-    return PackedDataset(train.input_ids), PackedDataset(val.input_ids[:64])
+    sets = []
+    for part, cap in ((train_docs, None), (val_docs, 64)):
+        packed = pack_documents(_token_arrays(part, tokenizer), config.seq_len, eos)
+        positions = packed.position_ids()[:cap] if config.separate_documents else None
+        sets.append(PackedDataset(packed.input_ids[:cap], positions))
+    return sets[0], sets[1]
 
 
 def prepare_out(config: TrainingFields) -> Path:

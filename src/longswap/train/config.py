@@ -30,6 +30,11 @@ class TrainingFields:
     )
     text_field: str = _help("column holding the text in .jsonl/.json/.parquet data", default="text")
     seq_len: int = _help("tokens per training sequence", default=512)
+    separate_documents: bool = _help(
+        "keep attention inside each document of a packed sequence (positions restart at "
+        "every document; dense and swapped models both honour it)",
+        default=False,
+    )
     steps: int = _help("optimizer steps", default=1000)
     batch_size: int = _help("sequences per step", default=16)
     learning_rate: float = _help("peak learning rate (cosine schedule after warm-up)", default=2e-3)

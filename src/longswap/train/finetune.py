@@ -127,7 +127,11 @@ def _with_synthetic(
     # One task per sequence; a task longer than the sequence keeps its end (the answer).
     rows = [row[-config.seq_len :] + [pad] * (config.seq_len - len(row)) for row in ids]
     synthetic = torch.tensor(rows, dtype=torch.long)
-    return PackedDataset(torch.cat([train_set.input_ids, synthetic]))
+    positions = train_set.position_ids
+    if positions is not None:
+        fresh = torch.arange(config.seq_len).expand(len(rows), -1)
+        positions = torch.cat([positions, fresh])
+    return PackedDataset(torch.cat([train_set.input_ids, synthetic]), positions)
 
 
 class DenseFirst(TrainerCallback):
