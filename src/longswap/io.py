@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel
@@ -65,3 +66,22 @@ def save_checkpoint(
         for name in TOKENIZER_FILES if source is not None else ():
             if (source / name).is_file() and not (staging / name).exists():
                 shutil.copy2(source / name, staging / name)
+
+
+def publish_into(out: Path, write: Callable[[Path], None]) -> None:
+    """Let ``write`` fill a temporary folder inside ``out``, then move its files into ``out``.
+
+    Used after training, where ``out`` already holds ``checkpoints/`` that must survive:
+    the final files appear only once completely written.
+    """
+    out.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
+    try:
+        write(staging)
+        for item in staging.iterdir():
+            target = out / item.name
+            if target.is_dir() and not item.is_dir():
+                shutil.rmtree(target)
+            os.replace(item, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

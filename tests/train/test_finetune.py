@@ -58,6 +58,8 @@ def test_lora_plus_trains_adapter_embeddings_and_norms(base, tmp_path):
     record = run(base, out, pattern="sliding_window(window=16)")
     assert "RoPE none to 128" in record["notes"][0]  # a 16-token window never needs scaling
     assert (out / "adapter_config.json").is_file() and (out / "longswap.json").is_file()
+    assert (out / "checkpoints").is_dir()  # kept for --resume
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left
     model = longswap.load(out)
     inner = model.get_base_model()
     assert inner.config.longswap["layers"][0] == "sliding_window(window=16, sinks=0)"

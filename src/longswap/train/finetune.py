@@ -15,7 +15,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
 
 from longswap.data import byte_tokenizer, synthetic_texts
-from longswap.io import TOKENIZER_FILES, save_checkpoint
+from longswap.io import TOKENIZER_FILES, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
@@ -204,11 +204,18 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     run["notes"] = notes
     if config.method == "lora-plus" and config.merge:
         model = model.merge_and_unload()
-    if hasattr(model, "peft_config"):
-        save(model, out, overwrite=True)
-    else:
-        save_checkpoint(model, out, overwrite=True)
-    if not any((out / name).exists() for name in TOKENIZER_FILES[:2]):
-        tokenizer.save_pretrained(out)
-    write_record(out, run)
+
+    def write(folder: Path) -> None:
+        if hasattr(model, "peft_config"):
+            save(model, folder / "model")
+        else:
+            save_checkpoint(model, folder / "model")
+        for item in (folder / "model").iterdir():
+            item.rename(folder / item.name)
+        (folder / "model").rmdir()
+        if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
+            tokenizer.save_pretrained(folder)
+        write_record(folder, run)
+
+    publish_into(out, write)
     return run

@@ -8,12 +8,14 @@ configuration, command and final metrics.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longswap.data import byte_tokenizer
+from longswap.io import publish_into
 from longswap.train.common import (
     common_problems,
     datasets,
@@ -65,7 +67,11 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     model = LlamaForCausalLM(model_config(config.size, config.seq_len, len(tokenizer)))
     trainer, record = train(model, train_set, val_set, config)
     record["eval_bits_per_byte"] = record["eval_bits_per_token"]  # one token per byte
-    trainer.save_model(str(out))
-    tokenizer.save_pretrained(out)
-    write_record(out, record)
+
+    def write(folder: Path) -> None:
+        trainer.save_model(str(folder))
+        tokenizer.save_pretrained(folder)
+        write_record(folder, record)
+
+    publish_into(out, write)
     return record
