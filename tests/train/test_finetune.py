@@ -1,8 +1,6 @@
 """Fine-tuning swapped models: trainable-parameter policies, saving, validation."""
 
 import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +14,10 @@ from ..swap.conftest import make_model
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
+def base(tmp_path_factory, corpus):
     root = tmp_path_factory.mktemp("ft")
     data = root / "data"
-    data.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "dataclasses.py"):
-        shutil.copy(stdlib / name, data / name)
+    shutil.copytree(corpus, data)
     pretrain(
         PretrainConfig(
             out=str(root / "base"),

@@ -1,9 +1,6 @@
 """Pre-training the dense byte-level base on the Trainer (a short pinned run)."""
 
 import json
-import shutil
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,16 +12,6 @@ from longswap.data import byte_tokenizer
 from longswap.train import PretrainConfig, pretrain
 from longswap.train.common import datasets, train
 from longswap.train.pretrain import model_config, problems
-
-
-@pytest.fixture
-def corpus(tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "dataclasses.py", "typing.py"):
-        shutil.copy(stdlib / name, data / name)
-    return data
 
 
 def test_short_pretraining_lowers_the_loss_and_saves_a_checkpoint(corpus, tmp_path):

@@ -2,11 +2,8 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
-import sysconfig
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,15 +14,6 @@ from longswap.data import byte_tokenizer
 from longswap.train import PretrainConfig
 from longswap.train.common import datasets, train
 from longswap.train.pretrain import model_config
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    data = tmp_path_factory.mktemp("corpus")
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    for name in ("argparse.py", "dataclasses.py"):
-        shutil.copy(stdlib / name, data / name)
-    return data
 
 
 class StopAfter(TrainerCallback):
