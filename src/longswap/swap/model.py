@@ -10,7 +10,6 @@ loaded from a swapped checkpoint.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,13 +20,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from longswap.kernels import BACKENDS
 from longswap.patterns import Intersection, Pattern, full, parse_pattern, sliding_window
-from longswap.positions import (
-    ROPE_KINDS,
-    find_position_embedding,
-    rope_parameters,
-    rotary_modules,
-    tile_positions,
-)
+from longswap.positions import ROPE_KINDS, apply_positions, plan_positions, undo_positions
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 PatternSpec = Pattern | str | Sequence[Pattern | str] | Mapping[int, Pattern | str]
@@ -171,102 +164,6 @@ def _refuse_unsupported(model: PreTrainedModel) -> None:
         )
 
 
-def _positions(
-    model: PreTrainedModel,
-    spec_layers: list[Pattern],
-    max_length: int | None,
-    rope: str,
-    trained: int,
-) -> dict[str, Any]:
-    """Decide the position extension (nothing is changed here)."""
-    if max_length is None or max_length <= trained:
-        return {
-            "kind": "none",
-            "trained_length": trained,
-            "summary": f"unchanged (trained length {trained})",
-        }
-    config = model.config
-    if rotary_modules(model):
-        kind = rope
-        if rope == "auto":
-            reaches = [p.reach() for p in spec_layers]
-            if all(r is not None and r < trained for r in reaches):
-                kind = "none"
-                why = f"every layer reaches at most {max(reaches)} back, within {trained}"
-            else:
-                kind, why = "yarn", "some layer reaches beyond the trained length"
-        else:
-            why = "requested"
-        record: dict[str, Any] = {
-            "kind": kind,
-            "trained_length": trained,
-            "max_length": max_length,
-            "original_rope_parameters": dict(config.rope_parameters),
-        }
-        if kind != "none":
-            record["rope_parameters"] = rope_parameters(config, kind, max_length, trained)
-            _check_rope(config, record["rope_parameters"], max_length, kind)
-        record["summary"] = f"RoPE {kind} to {max_length} (trained {trained}): {why}"
-        return record
-    if find_position_embedding(model, config) is not None:
-        if rope not in ("auto", "none"):
-            raise ValueError(
-                f"{type(model).__name__} has learned position embeddings, not RoPE; "
-                f"rope={rope!r} does not apply (use rope='auto')"
-            )
-        return {
-            "kind": "learned",
-            "trained_length": trained,
-            "max_length": max_length,
-            "summary": f"learned positions tiled from {trained} to {max_length} rows",
-        }
-    return {
-        "kind": "none",
-        "trained_length": trained,
-        "max_length": max_length,
-        "summary": "no position table or RoPE found: nothing to extend",
-    }
-
-
-def _check_rope(config: Any, params: dict[str, Any], max_length: int, kind: str) -> None:
-    """Let transformers validate the new RoPE settings on a copy of the config."""
-    trial = copy.deepcopy(config)
-    trial.rope_parameters = params
-    trial.max_position_embeddings = max_length
-    try:
-        if hasattr(trial, "validate"):
-            trial.validate()
-    except Exception as err:  # transformers raises several types here
-        raise ValueError(
-            f"{config.model_type} does not accept RoPE scaling {kind!r} ({err}); choose "
-            "another rope= value, or rope='none' with a pattern whose reach stays within the "
-            "trained length"
-        ) from None
-
-
-def _set_rope(model: PreTrainedModel, params: dict[str, Any], max_length: int) -> None:
-    model.config.rope_parameters = params
-    model.config.max_position_embeddings = max_length
-    for name, module in rotary_modules(model):
-        fresh = type(module)(config=module.config).to(module.inv_freq.device)
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        setattr(parent, name.rsplit(".", 1)[-1], fresh)
-
-
-def _apply_positions(model: PreTrainedModel, record: dict[str, Any]) -> int:
-    """Apply a position record; returns the number of parameters added."""
-    kind = record["kind"]
-    if kind in ("linear", "ntk", "yarn"):
-        _set_rope(model, record["rope_parameters"], record["max_length"])
-    elif kind == "learned":
-        parent, attr = find_position_embedding(model, model.config)
-        old = getattr(parent, attr)
-        setattr(parent, attr, tile_positions(old, record["max_length"]))
-        model.config.max_position_embeddings = record["max_length"]
-        return (record["max_length"] - old.num_embeddings) * old.embedding_dim
-    return 0
-
-
 def _zero_dropout(model: PreTrainedModel, modules: dict[int, nn.Module]) -> dict[str, float]:
     """Turn attention dropout off; return the original values by config field."""
     original = {
@@ -344,10 +241,10 @@ def swap_attention(
     trained = old_spec.positions["trained_length"] if old_spec else config.max_position_embeddings
     if old_spec is not None:
         restore(inner)
-    positions = _positions(inner, chosen, max_length, rope, trained)
+    positions = plan_positions(inner, chosen, max_length, rope, trained)
 
     # Validated: from here on the model changes.
-    added = _apply_positions(inner, positions)
+    added = apply_positions(inner, positions)
     dropout = _zero_dropout(inner, modules)
     if dropout:
         notes.append(f"attention dropout {dropout} turned off: the sparse kernels have none")
@@ -382,15 +279,7 @@ def restore(model: Any) -> None:
     if record is None:
         raise ValueError(f"{type(inner).__name__} is not swapped: nothing to restore")
     spec = SwapSpec.from_dict(record)
-    positions = spec.positions
-    kind = positions["kind"]
-    if kind in ("linear", "ntk", "yarn"):
-        _set_rope(inner, positions["original_rope_parameters"], positions["trained_length"])
-    elif kind == "learned":
-        parent, attr = find_position_embedding(inner, config)
-        table = getattr(parent, attr)
-        setattr(parent, attr, tile_positions(table, positions["trained_length"]))
-        config.max_position_embeddings = positions["trained_length"]
+    undo_positions(inner, spec.positions)
     _put_dropout(inner, _attention_modules(inner), dict(spec.attention_dropout))
     delattr(config, CONFIG_KEY)
     if "attn_implementation" in config.__dict__:
@@ -426,6 +315,8 @@ def extend_positions(model: Any, max_length: int, rope: str = "auto") -> dict[st
     if rope not in ROPE_KINDS:
         raise ValueError(f"unknown rope {rope!r}; choose one of {', '.join(ROPE_KINDS)}")
     n = inner.config.num_hidden_layers
-    record = _positions(inner, [full()] * n, max_length, rope, inner.config.max_position_embeddings)
-    _apply_positions(inner, record)
+    record = plan_positions(
+        inner, [full()] * n, max_length, rope, inner.config.max_position_embeddings
+    )
+    apply_positions(inner, record)
     return record
