@@ -1,0 +1,39 @@
+"""Retrieval tasks: prompts, scoring, and a model that answers correctly by construction."""
+
+import torch
+
+from longswap.data import byte_tokenizer
+from longswap.evaluate.tasks import passkey, recall
+
+from ..swap.conftest import make_model
+
+
+class Oracle(torch.nn.Module):
+    """Generates the digits that follow 'The pass key is ' in its prompt (a perfect reader)."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer, self.weight = tokenizer, torch.nn.Parameter(torch.zeros(1))
+
+    def generate(self, ids, max_new_tokens, **kwargs):
+        text = self.tokenizer.decode(ids[0])
+        key = text.split("The pass key is ")[1].split(".")[0]
+        answer = self.tokenizer(f" {key}.", add_special_tokens=False, return_tensors="pt")
+        return torch.cat([ids, answer["input_ids"][:, :max_new_tokens]], 1)
+
+
+def test_passkey_scores_a_perfect_reader_and_a_random_model():
+    tok = byte_tokenizer()
+    record = passkey(Oracle(tok), tok, length=400, depth=0.5, trials=3)
+    assert record["accuracy"] == 1.0
+    assert all(a["answered"] == a["key"] for a in record["answers"])
+    random_model = make_model("llama", vocab_size=257)
+    record = passkey(random_model, tok, length=300, depth=0.0, trials=2)
+    assert record["accuracy"] == 0.0  # 5 random bytes are not the key
+    assert all(a["answered"] is None or a["answered"] != a["key"] for a in record["answers"])
+
+
+def test_recall_runs_and_scores():
+    tok = byte_tokenizer()
+    record = recall(make_model("llama", vocab_size=257), tok, length=300, trials=2)
+    assert record["accuracy"] == 0.0 and record["trials"] == 2
