@@ -100,6 +100,21 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate models: perplexity vs length, passkey, recall, speed; results.json + report."""
+    from longswap.evaluate.run import EvalConfig, evaluate
+    from longswap.train.config import from_arguments
+
+    config = from_arguments(EvalConfig, args)
+    records = evaluate(config)
+    skipped = sum("skipped" in r for r in records)
+    print(
+        f"{len(records)} records ({skipped} skipped) in {config.out}/results.json; "
+        f"report: {config.out}/report.md"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longswap",
@@ -149,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=FinetuneConfig.__doc__)
     add_arguments(p, FinetuneConfig)
     p.set_defaults(run=cmd_finetune)
+
+    from longswap.evaluate.run import EvalConfig
+
+    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=EvalConfig.__doc__)
+    add_arguments(p, EvalConfig)
+    p.set_defaults(run=cmd_eval)
     return parser
 
 

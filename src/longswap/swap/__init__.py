@@ -7,6 +7,7 @@ from longswap.swap.model import (
     apply_spec,
     extend_positions,
     restore,
+    supported_length,
     swap_attention,
 )
 from longswap.swap.persist import load, save
@@ -23,5 +24,6 @@ __all__ = [
     "load",
     "restore",
     "save",
+    "supported_length",
     "swap_attention",
 ]

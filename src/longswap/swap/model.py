@@ -320,3 +320,11 @@ def extend_positions(model: Any, max_length: int, rope: str = "auto") -> dict[st
     )
     apply_positions(inner, record)
     return record
+
+
+def supported_length(model: Any) -> int:
+    """The longest sequence the model is set up for: its positions, or the swap's max_length."""
+    inner = _base_model(model)
+    record = getattr(inner.config, CONFIG_KEY, None)
+    swapped = SwapSpec.from_dict(record).positions.get("max_length") if record else None
+    return max(inner.config.max_position_embeddings, swapped or 0)

@@ -1,0 +1,108 @@
+"""``longswap eval``: records, skips, resume, report, and errors before any work."""
+
+import json
+
+import pytest
+
+import longswap
+from longswap.cli import main
+from longswap.data import byte_tokenizer
+
+from ..swap.conftest import make_model
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = make_model("llama", vocab_size=257, max_position_embeddings=512)
+    base.save_pretrained(tmp_path / "base")
+    byte_tokenizer().save_pretrained(tmp_path / "base")
+    longswap.swap_attention(base, "sliding_window(window=64)", max_length=1024)
+    base.save_pretrained(tmp_path / "swapped")
+    return tmp_path / "base", tmp_path / "swapped"
+
+
+def test_eval_grid_report_and_resume(models, tmp_path, capsys):
+    base, swapped = models
+    out = tmp_path / "eval"
+    args = [
+        "eval",
+        "--model",
+        str(base),
+        str(swapped),
+        "--tasks",
+        "ppl",
+        "passkey",
+        "speed",
+        "--lengths",
+        "256",
+        "1024",
+        "--depths",
+        "0.0",
+        "1.0",
+        "--trials",
+        "1",
+        "--targets",
+        "64",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert len(records) == 2 * (2 + 4 + 2)
+    skipped = [r for r in records if "skipped" in r]
+    assert {r["model"] for r in skipped} == {str(base)}  # 1024 > 512 trained positions
+    assert all("beyond the 512 positions" in r["skipped"] for r in skipped)
+    ppl = [r for r in records if r["task"] == "ppl" and "perplexity" in r]
+    assert all(r["target_tokens"] == 64 and "bits_per_byte" in r for r in ppl)
+    assert all("torch" in r["environment"] for r in records)
+    report = (out / "report.md").read_text()
+    assert "perplexity.png" in report and (out / "perplexity.png").is_file()
+    assert (out / "passkey-swapped.png").is_file() and (out / "speed.png").is_file()
+    assert main(args) == 2  # results.json exists: refuse without --resume
+    assert "--resume" in capsys.readouterr().err
+    # An interrupted run: drop the last records, resume computes only those.
+    kept = records[:-3]
+    (out / "results.json").write_text(json.dumps({"records": kept}))
+    assert main([*args, "--resume"]) == 0
+    again = json.loads((out / "results.json").read_text())["records"]
+    assert [r["key"] for r in again[:-3]] == [r["key"] for r in kept]
+    assert len(again) == len(records)
+
+
+def test_eval_fails_before_work_on_bad_models(models, tmp_path, capsys):
+    base, _ = models
+    other = tmp_path / "mismatch"
+    make_model("llama").save_pretrained(other)  # 97-token vocabulary
+    byte_tokenizer().save_pretrained(other)  # 257 tokens
+    code = main(
+        [
+            "eval",
+            "--model",
+            str(base),
+            str(other),
+            str(tmp_path / "missing"),
+            "--tasks",
+            "ppl",
+            "magic",
+            "--out",
+            str(tmp_path / "o"),
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "no config.json" in err and "do not belong together" in err
+    assert "unknown task 'magic'" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_api_returns_the_records(models, tmp_path):
+    from longswap.evaluate.run import EvalConfig, evaluate
+
+    base, _ = models
+    records = evaluate(
+        EvalConfig(
+            model=[str(base)], tasks=["recall"], lengths=[256], trials=1, out=str(tmp_path / "api")
+        )
+    )
+    saved = json.loads((tmp_path / "api" / "results.json").read_text())["records"]
+    assert records == saved and records[0]["accuracy"] in (0.0, 1.0)
