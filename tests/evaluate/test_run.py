@@ -32,6 +32,7 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
         "--tasks",
         "ppl",
         "passkey",
+        "needles",
         "speed",
         "--lengths",
         "256",
@@ -48,7 +49,7 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
     ]
     assert main(args) == 0
     records = json.loads((out / "results.json").read_text())["records"]
-    assert len(records) == 2 * (2 + 4 + 2)
+    assert len(records) == 2 * (2 + 4 + 2 + 2)
     skipped = [r for r in records if "skipped" in r]
     assert {r["model"] for r in skipped} == {str(base)}  # 1024 > 512 trained positions
     assert all("beyond the 512 positions" in r["skipped"] for r in skipped)

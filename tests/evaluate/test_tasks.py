@@ -37,3 +37,18 @@ def test_recall_runs_and_scores():
     tok = byte_tokenizer()
     record = recall(make_model("llama", vocab_size=257), tok, length=300, trials=2)
     assert record["accuracy"] == 0.0 and record["trials"] == 2
+
+
+def test_multi_key_needles_prompt_and_task():
+    from longswap.data.synthetic import needles_prompt
+    from longswap.evaluate.tasks import needles
+
+    keys = {"amber": 11111, "birch": 22222, "cedar": 33333}
+    prompt = needles_prompt(600, keys, "birch", seed=1)
+    assert len(prompt) <= 600
+    assert all(f"The pass key for {n} is {k}." in prompt for n, k in keys.items())
+    assert prompt.endswith("What is the pass key for birch? The pass key for birch is")
+    assert needles_prompt(600, keys, "birch", seed=1) == prompt  # seeded
+    tok = byte_tokenizer()
+    record = needles(make_model("llama", vocab_size=257), tok, length=400, trials=2)
+    assert record["accuracy"] == 0.0 and record["needles"] == 4

@@ -117,3 +117,42 @@ def synthetic_texts(
                 pairs = int(pairs * 0.9)
             texts.append(text)
     return texts
+
+
+NAMES = (
+    "amber",
+    "birch",
+    "cedar",
+    "delta",
+    "ember",
+    "fjord",
+    "grove",
+    "harbor",
+    "iris",
+    "juniper",
+    "kestrel",
+    "lumen",
+)
+
+
+def needles_prompt(
+    length: int, keys: dict[str, int], asked: str, seed: int, count: Callable[[str], int] = len
+) -> str:
+    """Several named keys hidden at seeded depths in filler; the prompt asks for one of them."""
+    rng = random.Random(seed)
+    needles = [f"The pass key for {name} is {key}. " for name, key in keys.items()]
+    question = f"\nWhat is the pass key for {asked}? The pass key for {asked} is"
+    sentences = [s.strip() + ". " for s in FILLER.split(". ") if s.strip()]
+
+    def build(n: int) -> str:
+        filler = [sentences[i % len(sentences)] for i in range(n)]
+        for needle in needles:
+            filler.insert(rng.randint(0, len(filler)), needle)
+        rng.seed(seed)  # the same depths for every candidate length
+        return INTRO + "".join(filler) + question
+
+    unit = count(FILLER) / len(sentences)
+    n = max(int((length - count(build(0))) / unit), 0)
+    while n > 0 and count(build(n)) > length:
+        n -= 1
+    return build(n)

@@ -13,16 +13,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from longswap.data import byte_tokenizer, local_documents, stdlib_documents
 from longswap.evaluate.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.evaluate.perplexity import perplexity
-from longswap.evaluate.tasks import passkey, recall
+from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.swap import load, supported_length
 
-Task = Literal["ppl", "passkey", "recall", "speed"]
-TASKS = ("ppl", "passkey", "recall", "speed")
+Task = Literal["ppl", "passkey", "needles", "recall", "speed"]
+TASKS = ("ppl", "passkey", "needles", "recall", "speed")
 
 
 def _help(text: str, **kwargs: Any) -> Any:
@@ -126,6 +127,12 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     done = {r["key"] for r in records}
     stamp = environment()
     text = _text(config) if "ppl" in config.tasks else ""
+    total = (
+        len(loaded)
+        * len(config.lengths)
+        * sum(len(config.depths) if t == "passkey" else 1 for t in config.tasks)
+    )
+    progress = tqdm(total=total, desc="longswap eval", unit="record", initial=len(done))
     for path, model, tok in loaded:
         supported = supported_length(model)
         tokens = torch.tensor(tok(text, add_special_tokens=False)["input_ids"]) if text else None
@@ -156,6 +163,8 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
                             record["skipped"] = str(err)
                     records.append(record)
                     results_file.write_text(json.dumps({"records": records}, indent=1))
+                    progress.update()
+    progress.close()
     from longswap.evaluate.report import write_report
 
     write_report(records, out)
@@ -180,4 +189,6 @@ def _run(
         return passkey(model, tok, length, cell[0], config.trials)
     if task == "recall":
         return recall(model, tok, length, config.trials)
+    if task == "needles":
+        return needles(model, tok, length, trials=config.trials)
     return _speed(model, length)

@@ -8,7 +8,14 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from longswap.data.synthetic import associative_recall, draw_key, first_integer, passkey_prompt
+from longswap.data.synthetic import (
+    NAMES,
+    associative_recall,
+    draw_key,
+    first_integer,
+    needles_prompt,
+    passkey_prompt,
+)
 
 
 def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: int) -> str:
@@ -76,3 +83,27 @@ def recall(
         answer = _generate(model, tokenizer, f"{prompt}{key}: ", 5).strip()[:4]
         correct += answer == answers[0]
     return {"length": length, "trials": trials, "accuracy": correct / trials}
+
+
+def needles(
+    model: Any,
+    tokenizer: PreTrainedTokenizerBase,
+    length: int,
+    count: int = 4,
+    trials: int = 3,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Multi-key needle in a haystack: ``count`` named held-out keys, one asked per trial."""
+    rng = random.Random(f"{seed}-{length}-needles")
+
+    def units(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    correct = 0
+    for trial in range(trials):
+        names = rng.sample(NAMES, count)
+        keys = {name: draw_key(rng, heldout=True) for name in names}
+        asked = rng.choice(names)
+        prompt = needles_prompt(length - 8, keys, asked, seed + trial, units)
+        correct += first_integer(_generate(model, tokenizer, prompt, 8)) == keys[asked]
+    return {"length": length, "trials": trials, "needles": count, "accuracy": correct / trials}
