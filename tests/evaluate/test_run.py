@@ -59,6 +59,7 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "perplexity.png" in report and (out / "perplexity.png").is_file()
     assert (out / "passkey-swapped.png").is_file() and (out / "speed.png").is_file()
+    assert (out / "speed-decode_tokens_per_s.png").is_file()
     assert main(args) == 2  # results.json exists: refuse without --resume
     assert "--resume" in capsys.readouterr().err
     # An interrupted run: drop the last records, resume computes only those.
