@@ -85,6 +85,7 @@ def write_report(records: list[dict[str, Any]], out: Path) -> Path:
             _heatmap([r for r in keys if r["model"] == model], model, out / png)
             lines += [f"![]({png})", ""]
     for task, field, label in (
+        ("needles", "accuracy", "accuracy"),
         ("recall", "accuracy", "accuracy"),
         ("speed", "prefill_tokens_per_s", "prefill tokens/s"),
     ):
@@ -92,14 +93,15 @@ def write_report(records: list[dict[str, Any]], out: Path) -> Path:
         if not rows:
             continue
         _line_plot(rows, field, label, out / f"{task}.png")
-        lines += [
-            f"## {task}",
-            "",
-            f"![]({task}.png)",
-            "",
-            "| model | length | result |",
-            "|---|---:|---|",
-        ]
+        lines += [f"## {task}", "", f"![]({task}.png)", ""]
+        if task == "speed":
+            for extra, what in (
+                ("decode_tokens_per_s", "decode tokens/s"),
+                ("peak_rss_growth_mb", "peak memory growth (MB)"),
+            ):
+                _line_plot(rows, extra, what, out / f"{task}-{extra}.png")
+                lines += [f"![]({task}-{extra}.png)", ""]
+        lines += ["| model | length | result |", "|---|---:|---|"]
         for r in rows:
             shown = {
                 k: (round(v, 3) if isinstance(v, float) else v)
