@@ -108,3 +108,32 @@ def test_api_returns_the_records(models, tmp_path):
     )
     saved = json.loads((tmp_path / "api" / "results.json").read_text())["records"]
     assert records == saved and records[0]["accuracy"] in (0.0, 1.0)
+
+
+def test_flags_take_commas_and_repeats(models, tmp_path):
+    import argparse
+
+    from longswap.evaluate.run import EvalConfig
+    from longswap.train.config import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, EvalConfig)
+    base, swapped = models
+    args = parser.parse_args(
+        [
+            "--model",
+            str(base),
+            "--model",
+            str(swapped),
+            "--tasks",
+            "ppl,passkey",
+            "--lengths",
+            "1024,2048",
+            "4096",
+            "--out",
+            "x",
+        ]
+    )
+    config = from_arguments(EvalConfig, args)
+    assert config.model == [str(base), str(swapped)]
+    assert config.tasks == ["ppl", "passkey"] and config.lengths == [1024, 2048, 4096]

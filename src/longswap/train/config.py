@@ -105,12 +105,28 @@ class FinetuneConfig(TrainingFields):
     )
 
 
+def _comma_list(kind: type) -> Any:
+    """Parse ``"a,b"`` into ``[kind(a), kind(b)]`` (so ``--lengths 1024,2048`` works)."""
+
+    def parse(text: str) -> list[Any]:
+        try:
+            return [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            msg = f"expected {kind.__name__} values, got {text!r}"
+            raise argparse.ArgumentTypeError(msg) from None
+
+    parse.__name__ = f"{kind.__name__} list"
+    return parse
+
+
 def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
     origin = typing.get_origin(annotation)
     if origin is Literal:
         return str, {"choices": list(typing.get_args(annotation))}
     if origin is list:
-        return typing.get_args(annotation)[0], {"nargs": "*"}
+        # Space- or comma-separated, and the flag may repeat: --model a --model b.
+        kind = _comma_list(typing.get_args(annotation)[0])
+        return kind, {"nargs": "+", "action": "extend"}
     return annotation, {}
 
 
@@ -141,6 +157,8 @@ def from_arguments(cls: type, args: argparse.Namespace) -> Any:
         values.update(loaded)
     for f in dataclasses.fields(cls):
         given = getattr(args, f.name, None)
+        if isinstance(given, list):  # each flag occurrence / word parsed to a list: flatten
+            given = [x for item in given for x in (item if isinstance(item, list) else [item])]
         if given is not None:
             values[f.name] = given
     return cls(**values)
