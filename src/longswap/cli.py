@@ -26,16 +26,6 @@ def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    """``"0,1,-1"`` to ``[0, 1, -1]``."""
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated integers, got {text!r}"
-        ) from None
-
-
 def cmd_swap(
     model: Path,
     pattern: str,
@@ -116,6 +106,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments, comma_list
+
     parser = argparse.ArgumentParser(
         prog="longswap",
         description="Swap dense attention for sparse attention, fine-tune, and measure.",
@@ -137,8 +129,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="longest sequence to support (extends positions)")
     p.add_argument("--rope", default="auto", help="auto, none, linear, ntk or yarn")
     p.add_argument("--backend", default="auto", help="auto, reference, blocks or flex")
-    p.add_argument("--layers", type=_int_list, help="swap only these layers (e.g. 0,1,2)")
-    p.add_argument("--full-layers", type=_int_list, help="keep these layers dense (e.g. -1,-2)")
+    p.add_argument("--layers", type=comma_list(int), help="swap only these layers (e.g. 0,1,2)")
+    p.add_argument(
+        "--full-layers", type=comma_list(int), help="keep these layers dense (e.g. -1,-2)"
+    )
     p.add_argument("--block-size", type=int, default=128, help="kernel block size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(
@@ -155,8 +149,6 @@ def _parser() -> argparse.ArgumentParser:
             a.overwrite,
         )
     )
-
-    from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments
 
     p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=PretrainConfig.__doc__)
     add_arguments(p, PretrainConfig)

@@ -7,9 +7,12 @@ Token ``b`` is byte ``b``; bits per byte equal bits per token.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 
@@ -42,3 +45,15 @@ def _bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(visible, chars, strict=True)}
+
+
+def tokenizer_for(model_dir: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved in ``model_dir``, or the byte tokenizer when there is none."""
+    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
+        return AutoTokenizer.from_pretrained(model_dir)
+    return byte_tokenizer()
+
+
+def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:
+    """``text -> number of tokens`` (no special tokens), for sizing prompts in tokens."""
+    return lambda text: len(tokenizer(text, add_special_tokens=False)["input_ids"])

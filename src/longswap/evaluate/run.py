@@ -8,53 +8,51 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from longswap.data import byte_tokenizer, local_documents, stdlib_documents
+from longswap.data import local_documents, stdlib_documents
+from longswap.data.tokenizer import tokenizer_for
 from longswap.evaluate.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.swap import load, supported_length
+from longswap.train.config import help_field
 
 Task = Literal["ppl", "passkey", "needles", "recall", "speed"]
 TASKS = ("ppl", "passkey", "needles", "recall", "speed")
-
-
-def _help(text: str, **kwargs: Any) -> Any:
-    return field(metadata={"help": text}, **kwargs)
 
 
 @dataclass
 class EvalConfig:
     """Evaluate models: perplexity vs length, passkey, associative recall, speed."""
 
-    model: list[str] = _help(
+    model: list[str] = help_field(
         "model folders to compare (base, swapped, fine-tuned, yours)", default_factory=list
     )
-    out: str = _help("folder for results.json, report.md and plots", default="")
-    tasks: list[str] = _help(
-        "any of ppl, passkey, recall, speed", default_factory=lambda: list(TASKS)
+    out: str = help_field("folder for results.json, report.md and plots", default="")
+    tasks: list[str] = help_field(
+        "any of ppl, passkey, needles, recall, speed", default_factory=lambda: list(TASKS)
     )
-    lengths: list[int] = _help("context lengths in tokens", default_factory=lambda: [1024, 2048])
-    depths: list[float] = _help("passkey depths in [0, 1]", default_factory=lambda: [0.0, 0.5, 1.0])
-    trials: int = _help("passkey / recall prompts per cell", default=3)
-    targets: int = _help("tokens scored by perplexity at every length", default=512)
-    data: list[str] = _help(
+    lengths: list[int] = help_field(
+        "context lengths in tokens", default_factory=lambda: [1024, 2048]
+    )
+    depths: list[float] = help_field(
+        "passkey depths in [0, 1]", default_factory=lambda: [0.0, 0.5, 1.0]
+    )
+    trials: int = help_field("passkey / recall prompts per cell", default=3)
+    targets: int = help_field("tokens scored by perplexity at every length", default=512)
+    data: list[str] = help_field(
         "text for perplexity; empty: the embedded corpus's held-out tests", default_factory=list
     )
-    resume: bool = _help("keep the records already in --out and compute the rest", default=False)
-
-
-def _tokenizer(path: Path) -> PreTrainedTokenizerBase:
-    if (path / "tokenizer.json").is_file() or (path / "tokenizer.model").is_file():
-        return AutoTokenizer.from_pretrained(path)
-    return byte_tokenizer()
+    resume: bool = help_field(
+        "keep the records already in --out and compute the rest", default=False
+    )
 
 
 def _check(config: EvalConfig) -> list[tuple[Path, Any, PreTrainedTokenizerBase]]:
@@ -73,7 +71,7 @@ def _check(config: EvalConfig) -> list[tuple[Path, Any, PreTrainedTokenizerBase]
             continue
         try:
             model = load(path).eval()
-            tok = _tokenizer(path)
+            tok = tokenizer_for(path)
         except Exception as err:  # a broken folder can fail in many ways
             found.append(f"model {path} could not be loaded: {err}")
             continue

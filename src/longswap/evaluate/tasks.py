@@ -16,6 +16,7 @@ from longswap.data.synthetic import (
     needles_prompt,
     passkey_prompt,
 )
+from longswap.data.tokenizer import token_counter
 
 
 def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: int) -> str:
@@ -42,8 +43,7 @@ def passkey(
     """
     rng = random.Random(f"{seed}-{length}-{depth}")
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    count = token_counter(tokenizer)
 
     answers = []
     for _ in range(trials):
@@ -70,8 +70,7 @@ def recall(
     """
     rng = random.Random(f"{seed}-{length}")
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    count = token_counter(tokenizer)
 
     per_pair = count("abcd: 1234\n")
     correct = 0
@@ -96,8 +95,7 @@ def needles(
     """Multi-key needle in a haystack: ``count`` named held-out keys, one asked per trial."""
     rng = random.Random(f"{seed}-{length}-needles")
 
-    def units(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    units = token_counter(tokenizer)
 
     correct = 0
     for trial in range(trials):

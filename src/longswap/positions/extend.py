@@ -99,17 +99,22 @@ def set_rope(model: PreTrainedModel, params: dict[str, Any], max_length: int) ->
         setattr(parent, name.rsplit(".", 1)[-1], fresh)
 
 
+def _resize_learned(model: PreTrainedModel, length: int) -> int:
+    """Give the learned position table ``length`` rows; returns the parameters added."""
+    parent, attr = find_position_embedding(model, model.config)
+    old = getattr(parent, attr)
+    setattr(parent, attr, tile_positions(old, length))
+    model.config.max_position_embeddings = length
+    return (length - old.num_embeddings) * old.embedding_dim
+
+
 def apply_positions(model: PreTrainedModel, record: dict[str, Any]) -> int:
     """Apply a position record; returns the number of parameters added."""
     kind = record["kind"]
     if kind in ("linear", "ntk", "yarn"):
         set_rope(model, record["rope_parameters"], record["max_length"])
     elif kind == "learned":
-        parent, attr = find_position_embedding(model, model.config)
-        old = getattr(parent, attr)
-        setattr(parent, attr, tile_positions(old, record["max_length"]))
-        model.config.max_position_embeddings = record["max_length"]
-        return (record["max_length"] - old.num_embeddings) * old.embedding_dim
+        return _resize_learned(model, record["max_length"])
     return 0
 
 
@@ -119,6 +124,4 @@ def undo_positions(model: PreTrainedModel, record: dict[str, Any]) -> None:
     if kind in ("linear", "ntk", "yarn"):
         set_rope(model, record["original_rope_parameters"], record["trained_length"])
     elif kind == "learned":
-        parent, attr = find_position_embedding(model, model.config)
-        setattr(parent, attr, tile_positions(getattr(parent, attr), record["trained_length"]))
-        model.config.max_position_embeddings = record["trained_length"]
+        _resize_learned(model, record["trained_length"])

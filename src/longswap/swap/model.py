@@ -84,7 +84,7 @@ def _base_model(model: Any) -> PreTrainedModel:
     return inner
 
 
-def _attention_modules(model: PreTrainedModel) -> dict[int, nn.Module]:
+def attention_modules(model: PreTrainedModel) -> dict[int, nn.Module]:
     """Self-attention modules by layer index."""
     found = {
         m.layer_idx: m
@@ -212,7 +212,7 @@ def swap_attention(
     inner = _base_model(model)
     config = inner.config
     n = config.num_hidden_layers
-    modules = _attention_modules(inner)
+    modules = attention_modules(inner)
     _refuse_unsupported(inner)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -280,7 +280,7 @@ def restore(model: Any) -> None:
         raise ValueError(f"{type(inner).__name__} is not swapped: nothing to restore")
     spec = SwapSpec.from_dict(record)
     undo_positions(inner, spec.positions)
-    _put_dropout(inner, _attention_modules(inner), dict(spec.attention_dropout))
+    _put_dropout(inner, attention_modules(inner), dict(spec.attention_dropout))
     delattr(config, CONFIG_KEY)
     if "attn_implementation" in config.__dict__:
         del config.__dict__["attn_implementation"]

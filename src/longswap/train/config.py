@@ -14,7 +14,8 @@ import yaml
 Size = Literal["tiny", "small", "base"]
 
 
-def _help(text: str, **kwargs: Any) -> Any:
+def help_field(text: str, **kwargs: Any) -> Any:
+    """A dataclass field whose help text shows in ``--help``."""
     return field(metadata={"help": text}, **kwargs)
 
 
@@ -22,36 +23,42 @@ def _help(text: str, **kwargs: Any) -> Any:
 class TrainingFields:
     """Fields every training run has."""
 
-    out: str = _help("folder for the trained model (and checkpoints/ while training)", default="")
-    data: list[str] = _help(
+    out: str = help_field(
+        "folder for the trained model (and checkpoints/ while training)", default=""
+    )
+    data: list[str] = help_field(
         "local .txt/.md/.py files or folders; empty: the embedded corpus (the Python "
         "standard library, its tests held out)",
         default_factory=list,
     )
-    text_field: str = _help("column holding the text in .jsonl/.json/.parquet data", default="text")
-    seq_len: int = _help("tokens per training sequence", default=512)
-    separate_documents: bool = _help(
+    text_field: str = help_field(
+        "column holding the text in .jsonl/.json/.parquet data", default="text"
+    )
+    seq_len: int = help_field("tokens per training sequence", default=512)
+    separate_documents: bool = help_field(
         "keep attention inside each document of a packed sequence (positions restart at "
         "every document; dense and swapped models both honour it)",
         default=False,
     )
-    steps: int = _help("optimizer steps", default=1000)
-    batch_size: int = _help("sequences per step", default=16)
-    learning_rate: float = _help("peak learning rate (cosine schedule after warm-up)", default=2e-3)
-    warmup_steps: int = _help("linear warm-up steps", default=50)
-    weight_decay: float = _help("AdamW weight decay", default=0.1)
-    validation_share: float = _help("share of documents held out for validation", default=0.02)
-    eval_steps: int = _help("evaluate and checkpoint every this many steps", default=200)
-    seed: int = _help("random seed (data order and initial weights)", default=0)
-    overwrite: bool = _help("replace a non-empty --out", default=False)
-    resume: bool = _help("continue from the last checkpoint in --out", default=False)
+    steps: int = help_field("optimizer steps", default=1000)
+    batch_size: int = help_field("sequences per step", default=16)
+    learning_rate: float = help_field(
+        "peak learning rate (cosine schedule after warm-up)", default=2e-3
+    )
+    warmup_steps: int = help_field("linear warm-up steps", default=50)
+    weight_decay: float = help_field("AdamW weight decay", default=0.1)
+    validation_share: float = help_field("share of documents held out for validation", default=0.02)
+    eval_steps: int = help_field("evaluate and checkpoint every this many steps", default=200)
+    seed: int = help_field("random seed (data order and initial weights)", default=0)
+    overwrite: bool = help_field("replace a non-empty --out", default=False)
+    resume: bool = help_field("continue from the last checkpoint in --out", default=False)
 
 
 @dataclass
 class PretrainConfig(TrainingFields):
     """Pre-train a Llama-architecture, byte-level model with full attention, from scratch."""
 
-    size: Size = _help(
+    size: Size = help_field(
         "model size: tiny (~0.8M parameters), small (~3M), base (~5M)", default="tiny"
     )
 
@@ -63,49 +70,49 @@ Method = Literal["lora-plus", "full", "attention"]
 class FinetuneConfig(TrainingFields):
     """Fine-tune a (swapped) model on long sequences."""
 
-    model: str = _help("local checkpoint folder to start from", default="")
-    pattern: str = _help(
+    model: str = help_field("local checkpoint folder to start from", default="")
+    pattern: str = help_field(
         "swap to this pattern first (e.g. 'sliding_window(window=512)'); empty: keep the "
         "model's attention (a swapped model keeps its pattern)",
         default="",
     )
-    full_layers: list[int] = _help(
+    full_layers: list[int] = help_field(
         "layers kept dense when --pattern swaps (e.g. -1)", default_factory=list
     )
-    backend: str = _help("attention backend: auto, reference, blocks or flex", default="auto")
-    rope: str = _help(
+    backend: str = help_field("attention backend: auto, reference, blocks or flex", default="auto")
+    rope: str = help_field(
         "position extension beyond the trained length: auto, none, linear, ntk, yarn",
         default="auto",
     )
-    method: Method = _help(
+    method: Method = help_field(
         "trainable parameters: lora-plus (LoRA on attention + embeddings and norms), full, "
         "or attention (attention projections only)",
         default="lora-plus",
     )
-    lora_rank: int = _help("LoRA rank", default=8)
-    lora_alpha: int = _help("LoRA alpha", default=16)
-    merge: bool = _help("merge LoRA into the weights when saving", default=False)
-    gradient_checkpointing: bool = _help(
+    lora_rank: int = help_field("LoRA rank", default=8)
+    lora_alpha: int = help_field("LoRA alpha", default=16)
+    merge: bool = help_field("merge LoRA into the weights when saving", default=False)
+    gradient_checkpointing: bool = help_field(
         "recompute activations in the backward pass", default=False
     )
-    synthetic_ratio: float = _help(
+    synthetic_ratio: float = help_field(
         "share of training sequences that are synthetic passkey and associative-recall "
         "tasks (training keys only; held-out keys stay for evaluation)",
         default=0.0,
     )
-    transfer_steps: int = _help(
+    transfer_steps: int = help_field(
         "attention-transfer warm-up steps before the language-model loss: each sparse layer "
         "learns to reproduce dense attention's output (LoLCATs-style); needs a swap",
         default=0,
     )
-    dense_fraction: float = _help(
+    dense_fraction: float = help_field(
         "share of the first steps trained with full attention before the sparse pattern "
         "takes over (MoBA's hybrid schedule)",
         default=0.0,
     )
 
 
-def _comma_list(kind: type) -> Any:
+def comma_list(kind: type) -> Any:
     """Parse ``"a,b"`` into ``[kind(a), kind(b)]`` (so ``--lengths 1024,2048`` works)."""
 
     def parse(text: str) -> list[Any]:
@@ -125,7 +132,7 @@ def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
         return str, {"choices": list(typing.get_args(annotation))}
     if origin is list:
         # Space- or comma-separated, and the flag may repeat: --model a --model b.
-        kind = _comma_list(typing.get_args(annotation)[0])
+        kind = comma_list(typing.get_args(annotation)[0])
         return kind, {"nargs": "+", "action": "extend"}
     return annotation, {}
 

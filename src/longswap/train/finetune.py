@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoTokenizer, PreTrainedTokenizerBase, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
-from longswap.data import byte_tokenizer, synthetic_texts
+from longswap.data import synthetic_texts
+from longswap.data.tokenizer import token_counter, tokenizer_for
 from longswap.io import TOKENIZER_FILES, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
@@ -105,12 +106,6 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     return found
 
 
-def _tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
-    if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
-        return AutoTokenizer.from_pretrained(model_dir)
-    return byte_tokenizer()
-
-
 def _with_synthetic(
     train_set: PackedDataset, config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
 ) -> PackedDataset:
@@ -118,10 +113,7 @@ def _with_synthetic(
     real = len(train_set)
     n = max(1, round(config.synthetic_ratio / (1 - config.synthetic_ratio) * real))
 
-    def count(text: str) -> int:
-        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    texts = synthetic_texts(n, config.seq_len - 1, config.seed, count)
+    texts = synthetic_texts(n, config.seq_len - 1, config.seed, token_counter(tokenizer))
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     pad = tokenizer.eos_token_id
     # One task per sequence; a task longer than the sequence keeps its end (the answer).
@@ -163,7 +155,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     model = load(model_dir)
     refuse(_model_problems(model, config), "fine-tuning")
     out = prepare_out(config)
-    tokenizer = _tokenizer(model_dir)
+    tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)
     if config.synthetic_ratio:
         train_set = _with_synthetic(train_set, config, tokenizer)

@@ -11,19 +11,13 @@ from typing import Any
 
 from torch import nn
 
-
-def _attention_modules(model: nn.Module) -> list[nn.Module]:
-    return [
-        m
-        for m in model.modules()
-        if "Attention" in type(m).__name__ and isinstance(getattr(m, "layer_idx", None), int)
-    ]
+from longswap.swap.model import attention_modules
 
 
 def projection_names(model: nn.Module) -> list[str]:
     """Names of the weight layers inside the attention modules (q_proj, c_attn, ...)."""
     names = set()
-    for attn in _attention_modules(model):
+    for attn in attention_modules(model).values():
         for name, child in attn.named_children():
             if isinstance(child, nn.Linear) or type(child).__name__ == "Conv1D":
                 names.add(name)
@@ -53,7 +47,7 @@ def apply_method(model: nn.Module, method: str, rank: int = 8, alpha: int = 16) 
         return model
     if method == "attention":
         model.requires_grad_(False)
-        for attn in _attention_modules(model):
+        for attn in attention_modules(model).values():
             for name in targets:
                 if hasattr(attn, name):
                     getattr(attn, name).requires_grad_(True)
