@@ -44,6 +44,7 @@ from longswap.patterns import (
     shifted_groups,
     sliding_window,
 )
+from longswap.train.config import comma_list
 
 PATTERNS: dict[str, Pattern] = {
     "full": full(),
@@ -288,7 +289,7 @@ def main() -> None:
     parser.add_argument(
         "--lengths",
         default="2048,4096,8192,16384,32768",
-        type=lambda s: [int(x) for x in s.split(",")],
+        type=comma_list(int),
     )
     parser.add_argument(
         "--patterns", default=",".join(PATTERNS), type=lambda s: [x for x in s.split(",") if x]

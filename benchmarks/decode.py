@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 import longswap
 from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
 from longswap.patterns import sliding_window
+from longswap.train.config import comma_list
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -79,9 +80,7 @@ def decode(model: torch.nn.Module, length: int, cache: object | None) -> dict:
 def main() -> None:
     """Run the three arms for each length, print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--lengths", default="512,2048,8192", type=lambda s: [int(x) for x in s.split(",")]
-    )
+    parser.add_argument("--lengths", default="512,2048,8192", type=comma_list(int))
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--sinks", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)

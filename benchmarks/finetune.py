@@ -26,6 +26,7 @@ from transformers import LlamaForCausalLM
 
 import longswap
 from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
+from longswap.train.config import comma_list
 from longswap.train.pretrain import model_config
 
 ARMS = {
@@ -63,9 +64,7 @@ def step_time(model: torch.nn.Module, length: int, repeats: int) -> dict:
 def main() -> None:
     """Measure each arm at each length; print a table; write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--lengths", default="2048,8192,16384", type=lambda s: [int(x) for x in s.split(",")]
-    )
+    parser.add_argument("--lengths", default="2048,8192,16384", type=comma_list(int))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
