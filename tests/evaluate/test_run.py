@@ -50,13 +50,17 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
     assert main(args) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert len(records) == 2 * (2 + 4 + 2 + 2)
-    skipped = [r for r in records if "skipped" in r]
-    assert {r["model"] for r in skipped} == {str(base)}  # 1024 > 512 trained positions
-    assert all("beyond the 512 positions" in r["skipped"] for r in skipped)
+    assert not [r for r in records if "skipped" in r]
+    # Rotary positions: 1024 > 512 trained positions is measured, and marked.
+    beyond = [r for r in records if "beyond_trained" in r]
+    assert {(r["model"], r["length"], r["beyond_trained"]) for r in beyond} == {
+        (str(base), 1024, 512)
+    }
     ppl = [r for r in records if r["task"] == "ppl" and "perplexity" in r]
     assert all(r["target_tokens"] == 64 and "bits_per_byte" in r for r in ppl)
     assert all("torch" in r["environment"] for r in records)
     report = (out / "report.md").read_text()
+    assert "| 1024 (beyond its 512) |" in report
     assert "perplexity.png" in report and (out / "perplexity.png").is_file()
     assert (out / "passkey-swapped.png").is_file() and (out / "speed.png").is_file()
     assert (out / "speed-decode_tokens_per_s.png").is_file()
@@ -137,3 +141,15 @@ def test_flags_take_commas_and_repeats(models, tmp_path):
     config = from_arguments(EvalConfig, args)
     assert config.model == [str(base), str(swapped)]
     assert config.tasks == ["ppl", "passkey"] and config.lengths == [1024, 2048, 4096]
+
+
+def test_learned_positions_end_at_their_table(tmp_path):
+    model = make_model("gpt2", vocab_size=257)  # 64 learned positions
+    model.save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tmp_path / "gpt2"), "--tasks", "ppl", "--lengths", "32", "128"]
+    assert main([*args, "--targets", "16", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert "perplexity" in records[0]
+    assert "beyond the 64 learned positions" in records[1]["skipped"]

@@ -72,8 +72,9 @@ def write_report(records: list[dict[str, Any]], out: Path) -> Path:
             if "skipped" in r:
                 lines.append(f"| {_name(r['model'])} | {r['length']} | skipped: {r['skipped']} |||")
             else:
+                beyond = f" (beyond its {r['beyond_trained']})" if "beyond_trained" in r else ""
                 lines.append(
-                    f"| {_name(r['model'])} | {r['length']} | {r['perplexity']:.3f} "
+                    f"| {_name(r['model'])} | {r['length']}{beyond} | {r['perplexity']:.3f} "
                     f"| {r['bits_per_token']:.3f} | {r['convention']} |"
                 )
         lines.append("")

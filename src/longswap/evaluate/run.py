@@ -21,6 +21,7 @@ from longswap.data.tokenizer import tokenizer_for
 from longswap.evaluate.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.tasks import needles, passkey, recall
+from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
 from longswap.train.config import help_field
 
@@ -133,6 +134,9 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     progress = tqdm(total=total, desc="longswap eval", unit="record", initial=len(done))
     for path, model, tok in loaded:
         supported = supported_length(model)
+        # Rotary positions are defined at any length: measure beyond the trained length
+        # (that degradation is the point of a length study). A learned table ends there.
+        hard_limit = supported if find_position_embedding(model, model.config) else None
         tokens = torch.tensor(tok(text, add_special_tokens=False)["input_ids"]) if text else None
         for task in config.tasks:
             for length in config.lengths:
@@ -149,12 +153,14 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
                         "config": {"trials": config.trials, "targets": config.targets},
                         "environment": stamp,
                     }
-                    if length > supported:
+                    if hard_limit is not None and length > hard_limit:
                         record["skipped"] = (
-                            f"length {length} is beyond the {supported} positions this model "
-                            "supports (swap or fine-tune it with a larger max_length)"
+                            f"length {length} is beyond the {supported} learned positions of "
+                            "this model (swap or fine-tune it with a larger max_length)"
                         )
                     else:
+                        if length > supported:
+                            record["beyond_trained"] = supported
                         try:
                             record.update(_run(task, model, tok, tokens, length, cell, config))
                         except ValueError as err:

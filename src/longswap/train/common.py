@@ -14,9 +14,15 @@ import torch
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
-from longswap.data import local_documents, pack_documents, split_documents, stdlib_documents
+from longswap.data import (
+    local_documents,
+    pack_documents,
+    split_documents,
+    stdlib_documents,
+    synthetic_texts,
+)
 from longswap.data.corpus import Document
-from longswap.data.tokenizer import EOS
+from longswap.data.tokenizer import EOS, token_counter
 from longswap.evaluate import environment
 from longswap.train.config import TrainingFields
 
@@ -63,6 +69,8 @@ def common_problems(config: TrainingFields) -> list[str]:
             found.append(f"{name} must be an integer >= {low}, got {value!r}")
     if not config.learning_rate > 0:
         found.append(f"learning_rate must be positive, got {config.learning_rate!r}")
+    if not 0 <= config.synthetic_ratio < 1:
+        found.append(f"synthetic_ratio must be in [0, 1), got {config.synthetic_ratio!r}")
     if not 0 < config.validation_share < 1:
         found.append(f"validation_share must be in (0, 1), got {config.validation_share!r}")
     return found
@@ -98,7 +106,29 @@ def datasets(
         packed = pack_documents(_token_arrays(part, tokenizer), config.seq_len, eos)
         positions = packed.position_ids()[:cap] if config.separate_documents else None
         sets.append(PackedDataset(packed.input_ids[:cap], positions))
+    if config.synthetic_ratio:
+        sets[0] = _with_synthetic(sets[0], config, tokenizer)
     return sets[0], sets[1]
+
+
+def _with_synthetic(
+    train_set: PackedDataset, config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> PackedDataset:
+    """Mix synthetic task sequences into ``train_set`` at ``config.synthetic_ratio``."""
+    real = len(train_set)
+    n = max(1, round(config.synthetic_ratio / (1 - config.synthetic_ratio) * real))
+
+    texts = synthetic_texts(n, config.seq_len - 1, config.seed, token_counter(tokenizer))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.eos_token_id
+    # One task per sequence; a task longer than the sequence keeps its end (the answer).
+    rows = [row[-config.seq_len :] + [pad] * (config.seq_len - len(row)) for row in ids]
+    synthetic = torch.tensor(rows, dtype=torch.long)
+    positions = train_set.position_ids
+    if positions is not None:
+        fresh = torch.arange(config.seq_len).expand(len(rows), -1)
+        positions = torch.cat([positions, fresh])
+    return PackedDataset(torch.cat([train_set.input_ids, synthetic]), positions)
 
 
 def prepare_out(config: TrainingFields) -> Path:
@@ -212,7 +242,7 @@ def train(
         eval_dataset=val_set,
         callbacks=[guard, *(callbacks or [])],
     )
-    trainer.train(resume_from_checkpoint=True if config.resume else None)
+    result = trainer.train(resume_from_checkpoint=True if config.resume else None)
     if guard.bad_step is not None:
         kept = sorted((out / "checkpoints").glob("checkpoint-*"))
         raise RuntimeError(
@@ -229,11 +259,13 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set),
         "world_size": trainer.args.world_size,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_tokens_per_second": result.metrics["train_samples_per_second"] * config.seq_len,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "eval_loss": metrics["eval_loss"],
         "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
-        "environment": environment(),
+        "environment": environment(trainer.args.device),
     }
     return trainer, record
 

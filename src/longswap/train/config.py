@@ -47,6 +47,11 @@ class TrainingFields:
     )
     warmup_steps: int = help_field("linear warm-up steps", default=50)
     weight_decay: float = help_field("AdamW weight decay", default=0.1)
+    synthetic_ratio: float = help_field(
+        "share of training sequences that are synthetic passkey and associative-recall "
+        "tasks (training keys only; held-out keys stay for evaluation)",
+        default=0.0,
+    )
     validation_share: float = help_field("share of documents held out for validation", default=0.02)
     eval_steps: int = help_field("evaluate and checkpoint every this many steps", default=200)
     seed: int = help_field("random seed (data order and initial weights)", default=0)
@@ -94,11 +99,6 @@ class FinetuneConfig(TrainingFields):
     merge: bool = help_field("merge LoRA into the weights when saving", default=False)
     gradient_checkpointing: bool = help_field(
         "recompute activations in the backward pass", default=False
-    )
-    synthetic_ratio: float = help_field(
-        "share of training sequences that are synthetic passkey and associative-recall "
-        "tasks (training keys only; held-out keys stay for evaluation)",
-        default=0.0,
     )
     transfer_steps: int = help_field(
         "attention-transfer warm-up steps before the language-model loss: each sparse layer "

@@ -11,11 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import PreTrainedTokenizerBase, TrainerCallback
+from transformers import TrainerCallback
 
-from longswap.data import synthetic_texts
-from longswap.data.tokenizer import token_counter, tokenizer_for
+from longswap.data.tokenizer import tokenizer_for
 from longswap.io import TOKENIZER_FILES, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
@@ -23,7 +21,6 @@ from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modul
 from longswap.swap import extend_positions, load, save, swap_attention
 from longswap.swap.spec import CONFIG_KEY, SwapSpec
 from longswap.train.common import (
-    PackedDataset,
     common_problems,
     datasets,
     prepare_out,
@@ -51,9 +48,8 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
     if config.rope not in ROPE_KINDS:
         found.append(f"rope must be one of {', '.join(ROPE_KINDS)}, got {config.rope!r}")
-    for name in ("synthetic_ratio", "dense_fraction"):
-        if not 0 <= getattr(config, name) < 1:
-            found.append(f"{name} must be in [0, 1), got {getattr(config, name)!r}")
+    if not 0 <= config.dense_fraction < 1:
+        found.append(f"dense_fraction must be in [0, 1), got {config.dense_fraction!r}")
     if not isinstance(config.transfer_steps, int) or config.transfer_steps < 0:
         found.append(f"transfer_steps must be an integer >= 0, got {config.transfer_steps!r}")
     elif isinstance(config.steps, int) and config.transfer_steps >= config.steps:
@@ -106,26 +102,6 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     return found
 
 
-def _with_synthetic(
-    train_set: PackedDataset, config: FinetuneConfig, tokenizer: PreTrainedTokenizerBase
-) -> PackedDataset:
-    """Mix synthetic task sequences into ``train_set`` at ``config.synthetic_ratio``."""
-    real = len(train_set)
-    n = max(1, round(config.synthetic_ratio / (1 - config.synthetic_ratio) * real))
-
-    texts = synthetic_texts(n, config.seq_len - 1, config.seed, token_counter(tokenizer))
-    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    pad = tokenizer.eos_token_id
-    # One task per sequence; a task longer than the sequence keeps its end (the answer).
-    rows = [row[-config.seq_len :] + [pad] * (config.seq_len - len(row)) for row in ids]
-    synthetic = torch.tensor(rows, dtype=torch.long)
-    positions = train_set.position_ids
-    if positions is not None:
-        fresh = torch.arange(config.seq_len).expand(len(rows), -1)
-        positions = torch.cat([positions, fresh])
-    return PackedDataset(torch.cat([train_set.input_ids, synthetic]), positions)
-
-
 class DenseFirst(TrainerCallback):
     """MoBA's hybrid schedule: full attention for the first ``switch`` steps."""
 
@@ -157,8 +133,6 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
     out = prepare_out(config)
     tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)
-    if config.synthetic_ratio:
-        train_set = _with_synthetic(train_set, config, tokenizer)
     notes = []
     record = getattr(model.config, CONFIG_KEY, None)
     if config.pattern or record is not None:
