@@ -158,6 +158,12 @@ def run(args: argparse.Namespace) -> dict:
 
         return call
 
+    header = {
+        "benchmark": "attention",
+        "command": "python " + " ".join(sys.argv),
+        "config": {"batch": 1, "heads": h, "dim": d, "block_size": 128, "repeats": args.repeats},
+        "environment": environment(device),
+    }
     for length in args.lengths:
         print(f"--- L={length}", file=sys.stderr, flush=True)
         dense = {
@@ -196,7 +202,7 @@ def run(args: argparse.Namespace) -> dict:
                     row["skipped"] = f"needs about {need:.0f} GB (> --memory-budget-gb)"
                     continue
                 if backend == "flex" and name == "full" and length > 8192:
-                    row["skipped"] = "dense flex on CPU: minutes per call, nothing to learn"
+                    row["skipped"] = "full() through flex beyond 8k: slow, and SDPA is the baseline"
                     continue
 
                 def attend(q, k, v, p=pattern, b=backend):  # noqa: ANN001, ANN202
@@ -209,8 +215,14 @@ def run(args: argparse.Namespace) -> dict:
                 if backend == "blocks" or device.type == "cuda":
                     row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
                 print(f"{name:15s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
-        if args.partial is not None:  # what is measured so far survives a crash
-            args.partial.write_text(json.dumps({"results": results}, indent=1))
+        if args.partial is not None:  # what is measured so far survives a crash or a time limit
+            args.partial.write_text(json.dumps({**header, "results": results}, indent=1))
+    add_ratios(results)
+    return {**header, "results": results, "build": build_times(args.build_length, h, device)}
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Speedup over causal SDPA at the same length, and efficiency = speedup x density."""
     for row in results:
         base = next(
             r for r in results if r["name"] == "sdpa_causal" and r["length"] == row["length"]
@@ -220,14 +232,6 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"{mode}_speedup"] = base[mode]["s"] / row[mode]["s"]
                 if row.get("density"):
                     row[f"{mode}_efficiency"] = row[f"{mode}_speedup"] * row["density"]
-    return {
-        "benchmark": "attention",
-        "command": "python " + " ".join(sys.argv),
-        "config": {"batch": 1, "heads": h, "dim": d, "block_size": 128, "repeats": args.repeats},
-        "environment": environment(device),
-        "results": results,
-        "build": build_times(args.build_length, h, device),
-    }
 
 
 def causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -265,6 +269,8 @@ def table(record: dict) -> str:
         else:
             cells += ["n/a"] * 4
         lines.append("| " + " | ".join(head + cells) + " |")
+    if not record.get("build"):
+        return "\n".join(lines)
     lines += [
         "",
         "| pattern | L | block structure ms | FlexAttention BlockMask ms |",
@@ -303,7 +309,15 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/attention.json"))
     parser.add_argument("--partial", type=Path, help="also write results after each length here")
+    parser.add_argument(
+        "--tabulate", type=Path, help="only print the table of a --partial (or --out) file"
+    )
     args = parser.parse_args()
+    if args.tabulate:
+        record = json.loads(args.tabulate.read_text())
+        add_ratios(record["results"])
+        print(table(record))
+        return
     unknown = [p for p in args.patterns if p not in PATTERNS]
     if unknown:
         parser.error(f"unknown pattern(s) {unknown}; choose from {', '.join(PATTERNS)}")

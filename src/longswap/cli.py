@@ -105,6 +105,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The five-arm study on the embedded model: swap, fine-tune, evaluate, report."""
+    from longswap.demo import DemoConfig, run_demo
+    from longswap.train.config import from_arguments
+
+    results = run_demo(from_arguments(DemoConfig, args))
+    for v in results["verdict"]:
+        outcome = {True: "holds", False: "DOES NOT HOLD", None: "not applicable"}[v["holds"]]
+        print(f"- {v['claim']}: {outcome}\n    {v['measured']}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments, comma_list
 
@@ -162,6 +174,12 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help=cmd_eval.__doc__, description=EvalConfig.__doc__)
     add_arguments(p, EvalConfig)
     p.set_defaults(run=cmd_eval)
+
+    from longswap.demo import DemoConfig
+
+    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=DemoConfig.__doc__)
+    add_arguments(p, DemoConfig)
+    p.set_defaults(run=cmd_demo)
     return parser
 
 

@@ -24,7 +24,11 @@ def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: 
     ids = ids.to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(
-            ids, max_new_tokens=new, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
 

@@ -91,7 +91,7 @@ def _token_arrays(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> l
 def datasets(
     config: TrainingFields, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[PackedDataset, PackedDataset]:
-    """Packed train and validation sets (validation capped at 64 sequences)."""
+    """Packed train and validation sets (validation capped at 64 sequences, 65,536 tokens)."""
     docs = (
         local_documents(config.data, config.text_field)
         if config.data
@@ -102,7 +102,8 @@ def datasets(
         val_docs, train_docs = train_docs[-1:], train_docs[:-1]
     eos = tokenizer.eos_token_id
     sets = []
-    for part, cap in ((train_docs, None), (val_docs, 64)):
+    val_cap = max(1, min(64, 2**16 // config.seq_len))  # enough to compare, cheap at any length
+    for part, cap in ((train_docs, None), (val_docs, val_cap)):
         packed = pack_documents(_token_arrays(part, tokenizer), config.seq_len, eos)
         positions = packed.position_ids()[:cap] if config.separate_documents else None
         sets.append(PackedDataset(packed.input_ids[:cap], positions))
@@ -250,7 +251,11 @@ def train(
             f"stopped and nothing was saved after it. Last good checkpoint: "
             f"{kept[-1] if kept else 'none yet'}. Lower the learning rate, or resume from it."
         )
-    metrics = trainer.evaluate()
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        metrics = evals[-1]  # the last step was just evaluated
+    else:
+        metrics = trainer.evaluate()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     record = {
         "config": dict(config.__dict__),

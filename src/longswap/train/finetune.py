@@ -124,8 +124,11 @@ class DenseFirst(TrainerCallback):
         self.config._attn_implementation = self.sparse
 
 
-def finetune(config: FinetuneConfig) -> dict[str, Any]:
-    """Swap if asked, set the trainable parameters, train, save; returns the run record."""
+def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
+    """Swap if asked, set the trainable parameters, train, save; returns the run record.
+
+    ``extra`` overrides TrainingArguments fields (e.g. ``disable_tqdm=True``).
+    """
     refuse(problems(config), "fine-tuning")
     model_dir = Path(config.model)
     model = load(model_dir)
@@ -166,6 +169,7 @@ def finetune(config: FinetuneConfig) -> dict[str, Any]:
         config,
         callbacks=callbacks,
         transfer_steps=config.transfer_steps,
+        **extra,
     )
     run["notes"] = notes
     if config.method == "lora-plus" and config.merge:
