@@ -32,7 +32,9 @@ def test_short_pretraining_lowers_the_loss_and_saves_a_checkpoint(corpus, tmp_pa
     assert 800_000 < record["parameters"] < 900_000
     saved = json.loads((out / "longswap_train.json").read_text())
     assert saved["config"]["seq_len"] == 64 and saved["eval_loss"] == record["eval_loss"]
+    assert saved["train_seconds"] > 0 and saved["train_tokens_per_second"] > 0
     model = longswap.load(out).eval()
+    assert model.config.use_cache  # training turns the cache off; the saved model decodes
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("def main():", return_tensors="pt")["input_ids"]
     with torch.no_grad():

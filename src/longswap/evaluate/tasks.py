@@ -26,6 +26,7 @@ def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: 
         out = model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
+            use_cache=True,
             max_new_tokens=new,
             do_sample=False,
             pad_token_id=tokenizer.eos_token_id,

@@ -244,6 +244,7 @@ def train(
         callbacks=[guard, *(callbacks or [])],
     )
     result = trainer.train(resume_from_checkpoint=True if config.resume else None)
+    model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
     if guard.bad_step is not None:
         kept = sorted((out / "checkpoints").glob("checkpoint-*"))
         raise RuntimeError(
