@@ -26,6 +26,9 @@ def _line_plot(rows: list[dict[str, Any]], field: str, label: str, path: Path) -
         if points:
             ax.plot(*zip(*points, strict=True), marker="o", label=_name(model))
     ax.set_xscale("log", base=2)
+    values = [r[field] for r in rows if field in r and r[field] > 0]
+    if values and max(values) > 10 * min(values):  # e.g. a model that fails beyond its length
+        ax.set_yscale("log")
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel(label)
     ax.legend(fontsize=7)
