@@ -145,8 +145,11 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         kind, extra = _arg_type(hints[f.name])
         if kind is bool:
             parser.add_argument(flag, action="store_true", default=None, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=kind, default=None, help=f.metadata["help"], **extra)
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        shown = " ".join(map(str, default)) if isinstance(default, list) else default
+        text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
+        parser.add_argument(flag, type=kind, default=None, help=text.replace("%", "%%"), **extra)
     parser.add_argument("--config", type=Path, help="YAML file with these fields (flags win)")
 
 
