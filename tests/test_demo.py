@@ -6,7 +6,7 @@ import pytest
 from safetensors.torch import load_file
 
 from longswap.cli import main
-from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth
+from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
 from longswap.patterns import parse_pattern
 
 
@@ -69,3 +69,31 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
 )
 def test_long_range_reach(pattern, expected):
     assert sees_every_depth(parse_pattern(pattern), 4096) is expected
+
+
+def _records(ppl, keys):
+    """Eval records for the five arms: perplexity at 512/4096 and passkey at 4096."""
+    rows = []
+    for arm, (short, long) in zip(ARMS, ppl, strict=True):
+        for length, value in ((512, short), (4096, long)):
+            rows.append({"model": f"x/{arm}", "task": "ppl", "length": length, "perplexity": value})
+    for arm, accuracy in zip(ARMS, keys, strict=True):
+        rows.append({"model": f"x/{arm}", "task": "passkey", "length": 4096, "accuracy": accuracy})
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("ppl", "seconds", "keys", "expected"),
+    [
+        # Everything as the method promises.
+        ([(6, 300), (6, 7), (5, 5), (5, 20), (5, 4.8)], 50, [0, 0, 1, 0, 1], [True] * 5),
+        # Random init as good; arm 3 worse than the base; slow; no degradation; no retrieval.
+        ([(6, 6.2), (6, 7), (7, 7), (7, 7), (5, 4)], 95, [0, 0, 0.5, 0, 1], [False] * 5),
+    ],
+)
+def test_verdict_follows_the_numbers(ppl, seconds, keys, expected):
+    cost = {ARMS[2]: {"train_seconds": seconds}, ARMS[4]: {"train_seconds": 100}}
+    rows = verdict(_records(ppl, keys), cost, parse_pattern("block_topk(128, 4)"), 512, 4096)
+    assert [r["holds"] for r in rows] == expected
+    window = verdict(_records(ppl, keys), cost, parse_pattern("sliding_window(512)"), 512, 4096)
+    assert window[4]["holds"] is None  # a window cannot reach 4096 tokens back
