@@ -230,8 +230,12 @@ def test_auto_choice():
 
     small = torch.randn(1, 2, 4, 8)
     big = torch.randn(1, 2, 2048, 8)
+    step = torch.randn(1, 2, 1, 8)
     assert resolve_backend("auto", small, small, small) == "reference"
     assert resolve_backend("auto", big, big, big) == "blocks"
+    assert resolve_backend("auto", step, big, big) == "reference"  # a decoding step
+    prompt = torch.randn(1, 2, 256, 8)
+    assert resolve_backend("auto", prompt, prompt, prompt) == "blocks"
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"

@@ -94,10 +94,12 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
         )
 
 
-#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle on
-#: any device: decoding steps and short prompts cost less as one small masked softmax than
-#: as tiles, and need no compilation.
-SMALL_PAIRS = 1 << 20
+#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle:
+#: one small masked softmax costs less than setting up tiles, and compiles nothing. On CPU
+#: the crossover is low (decoding steps over up to ~4k keys; a 256 x 256 prefill is already
+#: faster through ``blocks``: benchmarks/small_calls.py). On CUDA the bound is wide, to
+#: spare FlexAttention a compilation per decoding shape.
+SMALL_PAIRS = {"cpu": 1 << 12, "cuda": 1 << 20}
 
 
 def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
@@ -107,8 +109,9 @@ def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and q.shape[2] * k.shape[2] <= SMALL_PAIRS:
-        return "reference"  # also spares FlexAttention a compilation per decoding step
+    small = SMALL_PAIRS.get(q.device.type, SMALL_PAIRS["cpu"])
+    if not needs_grad and q.shape[2] * k.shape[2] <= small:
+        return "reference"
     if q.device.type == "cuda":
         return "flex"
     # CPU otherwise: FlexAttention has no backward here, and its compiled forward, though

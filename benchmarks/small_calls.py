@@ -1,0 +1,99 @@
+"""Calls without gradients at small sizes: the dense oracle against ``blocks``.
+
+``auto`` sends small calls without gradients to ``reference`` (one masked softmax, nothing
+to compile) and the rest to ``blocks`` on CPU. This measures where the two cross: decoding
+steps (one query over ``Lk`` keys) and prompts (``L`` queries over ``L`` keys), for a
+window and a top-k pattern, with grouped-query heads (8 query heads, 4 key heads, D=32, the
+demo model's attention). Prints a table with the backend ``auto`` picks, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from longswap import sparse_attention
+from longswap.evaluate import environment
+from longswap.kernels import resolve_backend
+from longswap.patterns import block_topk, sliding_window
+
+PATTERNS = {"sliding_window(256)": sliding_window(256), "block_topk(128,4)": block_topk(128, 4)}
+SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 16384), (64, 64), (256, 256)]
+SHAPES += [(512, 512), (1024, 1024)]
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+def run(repeats: int) -> dict:
+    """Every (pattern, shape) through both backends, side by side."""
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for q_len, kv_len in SHAPES:
+        q = torch.randn(1, 8, q_len, 32, generator=gen)
+        k, v = (torch.randn(1, 4, kv_len, 32, generator=gen) for _ in range(2))
+        for name, pattern in PATTERNS.items():
+            row = {"pattern": name, "q_len": q_len, "kv_len": kv_len}
+            with torch.no_grad():
+                for backend in ("reference", "blocks"):
+                    row[backend] = median_ms(
+                        functools.partial(sparse_attention, q, k, v, pattern, backend=backend),
+                        repeats,
+                    )
+                row["auto"] = resolve_backend("auto", q, k, v)
+            row["faster"] = min(("reference", "blocks"), key=row.get)
+            rows.append(row)
+            print(f"{name} {q_len}x{kv_len}: {row['faster']}", file=sys.stderr)
+    return {
+        "benchmark": "small_calls",
+        "command": "python " + " ".join(sys.argv),
+        "environment": environment(),
+        "results": rows,
+    }
+
+
+def table(record: dict) -> str:
+    """Markdown: times of both backends, the faster one, and what ``auto`` picks."""
+    lines = [
+        "| pattern | Lq x Lk | reference ms | blocks ms | faster | auto picks |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    for r in record["results"]:
+        lines.append(
+            f"| {r['pattern']} | {r['q_len']} x {r['kv_len']} | {r['reference']:.2f} "
+            f"| {r['blocks']:.2f} | {r['faster']} | {r['auto']} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Parse arguments, run, print the table, write JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/small_calls.json"))
+    args = parser.parse_args()
+    record = run(args.repeats)
+    print(table(record))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1))
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
