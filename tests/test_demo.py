@@ -30,6 +30,7 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     for arm in ARMS:
         assert (out / "arms" / arm / "config.json").is_file()
     assert not (out / "random-init").exists()  # a temporary start, removed
+    assert not list(out.glob("arms/*/checkpoints"))  # resume state of finished runs
     records = json.loads((out / "eval" / "results.json").read_text())["records"]
     assert {r["model"].rsplit("/", 1)[-1] for r in records} == set(ARMS)
     assert not [r for r in records if "skipped" in r]

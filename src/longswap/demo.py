@@ -188,6 +188,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         command = finetune_command(config, start, arms / arm, arm_pattern, steps)
         _say(f"{arm}: {shlex.join(command)}")
         cost[arm] = _finetune(command, out / f"{arm}.log")
+        shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
         _say(
             f"{arm}: {cost[arm]['train_seconds']:.1f} s, {cost[arm]['tokens_per_second']:.0f} tok/s"
         )
