@@ -36,6 +36,7 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     assert not [r for r in records if "skipped" in r]
     report = (out / "report.md").read_text()
     assert "## Verdict" in report and "eval/perplexity.png" in report
+    assert "smoke run" in report
     assert (out / "eval" / "perplexity.png").is_file()
     assert "longswap finetune --model" in report
     printed = capsys.readouterr().out

@@ -114,6 +114,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for v in results["verdict"]:
         outcome = {True: "holds", False: "DOES NOT HOLD", None: "not applicable"}[v["holds"]]
         print(f"- {v['claim']}: {outcome}\n    {v['measured']}")
+    if results["config"]["quick"]:
+        print("(a --quick smoke run: its verdict says little; `longswap demo` runs the study)")
     return 0
 
 

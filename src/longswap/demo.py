@@ -321,6 +321,16 @@ def report(results: dict[str, Any], records: list[dict]) -> str:
         f"{long} tokens each, same data and seed. Wall time {results['wall_seconds']:.0f} s "
         f"on {results['environment']['device']} ({results['environment']['threads']} threads).",
         "",
+        *(
+            [
+                f"**A `--quick` smoke run** ({results['steps']} steps, two lengths): it checks "
+                "that every part works, and its verdict says little about the method; "
+                "`longswap demo` runs the real study.",
+                "",
+            ]
+            if results["config"]["quick"]
+            else []
+        ),
         "## Verdict",
         "",
         "| expectation | measured | outcome |",
