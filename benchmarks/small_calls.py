@@ -26,8 +26,8 @@ from longswap.kernels import resolve_backend
 from longswap.patterns import block_topk, sliding_window
 
 PATTERNS = {"sliding_window(256)": sliding_window(256), "block_topk(128,4)": block_topk(128, 4)}
-SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 16384), (64, 64), (256, 256)]
-SHAPES += [(512, 512), (1024, 1024)]
+SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (64, 64), (128, 128)]
+SHAPES += [(256, 256), (512, 512), (1024, 1024)]
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

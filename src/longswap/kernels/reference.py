@@ -42,11 +42,15 @@ def reference_attention(
 
     Rows with no visible key are zero. Computed in float32 whatever the input dtype.
     """
-    group = q.shape[1] // k.shape[1]
+    batch, hq, q_len, _ = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
     mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids)
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    scores = (q.float() @ k.transpose(-1, -2)) * scale  # (B, Hq, Lq, Lk)
+    # Query head h reads key head h // (Hq / Hkv): group the query heads of each key head
+    # as extra rows instead of copying keys and values per query head.
+    rows = q.float().reshape(batch, hkv, -1, q.shape[-1])
+    scores = (rows @ k.float().transpose(-1, -2)).view(batch, hq, q_len, kv_len) * scale
     scores = scores.masked_fill(~mask, torch.finfo(torch.float32).min)
     has_key = mask.any(-1, keepdim=True)
-    return ((torch.softmax(scores, -1) @ v) * has_key).to(q.dtype)
+    probs = torch.softmax(scores, -1).view(batch, hkv, -1, kv_len)
+    out = (probs @ v.float()).view(batch, hq, q_len, v.shape[-1])
+    return (out * has_key).to(q.dtype)
