@@ -108,12 +108,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The five-arm study on the embedded model: swap, fine-tune, evaluate, report."""
     from longswap.demo import DemoConfig, run_demo
+    from longswap.demo.verdict import outcome
     from longswap.train.config import from_arguments
 
     results = run_demo(from_arguments(DemoConfig, args))
     for v in results["verdict"]:
-        outcome = {True: "holds", False: "DOES NOT HOLD", None: "not applicable"}[v["holds"]]
-        print(f"- {v['claim']}: {outcome}\n    {v['measured']}")
+        print(f"- {v['claim']}: {outcome(v['holds'], emphasis='')}\n    {v['measured']}")
     if results["config"]["quick"]:
         print("(a --quick smoke run: its verdict says little; `longswap demo` runs the study)")
     return 0
