@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.patterns import BlockStructure, BlockTopK, Pattern
 from longswap.patterns.base import compact
@@ -203,6 +204,10 @@ def blocks_attention(
     """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
+    if key_padding_mask is None and document_ids is None and band_applies(pattern, hq, q_len):
+        plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
+        if plan is not None:
+            return band_attention(q, k, v, plan, scale, force_math)
     sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)

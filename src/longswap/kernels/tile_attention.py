@@ -149,7 +149,7 @@ def _math_backward(
     return ds @ k, ds.transpose(-1, -2) @ q, dv
 
 
-def _engine(device: torch.device, force_math: bool) -> tuple:
+def kernels_for(device: torch.device, force_math: bool) -> tuple:
     """(forward, backward) tile kernels for this device."""
     if device.type == "cpu" and not force_math:
         return _cpu_forward, _cpu_backward
@@ -223,7 +223,7 @@ class TileAttention(torch.autograd.Function):
         force_math: bool,
         disjoint: bool,
     ) -> Tensor:
-        forward, _ = _engine(q.device, force_math)
+        forward, _ = kernels_for(q.device, force_math)
         qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
         outs, lses, queries = [], [], []
         for ts in sets:
@@ -249,7 +249,7 @@ class TileAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
         q, k, v, out, lse = ctx.saved_tensors
-        _, backward = _engine(q.device, ctx.force_math)
+        _, backward = kernels_for(q.device, ctx.force_math)
         kb, vb = _Blocked(k), _Blocked(v)
         grad = torch.cat([grad.reshape(-1, grad.shape[-1]), grad.new_zeros(1, grad.shape[-1])])
         # Rows that saw no key at all: +inf makes every recomputed probability zero.

@@ -1,0 +1,91 @@
+"""The band path of ``blocks`` (distance-only patterns through strided key views)."""
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from longswap import sparse_attention
+from longswap.kernels.band import BAND_ROWS, band_applies, band_plan
+from longswap.patterns import Pattern, block_topk, dilated, full, shifted_groups, sliding_window
+from tests.kernels.test_backends import assert_matches_reference
+
+
+@dataclass(frozen=True)
+class ExactDistance(Pattern):
+    """Sees only the key ``distance`` back: the first rows see nothing."""
+
+    distance: int = 3
+    name = "exact_distance_test"
+    translation_invariant = True
+
+    def reach(self) -> int:
+        """The one visible distance."""
+        return self.distance
+
+    def _mask_fn(self, kv_len, num_heads, device):  # noqa: ANN001, ANN202
+        return lambda q, kv, h: q - kv == self.distance
+
+    def _tiles(self, grid, num_heads):  # noqa: ANN001, ANN202
+        (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
+        return (q_lo - k_hi <= self.distance) & (q_hi - k_lo >= self.distance), q_lo < q_lo.min()
+
+
+def inputs(batch, hq, hkv, q_len, kv_len, dim=16, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, hq, q_len, dim, generator=g)
+    k, v = (torch.randn(batch, hkv, kv_len, dim, generator=g) for _ in range(2))
+    return [t.to(dtype).requires_grad_() for t in (q, k, v)]
+
+
+def test_band_serves_distance_only_patterns():
+    assert band_applies(sliding_window(64), 4, 1000)
+    assert band_applies(sliding_window(16) | dilated(4, 40), 4, 1000)
+    assert not band_applies(sliding_window(64, sinks=4), 4, 1000)  # sinks: absolute positions
+    assert not band_applies(block_topk(32, 2), 4, 1000)
+    assert not band_applies(shifted_groups(64), 4, 1000)  # differs per head
+    assert not band_applies(full(), 4, 1000)  # no finite reach
+    assert not band_applies(sliding_window(64), 4, BAND_ROWS - 1)  # short: the tiles serve it
+    cpu = torch.device("cpu")
+    assert band_plan(sliding_window(64), 4, 2, 1000, 1000, cpu) is not None
+    assert band_plan(sliding_window(600), 4, 2, 1000, 1000, cpu) is None  # reach too long
+
+
+@pytest.mark.parametrize(
+    ("heads", "q_len", "kv_len", "pattern"),
+    [
+        ((2, 2), 1000, 1000, sliding_window(100)),  # edge chunks, a short last chunk
+        ((4, 2), 700, 900, sliding_window(150)),  # decoding offset inside the reach
+        ((2, 2), 384, 1500, sliding_window(64)),  # offset beyond the reach: no front padding
+        ((4, 1), 500, 500, dilated(20, 3)),  # four query heads stacked on one key head
+        ((2, 1), 777, 800, sliding_window(16) | dilated(4, 40)),
+    ],
+    ids=str,
+)
+@pytest.mark.parametrize("force_math", [False, True], ids=["cpu-flash", "portable"])
+def test_band_equals_reference(heads, q_len, kv_len, pattern, force_math):
+    assert band_plan(pattern, *heads, q_len, kv_len, torch.device("cpu")) is not None
+    q, k, v = inputs(2, *heads, q_len, kv_len)
+    assert_matches_reference(pattern, q, k, v, None, 2e-5, force_math=force_math)
+
+
+def test_band_low_precision():
+    q, k, v = inputs(1, 4, 2, 600, 600, dtype=torch.bfloat16)
+    ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
+    pattern = sliding_window(100)
+    out = sparse_attention(q, k, v, pattern, backend="blocks")
+    expected = sparse_attention(*ref, pattern, backend="reference")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
+    out.float().sum().backward()
+    expected.sum().backward()
+    for t, r in zip((q, k, v), ref, strict=True):
+        torch.testing.assert_close(t.grad.float(), r.grad, atol=6e-2, rtol=6e-2)
+
+
+def test_rows_without_keys_go_to_the_tiles():
+    """A distance-only rule that leaves the first rows empty: no band plan, zeros, no NaN."""
+    pattern = ExactDistance(3)
+    assert band_plan(pattern, 2, 2, 400, 400, torch.device("cpu")) is None
+    q, k, v = inputs(1, 2, 2, 400, 400)
+    assert_matches_reference(pattern, q, k, v, None, 2e-5)
