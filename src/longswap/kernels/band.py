@@ -32,16 +32,53 @@ BAND_ALIGN = 64
 
 
 @dataclass(frozen=True)
-class BandPlan:
+class Chunking:
+    """Queries cut into ``chunks`` chunks of ``chunk`` positions; a chunk's rows are those
+    positions in each of the ``groups`` query heads that share one key head."""
+
+    chunk: int
+    groups: int
+    chunks: int
+
+    @property
+    def rows(self) -> int:
+        """R: query rows per chunk."""
+        return self.groups * self.chunk
+
+    def to_chunks(self, x: Tensor, hkv: int) -> Tensor:
+        """``(B, Hq, Lq, D)`` as ``(B*Hkv, n, R, D)``; a view when no padding or stacking.
+
+        Padded rows are zero, so a padded gradient row adds nothing in a backward pass.
+        """
+        batch, hq, length, dim = x.shape
+        n, c, g = self.chunks, self.chunk, self.groups
+        if g == 1 and n * c == length:
+            return x.reshape(batch * hkv, n, c, dim)
+        out = x.new_empty(batch * hkv, n, g, c, dim)
+        full, rest = divmod(length, c)
+        heads = x.reshape(batch * hkv, g, length, dim)
+        out[:, :full].copy_(heads[:, :, : full * c].view(-1, g, full, c, dim).transpose(1, 2))
+        if rest:
+            out[:, full, :, :rest].copy_(heads[:, :, full * c :])
+            out[:, full, :, rest:].zero_()
+        out[:, full + (rest > 0) :].zero_()
+        return out.view(batch * hkv, n, g * c, dim)
+
+    def from_chunks(self, x: Tensor, shape: torch.Size) -> Tensor:
+        """Inverse of :meth:`to_chunks`: ``(B, Hq, Lq, D)`` without the padded rows."""
+        batch, hq, length, dim = shape
+        x = x.reshape(-1, self.chunks, self.groups, self.chunk, dim).transpose(1, 2)
+        return x.reshape(batch, hq, -1, dim)[:, :, :length]
+
+
+@dataclass(frozen=True)
+class BandPlan(Chunking):
     """How one ``(Hq, Hkv, Lq, Lk)`` problem is cut into chunks of ``chunk`` queries.
 
     ``mask (1, 1, R, K)`` is every chunk's band. The first ``edge`` chunks' slices reach
     into the front padding; ``edge_mask (1, edge, R, K)`` also hides those zero keys.
     """
 
-    chunk: int
-    groups: int  # query heads per key head
-    chunks: int  # n: queries are zero-padded to n * chunk
     before: int  # P: keys before a chunk's first query that its slice holds
     front: int  # zero key rows padded in front of key 0
     base: int  # padded key row where chunk 0's slice starts
@@ -120,33 +157,6 @@ def band_plan(
     return BandPlan(chunk, groups, chunks, before, front, base, padded_len, shared, edge, edge_mask)
 
 
-def _to_chunks(x: Tensor, plan: BandPlan, hkv: int) -> Tensor:
-    """``(B, Hq, Lq, D)`` as ``(B*Hkv, n, G*C, D)``; a view when no padding or stacking.
-
-    Padded query rows are zero, so a padded gradient row adds nothing in the backward pass.
-    """
-    batch, hq, length, dim = x.shape
-    n, c, g = plan.chunks, plan.chunk, plan.groups
-    if g == 1 and n * c == length:
-        return x.reshape(batch * hkv, n, c, dim)
-    out = x.new_empty(batch * hkv, n, g, c, dim)
-    full, rest = divmod(length, c)
-    heads = x.reshape(batch * hkv, g, length, dim)
-    out[:, :full].copy_(heads[:, :, : full * c].view(-1, g, full, c, dim).transpose(1, 2))
-    if rest:
-        out[:, full, :, :rest].copy_(heads[:, :, full * c :])
-        out[:, full, :, rest:].zero_()
-    out[:, full + (rest > 0) :].zero_()
-    return out.view(batch * hkv, n, g * c, dim)
-
-
-def _from_chunks(x: Tensor, plan: BandPlan, shape: torch.Size) -> Tensor:
-    """Inverse of :func:`_to_chunks`: drop the padded rows."""
-    batch, hq, length, dim = shape
-    x = x.view(-1, plan.chunks, plan.groups, plan.chunk, dim).transpose(1, 2)
-    return x.reshape(batch, hq, -1, dim)[:, :, :length]
-
-
 def _padded_keys(x: Tensor, plan: BandPlan) -> Tensor:
     """``(B, Hkv, Lk, D)`` as contiguous ``(B*Hkv, padded_len, D)``, zero rows around."""
     batch, heads, length, dim = x.shape
@@ -209,7 +219,7 @@ class BandAttention(torch.autograd.Function):
         force_math: bool,
     ) -> Tensor:
         forward, _ = kernels_for(q.device, force_math)
-        qc, kp, vp = _to_chunks(q, plan, k.shape[1]), _padded_keys(k, plan), _padded_keys(v, plan)
+        qc, kp, vp = plan.to_chunks(q, k.shape[1]), _padded_keys(k, plan), _padded_keys(v, plan)
         mask, edge_mask = plan.masks_as(q.dtype)
         n, e = plan.chunks, plan.edge
         out, lse = forward(qc, _slices(kp, plan, n), _slices(vp, plan, n), mask, scale)
@@ -221,7 +231,7 @@ class BandAttention(torch.autograd.Function):
         ctx.save_for_backward(qc, kp, vp, out, lse)
         ctx.plan, ctx.scale, ctx.force_math = plan, scale, force_math
         ctx.shapes = q.shape, k.shape
-        return _from_chunks(out, plan, q.shape)
+        return plan.from_chunks(out, q.shape)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
@@ -230,7 +240,7 @@ class BandAttention(torch.autograd.Function):
         _, backward = kernels_for(qc.device, ctx.force_math)
         n = plan.chunks
         dq, dk, dv = backward(
-            _to_chunks(grad, plan, k_shape[1]),
+            plan.to_chunks(grad, k_shape[1]),
             qc,
             _slices(kp, plan, n),
             _slices(vp, plan, n),
@@ -241,7 +251,7 @@ class BandAttention(torch.autograd.Function):
         )
         front, length = plan.front, k_shape[2]
         dk, dv = (_fold(d, plan)[:, front : front + length].reshape(k_shape) for d in (dk, dv))
-        return _from_chunks(dq, plan, q_shape), dk, dv, None, None, None
+        return plan.from_chunks(dq, q_shape), dk, dv, None, None, None
 
 
 def band_attention(

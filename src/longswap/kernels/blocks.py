@@ -22,6 +22,7 @@ from torch import Tensor
 
 from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.tile_attention import TileSet, tile_attention
+from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
 from longswap.patterns import BlockStructure, BlockTopK, Pattern
 from longswap.patterns.base import compact
 
@@ -154,37 +155,25 @@ def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> 
     """Tiles for ``block_topk``'s selected blocks: ``selected (B, Hq, Lq, n)`` bool.
 
     One tile per key block, holding every query row (of every query head sharing the key
-    head) that selected it. Blocks are bucketed by how many queries chose them (up to the
-    next power of two), so padding stays below half of each bucket.
+    head) that selected it (:func:`longswap.kernels.topk.group_by_block`).
     """
     batch, hq, q_len, n = selected.shape
-    device = selected.device
     b, h, i, j = torch.nonzero(selected, as_tuple=True)
     row = (b * hq + h) * q_len + i
     key_block = (b * hkv + h // (hq // hkv)) * n + j  # flat block in (B, Hkv, n)
-    order = torch.argsort(key_block, stable=True)
-    key_block, row = key_block[order], row[order]
-    counts = torch.bincount(key_block, minlength=batch * hkv * n)
-    rank = torch.arange(row.numel(), device=device) - (torch.cumsum(counts, 0) - counts)[key_block]
-    bucket = torch.ceil(torch.log2(counts.clamp_min(1).float())).long()
     n_kv_blocks = -(-kv_len // block_size)  # blocks per key head in the blocked key space
-    sets = []
-    for level in torch.unique(bucket[counts > 0]).tolist():
-        blocks_here = torch.nonzero((bucket == level) & (counts > 0)).squeeze(1)  # (T,)
-        width = int(counts[blocks_here].max())
-        tile_of = torch.full_like(counts, -1)
-        tile_of[blocks_here] = torch.arange(blocks_here.numel(), device=device)
-        pick = tile_of[key_block] >= 0
-        rows = torch.full((blocks_here.numel() * width,), batch * hq * q_len, device=device)
-        rows[tile_of[key_block[pick]] * width + rank[pick]] = row[pick]
-        rows = rows.view(-1, width)
-        kv_index = (blocks_here // n * n_kv_blocks + blocks_here % n)[:, None]
-        sets.append(
-            TileSet.build(
-                rows.clamp_max(batch * hq * q_len - 1), 1, kv_index, block_size, rows, None
-            )
+    sentinel = batch * hq * q_len
+    return tuple(
+        TileSet.build(
+            rows.clamp_max(sentinel - 1),
+            1,
+            (blocks // n * n_kv_blocks + blocks % n)[:, None],
+            block_size,
+            rows,
+            None,
         )
-    return tuple(sets)
+        for rows, blocks in group_by_block(row, key_block, batch * hkv * n, sentinel)
+    )
 
 
 def blocks_attention(
@@ -204,10 +193,15 @@ def blocks_attention(
     """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    if key_padding_mask is None and document_ids is None and band_applies(pattern, hq, q_len):
+    plain = key_padding_mask is None and document_ids is None
+    if plain and band_applies(pattern, hq, q_len):
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:
             return band_attention(q, k, v, plan, scale, force_math)
+    if plain and isinstance(pattern, BlockTopK):
+        own = own_block_plan(pattern.block_size, hq, hkv, q_len, kv_len, q.device)
+        if own is not None:
+            return topk_attention(q, k, v, own, pattern.select_blocks(q, k), scale, force_math)
     sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)

@@ -53,19 +53,25 @@ class BlockTopK(Pattern):
         return kv_len // self.block_size
 
     @torch.no_grad()
-    def select(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """Boolean ``(B, Hq, Lq, nC)``: which complete key block each query token selects.
+    def select_blocks(
+        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``(blocks, chosen)``, each ``(B, Hq, Lq, P)``: the complete key blocks each query
+        token selects, ``P = min(top_k, complete blocks)`` places per token.
 
         q is ``(B, Hq, Lq, D)``, k is ``(B, Hkv, Lk, D)``; query ``i`` sits at absolute
-        position ``Lk - Lq + i``. Key blocks whose keys are all padding are never selected,
-        and padded keys do not enter the mean.
+        position ``Lk - Lq + i``. ``chosen`` is False for places left empty (a token with
+        fewer earlier blocks than ``top_k``). Key blocks whose keys are all padding are
+        never selected, and padded keys do not enter the mean.
         """
         batch, hq, q_len, dim = q.shape
         hkv, kv_len = k.shape[1], k.shape[2]
         n = self.num_candidate_blocks(kv_len)
         bb = self.block_size
-        if n == 0 or self.top_k == 0:
-            return torch.zeros(batch, hq, q_len, n, dtype=torch.bool, device=q.device)
+        places = min(self.top_k, n)
+        if places == 0:
+            empty = torch.zeros(batch, hq, q_len, 0, dtype=torch.long, device=q.device)
+            return empty, empty.bool()
         keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
         if key_padding_mask is None:
             means = keys.mean(3)  # (B, Hkv, n, D)
@@ -81,17 +87,28 @@ class BlockTopK(Pattern):
         own = (torch.arange(kv_len - q_len, kv_len, device=q.device) // bb)[:, None]
         valid = (torch.arange(n, device=q.device)[None, :] < own) & usable[:, :, None, :]
         scores = torch.where(valid, scores, float("-inf"))
-        places = min(self.top_k, n)
-        threshold = torch.topk(scores, places, dim=-1).values[..., -1:]
-        chosen = (scores >= threshold) & valid
-        crowded = chosen.sum(-1) > places  # ties at the threshold: keep the most recent
-        if bool(crowded.any()):
-            rows = chosen[crowded]
-            tied = rows & (scores[crowded] == threshold[crowded])
-            spare = places - (rows & ~tied).sum(-1, keepdim=True)
-            from_right = tied.flip(-1).cumsum(-1).flip(-1)
-            chosen[crowded] = (rows & ~tied) | (tied & (from_right <= spare))
-        return chosen
+        top = torch.topk(scores, min(places + 1, n), dim=-1)  # one more, to spot ties
+        blocks, threshold = top.indices[..., :places], top.values[..., places - 1]
+        chosen = top.values[..., :places] > float("-inf")
+        if n > places:  # ties at the threshold: keep the most recent blocks
+            crowded = (top.values[..., places] == threshold) & (threshold > float("-inf"))
+            if bool(crowded.any()):
+                rows, limit = scores[crowded], threshold[crowded][:, None]
+                tied = rows == limit
+                spare = places - (rows > limit).sum(-1, keepdim=True)
+                from_right = tied.flip(-1).cumsum(-1).flip(-1)
+                keep = (rows > limit) | (tied & (from_right <= spare))
+                order = torch.sort(keep.int(), dim=-1, descending=True, stable=True).indices
+                blocks[crowded] = order[:, :places]
+        return blocks, chosen
+
+    def select(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Boolean ``(B, Hq, Lq, n)`` over the ``n`` complete key blocks: the selected ones
+        (see :meth:`select_blocks`)."""
+        blocks, chosen = self.select_blocks(q, k, key_padding_mask)
+        n = self.num_candidate_blocks(k.shape[2])
+        out = torch.zeros(*q.shape[:3], n, dtype=torch.bool, device=q.device)
+        return out.scatter_(-1, blocks, chosen)
 
     def token_mask(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Boolean ``(B, Hq, Lq, Lk)``: the full element view for these inputs (for the oracle)."""
