@@ -128,7 +128,7 @@ def sparse_attention(
     backend: Backend = "auto",
     scale: float | None = None,
     key_padding_mask: Tensor | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     document_ids: Tensor | None = None,
 ) -> Tensor:
     """Attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, Lk, D)`` restricted to ``pattern``.
@@ -136,13 +136,18 @@ def sparse_attention(
     Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` defaults to
     ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep;
     ``document_ids (B, Lk)`` (packed sequences) keeps attention inside each document. Rows with no
-    visible key return zeros. Returns ``(B, Hq, Lq, D)`` in q's dtype.
+    visible key return zeros. Returns ``(B, Hq, Lq, D)`` in q's dtype. ``block_size`` is the
+    tile size of the ``blocks`` and ``flex`` kernels, a speed setting that never changes the
+    pattern; None picks each backend's measured best (``blocks``: 128; ``flex``: 64 on CPU,
+    128 elsewhere).
     """
     pattern = parse_pattern(pattern)
     check_inputs(q, k, v, key_padding_mask)
     check_documents(k, document_ids)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1
+    ):
+        raise ValueError(f"block_size must be a positive integer or None, got {block_size!r}")
     pattern.check_heads(q.shape[1])
     if scale is None:
         scale = q.shape[-1] ** -0.5

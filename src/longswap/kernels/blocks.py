@@ -183,14 +183,16 @@ def blocks_attention(
     pattern: Pattern,
     scale: float,
     key_padding_mask: Tensor | None = None,
-    block_size: int = 128,
+    block_size: int | None = None,
     document_ids: Tensor | None = None,
     force_math: bool = False,
 ) -> Tensor:
     """Sparse attention that touches only the blocks the pattern needs (any device, autograd).
 
-    ``force_math`` runs the device-generic tile kernels on CPU too (tests compare both).
+    ``block_size``: tile rows of the static tiles (None: 128). ``force_math`` runs the
+    device-generic tile kernels on CPU too (tests compare both).
     """
+    block_size = block_size or 128
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None and document_ids is None
