@@ -191,7 +191,13 @@ def run(args: argparse.Namespace) -> dict:
     header = {
         "benchmark": "attention",
         "command": "python " + " ".join(sys.argv),
-        "config": {"batch": 1, "heads": h, "dim": d, "block_size": 128, "repeats": args.repeats},
+        "config": {
+            "batch": 1,
+            "heads": h,
+            "dim": d,
+            "block_size": {"blocks": 128, "flex": flex.DEFAULT_BLOCK.get(device.type, 128)},
+            "repeats": args.repeats,
+        },
         "environment": environment(device),
     }
     for length in args.lengths:
