@@ -56,7 +56,7 @@ def run(repeats: int) -> dict:
                         functools.partial(sparse_attention, q, k, v, pattern, backend=backend),
                         repeats,
                     )
-                row["auto"] = resolve_backend("auto", q, k, v)
+                row["auto"] = resolve_backend("auto", q, k, v, pattern)
             row["faster"] = min(("reference", "blocks"), key=row.get)
             rows.append(row)
             print(f"{name} {q_len}x{kv_len}: {row['faster']}", file=sys.stderr)

@@ -239,6 +239,10 @@ def test_auto_choice():
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"
+    # Selecting blocks costs more to set up: decoding steps over 8k keys stay dense.
+    step_8k = torch.randn(1, 2, 8192, 8)
+    assert resolve_backend("auto", step, step_8k, step_8k, sliding_window(64)) == "blocks"
+    assert resolve_backend("auto", step, step_8k, step_8k, block_topk(128, 4)) == "reference"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)

@@ -69,18 +69,22 @@ def test_band_equals_reference(heads, q_len, kv_len, pattern, force_math):
     assert_matches_reference(pattern, q, k, v, None, 2e-5, force_math=force_math)
 
 
-def test_band_low_precision():
-    q, k, v = inputs(1, 4, 2, 600, 600, dtype=torch.bfloat16)
+def assert_low_precision_matches(pattern, q, k, v):
+    """``blocks`` in q's (low) dtype against the float32 oracle: values and gradients."""
     ref = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    pattern = sliding_window(100)
     out = sparse_attention(q, k, v, pattern, backend="blocks")
     expected = sparse_attention(*ref, pattern, backend="reference")
-    assert out.dtype == torch.bfloat16
+    assert out.dtype == q.dtype
     torch.testing.assert_close(out.float(), expected, atol=3e-2, rtol=3e-2)
     out.float().sum().backward()
     expected.sum().backward()
     for t, r in zip((q, k, v), ref, strict=True):
         torch.testing.assert_close(t.grad.float(), r.grad, atol=6e-2, rtol=6e-2)
+
+
+def test_band_low_precision():
+    q, k, v = inputs(1, 4, 2, 600, 600, dtype=torch.bfloat16)
+    assert_low_precision_matches(sliding_window(100), q, k, v)
 
 
 def test_rows_without_keys_go_to_the_tiles():

@@ -97,19 +97,27 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
 #: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle:
 #: one small masked softmax costs less than setting up tiles, and compiles nothing. On CPU
 #: the crossover is low (decoding steps over up to ~4k keys; a 256 x 256 prefill is already
-#: faster through ``blocks``: benchmarks/small_calls.py). On CUDA the bound is wide, to
-#: spare FlexAttention a compilation per decoding shape.
+#: faster through ``blocks``: benchmarks/small_calls.py). A pattern that selects blocks
+#: from the data (``block_topk``) has more to set up (selection, grouping), and its CPU
+#: crossover is 4x higher: decoding steps over up to 16k keys, a 128 x 128 prefill. On CUDA
+#: the bound is wide, to spare FlexAttention a compilation per decoding shape.
 SMALL_PAIRS = {"cpu": 1 << 12, "cuda": 1 << 20}
+SMALL_PAIRS_SELECTING = {"cpu": 1 << 14, "cuda": 1 << 20}
 
 
-def resolve_backend(backend: str, q: Tensor, k: Tensor, v: Tensor) -> str:
+def resolve_backend(
+    backend: str, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None = None
+) -> str:
     """The concrete backend for ``backend`` on these inputs (``auto`` decides here)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    small = SMALL_PAIRS.get(q.device.type, SMALL_PAIRS["cpu"])
+    bounds = (
+        SMALL_PAIRS_SELECTING if pattern is not None and pattern.data_dependent else SMALL_PAIRS
+    )
+    small = bounds.get(q.device.type, bounds["cpu"])
     if not needs_grad and q.shape[2] * k.shape[2] <= small:
         return "reference"
     if q.device.type == "cuda":
@@ -153,7 +161,7 @@ def sparse_attention(
         scale = q.shape[-1] ** -0.5
     elif not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    chosen = resolve_backend(backend, q, k, v)
+    chosen = resolve_backend(backend, q, k, v, pattern)
     if chosen == "reference":
         return reference_attention(q, k, v, pattern, scale, key_padding_mask, document_ids)
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
