@@ -19,20 +19,20 @@ def test_own_block_plan_needs_block_aligned_queries():
 
 
 @pytest.mark.parametrize(
-    ("heads", "q_len", "kv_len", "pattern"),
+    ("batch", "heads", "q_len", "kv_len", "pattern"),
     [
-        ((2, 2), 1000, 1000, block_topk(64, 3)),  # a short last block
-        ((4, 2), 704, 960, block_topk(64, 2)),  # decoding offset of four blocks
-        ((4, 1), 500, 500, block_topk(32, 4)),  # four query heads per key head
-        ((2, 2), 256, 256, block_topk(128, 4)),  # fewer earlier blocks than top_k
-        ((2, 1), 300, 300, block_topk(16, 0)),  # own block only
+        (2, (2, 2), 1000, 1000, block_topk(64, 3)),  # a short last block
+        (1, (4, 2), 704, 960, block_topk(64, 2)),  # decoding offset of four blocks
+        (2, (4, 1), 500, 500, block_topk(32, 4)),  # four query heads per key head
+        (2, (2, 2), 256, 256, block_topk(128, 4)),  # fewer earlier blocks than top_k
+        (1, (2, 1), 300, 300, block_topk(16, 0)),  # own block only
     ],
     ids=str,
 )
 @pytest.mark.parametrize("force_math", [False, True], ids=["cpu-flash", "portable"])
-def test_topk_view_path_equals_reference(heads, q_len, kv_len, pattern, force_math):
+def test_topk_view_path_equals_reference(batch, heads, q_len, kv_len, pattern, force_math):
     assert own_block_plan(pattern.block_size, *heads, q_len, kv_len, CPU) is not None
-    q, k, v = inputs(2, *heads, q_len, kv_len)
+    q, k, v = inputs(batch, *heads, q_len, kv_len)
     assert_matches_reference(pattern, q, k, v, None, 2e-5, force_math=force_math)
 
 

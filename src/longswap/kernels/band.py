@@ -161,8 +161,8 @@ def _padded_keys(x: Tensor, plan: BandPlan) -> Tensor:
     """``(B, Hkv, Lk, D)`` as contiguous ``(B*Hkv, padded_len, D)``, zero rows around."""
     batch, heads, length, dim = x.shape
     front = plan.front
-    if front == 0 and plan.padded_len == length:
-        return x.reshape(batch * heads, length, dim)
+    if front == 0 and plan.padded_len == length:  # slices are strided views: contiguous
+        return x.reshape(batch * heads, length, dim).contiguous()
     out = x.new_empty(batch * heads, plan.padded_len, dim)
     out[:, :front].zero_()
     out[:, front + length :].zero_()
