@@ -4,7 +4,8 @@
 to compile) and the rest to ``blocks`` on CPU. This measures where the two cross: decoding
 steps (one query over ``Lk`` keys) and prompts (``L`` queries over ``L`` keys), for a
 window and a top-k pattern, with grouped-query heads (8 query heads, 4 key heads, D=32, the
-demo model's attention). Prints a table with the backend ``auto`` picks, writes JSON.
+demo model's attention). A decoding row grows its keys by one at every timed call, as a
+decoding loop does. Prints a table with the backend ``auto`` picks, writes JSON.
 """
 
 from __future__ import annotations
@@ -25,20 +26,29 @@ from longswap.evaluate import environment
 from longswap.kernels import resolve_backend
 from longswap.patterns import block_topk, sliding_window
 
-PATTERNS = {"sliding_window(256)": sliding_window(256), "block_topk(128,4)": block_topk(128, 4)}
+PATTERNS = {
+    "sliding_window(256)": sliding_window(256),
+    "sliding_window(256,sinks=4)": sliding_window(256, sinks=4),
+    "block_topk(128,4)": block_topk(128, 4),
+}
 SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (64, 64), (128, 128)]
 SHAPES += [(256, 256), (512, 512), (1024, 1024)]
 
 
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in milliseconds, after one warm-up call."""
-    fn()
+def median_ms(fn: Callable[[int], object], repeats: int) -> float:
+    """Median wall time of ``fn(i)`` for ``i = 1..repeats`` in ms, after a warm-up ``fn(0)``."""
+    fn(0)
     times = []
-    for _ in range(repeats):
+    for i in range(1, repeats + 1):
         start = time.perf_counter()
-        fn()
+        fn(i)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def _step(call: Callable[..., object], q: torch.Tensor, keys: list, i: int) -> object:
+    """Call ``i``: ``q`` against the ``i``-th (keys, values)."""
+    return call(q, *keys[i])
 
 
 def run(repeats: int) -> dict:
@@ -47,15 +57,21 @@ def run(repeats: int) -> dict:
     rows = []
     for q_len, kv_len in SHAPES:
         q = torch.randn(1, 8, q_len, 32, generator=gen)
-        k, v = (torch.randn(1, 4, kv_len, 32, generator=gen) for _ in range(2))
+        # A decoding loop meets a new key length at every step (nothing cached per shape
+        # helps it): call i of a decoding row sees kv_len + i keys. Prompts repeat one shape.
+        grows = q_len == 1
+        k, v = (torch.randn(1, 4, kv_len + repeats * grows, 32, generator=gen) for _ in range(2))
+        keys = [
+            (k[:, :, : kv_len + i * grows].contiguous(), v[:, :, : kv_len + i * grows].contiguous())
+            for i in range(repeats + 1)
+        ]
         for name, pattern in PATTERNS.items():
             row = {"pattern": name, "q_len": q_len, "kv_len": kv_len}
             with torch.no_grad():
                 for backend in ("reference", "blocks"):
-                    row[backend] = median_ms(
-                        functools.partial(sparse_attention, q, k, v, pattern, backend=backend),
-                        repeats,
-                    )
+                    call = functools.partial(sparse_attention, pattern=pattern, backend=backend)
+                    row[backend] = median_ms(functools.partial(_step, call, q, keys), repeats)
+                k, v = keys[0]
                 row["auto"] = resolve_backend("auto", q, k, v, pattern)
             row["faster"] = min(("reference", "blocks"), key=row.get)
             rows.append(row)

@@ -239,10 +239,19 @@ def test_auto_choice():
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"
-    # Selecting blocks costs more to set up: decoding steps over 8k keys stay dense.
-    step_8k = torch.randn(1, 2, 8192, 8)
-    assert resolve_backend("auto", step, step_8k, step_8k, sliding_window(64)) == "blocks"
-    assert resolve_backend("auto", step, step_8k, step_8k, block_topk(128, 4)) == "reference"
+    # Decoding steps: a band pattern reads only its reach; tiles are rebuilt at every length.
+    keys_8k, keys_64k = torch.randn(1, 2, 8192, 8), torch.randn(1, 2, 1 << 16, 8)
+    assert resolve_backend("auto", step, keys_8k, keys_8k, sliding_window(64)) == "blocks"
+    window_sinks = sliding_window(64, sinks=4)
+    assert resolve_backend("auto", step, keys_8k, keys_8k, window_sinks) == "reference"
+    assert resolve_backend("auto", step, keys_64k, keys_64k, window_sinks) == "blocks"
+    assert resolve_backend("auto", step, keys_8k, keys_8k, block_topk(128, 4)) == "reference"
+    # Prompts: block selection has more to set up than a static pattern.
+    prompt_128 = torch.randn(1, 2, 128, 8)
+    assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, block_topk(128, 4)) == (
+        "reference"
+    )
+    assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, window_sinks) == "blocks"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longswap import sparse_attention
-from longswap.kernels.band import BAND_ROWS, band_applies, band_plan
+from longswap.kernels.band import band_applies, band_plan
 from longswap.patterns import Pattern, block_topk, dilated, full, shifted_groups, sliding_window
 from tests.kernels.test_backends import assert_matches_reference
 
@@ -40,13 +40,12 @@ def inputs(batch, hq, hkv, q_len, kv_len, dim=16, dtype=torch.float32, seed=0):
 
 
 def test_band_serves_distance_only_patterns():
-    assert band_applies(sliding_window(64), 4, 1000)
-    assert band_applies(sliding_window(16) | dilated(4, 40), 4, 1000)
-    assert not band_applies(sliding_window(64, sinks=4), 4, 1000)  # sinks: absolute positions
-    assert not band_applies(block_topk(32, 2), 4, 1000)
-    assert not band_applies(shifted_groups(64), 4, 1000)  # differs per head
-    assert not band_applies(full(), 4, 1000)  # no finite reach
-    assert not band_applies(sliding_window(64), 4, BAND_ROWS - 1)  # short: the tiles serve it
+    assert band_applies(sliding_window(64), 4)
+    assert band_applies(sliding_window(16) | dilated(4, 40), 4)
+    assert not band_applies(sliding_window(64, sinks=4), 4)  # sinks: absolute positions
+    assert not band_applies(block_topk(32, 2), 4)
+    assert not band_applies(shifted_groups(64), 4)  # differs per head
+    assert not band_applies(full(), 4)  # no finite reach
     cpu = torch.device("cpu")
     assert band_plan(sliding_window(64), 4, 2, 1000, 1000, cpu) is not None
     assert band_plan(sliding_window(600), 4, 2, 1000, 1000, cpu) is None  # reach too long
@@ -60,6 +59,8 @@ def test_band_serves_distance_only_patterns():
         (1, (2, 2), 384, 1536, sliding_window(64)),  # no padding: keys read in place
         (2, (4, 1), 500, 500, dilated(20, 3)),  # four query heads stacked on one key head
         (2, (2, 1), 777, 800, sliding_window(16) | dilated(4, 40)),
+        (1, (4, 2), 1, 900, sliding_window(150)),  # a decoding step: reads 193 keys of 900
+        (2, (2, 2), 7, 300, dilated(8, 5)),  # a few new tokens at once
     ],
     ids=str,
 )

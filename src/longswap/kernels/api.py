@@ -11,6 +11,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from longswap.kernels.band import band_applies
 from longswap.kernels.blocks import blocks_attention
 from longswap.kernels.flex import flex_attention_backend
 from longswap.kernels.reference import reference_attention
@@ -94,15 +95,32 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
         )
 
 
-#: Below this many (query, key) pairs without gradients, ``auto`` uses the dense oracle:
-#: one small masked softmax costs less than setting up tiles, and compiles nothing. On CPU
-#: the crossover is low (decoding steps over up to ~4k keys; a 256 x 256 prefill is already
-#: faster through ``blocks``: benchmarks/small_calls.py). A pattern that selects blocks
-#: from the data (``block_topk``) has more to set up (selection, grouping), and its CPU
-#: crossover is 4x higher: decoding steps over up to 16k keys, a 128 x 128 prefill. On CUDA
-#: the bound is wide, to spare FlexAttention a compilation per decoding shape.
-SMALL_PAIRS = {"cpu": 1 << 12, "cuda": 1 << 20}
-SMALL_PAIRS_SELECTING = {"cpu": 1 << 14, "cuda": 1 << 20}
+#: Calls without gradients that ``auto`` sends to the dense oracle on CPU, where one masked
+#: softmax costs less than the sparse kernels' set-up (benchmarks/small_calls.py; its
+#: decoding rows grow the keys by one per call, as a decoding loop does):
+#: decoding steps (up to ``DECODE_ROWS`` queries) over up to this many keys: 2k for the
+#: band patterns (their plan is cheap and they read only their reach), 32k for the others
+#: (their tiles are rebuilt for every new key length);
+DENSE_DECODE_KEYS = {"band": 1 << 11, "other": 1 << 15}
+DECODE_ROWS = 16
+#: and prompts up to this many (query, key) pairs: more for block selection, which has
+#: more to set up.
+DENSE_PROMPT_PAIRS = {"selecting": 1 << 16, "other": 1 << 12}
+#: On CUDA, one wide bound for every call: it spares FlexAttention a compilation per
+#: decoding shape.
+CUDA_DENSE_PAIRS = 1 << 20
+
+
+def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor) -> bool:
+    """Whether the dense oracle beats the sparse backends on this call without gradients."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    if q.device.type == "cuda":
+        return q_len * kv_len <= CUDA_DENSE_PAIRS
+    if q_len <= DECODE_ROWS:
+        band = pattern is not None and band_applies(pattern, q.shape[1])
+        return kv_len <= DENSE_DECODE_KEYS["band" if band else "other"]
+    selecting = pattern is not None and pattern.data_dependent
+    return q_len * kv_len <= DENSE_PROMPT_PAIRS["selecting" if selecting else "other"]
 
 
 def resolve_backend(
@@ -114,11 +132,7 @@ def resolve_backend(
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    bounds = (
-        SMALL_PAIRS_SELECTING if pattern is not None and pattern.data_dependent else SMALL_PAIRS
-    )
-    small = bounds.get(q.device.type, bounds["cpu"])
-    if not needs_grad and q.shape[2] * k.shape[2] <= small:
+    if not needs_grad and dense_is_cheaper(pattern, q, k):
         return "reference"
     if q.device.type == "cuda":
         return "flex"

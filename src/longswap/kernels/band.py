@@ -6,8 +6,10 @@ consecutive queries needs the same relative slice of keys: the ``P >= reach`` ke
 the chunk and the chunk's own. With ``P`` zero rows padded in front of the keys, all those
 slices are one strided view ``(B*Hkv, n, C + P, D)`` of the padded keys, and one
 ``(R, C + P)`` mask serves every chunk. Only the first chunks, whose slices reach into the
-padding, get masks of their own (a second kernel call). The ``G`` query heads that share a
-key head are stacked into a chunk's rows (``R = G * C``), so keys are never expanded.
+padding, get masks of their own (a second, small kernel call). The ``G`` query heads that
+share a key head are stacked into a chunk's rows (``R = G * C``), so keys are never
+expanded. A decoding step is one short chunk: it reads the last ``P + Lq`` keys and none
+before, however long the cache.
 
 The backward pass runs the same tile kernels (``tile_attention.kernels_for``); the key and
 value gradients of overlapping slices are added back ``C`` rows at a time.
@@ -103,14 +105,13 @@ class BandPlan(Chunking):
         return self._cast[dtype]
 
 
-def band_applies(pattern: Pattern, num_heads: int, q_len: int) -> bool:
+def band_applies(pattern: Pattern, num_heads: int) -> bool:
     """True when ``pattern`` depends on distance only, up to a finite reach, in every head."""
     return (
         pattern.translation_invariant
         and not pattern.data_dependent
         and pattern.reach() is not None
         and pattern.mask_heads(num_heads) == 1
-        and q_len >= BAND_ROWS
     )
 
 
@@ -124,7 +125,7 @@ def band_plan(
     keys or more: the block tiles skip more), or when a real query row would see no key.
     """
     groups = hq // hkv
-    chunk = max(1, -(-BAND_ROWS // groups))
+    chunk = min(max(1, -(-BAND_ROWS // groups)), q_len)  # a decoding step: one short chunk
     reach = pattern.reach()
     assert reach is not None
     before = -(-max(reach, 1) // BAND_ALIGN) * BAND_ALIGN

@@ -196,7 +196,7 @@ def blocks_attention(
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None and document_ids is None
-    if plain and band_applies(pattern, hq, q_len):
+    if plain and band_applies(pattern, hq):
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:
             return band_attention(q, k, v, plan, scale, force_math)
