@@ -89,12 +89,13 @@ def own_block_plan(
 
 
 def _key_blocks(x: Tensor, plan: OwnBlockPlan) -> Tensor:
-    """``(B, Hkv, Lk, D)`` as ``(B*Hkv, key_blocks, block, D)``, zero rows at the end."""
+    """``(B, Hkv, Lk, D)`` as contiguous ``(B*Hkv, key_blocks, block, D)``, zero rows at the
+    end (contiguous, so that the selected blocks are gathered from one flat view)."""
     batch, heads, length, dim = x.shape
     padded = plan.key_blocks * plan.chunk
     if padded != length:
         x = torch.nn.functional.pad(x, (0, 0, 0, padded - length))
-    return x.reshape(batch * heads, plan.key_blocks, plan.chunk, dim)
+    return x.reshape(batch * heads, plan.key_blocks, plan.chunk, dim).contiguous()
 
 
 def selected_rows(
@@ -202,7 +203,7 @@ class TopKAttention(torch.autograd.Function):
             dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
             dk[:, own], dv[:, own] = dk_own, dv_own
         dq, dk, dv = dq.reshape(m, dim), dk.flatten(0, 1), dv.flatten(0, 1)
-        g_flat = g.reshape(m, dim)
+        g_flat, kb_flat, vb_flat = g.reshape(m, dim), kb.flatten(0, 1), vb.flatten(0, 1)
         # Padding slots: +inf log-sum-exp makes their probabilities, hence their gradients, 0.
         lse = torch.cat([lse, lse.new_full((1,), torch.inf)])
         for (rows, blocks), queries in zip(ctx.tiles, ctx.queries, strict=True):
@@ -210,8 +211,8 @@ class TopKAttention(torch.autograd.Function):
             dq_t, dk_t, dv_t = backward(
                 _gather(g_flat, clamped),
                 queries,
-                _gather(kb.flatten(0, 1), blocks[:, None]).flatten(2, 3),
-                _gather(vb.flatten(0, 1), blocks[:, None]).flatten(2, 3),
+                _gather(kb_flat, blocks[:, None]).flatten(2, 3),
+                _gather(vb_flat, blocks[:, None]).flatten(2, 3),
                 _gather(out, clamped),
                 _gather(lse, rows),
                 None,
