@@ -63,7 +63,7 @@ def verdict(
     rows = [
         (
             "Arm 3 beats arm 4 (random init, same budget) by a wide margin",
-            f"perplexity at {long}: arm 3 {a3:.2f}, arm 4 {a4:.2f} (x{a4 / a3:.1f}; "
+            f"perplexity at {long}: arm 3 {a3:.2f}, arm 4 {a4:.2f} (x{a4 / a3:.2f}; "
             f"wide: >= x{WIDE})",
             a4 >= WIDE * a3,
         ),
@@ -76,7 +76,7 @@ def verdict(
         (
             "Arm 3 is close to arm 5 (dense fine-tune) at a fraction of its cost",
             f"perplexity at {long}: arm 3 {a3:.2f}, arm 5 {a5:.2f} (close: within "
-            f"x{CLOSE}); training time {t3:.1f} s vs {t5:.1f} s ({t3 / t5:.2f} of it; a "
+            f"x{CLOSE}); training time {t3:.1f} s vs {t5:.1f} s ({t3 / t5:.3f} of it; a "
             f"fraction: <= {FRACTION})",
             a3 <= CLOSE * a5 and t3 <= FRACTION * t5,
         ),
