@@ -83,8 +83,9 @@ def assert_low_precision_matches(pattern, q, k, v):
         torch.testing.assert_close(g.float(), r, atol=6e-2, rtol=6e-2)
 
 
-def test_band_low_precision():
-    q, k, v = inputs(1, 4, 2, 600, 600, dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_band_low_precision(dtype):
+    q, k, v = inputs(1, 4, 2, 600, 600, dtype=dtype)
     assert_low_precision_matches(sliding_window(100), q, k, v)
 
 

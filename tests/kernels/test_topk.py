@@ -36,9 +36,10 @@ def test_topk_view_path_equals_reference(batch, heads, q_len, kv_len, pattern, f
     assert_matches_reference(pattern, q, k, v, None, 2e-5, force_math=force_math)
 
 
-def test_topk_view_path_ties_and_low_precision():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_topk_view_path_ties_and_low_precision(dtype):
     """Equal keys everywhere: every selection is a tie, settled toward recent blocks."""
-    q, k, v = inputs(1, 4, 2, 512, 512, dtype=torch.bfloat16)
+    q, k, v = inputs(1, 4, 2, 512, 512, dtype=dtype)
     k = torch.ones_like(k, requires_grad=True)
     assert_low_precision_matches(block_topk(64, 2), q, k, v)
 
