@@ -133,7 +133,12 @@ def density(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, chunk: int = 102
 
 
 def estimate_gb(pattern: Pattern, length: int, heads: int, dim: int) -> float:
-    """Rough peak of the blocks backend: gathered keys and values, mask, gradients."""
+    """Rough peak of the blocks backend: gathered keys and values, mask, gradients.
+
+    ``full()`` runs through SDPA's causal kernel: nothing of size L x L.
+    """
+    if pattern == full():
+        return 0.0
     st = pattern.block_structure(length, length, 128, heads)
     keys = float(st.kv_counts.float().clamp_min(1).sum()) * 128 * 128  # pairs in tiles
     keys *= heads if st.num_heads == 1 else 1

@@ -23,7 +23,7 @@ from torch import Tensor
 from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
-from longswap.patterns import BlockStructure, BlockTopK, Pattern
+from longswap.patterns import BlockStructure, BlockTopK, Pattern, full
 from longswap.patterns.base import compact
 
 #: Query rows a tile should hold at least: the CPU flash kernel works on slices of 32 rows
@@ -176,6 +176,25 @@ def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> 
     )
 
 
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """``full()`` without padding: every causal pair is needed, so the causal flash kernel
+    of SDPA is the block kernel (no tiles, no L x L mask; grouped heads are not expanded)."""
+    q_len, kv_len = q.shape[2], k.shape[2]
+    mask = None
+    if q_len != kv_len:  # queries sit at the end of the keys: causal from the bottom right
+        position = torch.arange(kv_len, device=q.device)
+        mask = position[None] <= position[kv_len - q_len :, None]
+    return F.scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        attn_mask=mask,
+        is_causal=mask is None,
+        scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
 def blocks_attention(
     q: Tensor,
     k: Tensor,
@@ -196,6 +215,8 @@ def blocks_attention(
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None and document_ids is None
+    if plain and pattern == full():
+        return causal_attention(q, k, v, scale)
     if plain and band_applies(pattern, hq):
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:
