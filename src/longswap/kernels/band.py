@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from longswap.kernels.tile_attention import kernels_for
+from longswap.kernels.tile_attention import cast_once, kernels_for
 from longswap.patterns import Pattern
 
 #: Query rows per chunk to aim for (all query heads of a key head together): the CPU
@@ -82,9 +82,7 @@ class BandPlan(Chunking):
     """
 
     before: int  # P: keys before a chunk's first query that its slice holds
-    front: int  # zero key rows padded in front of key 0
-    base: int  # padded key row where chunk 0's slice starts
-    padded_len: int  # key rows after padding
+    offset: int  # absolute position of query row 0 (Lk - Lq)
     mask: Tensor  # additive float32: 0 or -inf
     edge: int
     edge_mask: Tensor | None
@@ -95,14 +93,25 @@ class BandPlan(Chunking):
         """K: key rows per chunk slice."""
         return self.chunk + self.before
 
+    @property
+    def front(self) -> int:
+        """Zero key rows padded in front of key 0."""
+        return max(0, self.before - self.offset)
+
+    @property
+    def base(self) -> int:
+        """Padded key row where chunk 0's slice starts."""
+        return self.offset + self.front - self.before
+
+    @property
+    def padded_len(self) -> int:
+        """Key rows after padding: up to the end of the last chunk's slice."""
+        return self.offset + self.front + self.chunks * self.chunk
+
     def masks_as(self, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-        """``(mask, edge_mask)`` in ``dtype`` (cached: a plan serves every layer)."""
-        if dtype == torch.float32:
-            return self.mask, self.edge_mask
-        if dtype not in self._cast:
-            edge = None if self.edge_mask is None else self.edge_mask.to(dtype)
-            self._cast[dtype] = self.mask.to(dtype), edge
-        return self._cast[dtype]
+        """``(mask, edge_mask)`` in ``dtype``."""
+        mask = cast_once(self._cast, "mask", self.mask, dtype)
+        return mask, cast_once(self._cast, "edge", self.edge_mask, dtype)
 
 
 def band_applies(pattern: Pattern, num_heads: int) -> bool:
@@ -133,7 +142,6 @@ def band_plan(
         return None
     offset = kv_len - q_len  # absolute position of query row 0
     chunks = -(-q_len // chunk)
-    front = max(0, before - offset)
     edge = min(chunks, max(0, -(-(before - offset) // chunk)))  # slices starting before key 0
     visible_fn = pattern.mask_fn(kv_len, hq, device)
 
@@ -153,9 +161,7 @@ def band_plan(
     edge_mask = mask(0, edge) if edge else None
     if shared is None or (edge and edge_mask is None):
         return None
-    base = offset + front - before
-    padded_len = offset + front + chunks * chunk
-    return BandPlan(chunk, groups, chunks, before, front, base, padded_len, shared, edge, edge_mask)
+    return BandPlan(chunk, groups, chunks, before, offset, shared, edge, edge_mask)
 
 
 def _padded_keys(x: Tensor, plan: BandPlan) -> Tensor:

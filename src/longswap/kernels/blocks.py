@@ -151,28 +151,32 @@ def _with_documents(tiles: TileSet, document_ids: Tensor, hq: int, hkv: int, q_l
 
 
 @torch.no_grad()
-def selected_tiles(selected: Tensor, hkv: int, kv_len: int, block_size: int) -> tuple[TileSet, ...]:
-    """Tiles for ``block_topk``'s selected blocks: ``selected (B, Hq, Lq, n)`` bool.
+def selected_tiles(
+    blocks: Tensor, chosen: Tensor, hkv: int, kv_len: int, block_size: int
+) -> tuple[TileSet, ...]:
+    """Tiles for ``block_topk``'s selected blocks: ``BlockTopK.select_blocks``'s
+    ``(blocks, chosen)``, each ``(B, Hq, Lq, P)``.
 
     One tile per key block, holding every query row (of every query head sharing the key
     head) that selected it (:func:`longswap.kernels.topk.group_by_block`).
     """
-    batch, hq, q_len, n = selected.shape
-    b, h, i, j = torch.nonzero(selected, as_tuple=True)
-    row = (b * hq + h) * q_len + i
-    key_block = (b * hkv + h // (hq // hkv)) * n + j  # flat block in (B, Hkv, n)
+    batch, hq, q_len, _ = blocks.shape
+    arange = functools.partial(torch.arange, device=blocks.device)
+    h = arange(hq)[:, None]
+    row = (arange(batch)[:, None, None] * hq + h) * q_len + arange(q_len)  # (B, Hq, Lq)
+    head = arange(batch)[:, None, None] * hkv + h // (hq // hkv)  # (B, Hq, 1)
     n_kv_blocks = -(-kv_len // block_size)  # blocks per key head in the blocked key space
+    key_block = head[..., None] * n_kv_blocks + blocks
     sentinel = batch * hq * q_len
+    tiles = group_by_block(
+        row[..., None].expand_as(blocks)[chosen],
+        key_block[chosen],
+        batch * hkv * n_kv_blocks,
+        sentinel,
+    )
     return tuple(
-        TileSet.build(
-            rows.clamp_max(sentinel - 1),
-            1,
-            (blocks // n * n_kv_blocks + blocks % n)[:, None],
-            block_size,
-            rows,
-            None,
-        )
-        for rows, blocks in group_by_block(row, key_block, batch * hkv * n, sentinel)
+        TileSet.build(rows.clamp_max(sentinel - 1), 1, key_blocks[:, None], block_size, rows, None)
+        for rows, key_blocks in tiles
     )
 
 
@@ -228,8 +232,8 @@ def blocks_attention(
     sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)
-        selected = pattern.select(q, k, key_padding_mask)
-        sets += selected_tiles(selected, hkv, kv_len, pattern.block_size)
+        selection = pattern.select_blocks(q, k, key_padding_mask)
+        sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
     if document_ids is not None:

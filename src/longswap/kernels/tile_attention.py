@@ -87,12 +87,18 @@ class TileSet:
         return (self.mask[:, 0] == 0) & self.has_key[..., None]
 
     def mask_as(self, dtype: torch.dtype) -> Tensor | None:
-        """The additive mask in ``dtype`` (cached: plans are reused across calls)."""
-        if self.mask is None or dtype == torch.float32:
-            return self.mask
-        if dtype not in self._cast:
-            self._cast[dtype] = self.mask.to(dtype)
-        return self._cast[dtype]
+        """The additive mask in ``dtype``."""
+        return cast_once(self._cast, "mask", self.mask, dtype)
+
+
+def cast_once(cache: dict, name: str, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """``mask`` in ``dtype``, converted once and kept in ``cache``: plans and tiles are
+    reused by every call of a shape (every layer, every step)."""
+    if mask is None or mask.dtype == dtype:
+        return mask
+    if (name, dtype) not in cache:
+        cache[name, dtype] = mask.to(dtype)
+    return cache[name, dtype]
 
 
 def _cpu_forward(

@@ -12,13 +12,13 @@ the same kernels from the merged output, as FlashAttention does across key split
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from longswap.kernels.band import Chunking
-from longswap.kernels.tile_attention import kernels_for
+from longswap.kernels.tile_attention import cast_once, kernels_for
 
 #: Buckets per doubling of the rows a key block collects (fewer padded rows, more calls).
 BUCKETS_PER_OCTAVE = 4
@@ -69,6 +69,11 @@ class OwnBlockPlan(Chunking):
     first: int  # key block of query chunk 0
     key_blocks: int  # key blocks per key head, the last one possibly short
     mask: Tensor  # (1, 1, R, block): causal inside the block, for each stacked query head
+    _cast: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def mask_as(self, dtype: torch.dtype) -> Tensor:
+        """The mask in ``dtype``."""
+        return cast_once(self._cast, "mask", self.mask, dtype)
 
 
 @functools.lru_cache(maxsize=16)
@@ -140,7 +145,7 @@ class TopKAttention(torch.autograd.Function):
         n, dim = plan.chunks, q.shape[-1]
         qc, kb, vb = plan.to_chunks(q, k.shape[1]), _key_blocks(k, plan), _key_blocks(v, plan)
         own = slice(plan.first, plan.first + n)
-        mask = plan.mask.to(q.dtype)
+        mask = plan.mask_as(q.dtype)
         out, lse = forward(qc, kb[:, own], vb[:, own], mask, scale)  # (N, n, R, D), (N, n, R)
         m = out.numel() // dim  # rows; row m collects the padding slots of the tiles
         lse = lse.reshape(m)
@@ -194,7 +199,7 @@ class TopKAttention(torch.autograd.Function):
             vb[:, own],
             out.view_as(qc),
             lse.view(qc.shape[:3]),
-            plan.mask.to(qc.dtype),
+            plan.mask_as(qc.dtype),
             ctx.scale,
         )
         if n == plan.key_blocks:  # the own blocks are all the key blocks
