@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from longswap import sparse_attention
+from longswap.kernels import blocks
 from longswap.kernels.band import band_applies, band_plan
 from longswap.patterns import Pattern, block_topk, dilated, full, shifted_groups, sliding_window
 from tests.kernels.test_backends import assert_matches_reference
@@ -29,6 +30,13 @@ class ExactDistance(Pattern):
     def _tiles(self, grid, num_heads):  # noqa: ANN001, ANN202
         (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
         return (q_lo - k_hi <= self.distance) & (q_hi - k_lo >= self.distance), q_lo < q_lo.min()
+
+
+@pytest.fixture(autouse=True)
+def without_window_kernel(monkeypatch):
+    """Plain windows go to the C++ kernel first (tests/kernels/test_window_cpu.py): here
+    they take the band path, which serves them in other dtypes and on other devices."""
+    monkeypatch.setattr(blocks, "window_kernel_applies", lambda pattern, q: False)
 
 
 def inputs(batch, hq, hkv, q_len, kv_len, dim=16, dtype=torch.float32, seed=0):

@@ -3,6 +3,10 @@
 Differentiable on CPU and GPU; time and memory are O(L x keys visited per query), never
 O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
 
+* ``sliding_window`` in float32 on CPU: a C++ kernel that computes each block of 64 query
+  rows against exactly its key range (``window_cpu``).
+* other distance-only patterns (dilated windows, unions, windows in other dtypes or on
+  other devices): overlapping key slices read as strided views (``band``).
 * static patterns: one tile per (batch, key head, query block) holding the query rows of
   all ``G`` query heads that share the key head (grouped-query attention without expanding
   keys), against the key blocks of the block structure. Per-head patterns get one tile per
@@ -23,6 +27,7 @@ from torch import Tensor
 from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
+from longswap.kernels.window_cpu import window_attention, window_kernel_applies
 from longswap.patterns import BlockStructure, BlockTopK, Pattern, full
 from longswap.patterns.base import compact
 
@@ -221,6 +226,8 @@ def blocks_attention(
     plain = key_padding_mask is None and document_ids is None
     if plain and pattern == full():
         return causal_attention(q, k, v, scale)
+    if plain and not force_math and window_kernel_applies(pattern, q):
+        return window_attention(q, k, v, pattern, scale)
     if plain and band_applies(pattern, hq):
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:

@@ -1,0 +1,246 @@
+// Sliding-window attention (with optional attention sinks) on CPU, float32.
+//
+// Query row t sits at absolute position p = offset + t and sees the keys j with
+// p - window < j <= p, plus the keys j < sinks. A block of `block` query rows needs one
+// contiguous key range [lo, hi) and the sinks before it, [0, ns): its scores are one
+// (rows x (ns + hi - lo)) matrix, computed by BLAS and masked by two intervals per row, so
+// no pair beyond the block's own corner triangles is ever computed and no mask is stored.
+//
+// Forward: one task per (batch, query head, query block). Backward: key gradients of
+// neighbouring query blocks overlap, so the blocks of each head are cut into segments
+// whose key ranges overlap only their neighbours'; even segments run in parallel first,
+// then odd ones. Sink-key gradients go to one private slot per segment, summed by the
+// caller. Key gradients are per query head (B, Hq, Lk, D): the caller sums grouped heads.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+// BLAS's single-precision matrix product (column-major), exported by torch's MKL.
+extern "C" void sgemm_(const char* trans_a, const char* trans_b, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+// MKL's thread count for the calling thread; weak: absent where torch's BLAS is not MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
+namespace {
+
+// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
+void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+            int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;  // callers never rely on beta alone
+  // Row-major C is column-major C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  sgemm_(&tb, &ta, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// While alive, MKL calls made by this thread stay on this thread: each task is already one
+// thread's share of the work.
+struct SequentialBlas {
+  int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// A (B, H, L, D) tensor read through its strides; rows must be contiguous.
+struct View {
+  float* data;
+  int64_t sb, sh, sl;
+  explicit View(const at::Tensor& x)
+      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+  float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
+};
+
+struct Geometry {
+  int64_t heads, groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
+  int64_t blocks() const { return (q_len + block - 1) / block; }
+  // Most score columns a block needs: its sinks, its window and its own rows.
+  int64_t columns() const { return std::min(sinks, kv_len) + std::min(window - 1, kv_len) + block; }
+};
+
+// The keys of the query block starting at row t0: window range [lo, hi), sinks [0, ns).
+struct BlockKeys {
+  int64_t t0, rows, lo, hi, ns;
+  BlockKeys(const Geometry& g, int64_t index) {
+    t0 = index * g.block;
+    rows = std::min(g.block, g.q_len - t0);
+    lo = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
+    hi = g.offset + t0 + rows;
+    ns = std::min(g.sinks, lo);
+  }
+  int64_t width() const { return ns + hi - lo; }
+  // Visible columns of block row r: [0, e) and [s, f) (sink columns come first).
+  void intervals(const Geometry& g, int64_t r, int64_t* e, int64_t* s, int64_t* f) const {
+    int64_t p = g.offset + t0 + r;
+    int64_t a = std::max(lo, p - g.window + 1);
+    int64_t sink_end = std::min(std::max(g.sinks, lo), a);
+    *e = ns + sink_end - lo;
+    *s = ns + a - lo;
+    *f = ns + p + 1 - lo;
+  }
+};
+
+// scores (rows x width) = scale * q_block k^T over the block's keys.
+void scores(const Geometry& g, const BlockKeys& bk, const float* q, int64_t ldq, const View& k,
+            int64_t b, int64_t hk, float scale, float* s) {
+  int64_t w = bk.width();
+  matmul(false, true, bk.rows, bk.ns, g.dim, scale, q, ldq, k.row(b, hk, 0), k.sl, 0.f, s, w);
+  matmul(false, true, bk.rows, bk.hi - bk.lo, g.dim, scale, q, ldq, k.row(b, hk, bk.lo), k.sl,
+         0.f, s + bk.ns, w);
+}
+
+// c (rows x n) = alpha * p (rows x width) @ x over the block's keys (x: values or keys).
+void times_keys(const BlockKeys& bk, int64_t n, float alpha, const float* p, const View& x,
+                int64_t b, int64_t hk, float* c, int64_t ldc) {
+  int64_t w = bk.width();
+  matmul(false, false, bk.rows, n, bk.ns, alpha, p, w, x.row(b, hk, 0), x.sl, 0.f, c, ldc);
+  matmul(false, false, bk.rows, n, bk.hi - bk.lo, alpha, p + bk.ns, w, x.row(b, hk, bk.lo),
+         x.sl, bk.ns ? 1.f : 0.f, c, ldc);
+}
+
+}  // namespace
+
+// out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, *).
+std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, int64_t window, int64_t sinks,
+                                       double scale, int64_t block) {
+  int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
+  Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
+             k.size(2) - q.size(2), block};
+  auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options());
+  auto lse = at::empty({batch, hq, g.q_len}, q.options());
+  View qv(q), kv(k), vv(v), ov(out);
+  float* lse_data = lse.data_ptr<float>();
+  int64_t n_blocks = g.blocks();
+  at::parallel_for(0, batch * hq * n_blocks, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<float> s(g.block * g.columns());
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b = task / (hq * n_blocks), h = task / n_blocks % hq;
+      BlockKeys bk(g, task % n_blocks);
+      int64_t w = bk.width(), hk = h / g.groups;
+      scores(g, bk, qv.row(b, h, bk.t0), qv.sl, kv, b, hk, float(scale), s.data());
+      float* lse_row = lse_data + (b * hq + h) * g.q_len + bk.t0;
+      for (int64_t r = 0; r < bk.rows; ++r) {
+        int64_t e, a, f;
+        bk.intervals(g, r, &e, &a, &f);
+        float* row = s.data() + r * w;
+        float m = row[f - 1];
+        for (int64_t j = 0; j < e; ++j) m = std::max(m, row[j]);
+        for (int64_t j = a; j < f; ++j) m = std::max(m, row[j]);
+        float total = 0.f;
+        for (int64_t j = 0; j < e; ++j) total += (row[j] = std::exp(row[j] - m));
+        for (int64_t j = e; j < a; ++j) row[j] = 0.f;
+        for (int64_t j = a; j < f; ++j) total += (row[j] = std::exp(row[j] - m));
+        for (int64_t j = f; j < w; ++j) row[j] = 0.f;
+        float inv = 1.f / total;
+        for (int64_t j = 0; j < f; ++j) row[j] *= inv;
+        lse_row[r] = m + std::log(total);
+      }
+      times_keys(bk, g.dim_v, 1.f, s.data(), vv, b, hk, ov.row(b, h, bk.t0), ov.sl);
+    }
+  });
+  return {out, lse};
+}
+
+// dq (B, Hq, Lq, D), dk and dv per query head (B, Hq, Lk, *), and the sink keys' gradients
+// per segment (B, Hq, segments, sinks, *): the caller adds those to the first keys.
+std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& out, const at::Tensor& lse,
+                                        int64_t window, int64_t sinks, double scale,
+                                        int64_t block) {
+  int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
+  Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
+             k.size(2) - q.size(2), block};
+  int64_t n_blocks = g.blocks();
+  // A segment's keys reach window - 1 before its first row: segments of at least that many
+  // rows overlap only their neighbours. Aim for several segments per thread.
+  int64_t min_blocks = (window - 1 + block - 1) / block + 1;
+  int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, batch * hq));
+  int64_t per_segment = std::max(min_blocks, (n_blocks + 2 * want - 1) / (2 * want));
+  int64_t segments = (n_blocks + per_segment - 1) / per_segment;
+  auto dq = at::empty({batch, hq, g.q_len, g.dim}, q.options());
+  auto dk = at::zeros({batch, hq, g.kv_len, g.dim}, q.options());
+  auto dv = at::zeros({batch, hq, g.kv_len, g.dim_v}, q.options());
+  auto dk_sink = at::zeros({batch, hq, segments, sinks, g.dim}, q.options());
+  auto dv_sink = at::zeros({batch, hq, segments, sinks, g.dim_v}, q.options());
+  View gv(grad), qv(q), kv(k), vv(v), ov(out), dqv(dq), dkv(dk), dvv(dv);
+  const float* lse_data = lse.data_ptr<float>();
+  float* dk_sink_data = dk_sink.data_ptr<float>();
+  float* dv_sink_data = dv_sink.data_ptr<float>();
+  float sc = float(scale);
+  int64_t per_parity = (segments + 1) / 2;
+  for (int64_t parity = 0; parity < 2; ++parity) {
+    at::parallel_for(0, batch * hq * per_parity, 1, [&](int64_t begin, int64_t end) {
+      SequentialBlas sequential;
+      std::vector<float> p(g.block * g.columns()), ds(g.block * g.columns());
+      for (int64_t task = begin; task < end; ++task) {
+        int64_t b = task / (hq * per_parity), h = task / per_parity % hq;
+        int64_t segment = 2 * (task % per_parity) + parity;
+        if (segment >= segments) continue;
+        int64_t hk = h / g.groups;
+        int64_t slot = ((b * hq + h) * segments + segment) * sinks;
+        int64_t last = std::min(n_blocks, (segment + 1) * per_segment);
+        for (int64_t index = segment * per_segment; index < last; ++index) {
+          BlockKeys bk(g, index);
+          int64_t w = bk.width();
+          const float* q_blk = qv.row(b, h, bk.t0);
+          const float* do_blk = gv.row(b, h, bk.t0);
+          scores(g, bk, q_blk, qv.sl, kv, b, hk, sc, p.data());
+          // ds <- dO V^T over the same keys
+          matmul(false, true, bk.rows, bk.ns, g.dim_v, 1.f, do_blk, gv.sl, vv.row(b, hk, 0),
+                 vv.sl, 0.f, ds.data(), w);
+          matmul(false, true, bk.rows, bk.hi - bk.lo, g.dim_v, 1.f, do_blk, gv.sl,
+                 vv.row(b, hk, bk.lo), vv.sl, 0.f, ds.data() + bk.ns, w);
+          const float* lse_row = lse_data + (b * hq + h) * g.q_len + bk.t0;
+          for (int64_t r = 0; r < bk.rows; ++r) {
+            const float* o = ov.row(b, h, bk.t0 + r);
+            const float* d = gv.row(b, h, bk.t0 + r);
+            float dot = 0.f;
+            for (int64_t i = 0; i < g.dim_v; ++i) dot += o[i] * d[i];
+            int64_t e, a, f;
+            bk.intervals(g, r, &e, &a, &f);
+            float* pr = p.data() + r * w;
+            float* dr = ds.data() + r * w;
+            float l = lse_row[r];
+            for (int64_t j = 0; j < e; ++j) {
+              pr[j] = std::exp(pr[j] - l);
+              dr[j] = pr[j] * (dr[j] - dot);
+            }
+            for (int64_t j = e; j < a; ++j) pr[j] = dr[j] = 0.f;
+            for (int64_t j = a; j < f; ++j) {
+              pr[j] = std::exp(pr[j] - l);
+              dr[j] = pr[j] * (dr[j] - dot);
+            }
+            for (int64_t j = f; j < w; ++j) pr[j] = dr[j] = 0.f;
+          }
+          times_keys(bk, g.dim, sc, ds.data(), kv, b, hk, dqv.row(b, h, bk.t0), dqv.sl);
+          // dk += scale * ds^T q, dv += p^T dO: sinks into this segment's slot
+          int64_t n = bk.hi - bk.lo;
+          matmul(true, false, bk.ns, g.dim, bk.rows, sc, ds.data(), w, q_blk, qv.sl, 1.f,
+                 dk_sink_data + slot * g.dim, g.dim);
+          matmul(true, false, n, g.dim, bk.rows, sc, ds.data() + bk.ns, w, q_blk, qv.sl, 1.f,
+                 dkv.row(b, h, bk.lo), dkv.sl);
+          matmul(true, false, bk.ns, g.dim_v, bk.rows, 1.f, p.data(), w, do_blk, gv.sl, 1.f,
+                 dv_sink_data + slot * g.dim_v, g.dim_v);
+          matmul(true, false, n, g.dim_v, bk.rows, 1.f, p.data() + bk.ns, w, do_blk, gv.sl,
+                 1.f, dvv.row(b, h, bk.lo), dvv.sl);
+        }
+      }
+    });
+  }
+  return {dq, dk, dv, dk_sink, dv_sink};
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &window_forward, "sliding-window attention forward (CPU, float32)");
+  m.def("backward", &window_backward, "sliding-window attention backward (CPU, float32)");
+}
