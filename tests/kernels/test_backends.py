@@ -239,12 +239,20 @@ def test_auto_choice():
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"
-    # Decoding steps: a band pattern reads only its reach; tiles are rebuilt at every length.
-    keys_8k, keys_64k = torch.randn(1, 2, 8192, 8), torch.randn(1, 2, 1 << 16, 8)
-    assert resolve_backend("auto", step, keys_8k, keys_8k, sliding_window(64)) == "blocks"
+    # Decoding steps: the window kernel reads only the window, from the first step on;
+    # a band pattern reads only its reach; tiles are rebuilt at every length.
+    keys_512, keys_8k = torch.randn(1, 2, 512, 8), torch.randn(1, 2, 8192, 8)
+    keys_64k = torch.randn(1, 2, 1 << 16, 8)
     window_sinks = sliding_window(64, sinks=4)
-    assert resolve_backend("auto", step, keys_8k, keys_8k, window_sinks) == "reference"
-    assert resolve_backend("auto", step, keys_64k, keys_64k, window_sinks) == "blocks"
+    assert resolve_backend("auto", step, keys_512, keys_512, window_sinks) == "blocks"
+    with torch.no_grad():  # four queries: the kernel still beats the oracle
+        assert resolve_backend("auto", small, small, small, sliding_window(64)) == "blocks"
+    band = dilated(8, 5)
+    assert resolve_backend("auto", step, keys_512, keys_512, band) == "reference"
+    assert resolve_backend("auto", step, keys_8k, keys_8k, band) == "blocks"
+    # With padding the kernel does not apply: sinks need tiles, rebuilt at every length.
+    assert resolve_backend("auto", step, keys_8k, keys_8k, window_sinks, False) == "reference"
+    assert resolve_backend("auto", step, keys_64k, keys_64k, window_sinks, False) == "blocks"
     assert resolve_backend("auto", step, keys_8k, keys_8k, block_topk(128, 4)) == "reference"
     # Prompts: block selection has more to set up than a static pattern.
     prompt_128 = torch.randn(1, 2, 128, 8)
@@ -252,6 +260,10 @@ def test_auto_choice():
         "reference"
     )
     assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, window_sinks) == "blocks"
+    with torch.no_grad():  # bfloat16: no kernel, a small call stays on the oracle
+        assert resolve_backend("auto", small.bfloat16(), small, small, window_sinks) == (
+            "reference"
+        )
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)

@@ -15,6 +15,7 @@ from longswap.kernels.band import band_applies
 from longswap.kernels.blocks import blocks_attention
 from longswap.kernels.flex import flex_attention_backend
 from longswap.kernels.reference import reference_attention
+from longswap.kernels.window_cpu import window_kernel_applies
 from longswap.patterns import Pattern, parse_pattern
 
 Backend = Literal["auto", "reference", "blocks", "flex"]
@@ -98,6 +99,8 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
 #: Calls without gradients that ``auto`` sends to the dense oracle on CPU, where one masked
 #: softmax costs less than the sparse kernels' set-up (benchmarks/small_calls.py; its
 #: decoding rows grow the keys by one per call, as a decoding loop does):
+#: never for a sliding window that the C++ kernel serves (it reads only the window: faster
+#: from one query over 512 keys on; not with padding or documents); otherwise
 #: decoding steps (up to ``DECODE_ROWS`` queries) over up to this many keys: 2k for the
 #: band patterns (their plan is cheap and they read only their reach), 32k for the others
 #: (their tiles are rebuilt for every new key length);
@@ -111,11 +114,16 @@ DENSE_PROMPT_PAIRS = {"selecting": 1 << 16, "other": 1 << 12}
 CUDA_DENSE_PAIRS = 1 << 20
 
 
-def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor) -> bool:
-    """Whether the dense oracle beats the sparse backends on this call without gradients."""
+def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool = True) -> bool:
+    """Whether the dense oracle beats the sparse backends on this call without gradients.
+
+    ``plain``: no key padding mask and no document ids.
+    """
     q_len, kv_len = q.shape[2], k.shape[2]
     if q.device.type == "cuda":
         return q_len * kv_len <= CUDA_DENSE_PAIRS
+    if plain and pattern is not None and window_kernel_applies(pattern, q):
+        return False
     if q_len <= DECODE_ROWS:
         band = pattern is not None and band_applies(pattern, q.shape[1])
         return kv_len <= DENSE_DECODE_KEYS["band" if band else "other"]
@@ -124,15 +132,23 @@ def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor) -> bool:
 
 
 def resolve_backend(
-    backend: str, q: Tensor, k: Tensor, v: Tensor, pattern: Pattern | None = None
+    backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Pattern | None = None,
+    plain: bool = True,
 ) -> str:
-    """The concrete backend for ``backend`` on these inputs (``auto`` decides here)."""
+    """The concrete backend for ``backend`` on these inputs (``auto`` decides here).
+
+    ``plain``: the call has no key padding mask and no document ids.
+    """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and dense_is_cheaper(pattern, q, k):
+    if not needs_grad and dense_is_cheaper(pattern, q, k, plain):
         return "reference"
     if q.device.type == "cuda":
         return "flex"
@@ -175,7 +191,8 @@ def sparse_attention(
         scale = q.shape[-1] ** -0.5
     elif not scale > 0:
         raise ValueError(f"scale must be a positive number, got {scale!r}")
-    chosen = resolve_backend(backend, q, k, v, pattern)
+    plain = key_padding_mask is None and document_ids is None
+    chosen = resolve_backend(backend, q, k, v, pattern, plain)
     if chosen == "reference":
         return reference_attention(q, k, v, pattern, scale, key_padding_mask, document_ids)
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
