@@ -58,6 +58,13 @@ struct View {
   float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
 };
 
+void check(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
+                  x.stride(3) == 1,
+              "window kernel: ", name, " must be a float32 CPU tensor (B, H, L, D) with rows "
+              "contiguous in memory");
+}
+
 struct Geometry {
   int64_t heads, groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
   int64_t blocks() const { return (q_len + block - 1) / block; }
@@ -111,6 +118,7 @@ void times_keys(const BlockKeys& bk, int64_t n, float alpha, const float* p, con
 std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, int64_t window, int64_t sinks,
                                        double scale, int64_t block) {
+  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check(*x, name);
   int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
   Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
              k.size(2) - q.size(2), block};
@@ -157,6 +165,9 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& out, const at::Tensor& lse,
                                         int64_t window, int64_t sinks, double scale,
                                         int64_t block) {
+  for (auto [x, name] : {std::pair{&grad, "grad"}, {&q, "q"}, {&k, "k"}, {&v, "v"},
+                         {&out, "out"}})
+    check(*x, name);
   int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
   Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
              k.size(2) - q.size(2), block};
