@@ -3,9 +3,10 @@
 ``auto`` sends small calls without gradients to ``reference`` (one masked softmax, nothing
 to compile) and the rest to ``blocks`` on CPU. This measures where the two cross: decoding
 steps (one query over ``Lk`` keys) and prompts (``L`` queries over ``L`` keys), for a
-window and a top-k pattern, with grouped-query heads (8 query heads, 4 key heads, D=32, the
-demo model's attention). A decoding row grows its keys by one at every timed call, as a
-decoding loop does. Prints a table with the backend ``auto`` picks, writes JSON.
+window (with and without sinks), a dilated window and a top-k pattern, with grouped-query
+heads (8 query heads, 4 key heads, D=32, the demo model's attention). A decoding row grows
+its keys by one at every timed call, as a decoding loop does. Prints a table with the
+backend ``auto`` picks, writes JSON.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ import torch
 from longswap import sparse_attention
 from longswap.evaluate import environment
 from longswap.kernels import resolve_backend
-from longswap.patterns import block_topk, sliding_window
+from longswap.patterns import block_topk, dilated, sliding_window
 
 PATTERNS = {
     "sliding_window(256)": sliding_window(256),
     "sliding_window(256,sinks=4)": sliding_window(256, sinks=4),
+    "dilated(64,4)": dilated(64, 4),
     "block_topk(128,4)": block_topk(128, 4),
 }
 SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (64, 64), (128, 128)]

@@ -239,7 +239,8 @@ def test_auto_choice():
     assert resolve_backend("auto", small.requires_grad_(), small, small) == "blocks"
     with torch.no_grad():
         assert resolve_backend("auto", small, small, small) == "reference"
-    # Decoding steps: the window kernel reads only the window, from the first step on;
+    # Decoding steps: the window kernel (sliding and dilated windows) reads only the
+    # window, from the first step on;
     # a band pattern reads only its reach; tiles are rebuilt at every length.
     keys_512, keys_8k = torch.randn(1, 2, 512, 8), torch.randn(1, 2, 8192, 8)
     keys_64k = torch.randn(1, 2, 1 << 16, 8)
@@ -247,7 +248,7 @@ def test_auto_choice():
     assert resolve_backend("auto", step, keys_512, keys_512, window_sinks) == "blocks"
     with torch.no_grad():  # four queries: the kernel still beats the oracle
         assert resolve_backend("auto", small, small, small, sliding_window(64)) == "blocks"
-    band = dilated(8, 5)
+    band = sliding_window(16) | dilated(4, 40)
     assert resolve_backend("auto", step, keys_512, keys_512, band) == "reference"
     assert resolve_backend("auto", step, keys_8k, keys_8k, band) == "blocks"
     # With padding the kernel does not apply: sinks need tiles, rebuilt at every length.

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longswap.kernels import blocks, window_cpu
-from longswap.patterns import dilated, sliding_window
+from longswap.patterns import dilated, shifted_groups, sliding_window
 from tests.kernels.test_backends import assert_matches_reference
 from tests.kernels.test_band import inputs
 
@@ -34,6 +34,10 @@ def kernel_calls(monkeypatch):
         (1, (2, 1), 127, 127, sliding_window(500, sinks=4)),  # window and sinks past L
         (1, (4, 2), 1, 900, sliding_window(150, sinks=4)),  # a decoding step
         (2, (2, 2), 7, 300, sliding_window(1)),  # each query sees itself only
+        (2, (4, 2), 500, 500, dilated(20, 3)),  # three interleaved windows
+        (1, (2, 1), 700, 903, dilated(64, 4)),  # cached keys: residues shift by the offset
+        (1, (2, 2), 3, 40, dilated(8, 5)),  # fewer queries than residues
+        (1, (4, 2), 1, 900, dilated(30, 7)),  # a decoding step
     ],
     ids=str,
 )
@@ -58,14 +62,21 @@ def test_kernel_takes_any_gradient_layout():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
-def test_kernel_serves_only_float32_windows_on_cpu(kernel_calls):
+def test_kernel_serves_only_float32_windows_on_cpu(kernel_calls, monkeypatch):
     q, k, v = inputs(1, 2, 2, 300, 300)
-    blocks.blocks_attention(q, k, v, dilated(8, 5), 0.25)  # the band path
+    blocks.blocks_attention(q, k, v, sliding_window(16) | dilated(4, 40), 0.25)  # band
+    blocks.blocks_attention(q, k, v, shifted_groups(64), 0.25)  # tiles
     blocks.blocks_attention(q, k, v, sliding_window(40), 0.25, force_math=True)
     blocks.blocks_attention(q, k, v, sliding_window(40), 0.25, torch.ones(1, 300, dtype=bool))
     q16, k16, v16 = (t.detach().bfloat16() for t in (q, k, v))
     blocks.blocks_attention(q16, k16, v16, sliding_window(40), 0.25)
     assert kernel_calls == []
+    monkeypatch.setenv(window_cpu.SWITCH, "0")  # switched off: pure PyTorch throughout
+    window_cpu.extension.cache_clear()
+    try:
+        assert not window_cpu.window_kernel_applies(sliding_window(40), q)
+    finally:
+        window_cpu.extension.cache_clear()
 
 
 def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
@@ -77,7 +88,7 @@ def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     window_cpu.extension.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no C.. compiler found.*band path"):
+        with pytest.warns(RuntimeWarning, match="no C.. compiler found.*pure-PyTorch"):
             assert window_cpu.extension() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the failure is reported once, not per call

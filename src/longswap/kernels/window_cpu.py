@@ -1,30 +1,38 @@
-"""The sliding-window path of ``blocks`` on CPU: a small C++ kernel, built on first use.
+"""The window path of ``blocks`` on CPU: a small C++ kernel, built on first use.
 
 ``sliding_window(window, sinks)`` in float32 on CPU runs ``csrc/window_attention.cpp``:
 each block of 64 query rows multiplies against exactly its key range (the window of its
 first row up to its last row, plus the sinks) through BLAS, and masks by two intervals
-per row. It computes about ``window + 64`` keys per query, where torch's flash kernels
-over band slices compute ``window + 192`` and skip nothing inside a slice.
+per row. It computes ``window + 63`` keys per query, where torch's flash kernels over
+band slices compute ``window + 192`` and skip nothing inside a slice.
+
+``dilated(window, dilation)`` is ``dilation`` interleaved windows: the queries at
+positions ``r, r + dilation, ...`` see exactly the keys at those positions, ``window`` of
+them back. Each residue ``r`` is one kernel call on strided views of q, k and v.
 
 The extension is compiled by ``torch.utils.cpp_extension`` the first time it is needed
-(about a minute; cached under ``TORCH_EXTENSIONS_DIR``, by default
+(about 30 seconds; cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). Where it cannot be built (no C++ compiler), ``blocks``
-warns once and uses the band path instead: same pattern, same results, slower.
+warns once and keeps to its pure-PyTorch paths: same pattern, same results, slower.
+``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without trying.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from longswap.patterns import Pattern, SlidingWindow
+from longswap.patterns import Dilated, Pattern, SlidingWindow
 
 #: Query rows per block: the kernel computes ``window + BLOCK - 1`` keys for each block.
 BLOCK = 64
+#: Environment variable: "0" keeps ``blocks`` in pure PyTorch on CPU (no C++ kernel).
+SWITCH = "LONGSWAP_CPU_KERNEL"
 _SOURCE = Path(__file__).with_name("csrc") / "window_attention.cpp"
 _ISA_FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
@@ -34,9 +42,12 @@ _ISA_FLAGS = {
 
 @functools.cache
 def extension():  # noqa: ANN201 (a compiled module)
-    """The compiled kernel module, or None (with one warning) when it cannot be built."""
+    """The compiled kernel module; None when switched off, or (with one warning) when it
+    cannot be built."""
     from torch.utils import cpp_extension
 
+    if os.environ.get(SWITCH, "1") == "0":
+        return None
     isa = torch.backends.cpu.get_cpu_capability()
     try:
         return cpp_extension.load(
@@ -48,9 +59,10 @@ def extension():  # noqa: ANN201 (a compiled module)
         )
     except Exception as error:  # noqa: BLE001 (any build failure: report it and go on)
         warnings.warn(
-            f"longswap could not build its CPU sliding-window kernel ({error}); "
-            "sliding_window runs through the band path instead (same results, slower). "
-            "Install a C++ compiler (g++) to get the kernel.",
+            f"longswap could not build its CPU window kernel ({error}); sliding_window and "
+            "dilated run through the pure-PyTorch paths of `blocks` instead (same results, "
+            f"slower). Install a C++ compiler (g++) to get the kernel, or set {SWITCH}=0 "
+            "to silence this.",
             RuntimeWarning,
             stacklevel=3,
         )
@@ -58,9 +70,9 @@ def extension():  # noqa: ANN201 (a compiled module)
 
 
 def window_kernel_applies(pattern: Pattern, q: Tensor) -> bool:
-    """True when ``pattern`` is a sliding window and q is float32 on CPU (kernel built)."""
+    """True for a sliding or dilated window with q in float32 on CPU (kernel built)."""
     return (
-        isinstance(pattern, SlidingWindow)
+        isinstance(pattern, (SlidingWindow, Dilated))
         and q.device.type == "cpu"
         and q.dtype == torch.float32
         and extension() is not None
@@ -71,8 +83,26 @@ def _rows_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _residues(pattern: SlidingWindow | Dilated, q_len: int, kv_len: int) -> list:
+    """``(query rows, key rows)`` slices of each window the pattern is made of."""
+    if isinstance(pattern, SlidingWindow):
+        return [(slice(None), slice(None))]
+    d, offset = pattern.dilation, kv_len - q_len
+    firsts = [((r - offset) % d, r) for r in range(d)]  # query row i sits at offset + i
+    return [(slice(i, None, d), slice(r, None, d)) for i, r in firsts if i < q_len]
+
+
+def _per_key_head(grad: Tensor, hkv: int) -> Tensor:
+    """Key gradients per query head ``(B, Hq, L, D)`` summed over grouped heads."""
+    batch, hq = grad.shape[:2]
+    if hq == hkv:
+        return grad
+    return grad.view(batch, hkv, hq // hkv, *grad.shape[2:]).sum(2)
+
+
 class WindowAttention(torch.autograd.Function):
-    """Autograd function around the C++ forward and backward kernels."""
+    """Autograd function around the C++ forward and backward kernels, one call per window
+    (one for a sliding window, ``dilation`` for a dilated one)."""
 
     @staticmethod
     def forward(
@@ -80,36 +110,58 @@ class WindowAttention(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
-        pattern: SlidingWindow,
+        pattern: SlidingWindow | Dilated,
         scale: float,
     ) -> Tensor:
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
-        sinks = min(pattern.sinks, k.shape[2])
-        out, lse = extension().forward(q, k, v, pattern.window, sinks, scale, BLOCK)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window, ctx.sinks, ctx.scale = pattern.window, sinks, scale
+        sinks = min(getattr(pattern, "sinks", 0), k.shape[2])
+        parts = _residues(pattern, q.shape[2], k.shape[2])
+        out = q.new_empty(*q.shape[:3], v.shape[3])
+        lses = []
+        for rows, keys in parts:
+            part, lse = extension().forward(
+                q[:, :, rows], k[:, :, keys], v[:, :, keys], pattern.window, sinks, scale, BLOCK
+            )
+            out[:, :, rows] = part
+            lses.append(lse)
+        ctx.save_for_backward(q, k, v, out, *lses)
+        ctx.window, ctx.sinks, ctx.scale, ctx.parts = pattern.window, sinks, scale, parts
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
-        q, k, v, out, lse = ctx.saved_tensors
-        sinks = ctx.sinks
-        dq, dk, dv, dk_sink, dv_sink = extension().backward(
-            _rows_contiguous(grad), q, k, v, out, lse, ctx.window, sinks, ctx.scale, BLOCK
-        )
-        if sinks:
-            dk[:, :, :sinks] += dk_sink.sum(2)
-            dv[:, :, :sinks] += dv_sink.sum(2)
-        batch, hkv = k.shape[:2]
-        groups = q.shape[1] // hkv
-        if groups > 1:  # per query head -> per key head
-            dk = dk.view(batch, hkv, groups, *dk.shape[2:]).sum(2)
-            dv = dv.view(batch, hkv, groups, *dv.shape[2:]).sum(2)
+        q, k, v, out, *lses = ctx.saved_tensors
+        grad = _rows_contiguous(grad)
+        sinks, hkv = ctx.sinks, k.shape[1]
+        whole = ctx.parts == [(slice(None), slice(None))]  # one window over all rows
+        if not whole:  # rows of several windows; keys no query sees keep zeros
+            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for (rows, keys), lse in zip(ctx.parts, lses, strict=True):
+            dq_p, dk_p, dv_p, dk_sink, dv_sink = extension().backward(
+                grad[:, :, rows],
+                q[:, :, rows],
+                k[:, :, keys],
+                v[:, :, keys],
+                out[:, :, rows],
+                lse,
+                ctx.window,
+                sinks,
+                ctx.scale,
+                BLOCK,
+            )
+            if sinks:
+                dk_p[:, :, :sinks] += dk_sink.sum(2)
+                dv_p[:, :, :sinks] += dv_sink.sum(2)
+            dk_p, dv_p = _per_key_head(dk_p, hkv), _per_key_head(dv_p, hkv)
+            if whole:
+                return dq_p, dk_p, dv_p, None, None
+            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = dq_p, dk_p, dv_p
         return dq, dk, dv, None, None
 
 
 def window_attention(
-    q: Tensor, k: Tensor, v: Tensor, pattern: SlidingWindow, scale: float
+    q: Tensor, k: Tensor, v: Tensor, pattern: SlidingWindow | Dilated, scale: float
 ) -> Tensor:
-    """``(B, Hq, Lq, Dv)`` sliding-window attention through the C++ kernel (differentiable)."""
+    """``(B, Hq, Lq, Dv)`` sliding or dilated window attention through the C++ kernel
+    (differentiable)."""
     return WindowAttention.apply(q, k, v, pattern, scale)
