@@ -83,10 +83,14 @@ def _rows_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+#: The one window of a sliding window: every query row and every key row.
+_WHOLE = [(slice(None), slice(None))]
+
+
 def _residues(pattern: SlidingWindow | Dilated, q_len: int, kv_len: int) -> list:
     """``(query rows, key rows)`` slices of each window the pattern is made of."""
     if isinstance(pattern, SlidingWindow):
-        return [(slice(None), slice(None))]
+        return _WHOLE
     d, offset = pattern.dilation, kv_len - q_len
     firsts = [((r - offset) % d, r) for r in range(d)]  # query row i sits at offset + i
     return [(slice(i, None, d), slice(r, None, d)) for i, r in firsts if i < q_len]
@@ -116,15 +120,19 @@ class WindowAttention(torch.autograd.Function):
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
         sinks = min(getattr(pattern, "sinks", 0), k.shape[2])
         parts = _residues(pattern, q.shape[2], k.shape[2])
-        out = q.new_empty(*q.shape[:3], v.shape[3])
-        lses = []
-        for rows, keys in parts:
-            part, lse = extension().forward(
+        results = [
+            extension().forward(
                 q[:, :, rows], k[:, :, keys], v[:, :, keys], pattern.window, sinks, scale, BLOCK
             )
-            out[:, :, rows] = part
-            lses.append(lse)
-        ctx.save_for_backward(q, k, v, out, *lses)
+            for rows, keys in parts
+        ]
+        if parts == _WHOLE:
+            out = results[0][0]
+        else:  # each window's rows back in place
+            out = q.new_empty(*q.shape[:3], v.shape[3])
+            for (rows, _), (part, _) in zip(parts, results, strict=True):
+                out[:, :, rows] = part
+        ctx.save_for_backward(q, k, v, out, *(lse for _, lse in results))
         ctx.window, ctx.sinks, ctx.scale, ctx.parts = pattern.window, sinks, scale, parts
         return out
 
@@ -133,7 +141,7 @@ class WindowAttention(torch.autograd.Function):
         q, k, v, out, *lses = ctx.saved_tensors
         grad = _rows_contiguous(grad)
         sinks, hkv = ctx.sinks, k.shape[1]
-        whole = ctx.parts == [(slice(None), slice(None))]  # one window over all rows
+        whole = ctx.parts == _WHOLE
         if not whole:  # rows of several windows; keys no query sees keep zeros
             dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for (rows, keys), lse in zip(ctx.parts, lses, strict=True):
