@@ -99,8 +99,8 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
 #: Calls without gradients that ``auto`` sends to the dense oracle on CPU, where one masked
 #: softmax costs less than the sparse kernels' set-up (benchmarks/small_calls.py; its
 #: decoding rows grow the keys by one per call, as a decoding loop does):
-#: never for a sliding window that the C++ kernel serves (it reads only the window: faster
-#: from one query over 512 keys on; not with padding or documents); otherwise
+#: never for a sliding or dilated window that the C++ kernel serves (it reads only the
+#: window: faster from one query over 512 keys on; not with padding or documents); otherwise
 #: decoding steps (up to ``DECODE_ROWS`` queries) over up to this many keys: 2k for the
 #: band patterns (their plan is cheap and they read only their reach), 32k for the others
 #: (their tiles are rebuilt for every new key length);

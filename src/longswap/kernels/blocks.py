@@ -3,10 +3,11 @@
 Differentiable on CPU and GPU; time and memory are O(L x keys visited per query), never
 O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
 
-* ``sliding_window`` in float32 on CPU: a C++ kernel that computes each block of 64 query
-  rows against exactly its key range (``window_cpu``).
-* other distance-only patterns (dilated windows, unions, windows in other dtypes or on
-  other devices): overlapping key slices read as strided views (``band``).
+* sliding and dilated windows in float32 on CPU: a C++ kernel that computes each block of
+  64 query rows against exactly its key range (``window_cpu``).
+* other distance-only patterns (unions and intersections of windows; windows in other
+  dtypes, on other devices or without the kernel): overlapping key slices read as strided
+  views (``band``).
 * static patterns: one tile per (batch, key head, query block) holding the query rows of
   all ``G`` query heads that share the key head (grouped-query attention without expanding
   keys), against the key blocks of the block structure. Per-head patterns get one tile per

@@ -118,7 +118,7 @@ class WindowAttention(torch.autograd.Function):
         scale: float,
     ) -> Tensor:
         q, k, v = (_rows_contiguous(x) for x in (q, k, v))
-        sinks = min(getattr(pattern, "sinks", 0), k.shape[2])
+        sinks = min(pattern.sinks, k.shape[2]) if isinstance(pattern, SlidingWindow) else 0
         parts = _residues(pattern, q.shape[2], k.shape[2])
         results = [
             extension().forward(

@@ -66,7 +66,12 @@ void check(const at::Tensor& x, const char* name) {
 }
 
 struct Geometry {
-  int64_t heads, groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
+  int64_t groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
+  Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
+           int64_t sinks, int64_t block)
+      : groups(q.size(1) / k.size(1)), q_len(q.size(2)), kv_len(k.size(2)), dim(q.size(3)),
+        dim_v(v.size(3)), window(window), sinks(sinks), offset(k.size(2) - q.size(2)),
+        block(block) {}
   int64_t blocks() const { return (q_len + block - 1) / block; }
   // Most score columns a block needs: its sinks, its window and its own rows.
   int64_t columns() const { return std::min(sinks, kv_len) + std::min(window - 1, kv_len) + block; }
@@ -94,12 +99,13 @@ struct BlockKeys {
   }
 };
 
-// scores (rows x width) = scale * q_block k^T over the block's keys.
-void scores(const Geometry& g, const BlockKeys& bk, const float* q, int64_t ldq, const View& k,
-            int64_t b, int64_t hk, float scale, float* s) {
+// s (rows x width) = alpha * a x^T over the block's keys: a (rows x inner) is the query
+// block against keys, or the output gradient against values.
+void against_keys(const BlockKeys& bk, int64_t inner, float alpha, const float* a, int64_t lda,
+                  const View& x, int64_t b, int64_t hk, float* s) {
   int64_t w = bk.width();
-  matmul(false, true, bk.rows, bk.ns, g.dim, scale, q, ldq, k.row(b, hk, 0), k.sl, 0.f, s, w);
-  matmul(false, true, bk.rows, bk.hi - bk.lo, g.dim, scale, q, ldq, k.row(b, hk, bk.lo), k.sl,
+  matmul(false, true, bk.rows, bk.ns, inner, alpha, a, lda, x.row(b, hk, 0), x.sl, 0.f, s, w);
+  matmul(false, true, bk.rows, bk.hi - bk.lo, inner, alpha, a, lda, x.row(b, hk, bk.lo), x.sl,
          0.f, s + bk.ns, w);
 }
 
@@ -112,6 +118,17 @@ void times_keys(const BlockKeys& bk, int64_t n, float alpha, const float* p, con
          x.sl, bk.ns ? 1.f : 0.f, c, ldc);
 }
 
+// Key-side gradients: alpha * weights^T a (weights: rows x width, a: rows x n) added to the
+// sink keys' rows in `sinks` (ns x n) and to the window's rows lo.. of `keys`.
+void add_to_keys(const BlockKeys& bk, int64_t n, float alpha, const float* weights,
+                 const float* a, int64_t lda, float* sinks, const View& keys, int64_t b,
+                 int64_t h) {
+  int64_t w = bk.width();
+  matmul(true, false, bk.ns, n, bk.rows, alpha, weights, w, a, lda, 1.f, sinks, n);
+  matmul(true, false, bk.hi - bk.lo, n, bk.rows, alpha, weights + bk.ns, w, a, lda, 1.f,
+         keys.row(b, h, bk.lo), keys.sl);
+}
+
 }  // namespace
 
 // out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, *).
@@ -119,9 +136,8 @@ std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, int64_t window, int64_t sinks,
                                        double scale, int64_t block) {
   for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check(*x, name);
-  int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
-  Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
-             k.size(2) - q.size(2), block};
+  int64_t batch = q.size(0), hq = q.size(1);
+  Geometry g(q, k, v, window, sinks, block);
   auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options());
   auto lse = at::empty({batch, hq, g.q_len}, q.options());
   View qv(q), kv(k), vv(v), ov(out);
@@ -134,7 +150,7 @@ std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
       int64_t b = task / (hq * n_blocks), h = task / n_blocks % hq;
       BlockKeys bk(g, task % n_blocks);
       int64_t w = bk.width(), hk = h / g.groups;
-      scores(g, bk, qv.row(b, h, bk.t0), qv.sl, kv, b, hk, float(scale), s.data());
+      against_keys(bk, g.dim, float(scale), qv.row(b, h, bk.t0), qv.sl, kv, b, hk, s.data());
       float* lse_row = lse_data + (b * hq + h) * g.q_len + bk.t0;
       for (int64_t r = 0; r < bk.rows; ++r) {
         int64_t e, a, f;
@@ -168,9 +184,8 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
   for (auto [x, name] : {std::pair{&grad, "grad"}, {&q, "q"}, {&k, "k"}, {&v, "v"},
                          {&out, "out"}})
     check(*x, name);
-  int64_t batch = q.size(0), hq = q.size(1), hkv = k.size(1);
-  Geometry g{hq, hq / hkv, q.size(2), k.size(2), q.size(3), v.size(3), window, sinks,
-             k.size(2) - q.size(2), block};
+  int64_t batch = q.size(0), hq = q.size(1);
+  Geometry g(q, k, v, window, sinks, block);
   int64_t n_blocks = g.blocks();
   // A segment's keys reach window - 1 before its first row: segments of at least that many
   // rows overlap only their neighbours. Aim for several segments per thread.
@@ -205,12 +220,8 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
           int64_t w = bk.width();
           const float* q_blk = qv.row(b, h, bk.t0);
           const float* do_blk = gv.row(b, h, bk.t0);
-          scores(g, bk, q_blk, qv.sl, kv, b, hk, sc, p.data());
-          // ds <- dO V^T over the same keys
-          matmul(false, true, bk.rows, bk.ns, g.dim_v, 1.f, do_blk, gv.sl, vv.row(b, hk, 0),
-                 vv.sl, 0.f, ds.data(), w);
-          matmul(false, true, bk.rows, bk.hi - bk.lo, g.dim_v, 1.f, do_blk, gv.sl,
-                 vv.row(b, hk, bk.lo), vv.sl, 0.f, ds.data() + bk.ns, w);
+          against_keys(bk, g.dim, sc, q_blk, qv.sl, kv, b, hk, p.data());
+          against_keys(bk, g.dim_v, 1.f, do_blk, gv.sl, vv, b, hk, ds.data());  // dO V^T
           const float* lse_row = lse_data + (b * hq + h) * g.q_len + bk.t0;
           for (int64_t r = 0; r < bk.rows; ++r) {
             const float* o = ov.row(b, h, bk.t0 + r);
@@ -235,15 +246,10 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
           }
           times_keys(bk, g.dim, sc, ds.data(), kv, b, hk, dqv.row(b, h, bk.t0), dqv.sl);
           // dk += scale * ds^T q, dv += p^T dO: sinks into this segment's slot
-          int64_t n = bk.hi - bk.lo;
-          matmul(true, false, bk.ns, g.dim, bk.rows, sc, ds.data(), w, q_blk, qv.sl, 1.f,
-                 dk_sink_data + slot * g.dim, g.dim);
-          matmul(true, false, n, g.dim, bk.rows, sc, ds.data() + bk.ns, w, q_blk, qv.sl, 1.f,
-                 dkv.row(b, h, bk.lo), dkv.sl);
-          matmul(true, false, bk.ns, g.dim_v, bk.rows, 1.f, p.data(), w, do_blk, gv.sl, 1.f,
-                 dv_sink_data + slot * g.dim_v, g.dim_v);
-          matmul(true, false, n, g.dim_v, bk.rows, 1.f, p.data() + bk.ns, w, do_blk, gv.sl,
-                 1.f, dvv.row(b, h, bk.lo), dvv.sl);
+          add_to_keys(bk, g.dim, sc, ds.data(), q_blk, qv.sl, dk_sink_data + slot * g.dim, dkv,
+                      b, h);
+          add_to_keys(bk, g.dim_v, 1.f, p.data(), do_blk, gv.sl, dv_sink_data + slot * g.dim_v,
+                      dvv, b, h);
         }
       }
     });
