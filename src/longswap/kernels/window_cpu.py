@@ -11,7 +11,7 @@ positions ``r, r + dilation, ...`` see exactly the keys at those positions, ``wi
 them back. Each residue ``r`` is one kernel call on strided views of q, k and v.
 
 The extension is compiled by ``torch.utils.cpp_extension`` the first time it is needed
-(about 30 seconds; cached under ``TORCH_EXTENSIONS_DIR``, by default
+(cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``). Where it cannot be built (no C++ compiler), ``blocks``
 warns once and keeps to its pure-PyTorch paths: same pattern, same results, slower.
 ``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without trying.
