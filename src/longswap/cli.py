@@ -39,12 +39,21 @@ def cmd_swap(
     overwrite: bool = False,
 ) -> int:
     """Swap a checkpoint's attention and write the converted checkpoint to ``--out``."""
-    from longswap.io import check_output_dir, save_checkpoint
+    from longswap.checkpoint import model_problem
+    from longswap.io import check_output_dir, overlap_problems, save_checkpoint
     from longswap.patterns import parse_pattern
     from longswap.swap import load, swap_attention
 
-    parse_pattern(pattern)  # a bad pattern or output folder fails before the model is read
-    check_output_dir(out, overwrite)
+    # A bad pattern, model or output folder fails before the model is read.
+    found = [problem] if (problem := model_problem(model)) else []
+    found += overlap_problems(out, [("--model", model)])
+    try:
+        parse_pattern(pattern)
+        check_output_dir(out, overwrite)
+    except ValueError as err:
+        found.append(str(err))
+    if found:
+        raise ValueError("cannot swap:\n- " + "\n- ".join(found))
     loaded = load(model)
     report = swap_attention(
         loaded,
@@ -133,7 +142,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=lambda a: cmd_patterns(a.plot, a.length))
 
     p = sub.add_parser("swap", help=cmd_swap.__doc__, description=cmd_swap.__doc__)
-    p.add_argument("--model", type=Path, required=True, help="local checkpoint folder")
+    p.add_argument("--model", type=Path, required=True, help="local model folder or .gguf file")
     p.add_argument(
         "--pattern",
         required=True,

@@ -6,10 +6,12 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from transformers import PreTrainedModel
+
+from longswap.checkpoint import gguf_tokenizer, is_gguf
 
 #: Files of a tokenizer that travel with a converted checkpoint.
 TOKENIZER_FILES = (
@@ -32,6 +34,24 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(
             f"--out {out} is not empty; choose another folder or pass --overwrite to replace it"
         )
+
+
+def overlap_problems(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> list[str]:
+    """Problems when ``out`` is, contains or lies inside one of the ``(flag, path)`` inputs.
+
+    Writing there could overwrite or delete what the run reads (a base model, the data).
+    """
+    found = []
+    target = Path(out).resolve()
+    for flag, path in inputs:
+        source = Path(path).resolve()
+        if target == source:
+            found.append(f"--out {out} is the same path as {flag} {path}; pick another --out")
+        elif source.is_relative_to(target):
+            found.append(f"--out {out} contains {flag} {path}; pick a folder outside it")
+        elif target.is_relative_to(source):
+            found.append(f"--out {out} lies inside {flag} {path}; pick a folder outside it")
+    return found
 
 
 @contextlib.contextmanager
@@ -60,10 +80,12 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
 def save_checkpoint(
     model: PreTrainedModel, out: Path, source: Path | None = None, overwrite: bool = False
 ) -> None:
-    """Save ``model`` (and ``source``'s tokenizer files) into ``out`` atomically."""
+    """Save ``model`` (and the tokenizer of ``source``, a folder or .gguf file) atomically."""
     with staged_folder(out, overwrite) as staging:
         model.save_pretrained(staging)
-        for name in TOKENIZER_FILES if source is not None else ():
+        if source is not None and is_gguf(source):
+            gguf_tokenizer(source).save_pretrained(staging)
+        for name in TOKENIZER_FILES if source is not None and source.is_dir() else ():
             if (source / name).is_file() and not (staging / name).exists():
                 shutil.copy2(source / name, staging / name)
 

@@ -72,4 +72,17 @@ def test_swap_command_reports_a_missing_model(tmp_path, capsys):
         )
         == 2
     )
-    assert "no config.json" in capsys.readouterr().err
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_swap_command_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
+    source = tmp_path / "base"
+    make_model("llama").save_pretrained(source)
+    before = sorted(p.name for p in source.iterdir())
+    for out in (source, source / "inner", tmp_path):
+        args = ["swap", "--model", str(source), "--pattern", "full()", "--out", str(out)]
+        assert main([*args, "--overwrite"]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and "--model" in err and "pick" in err
+    assert sorted(p.name for p in source.iterdir()) == before  # nothing touched
+    assert longswap.load(source) is not None

@@ -123,7 +123,8 @@ def test_invalid_configurations_are_listed_together(base, tmp_path):
         out=str(tmp_path / "o"),
     )
     found = "\n".join(problems(config))
-    assert "not a model folder" in found and "does not exist" in found
+    assert f"data path {tmp_path / 'missing'} does not exist" in found
+    assert f"--model {tmp_path / 'nope'} does not exist" in found
     assert "method must be one of" in found and "reaches 99 tokens back" in found
     with pytest.raises(ValueError, match="pass --merge"):
         run(base, tmp_path / "dense-lora")  # dense, LoRA, beyond trained length, no merge
@@ -261,3 +262,35 @@ def test_separate_documents_feeds_restarting_positions(base, tmp_path):
         base, tmp_path / "sep", pattern="sliding_window(window=16)", separate_documents=True
     )
     assert record["final_loss"] is not None
+
+
+def test_overwrite_keeps_the_old_out_until_the_new_one_is_complete(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("old run")
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    (tiny / "a.txt").write_text("too short for one sequence")
+    with pytest.raises(ValueError, match="too few"):
+        run(base, out, method="full", data=[str(tiny)], overwrite=True)
+    assert (out / "precious.txt").read_text() == "old run"  # a failed run deletes nothing
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no staging left
+    run(base, out, method="full", overwrite=True)
+    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+
+
+@pytest.mark.parametrize("target", ["model", "data", "inside-model", "around-data"])
+def test_out_overlapping_an_input_is_refused_before_anything_is_touched(base, target):
+    model, data = base / "base", base / "data"
+    out = {
+        "model": model,
+        "data": data,
+        "inside-model": model / "finetuned",
+        "around-data": base,
+    }[target]
+    before = {p: p.stat().st_mtime_ns for p in [*model.iterdir(), *data.iterdir()]}
+    with pytest.raises(ValueError, match="--out .* (is the same path as|contains|lies inside)"):
+        run(base, out, overwrite=True)
+    assert {p: p.stat().st_mtime_ns for p in [*model.iterdir(), *data.iterdir()]} == before
+    assert not (model / "finetuned").exists()

@@ -117,6 +117,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     model = LlamaForCausalLM(model_config("tiny", 32, 257))
     train_set, val_set = datasets(config, byte_tokenizer())
     with pytest.raises(RuntimeError, match=r"at step (5|6).*Last good checkpoint: .*checkpoint-4"):
-        train(model, train_set, val_set, config, callbacks=[Poison()], logging_steps=1)
+        train(model, train_set, val_set, config, tmp_path / "o", callbacks=[Poison()], logging_steps=1)
     kept = sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir())
     assert kept[-1] == "checkpoint-4"

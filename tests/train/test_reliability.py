@@ -41,7 +41,8 @@ def run(corpus, out, stop_after=None, resume=False):
     torch.manual_seed(0)
     model = LlamaForCausalLM(model_config("tiny", 32, 257))
     callbacks = [StopAfter(stop_after)] if stop_after else []
-    trainer, record = train(model, *datasets(config, byte_tokenizer()), config, callbacks=callbacks)
+    sets = datasets(config, byte_tokenizer())
+    trainer, record = train(model, *sets, config, out, callbacks=callbacks)
     return model, trainer
 
 

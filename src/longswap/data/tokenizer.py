@@ -14,6 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from longswap.checkpoint import gguf_tokenizer, is_gguf
+
 EOS = "<|endoftext|>"
 
 
@@ -48,7 +50,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 
 
 def tokenizer_for(model_dir: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer saved in ``model_dir``, or the byte tokenizer when there is none."""
+    """The tokenizer saved in ``model_dir`` (or inside a ``.gguf`` file), or the byte
+    tokenizer when there is none."""
+    if is_gguf(model_dir):
+        return gguf_tokenizer(model_dir)
     if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return AutoTokenizer.from_pretrained(model_dir)
     return byte_tokenizer()

@@ -13,6 +13,7 @@ from typing import Any
 
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from longswap.checkpoint import is_gguf, load_gguf, model_problem
 from longswap.io import save_checkpoint, staged_folder
 from longswap.swap.attention import register
 from longswap.swap.model import apply_spec
@@ -43,17 +44,24 @@ def save(model: Any, out: str | Path, overwrite: bool = False) -> Path:
 
 
 def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
-    """Load a swapped checkpoint, or a PEFT adapter saved by :func:`save`, swap included."""
+    """Load a model folder (swapped or not), a PEFT adapter saved by :func:`save` (swap
+    included), or a ``.gguf`` file (dequantized to a plain float model)."""
     path = Path(path)
     register()
+    problem = model_problem(path, flag="model")
+    if problem is not None:
+        raise ValueError(problem)
+    if is_gguf(path):
+        return load_gguf(path, **kwargs)
     if (path / "adapter_config.json").is_file():
         return _load_adapter(path, **kwargs)
-    if not (path / "config.json").is_file():
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as err:
         raise ValueError(
-            f"{path} is not a model folder: no config.json there (save one with "
-            "longswap.save, model.save_pretrained or `longswap swap --out`)"
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            f"the model in {path} could not be loaded ({type(err).__name__}: {err}); its "
+            "config.json or weights may be damaged or incomplete"
+        ) from err
     record = getattr(model.config, CONFIG_KEY, None)
     if record is not None:
         SwapSpec.from_dict(record)  # a clear error if malformed
@@ -66,11 +74,12 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
     adapter = json.loads((path / "adapter_config.json").read_text())
     swap_file = path / ADAPTER_SWAP_FILE
     payload = json.loads(swap_file.read_text()) if swap_file.is_file() else {}
-    base_path = Path(payload.get("base_model") or adapter.get("base_model_name_or_path") or "")
-    if not (base_path / "config.json").is_file():
+    named = payload.get("base_model") or adapter.get("base_model_name_or_path") or ""
+    base_path = Path(named)
+    if not named or base_path.resolve() == path.resolve() or model_problem(base_path):
         raise ValueError(
-            f"the adapter in {path} was trained on {str(base_path) or 'an unnamed model'}, "
-            "which is not a local model folder; load the base yourself, then "
+            f"the adapter in {path} was trained on {named or 'an unnamed model'}, which is "
+            "not a local model folder or .gguf file; load the base yourself, then "
             "PeftModel.from_pretrained(base, adapter_folder)"
         )
     base = load(base_path, **kwargs)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from longswap.data import (
 from longswap.data.corpus import Document
 from longswap.data.tokenizer import EOS, token_counter
 from longswap.evaluate import environment
+from longswap.io import overlap_problems, staged_folder
 from longswap.train.config import TrainingFields
 
 
@@ -63,6 +65,8 @@ def common_problems(config: TrainingFields) -> list[str]:
     for path in config.data:
         if not Path(path).exists():
             found.append(f"data path {path} does not exist")
+    if config.out:
+        found += overlap_problems(Path(config.out), [("--data", path) for path in config.data])
     for name, low in (("seq_len", 8), ("steps", 1), ("batch_size", 1), ("eval_steps", 1)):
         value = getattr(config, name)
         if not isinstance(value, int) or value < low:
@@ -132,12 +136,18 @@ def _with_synthetic(
     return PackedDataset(torch.cat([train_set.input_ids, synthetic]), positions)
 
 
-def prepare_out(config: TrainingFields) -> Path:
-    """The output folder, emptied first when ``--overwrite`` (and not ``--resume``)."""
+@contextlib.contextmanager
+def run_folder(config: TrainingFields) -> Iterator[Path]:
+    """The folder a run writes into: ``--out`` itself, or, when ``--overwrite`` replaces a
+    non-empty ``--out``, a staging folder beside it that takes its place only once the run
+    has finished (a failed or interrupted run leaves the old ``--out`` untouched)."""
     out = Path(config.out)
-    if config.overwrite and out.is_dir() and not config.resume:
-        shutil.rmtree(out)
-    return out
+    if config.overwrite and not config.resume and out.is_dir() and any(out.iterdir()):
+        with staged_folder(out, overwrite=True) as staging:
+            yield staging
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        yield out
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -200,16 +210,16 @@ def train(
     train_set: Dataset,
     val_set: Dataset,
     config: TrainingFields,
+    out: Path,
     callbacks: list[TrainerCallback] | None = None,
     transfer_steps: int = 0,
     **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Run the Trainer; returns it and a record of the run (config, command, metrics).
 
-    ``extra`` overrides TrainingArguments fields. A NaN or inf loss raises RuntimeError
-    naming the step and the last good checkpoint.
+    Checkpoints go to ``out/checkpoints``. ``extra`` overrides TrainingArguments fields. A
+    NaN or inf loss raises RuntimeError naming the step and the last good checkpoint.
     """
-    out = Path(config.out)
     settings = dict(
         output_dir=str(out / "checkpoints"),
         max_steps=config.steps,

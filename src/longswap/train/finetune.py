@@ -13,8 +13,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from longswap.checkpoint import model_problem
 from longswap.data.tokenizer import tokenizer_for
-from longswap.io import TOKENIZER_FILES, publish_into, save_checkpoint
+from longswap.io import TOKENIZER_FILES, overlap_problems, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
@@ -23,8 +24,8 @@ from longswap.swap.spec import CONFIG_KEY, SwapSpec
 from longswap.train.common import (
     common_problems,
     datasets,
-    prepare_out,
     refuse,
+    run_folder,
     train,
     write_record,
 )
@@ -37,11 +38,12 @@ METHODS = ("lora-plus", "full", "attention")
 def problems(config: FinetuneConfig) -> list[str]:
     """Everything wrong with ``config`` that can be told without training."""
     found = common_problems(config)
-    model_dir = Path(config.model) if config.model else None
-    if model_dir is None:
+    if not config.model:
         found.append("--model is required")
-    elif not (model_dir / "config.json").is_file():
-        found.append(f"--model {model_dir} is not a model folder (no config.json)")
+    elif problem := model_problem(config.model):
+        found.append(problem)
+    elif config.out:
+        found += overlap_problems(Path(config.out), [("--model", config.model)])
     if config.method not in METHODS:
         found.append(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.backend not in BACKENDS:
@@ -133,7 +135,6 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     model_dir = Path(config.model)
     model = load(model_dir)
     refuse(_model_problems(model, config), "fine-tuning")
-    out = prepare_out(config)
     tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)
     notes = []
@@ -162,30 +163,32 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
         notes.append(f"steps 0-{switch - 1} use full attention, then the pattern")
     if config.transfer_steps:
         notes.append(f"steps 0-{config.transfer_steps - 1} train attention transfer")
-    trainer, run = train(
-        model,
-        train_set,
-        val_set,
-        config,
-        callbacks=callbacks,
-        transfer_steps=config.transfer_steps,
-        **extra,
-    )
-    run["notes"] = notes
-    if config.method == "lora-plus" and config.merge:
-        model = model.merge_and_unload()
+    with run_folder(config) as out:
+        _, run = train(
+            model,
+            train_set,
+            val_set,
+            config,
+            out,
+            callbacks=callbacks,
+            transfer_steps=config.transfer_steps,
+            **extra,
+        )
+        run["notes"] = notes
+        if config.method == "lora-plus" and config.merge:
+            model = model.merge_and_unload()
 
-    def write(folder: Path) -> None:
-        if hasattr(model, "peft_config"):
-            save(model, folder / "model")
-        else:
-            save_checkpoint(model, folder / "model")
-        for item in (folder / "model").iterdir():
-            item.rename(folder / item.name)
-        (folder / "model").rmdir()
-        if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
-            tokenizer.save_pretrained(folder)
-        write_record(folder, run)
+        def write(folder: Path) -> None:
+            if hasattr(model, "peft_config"):
+                save(model, folder / "model")
+            else:
+                save_checkpoint(model, folder / "model")
+            for item in (folder / "model").iterdir():
+                item.rename(folder / item.name)
+            (folder / "model").rmdir()
+            if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
+                tokenizer.save_pretrained(folder)
+            write_record(folder, run)
 
-    publish_into(out, write)
+        publish_into(out, write)
     return run

@@ -19,8 +19,8 @@ from longswap.io import publish_into
 from longswap.train.common import (
     common_problems,
     datasets,
-    prepare_out,
     refuse,
+    run_folder,
     train,
     write_record,
 )
@@ -60,18 +60,18 @@ def model_config(size: str, seq_len: int, vocab_size: int) -> LlamaConfig:
 def pretrain(config: PretrainConfig) -> dict[str, Any]:
     """Train and save; returns the final metrics (also written to ``longswap_train.json``)."""
     refuse(problems(config), "pre-training")
-    out = prepare_out(config)
     tokenizer = byte_tokenizer()
     train_set, val_set = datasets(config, tokenizer)
     torch.manual_seed(config.seed)
     model = LlamaForCausalLM(model_config(config.size, config.seq_len, len(tokenizer)))
-    trainer, record = train(model, train_set, val_set, config)
-    record["eval_bits_per_byte"] = record["eval_bits_per_token"]  # one token per byte
+    with run_folder(config) as out:
+        trainer, record = train(model, train_set, val_set, config, out)
+        record["eval_bits_per_byte"] = record["eval_bits_per_token"]  # one token per byte
 
-    def write(folder: Path) -> None:
-        trainer.save_model(str(folder))
-        tokenizer.save_pretrained(folder)
-        write_record(folder, record)
+        def write(folder: Path) -> None:
+            trainer.save_model(str(folder))
+            tokenizer.save_pretrained(folder)
+            write_record(folder, record)
 
-    publish_into(out, write)
+        publish_into(out, write)
     return record
