@@ -117,6 +117,29 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(corpus, tmp_pa
     model = LlamaForCausalLM(model_config("tiny", 32, 257))
     train_set, val_set = datasets(config, byte_tokenizer())
     with pytest.raises(RuntimeError, match=r"at step (5|6).*Last good checkpoint: .*checkpoint-4"):
-        train(model, train_set, val_set, config, tmp_path / "o", callbacks=[Poison()], logging_steps=1)
+        train(
+            model, train_set, val_set, config, tmp_path / "o", callbacks=[Poison()], logging_steps=1
+        )
     kept = sorted(p.name for p in (tmp_path / "o" / "checkpoints").iterdir())
     assert kept[-1] == "checkpoint-4"
+
+
+def test_one_data_file_holds_out_whole_sequences_for_validation(tmp_path):
+    (tmp_path / "d").mkdir()
+    text = "".join(f"value_{i} = {i * i}\n" for i in range(80))  # one document
+    (tmp_path / "d" / "only.py").write_text(text)
+    config = PretrainConfig(out=str(tmp_path / "o"), data=[str(tmp_path / "d" / "only.py")])
+    config.seq_len = 100
+    n = (len(text) + 1) // 100  # bytes plus the end-of-document token
+    with pytest.warns(UserWarning, match=f"validation uses the last 1 of the {n} packed"):
+        train_set, val_set = datasets(config, byte_tokenizer())
+    assert (len(train_set), len(val_set)) == (n - 1, 1)
+    held_out = text.encode()[(n - 1) * 100 : n * 100]
+    assert bytes(val_set[0]["input_ids"].tolist()) == held_out  # the last whole sequence
+    assert (
+        bytes(train_set[n - 2]["input_ids"].tolist())
+        == text.encode()[(n - 2) * 100 : (n - 1) * 100]
+    )
+    config.seq_len = len(text)
+    with pytest.raises(ValueError, match=f"fills only 1 sequence of {len(text)} tokens"):
+        datasets(config, byte_tokenizer())

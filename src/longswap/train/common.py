@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import sys
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from longswap.data import (
     synthetic_texts,
 )
 from longswap.data.corpus import Document
+from longswap.data.packing import Packed
 from longswap.data.tokenizer import EOS, token_counter
 from longswap.evaluate import environment
 from longswap.io import overlap_problems, staged_folder
@@ -95,25 +97,68 @@ def _token_arrays(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> l
 def datasets(
     config: TrainingFields, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[PackedDataset, PackedDataset]:
-    """Packed train and validation sets (validation capped at 64 sequences, 65,536 tokens)."""
+    """Packed train and validation sets (validation capped at 64 sequences, 65,536 tokens).
+
+    Documents are split by name (``validation_share``). When either side cannot fill one
+    sequence (one file, or a few long ones), the last whole sequences of all the data are
+    held out instead, with a warning that says so.
+    """
     docs = (
         local_documents(config.data, config.text_field)
         if config.data
         else stdlib_documents("train")
     )
     train_docs, val_docs = split_documents(docs, config.validation_share)
-    if not val_docs:
-        val_docs, train_docs = train_docs[-1:], train_docs[:-1]
-    eos = tokenizer.eos_token_id
-    sets = []
+    train_part, val_part = _pack(train_docs, config, tokenizer), _pack(val_docs, config, tokenizer)
+    if train_part is None or val_part is None:
+        train_part, val_part = _split_sequences(docs, config, tokenizer)
     val_cap = max(1, min(64, 2**16 // config.seq_len))  # enough to compare, cheap at any length
-    for part, cap in ((train_docs, None), (val_docs, val_cap)):
-        packed = pack_documents(_token_arrays(part, tokenizer), config.seq_len, eos)
+    sets = []
+    for packed, cap in ((train_part, None), (val_part, val_cap)):
         positions = packed.position_ids()[:cap] if config.separate_documents else None
         sets.append(PackedDataset(packed.input_ids[:cap], positions))
     if config.synthetic_ratio:
         sets[0] = _with_synthetic(sets[0], config, tokenizer)
     return sets[0], sets[1]
+
+
+def _pack(
+    docs: list[Document], config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> Packed | None:
+    """``docs`` packed into sequences of ``seq_len``, or None when they cannot fill one."""
+    if not docs:
+        return None
+    try:
+        return pack_documents(
+            _token_arrays(docs, tokenizer), config.seq_len, tokenizer.eos_token_id
+        )
+    except ValueError:
+        return None
+
+
+def _split_sequences(
+    docs: list[Document], config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Packed, Packed]:
+    """All documents packed; the last ``validation_share`` of the sequences (at least one)
+    held out for validation."""
+    packed = pack_documents(_token_arrays(docs, tokenizer), config.seq_len, tokenizer.eos_token_id)
+    n = packed.input_ids.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"the data fills only {n} sequence of {config.seq_len} tokens; training and "
+            "validation need one each: add data or lower --seq-len"
+        )
+    held = min(n - 1, max(1, round(n * config.validation_share)))
+    warnings.warn(
+        f"the held-out documents cannot fill one sequence of {config.seq_len} tokens (or "
+        f"the rest cannot): validation uses the last {held} of the {n} packed sequences "
+        "instead (whole sequences, never seen in training)",
+        stacklevel=3,
+    )
+    return (
+        Packed(packed.input_ids[:-held], packed.document_ids[:-held]),
+        Packed(packed.input_ids[-held:], packed.document_ids[-held:]),
+    )
 
 
 def _with_synthetic(

