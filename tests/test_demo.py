@@ -1,6 +1,8 @@
 """``longswap demo``: the five-arm study end to end (quick), and its refusals."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -23,27 +25,85 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
-    assert [v["holds"] for v in results["verdict"]].count(None) <= 1
-    assert all(v["measured"] and "nan" not in v["measured"] for v in results["verdict"])
+    records = json.loads((out / "eval" / "results.json").read_text())["records"]
+    assert {r["model"] for r in records} == {str(out / "arms" / arm) for arm in ARMS}
+    assert not [r for r in records if "skipped" in r]
+    # The verdict's perplexities are the records' (value and interval), at the long length.
+    long = results["long_length"]
+    ppl = {Path(r["model"]).name: r for r in records if r["task"] == "ppl" and r["length"] == long}
+    first = results["verdict"][0]["measured"]
+    for arm in ("3", "4"):
+        r = ppl[ARMS[int(arm) - 1]]
+        low, high = r["perplexity_ci"]
+        assert f"arm {arm} {r['perplexity']:.2f} [{low:.2f}, {high:.2f}]" in first
+    assert all(r["target_tokens"] == 1024 and r["documents"] >= 4 for r in ppl.values())
+    assert all(
+        v["holds"] in (True, False, None) and "nan" not in v["measured"] for v in results["verdict"]
+    )
+    # Cost: every trained arm, judged by CPU seconds, wall seconds beside them.
     assert set(results["cost"]) == set(ARMS[2:])
-    assert all(c["peak_memory_mb"] > 0 and c["train_seconds"] > 0 for c in results["cost"].values())
+    for c in results["cost"].values():
+        assert c["cpu_seconds"] > 0 and c["wall_seconds"] > 0 and c["peak_memory_mb"] > 0
+        assert f"--out {out}/arms/" in c["command"]  # the final folder, not the staging one
+    cpu = [results["cost"][a]["cpu_seconds"] for a in (ARMS[2], ARMS[4])]
+    assert f"CPU time {cpu[0]:.1f} s vs {cpu[1]:.1f} s" in results["verdict"][2]["measured"]
     for arm in ARMS:
         assert (out / "arms" / arm / "config.json").is_file()
     assert not (out / "random-init").exists()  # a temporary start, removed
     assert not list(out.glob("arms/*/checkpoints"))  # resume state of finished runs
-    records = json.loads((out / "eval" / "results.json").read_text())["records"]
-    assert {r["model"].rsplit("/", 1)[-1] for r in records} == set(ARMS)
-    assert not [r for r in records if "skipped" in r]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # no staging folder left behind
     report = (out / "report.md").read_text()
-    assert "## Verdict" in report and "eval/perplexity.png" in report
-    assert "smoke run" in report
-    assert (out / "eval" / "perplexity.png").is_file()
+    for heading in ("Verdict", "Perplexity vs length", "Passkey retrieval", "Cost of fine-tuning"):
+        assert f"## {heading}" in report
+    assert "| arm | CPU seconds | wall seconds |" in report
+    assert "| arm | prefill tokens/s | decode tokens/s (median step) | KV cache (MB) |" in report
+    for arm in ARMS:  # a row per arm in the perplexity, passkey and speed tables
+        assert report.count(f"| {arm} |") == 3 + (arm in results["cost"])
+    assert "smoke run" in report and (out / "eval" / "perplexity.png").is_file()
     assert "longswap finetune --model" in report
     printed = capsys.readouterr().out
     assert "Arm 3 beats arm 4" in printed
+    # Each arm's progress on the console while it trains, with its log.
+    for arm in ARMS[2:]:
+        assert f"{arm}: step 0/4, starting (log: " in printed
+        assert f"{arm}: step 4/4, validating and saving" in printed
     # The same folder again: refused, then replaced with --overwrite.
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_overwrite_keeps_the_old_demo_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    from longswap.demo import study
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text("{}")  # an earlier demo
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("fine-tuning failed")
+
+    monkeypatch.setattr(study, "_finetune", fail)
+    with pytest.raises(RuntimeError, match="fine-tuning failed"):
+        study.run_demo(study.DemoConfig(out=str(out), quick=True, overwrite=True))
+    assert (out / "demo.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # the staging folder is gone
+
+
+def test_demo_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(EMBEDDED_MODEL, model)
+    for out, says in (
+        (model, "is the same path as --model"),
+        (tmp_path, "contains --model"),
+        (model / "demo", "lies inside --model"),
+    ):
+        assert (
+            main(["demo", "--quick", "--model", str(model), "--out", str(out), "--overwrite"]) == 2
+        )
+        assert says in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == sorted(
+        p.name for p in EMBEDDED_MODEL.iterdir()
+    )
 
 
 def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
@@ -94,8 +154,35 @@ def _records(ppl, keys):
     ],
 )
 def test_verdict_follows_the_numbers(ppl, seconds, keys, expected):
-    cost = {ARMS[2]: {"train_seconds": seconds}, ARMS[4]: {"train_seconds": 100}}
+    cost = {
+        ARMS[2]: {"cpu_seconds": seconds, "wall_seconds": seconds / 2},
+        ARMS[4]: {"cpu_seconds": 100, "wall_seconds": 50},
+    }
     rows = verdict(_records(ppl, keys), cost, parse_pattern("block_topk(128, 4)"), 512, 4096)
     assert [r["holds"] for r in rows] == expected
+    assert "wall times unreliable" not in rows[2]["measured"]
     window = verdict(_records(ppl, keys), cost, parse_pattern("sliding_window(512)"), 512, 4096)
     assert window[4]["holds"] is None  # a window cannot reach 4096 tokens back
+
+
+def test_verdict_judges_perplexity_with_intervals_and_cost_with_cpu_time():
+    records = _records([(6, 300), (6, 7), (5, 5), (5, 20), (5, 4.8)], [0, 0, 1, 0, 1])
+    cost = {
+        ARMS[2]: {"cpu_seconds": 50, "wall_seconds": 200},  # slow on the wall: a loaded machine
+        ARMS[4]: {"cpu_seconds": 100, "wall_seconds": 50},
+    }
+    pattern = parse_pattern("block_topk(128, 4)")
+    for r in records:
+        if r["task"] == "ppl":
+            r["perplexity_ci"] = [r["perplexity"] * 0.99, r["perplexity"] * 1.01]
+    rows = verdict(records, cost, pattern, 512, 4096)
+    assert rows[2]["holds"] is True  # CPU time decides: 0.5 of arm 5's
+    assert "wall times unreliable" in rows[2]["measured"]
+    assert "arm 3 5.00 [4.95, 5.05]" in rows[0]["measured"]
+    # Arm 5 at 4.8: arm 3 (5.0) is within x1.1; with wide intervals that is no longer certain.
+    for r in records:
+        if r["task"] == "ppl" and r["model"].endswith((ARMS[2], ARMS[4])):
+            r["perplexity_ci"] = [r["perplexity"] * 0.9, r["perplexity"] * 1.1]
+    rows = verdict(records, cost, pattern, 512, 4096)
+    assert rows[2]["holds"] is None and "within noise" in rows[2]["measured"]
+    assert rows[0]["holds"] is True  # arm 4 at 20 vs arm 3 at 5.5 at most: still wide

@@ -50,7 +50,10 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
     assert main(args) == 0
     records = json.loads((out / "results.json").read_text())["records"]
     assert len(records) == 2 * (2 + 4 + 2 + 2)
-    assert not [r for r in records if "skipped" in r]
+    # Four needles and their question do not fit in 256 tokens: skipped, saying so.
+    skipped = [r for r in records if "skipped" in r]
+    assert {(r["task"], r["length"]) for r in skipped} == {("needles", 256)}
+    assert all("shortest prompt of this task" in r["skipped"] for r in skipped)
     # Rotary positions: 1024 > 512 trained positions is measured, and marked.
     beyond = [r for r in records if "beyond_trained" in r]
     assert {(r["model"], r["length"], r["beyond_trained"]) for r in beyond} == {
@@ -58,12 +61,20 @@ def test_eval_grid_report_and_resume(models, tmp_path, capsys):
     }
     ppl = [r for r in records if r["task"] == "ppl" and "perplexity" in r]
     assert all(r["target_tokens"] == 64 and "bits_per_byte" in r for r in ppl)
+    assert all(r["documents"] == 8 and r["context"] == 512 for r in ppl)  # same targets
+    assert all(lo < r["perplexity"] < hi for r in ppl for lo, hi in [r["perplexity_ci"]])
     assert all("torch" in r["environment"] for r in records)
     report = (out / "report.md").read_text()
     assert "| 1024 (beyond its 512) |" in report
     assert "perplexity.png" in report and (out / "perplexity.png").is_file()
     assert (out / "passkey-swapped.png").is_file() and (out / "speed.png").is_file()
-    assert (out / "speed-decode_tokens_per_s.png").is_file()
+    assert (out / "speed-decode_tokens_per_s.png").is_file() and (
+        out / "speed-cache_mb.png"
+    ).is_file()
+    # Tables, not Python dicts; passkey as a table beside its heatmaps.
+    assert "{" not in report and "| model | length | depth 0 | depth 1 |" in report
+    assert "| model | length | prefill tokens/s | decode tokens/s |" in report
+    assert "| model | length | accuracy | trials |" in report
     assert main(args) == 2  # results.json exists: refuse without --resume
     assert "--resume" in capsys.readouterr().err
     # An interrupted run: drop the last records, resume computes only those.
@@ -153,3 +164,114 @@ def test_learned_positions_end_at_their_table(tmp_path):
     records = json.loads((out / "results.json").read_text())["records"]
     assert "perplexity" in records[0]
     assert "beyond the 64 learned positions" in records[1]["skipped"]
+
+
+def test_speed_times_each_decode_step_with_the_cache(models):
+    from longswap.evaluate.run import _speed
+
+    base, _ = models
+    model = longswap.load(base).eval()
+    record = _speed(model, 256)
+    assert record["decode_steps"] == 16 and record["prefill_tokens"] == 256 - 17
+    assert record["decode_tokens_per_s"] == pytest.approx(1e3 / record["decode_step_ms"])
+    # The cache holds keys and values of every layer for the whole context but the last token.
+    c = model.config
+    per_token = (
+        2 * c.num_hidden_layers * c.num_key_value_heads * (c.hidden_size // c.num_attention_heads)
+    )
+    assert record["cache_mb"] * 2**20 == per_token * 255 * 4  # float32
+
+
+def test_speed_stays_within_extended_positions_without_a_length_warning():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from longswap.evaluate.run import _speed
+
+    model = make_model("llama", vocab_size=257, max_position_embeddings=512)
+    longswap.swap_attention(model, "block_topk(block_size=64, top_k=2)", max_length=1024)
+    assert model.config.max_position_embeddings == 1024  # RoPE extended from 512
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    logging.Logger.warning_once.cache_clear()  # transformers says each warning once per process
+    try:
+        _speed(model, 1024)
+    finally:
+        root.removeHandler(handler)
+    assert not [m for m in seen if "predefined maximum length" in m]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--trials", "0"], "--trials must be at least 1, got 0"),
+        (["--depths", "1.5"], "--depths must lie within [0, 1]"),
+        (["--depths", "-0.1"], "--depths must lie within [0, 1]"),
+        (["--lengths", "0"], "--lengths must be positive token counts, got [0]"),
+        (["--lengths", "-64"], "--lengths must be positive token counts, got [-64]"),
+        (["--targets", "0"], "--targets must be at least 1, got 0"),
+        (["--spread", "0"], "--spread must be at least 1, got 0"),
+    ],
+)
+def test_eval_refuses_bad_settings_before_any_work(models, tmp_path, capsys, flags, message):
+    base, _ = models
+    out = tmp_path / "o"
+    assert main(["eval", "--model", str(base), "--tasks", "ppl", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_eval_refuses_too_little_text_for_the_targets(models, tmp_path, capsys):
+    base, _ = models
+    (tmp_path / "small.txt").write_text("x = 1\n" * 300)
+    args = ["eval", "--model", str(base), "--tasks", "ppl", "--data", str(tmp_path / "small.txt")]
+    assert main([*args, "--targets", "5000", "--out", str(tmp_path / "o")]) == 2
+    assert "hold only 625 of the 5000 targets" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content", ["{}", "not json", '{"records": [1, 2]}'])
+def test_resume_names_a_corrupted_results_file(models, tmp_path, capsys, content):
+    base, _ = models
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text(content)
+    args = ["eval", "--model", str(base), "--tasks", "ppl", "--out", str(out), "--resume"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out / 'results.json'} is not a longswap results file" in err
+    assert (out / "results.json").read_text() == content  # left as it was
+
+
+def test_eval_refuses_an_unwritable_out(models, tmp_path, capsys):
+    base, _ = models
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out, message in (
+        (blocker / "eval", f"{blocker} is a file, not a folder"),
+        (blocker, f"{blocker} is a file, not a folder"),
+        ("/proc/longswap-eval", "cannot be written (/proc"),
+    ):
+        assert main(["eval", "--model", str(base), "--out", str(out)]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_memory_plot_keeps_zeros_on_a_linear_axis(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    from longswap.evaluate.report import _line_plot
+
+    scales = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, s: scales.append(s))
+    rows = [
+        {"model": "m", "length": n, "peak_memory_mb": v} for n, v in ((512, 0.0), (4096, 900.0))
+    ]
+    _line_plot(rows, "peak_memory_mb", "MB", tmp_path / "a.png")
+    assert scales == []  # a log axis would drop the zero
+    rows[0]["peak_memory_mb"] = 1.0
+    _line_plot(rows, "peak_memory_mb", "MB", tmp_path / "b.png")
+    assert scales == ["log"]

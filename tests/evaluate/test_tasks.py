@@ -1,5 +1,6 @@
 """Retrieval tasks: prompts, scoring, and a model that answers correctly by construction."""
 
+import pytest
 import torch
 
 from longswap.data import byte_tokenizer
@@ -52,3 +53,29 @@ def test_multi_key_needles_prompt_and_task():
     tok = byte_tokenizer()
     record = needles(make_model("llama", vocab_size=257), tok, length=400, trials=2)
     assert record["accuracy"] == 0.0 and record["needles"] == 4
+
+
+class Recorder(torch.nn.Module):
+    """Records how long each generation would run: prompt plus new tokens."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight, self.totals = torch.nn.Parameter(torch.zeros(1)), []
+
+    def generate(self, ids, max_new_tokens, **kwargs):
+        self.totals.append(ids.shape[1] + max_new_tokens)
+        return ids
+
+
+def test_prompts_and_answers_fit_within_the_length():
+    from longswap.evaluate.tasks import needles
+
+    tok = byte_tokenizer()
+    for length in (400, 512, 1000):
+        model = Recorder()
+        passkey(model, tok, length, depth=0.5, trials=2)
+        recall(model, tok, length, trials=2)
+        needles(model, tok, length, trials=2)
+        assert max(model.totals) <= length  # generation never runs past the model's positions
+    with pytest.raises(ValueError, match="shortest prompt of this task takes 3.. tokens"):
+        needles(Recorder(), tok, 300, trials=1)  # four needles and a question need more

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -33,7 +34,8 @@ from transformers.utils import logging as hf_logging
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.verdict import ARMS, report, verdict
 from longswap.evaluate import environment
-from longswap.evaluate.run import EvalConfig, evaluate
+from longswap.evaluate.run import EvalConfig, evaluate, output_problem
+from longswap.io import overlap_problems, staged_folder
 from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
 from longswap.train.config import help_field
@@ -42,6 +44,10 @@ from longswap.train.config import help_field
 EMBEDDED_MODEL = Path(__file__).parents[1] / "assets" / "base"
 #: The pattern the demo swaps in unless told otherwise (README: "Why this pattern").
 DEFAULT_PATTERN = "block_topk(block_size=128, top_k=4)"
+#: A Trainer progress bar in a fine-tuning log: ``n/total [``.
+_BAR = re.compile(r"(\d+)/(\d+) \[")
+#: Seconds between two progress lines of a fine-tuning arm on the console.
+PROGRESS_EVERY = 15.0
 
 
 @dataclass
@@ -78,8 +84,9 @@ def _problems(config: DemoConfig) -> list[str]:
     if not isinstance(config.factor, int) or config.factor < 2:
         found.append(f"factor must be an integer >= 2, got {config.factor!r}")
     out = Path(config.out)
-    if out.exists() and not out.is_dir():
-        found.append(f"--out {out} exists and is not a folder")
+    found += overlap_problems(out, [("--model", model)])
+    if problem := output_problem(out):
+        found.append(problem)
     elif out.is_dir() and any(out.iterdir()):
         if not config.overwrite:
             found.append(f"--out {out} is not empty; pass --overwrite or pick another folder")
@@ -117,21 +124,67 @@ def finetune_command(
     return command
 
 
-def _finetune(command: list[str], log: Path) -> dict[str, Any]:
-    """Run one arm's fine-tuning in its own process; its time and peak memory measured."""
+def _steps_done(log: Path, steps: int) -> int:
+    """Steps done according to the last Trainer progress bar (``n/steps [``) in ``log``."""
+    done = [
+        int(n) for n, total in _BAR.findall(log.read_text(errors="replace")) if int(total) == steps
+    ]
+    return done[-1] if done else 0
+
+
+def _progress(arm: str, done: int, steps: int, rate: float | None, log: Path) -> str:
+    """A console line: steps done of ``steps``, time left at ``rate`` seconds a step, the log."""
+    if done == steps:
+        state = "validating and saving"
+    elif rate is None:
+        state = "starting" if done == 0 else "estimating the time left"
+    else:
+        state = f"about {rate * (steps - done):.0f} s left"
+    return f"{arm}: step {done}/{steps}, {state} (log: {log})"
+
+
+def _run_child(command: list[str], log: Path, arm: str, steps: int) -> tuple[int, Any, float]:
+    """Run one arm's fine-tuning, printing its progress; returns status, rusage, wall seconds."""
+    began = time.perf_counter()
     with log.open("w") as sink:
         child = subprocess.Popen(
             [sys.executable, "-m", "longswap", *command[1:]], stdout=sink, stderr=subprocess.STDOUT
         )
-        _, status, usage = os.wait4(child.pid, 0)
+        shown, said, first = -1, began, None  # first: (time, steps) when a step was first seen
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                return status, usage, time.perf_counter() - began
+            time.sleep(0.5)
+            done, now = _steps_done(log, steps), time.perf_counter()
+            if done and first is None:
+                first = (now, done)
+            if done != shown and (now - said >= PROGRESS_EVERY or done in (0, steps)):
+                rate = (now - first[0]) / (done - first[1]) if first and done > first[1] else None
+                _say(_progress(arm, done, steps, rate, log))
+                shown, said = done, now
+
+
+def _finetune(
+    command: list[str], shown: list[str], log: Path, steps: int, failed_log: Path
+) -> dict[str, Any]:
+    """Run one arm's fine-tuning in its own process; its wall and CPU time and peak memory.
+
+    ``shown`` is the command as the report prints it (with the final output folder); a
+    failure copies the log to ``failed_log``, since the staging folder goes away.
+    """
+    status, usage, wall = _run_child(command, log, log.stem, steps)
     if os.waitstatus_to_exitcode(status) != 0:
+        shutil.copy2(log, failed_log)
         tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"fine-tuning failed: {' '.join(command)}\n{tail}\n(log: {log})")
+        raise RuntimeError(f"fine-tuning failed: {shlex.join(shown)}\n{tail}\n(log: {failed_log})")
     record = json.loads(
         (Path(command[command.index("--out") + 1]) / "longswap_train.json").read_text()
     )
     return {
-        "command": shlex.join(command),
+        "command": shlex.join(shown),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "wall_seconds": wall,
         "train_seconds": record["train_seconds"],
         "tokens_per_second": record["train_tokens_per_second"],
         "tokens": record["config"]["steps"] * record["config"]["seq_len"],
@@ -142,17 +195,31 @@ def _finetune(command: list[str], log: Path) -> dict[str, Any]:
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Build, train and evaluate the five arms; write ``report.md`` and ``demo.json``."""
+    """Build, train and evaluate the five arms; write ``report.md`` and ``demo.json``.
+
+    Everything is built in a staging folder beside ``--out``, which replaces ``--out`` only
+    once the demo is complete: a failure or an interruption leaves an earlier demo as it was.
+    """
     found = _problems(config)
     if found:
         raise ValueError("cannot run the demo:\n- " + "\n- ".join(found))
     began = time.perf_counter()
     hf_logging.disable_progress_bar()
     out = Path(config.out)
-    if out.is_dir() and config.overwrite:
-        shutil.rmtree(out)
-    arms = out / "arms"
-    arms.mkdir(parents=True)
+    with staged_folder(out, overwrite=config.overwrite) as staging:
+        _say(f"building the demo in {staging}; it replaces {out} once complete")
+        results, records = _study(config, staging, out)
+        results["wall_seconds"] = time.perf_counter() - began
+        (staging / "demo.json").write_text(json.dumps(results, indent=1))
+        (staging / "report.md").write_text(report(results, records))
+    _say(f"done in {results['wall_seconds']:.0f} s: {out / 'report.md'}")
+    return results
+
+
+def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any], list[dict]]:
+    """The five arms built in ``staging``; results and records name ``out``, their final home."""
+    arms = staging / "arms"
+    arms.mkdir()
     base = Path(config.model) if config.model else EMBEDDED_MODEL
     pattern = format_pattern(parse_pattern(config.pattern))
     trained = AutoConfig.from_pretrained(base).max_position_embeddings
@@ -167,43 +234,42 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     tokenizer_for(base).save_pretrained(arms / ARMS[1])
     _say(f"arm 2: {swap_report}")
 
-    random_start = out / "random-init"
     torch.manual_seed(config.seed)
-    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base)).save_pretrained(random_start)
-    tokenizer_for(base).save_pretrained(random_start)
+    random_init = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base))
+    random_init.save_pretrained(staging / "random-init")
+    tokenizer_for(base).save_pretrained(staging / "random-init")
     cost = {}
     for arm, start, arm_pattern in (
         (ARMS[2], base, pattern),
-        (ARMS[3], random_start, pattern),
+        (ARMS[3], staging / "random-init", pattern),
         (ARMS[4], base, ""),
     ):
-        command = finetune_command(config, start, arms / arm, arm_pattern, steps)
-        _say(f"{arm}: {shlex.join(command)}")
-        cost[arm] = _finetune(command, out / f"{arm}.log")
+        run = finetune_command(config, start, arms / arm, arm_pattern, steps)
+        shown = [_moved(part, staging, out) for part in run]
+        _say(f"{arm}: {shlex.join(shown)}")
+        failed_log = out.with_name(f"{out.name}-{arm}-failed.log")
+        cost[arm] = _finetune(run, shown, staging / f"{arm}.log", steps, failed_log)
         shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
+        c = cost[arm]
         _say(
-            f"{arm}: {cost[arm]['train_seconds']:.1f} s, {cost[arm]['tokens_per_second']:.0f} tok/s"
+            f"{arm}: {c['wall_seconds']:.1f} s wall, {c['cpu_seconds']:.1f} s CPU, "
+            f"{c['tokens_per_second']:.0f} tok/s"
         )
-    shutil.rmtree(random_start)
+    shutil.rmtree(staging / "random-init")
 
     lengths = [trained, long]
     while not config.quick and lengths[-2] * 2 < long:  # the doublings in between
         lengths.insert(-1, lengths[-2] * 2)
-    common = dict(model=[str(arms / a) for a in ARMS], out=str(out / "eval"), trials=3)
+    common = dict(model=[str(arms / a) for a in ARMS], out=str(staging / "eval"), trials=3)
     if config.quick:
-        common.update(trials=1, depths=[0.5])
+        common.update(trials=1, depths=[0.5], targets=1024, spread=4)
     _say(f"evaluating 5 arms: perplexity and speed at {lengths}, passkey at {[trained, long]}")
-    evaluate(
-        EvalConfig(
-            **common,
-            tasks=["ppl", "speed"],
-            lengths=lengths,
-            targets=1024 if config.quick else 8192,
-        )
-    )
+    evaluate(EvalConfig(**common, tasks=["ppl", "speed"], lengths=lengths))
     records = evaluate(
         EvalConfig(**common, tasks=["passkey"], lengths=[trained, long], resume=True)
     )
+    records = _relocated(records, staging, out)
+    (staging / "eval" / "results.json").write_text(json.dumps({"records": records}, indent=1))
     results = {
         "config": asdict(config),
         "pattern": pattern,
@@ -214,8 +280,17 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
         "verdict": verdict(records, cost, parse_pattern(pattern), trained, long),
         "environment": environment(),
     }
-    results["wall_seconds"] = time.perf_counter() - began
-    (out / "demo.json").write_text(json.dumps(results, indent=1))
-    (out / "report.md").write_text(report(results, records))
-    _say(f"done in {results['wall_seconds']:.0f} s: {out / 'report.md'}")
-    return results
+    return results, records
+
+
+def _moved(text: str, staging: Path, out: Path) -> str:
+    """``text`` with the staging folder's path replaced by ``out``'s, its final home."""
+    return text.replace(str(staging), str(out), 1)
+
+
+def _relocated(records: list[dict], staging: Path, out: Path) -> list[dict]:
+    """The records with their model paths moved from ``staging`` to ``out``."""
+    return [
+        r | {"model": _moved(r["model"], staging, out), "key": _moved(r["key"], staging, out)}
+        for r in records
+    ]

@@ -1,23 +1,71 @@
-"""The demo's verdict and report: five expectations checked against the measured records."""
+"""The demo's verdict and report: five expectations checked against the measured records.
+
+Perplexities are compared with their bootstrap intervals: an expectation holds when the
+whole interval is on its side of the threshold, fails when the whole interval is on the other
+side, and is left undecided ("within noise") when the threshold falls inside. The cost of
+fine-tuning is judged by the CPU seconds of each arm's process, which the machine's load
+barely moves; wall times are shown beside them, and flagged when the two disagree.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from longswap.evaluate.report import table
 from longswap.patterns import Pattern
 
 #: Arm folder names, in study order.
 ARMS = ("1-dense", "2-swapped", "3-swap-finetune", "4-random-finetune", "5-dense-finetune")
 #: How much worse than a comparison a result may be and still count as "no worse" / "close".
 NO_WORSE, CLOSE, WIDE, DEGRADES = 1.05, 1.10, 1.5, 1.10
-#: "A fraction of the cost": arm 3's training time at most this share of arm 5's.
+#: "A fraction of the cost": arm 3's CPU seconds at most this share of arm 5's.
 FRACTION = 0.75
 #: Passkey retrieval "works": mean accuracy over the depths at the long length.
 RETRIEVES = 0.8
+#: Wall times are unreliable when the arms' CPU-per-wall-second differ by more than this.
+UNRELIABLE = 1.25
+
+
+class Estimate(NamedTuple):
+    """A perplexity with its interval (all three equal where no interval was recorded)."""
+
+    value: float
+    low: float
+    high: float
+
+    def __str__(self) -> str:
+        if self.low == self.high:
+            return f"{self.value:.2f}"
+        return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}]"
+
+
+def at_most(x: Estimate, y: Estimate, factor: float) -> bool | None:
+    """Whether ``x <= factor * y``: decided only when both intervals agree, else None."""
+    if x.high <= factor * y.low:
+        return True
+    if x.low > factor * y.high:
+        return False
+    return None
+
+
+def at_least(x: Estimate, y: Estimate, factor: float) -> bool | None:
+    """Whether ``x >= factor * y``: decided only when both intervals agree, else None."""
+    if x.low >= factor * y.high:
+        return True
+    if x.high < factor * y.low:
+        return False
+    return None
+
+
+def _all(*parts: bool | None) -> bool | None:
+    """Three-valued "and": False if any part fails, None if any is undecided, else True."""
+    if False in parts:
+        return False
+    return None if None in parts else True
 
 
 def sees_every_depth(pattern: Pattern, length: int) -> bool:
@@ -34,62 +82,98 @@ def sees_every_depth(pattern: Pattern, length: int) -> bool:
     return bool(pattern.mask_fn(length, 2)(last, depths, torch.zeros_like(depths)).all())
 
 
-def _metric(
+def _matching(
     records: list[dict], arm: str, task: str, length: int, field: str, depth: float | None = None
-) -> float:
-    """Mean of ``field`` over the records of one arm, task, length (and depth); NaN if none."""
-    values = [
-        r[field]
+) -> list[dict]:
+    return [
+        r
         for r in records
         if Path(r["model"]).name == arm and r["task"] == task and r["length"] == length
         if field in r and depth in (None, r.get("depth"))
     ]
+
+
+def _metric(
+    records: list[dict], arm: str, task: str, length: int, field: str, depth: float | None = None
+) -> float:
+    """Mean of ``field`` over the records of one arm, task, length (and depth); NaN if none."""
+    values = [r[field] for r in _matching(records, arm, task, length, field, depth)]
     return sum(values) / len(values) if values else math.nan
+
+
+def perplexity_of(records: list[dict], arm: str, length: int) -> Estimate:
+    """The perplexity of one arm at one length with its interval; NaN if not measured."""
+    found = _matching(records, arm, "ppl", length, "perplexity")
+    if not found:
+        return Estimate(math.nan, math.nan, math.nan)
+    value = found[0]["perplexity"]
+    return Estimate(value, *found[0].get("perplexity_ci", (value, value)))
+
+
+def wall_times_unreliable(cost: dict[str, dict[str, Any]]) -> bool:
+    """Whether the arms' wall times disagree with their CPU times (a loaded machine)."""
+    use = [c["cpu_seconds"] / c["wall_seconds"] for c in cost.values() if c["wall_seconds"] > 0]
+    return bool(use) and max(use) > UNRELIABLE * min(use)
+
+
+def _why(holds: bool | None) -> str:
+    return " (within noise: the threshold lies inside the intervals)" if holds is None else ""
 
 
 def verdict(
     records: list[dict], cost: dict, pattern: Pattern, trained: int, long: int
 ) -> list[dict[str, Any]]:
-    """The five expectations of the study, each with its measured numbers and outcome."""
+    """The five expectations of the study, each with its measured numbers and outcome.
 
-    def ppl(arm: str, length: int) -> float:
-        return _metric(records, arm, "ppl", length, "perplexity")
-
-    a1_short, a1_long = ppl(ARMS[0], trained), ppl(ARMS[0], long)
-    a3, a4, a5 = ppl(ARMS[2], long), ppl(ARMS[3], long), ppl(ARMS[4], long)
-    t3, t5 = cost[ARMS[2]]["train_seconds"], cost[ARMS[4]]["train_seconds"]
+    Perplexities are given as ``value [interval]`` and judged with the intervals (see the
+    module's docstring); the cost, by CPU seconds.
+    """
+    a1_short, a1_long = (
+        perplexity_of(records, ARMS[0], trained),
+        perplexity_of(records, ARMS[0], long),
+    )
+    a3, a4, a5 = (perplexity_of(records, arm, long) for arm in ARMS[2:])
+    c3, c5 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[4]]["cpu_seconds"]
+    w3, w5 = cost[ARMS[2]]["wall_seconds"], cost[ARMS[4]]["wall_seconds"]
     key3 = _metric(records, ARMS[2], "passkey", long, "accuracy")
     long_reach = sees_every_depth(pattern, long)
+    wide, no_worse = at_least(a4, a3, WIDE), at_most(a3, a1_short, NO_WORSE)
+    close, degrades = at_most(a3, a5, CLOSE), at_least(a1_long, a1_short, DEGRADES)
+    unreliable = (
+        " (wall times unreliable: the machine was loaded)" if wall_times_unreliable(cost) else ""
+    )
     rows = [
         (
             "Arm 3 beats arm 4 (random init, same budget) by a wide margin",
-            f"perplexity at {long}: arm 3 {a3:.2f}, arm 4 {a4:.2f} (x{a4 / a3:.2f}; "
-            f"wide: >= x{WIDE})",
-            a4 >= WIDE * a3,
+            f"perplexity at {long}: arm 3 {a3}, arm 4 {a4} (x{a4.value / a3.value:.2f}; "
+            f"wide: >= x{WIDE}){_why(wide)}",
+            wide,
         ),
         (
             f"Arm 3 at {long} is no worse than arm 1 at its trained length {trained}",
-            f"perplexity: arm 3 {a3:.2f} at {long}, arm 1 {a1_short:.2f} at {trained} "
-            f"(allowed up to x{NO_WORSE})",
-            a3 <= NO_WORSE * a1_short,
+            f"perplexity: arm 3 {a3} at {long}, arm 1 {a1_short} at {trained} "
+            f"(allowed up to x{NO_WORSE}){_why(no_worse)}",
+            no_worse,
         ),
         (
             "Arm 3 is close to arm 5 (dense fine-tune) at a fraction of its cost",
-            f"perplexity at {long}: arm 3 {a3:.2f}, arm 5 {a5:.2f} (close: within "
-            f"x{CLOSE}); training time {t3:.1f} s vs {t5:.1f} s ({t3 / t5:.3f} of it; a "
-            f"fraction: <= {FRACTION})",
-            a3 <= CLOSE * a5 and t3 <= FRACTION * t5,
+            f"perplexity at {long}: arm 3 {a3}, arm 5 {a5} (close: within x{CLOSE}){_why(close)}; "
+            f"CPU time {c3:.1f} s vs {c5:.1f} s ({c3 / c5:.3f} of it; a fraction: <= "
+            f"{FRACTION}); wall time {w3:.1f} s vs {w5:.1f} s{unreliable}",
+            _all(close, c3 <= FRACTION * c5),
         ),
         (
             f"Arm 1 degrades at {long} compared with {trained}",
-            f"perplexity: {a1_short:.2f} at {trained}, {a1_long:.2f} at {long} "
-            f"(degrades: > x{DEGRADES})",
-            a1_long > DEGRADES * a1_short,
+            f"perplexity: {a1_short} at {trained}, {a1_long} at {long} "
+            f"(degrades: > x{DEGRADES}){_why(degrades)}",
+            degrades,
         ),
         (
             f"Passkey retrieval at {long} works for patterns with long-range reach",
             f"arm 3 passkey accuracy at {long}: {key3:.0%} (works: >= {RETRIEVES:.0%}); the "
-            "last query " + ("can" if long_reach else "cannot") + " attend to keys at every depth",
+            "last query "
+            + ("can" if long_reach else "cannot (not applicable)")
+            + " attend to keys at every depth",
             (key3 >= RETRIEVES) if long_reach else None,
         ),
     ]
@@ -99,95 +183,142 @@ def verdict(
 def outcome(holds: bool | None, emphasis: str = "**") -> str:
     """An expectation's outcome in words; a failure stands out (``emphasis`` around it)."""
     if holds is None:
-        return "not applicable: the pattern cannot reach that far"
+        return "not decided (the measured column says why)"
     return "holds" if holds else f"{emphasis}does not hold{emphasis}"
 
 
-def report(results: dict[str, Any], records: list[dict]) -> str:
-    """``report.md``: verdict, perplexity table and plot, passkey, cost, speed."""
+def _intro(results: dict[str, Any]) -> list[str]:
     trained, long = results["trained_length"], results["long_length"]
-    lengths = sorted({r["length"] for r in records if r["task"] == "ppl"})
+    env = results["environment"]
     lines = [
         "# longswap demo",
         "",
         f"Base: a dense byte-level Llama trained at {trained} tokens. Pattern of arms 2-4: "
         f"`{results['pattern']}`. Arms 3-5: {results['steps']} full fine-tuning steps of "
         f"{long} tokens each, same data and seed. Wall time {results['wall_seconds']:.0f} s "
-        f"on {results['environment']['device']} ({results['environment']['threads']} threads).",
+        f"on {env['device']} ({env['threads']} threads).",
         "",
-        *(
-            [
-                f"**A `--quick` smoke run** ({results['steps']} steps, two lengths): it checks "
-                "that every part works, and its verdict says little about the method; "
-                "`longswap demo` runs the real study.",
-                "",
-            ]
-            if results["config"]["quick"]
-            else []
-        ),
+    ]
+    if results["config"]["quick"]:
+        lines += [
+            f"**A `--quick` smoke run** ({results['steps']} steps, two lengths): it checks "
+            "that every part works, and its verdict says little about the method; "
+            "`longswap demo` runs the real study.",
+            "",
+        ]
+    return lines
+
+
+def _verdict_section(results: dict[str, Any]) -> list[str]:
+    rows = [[v["claim"], v["measured"], outcome(v["holds"])] for v in results["verdict"]]
+    return [
         "## Verdict",
         "",
-        "| expectation | measured | outcome |",
-        "|---|---|---|",
-        *(
-            f"| {v['claim']} | {v['measured']} | {outcome(v['holds'])} |"
-            for v in results["verdict"]
-        ),
-        "",
+        *table(["expectation", "measured", "outcome"], rows, right=3),
         "Each outcome is computed from the numbers below with the thresholds shown; one that "
         "does not hold is reported as measured (the README's demo section discusses the "
-        "default run).",
+        "default run). Perplexities carry their 95% bootstrap intervals in brackets; an "
+        "expectation about them is decided only when the intervals lie wholly on one side of "
+        "its threshold, and is otherwise reported as within noise. Cost is judged by CPU "
+        "seconds, which the machine's load barely moves.",
         "",
-        "## Perplexity vs length (held-out text; bits per byte in brackets)",
-        "",
-        "![](eval/perplexity.png)",
-        "",
-        "| arm | " + " | ".join(str(n) for n in lengths) + " |",
-        "|---|" + "---:|" * len(lengths),
     ]
+
+
+def _perplexity_section(records: list[dict]) -> list[str]:
+    lengths = sorted({r["length"] for r in records if r["task"] == "ppl"})
+    rows = []
     for arm in ARMS:
         cells = []
         for n in lengths:
-            p = _metric(records, arm, "ppl", n, "perplexity")
-            cells.append("skipped" if math.isnan(p) else f"{p:.2f} ({math.log2(p):.2f})")
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
-    lines += ["", "## Passkey retrieval (accuracy by length and depth)", ""]
+            p = perplexity_of(records, arm, n)
+            cells.append("skipped" if math.isnan(p.value) else f"{p} ({math.log2(p.value):.2f})")
+        rows.append([arm, *cells])
+    return [
+        "## Perplexity vs length (held-out text; 95% interval; bits per byte in brackets)",
+        "",
+        "![](eval/perplexity.png)",
+        "",
+        *table(["arm", *map(str, lengths)], rows),
+    ]
+
+
+def _passkey_section(records: list[dict]) -> list[str]:
     cells = sorted({(r["length"], r["depth"]) for r in records if r["task"] == "passkey"})
-    lines += [
-        "| arm | " + " | ".join(f"{n} @ {d:g}" for n, d in cells) + " |",
-        "|---|" + "---:|" * len(cells),
-    ]
+    rows = []
     for arm in ARMS:
-        row = [_metric(records, arm, "passkey", n, "accuracy", depth=d) for n, d in cells]
-        shown = ("skipped" if math.isnan(a) else f"{a:.0%}" for a in row)
-        lines.append(f"| {arm} | " + " | ".join(shown) + " |")
-    lines += ["", *(f"![](eval/passkey-{arm}.png)" for arm in ARMS)]
-    lines += [
+        found = [_metric(records, arm, "passkey", n, "accuracy", depth=d) for n, d in cells]
+        rows.append([arm, *("skipped" if math.isnan(a) else f"{a:.0%}" for a in found)])
+    return [
+        "## Passkey retrieval (accuracy by length and depth)",
         "",
-        f"## Cost of fine-tuning at {long} tokens",
+        *table(["arm", *(f"{n} @ {d:g}" for n, d in cells)], rows),
+        *(f"![](eval/passkey-{arm}.png)" for arm in ARMS),
         "",
-        "| arm | seconds | tokens/s | peak memory (MB) | validation loss |",
-        "|---|---:|---:|---:|---:|",
     ]
-    for arm, c in results["cost"].items():
-        lines.append(
-            f"| {arm} | {c['train_seconds']:.1f} | {c['tokens_per_second']:.0f} "
-            f"| {c['peak_memory_mb']:.0f} | {c['validation_loss']:.3f} |"
-        )
-    lines += [
+
+
+def _cost_section(results: dict[str, Any]) -> list[str]:
+    cost = results["cost"]
+    rows = [
+        [
+            arm,
+            f"{c['cpu_seconds']:.1f}",
+            f"{c['wall_seconds']:.1f}",
+            f"{c['train_seconds']:.1f}",
+            f"{c['tokens_per_second']:.0f}",
+            f"{c['peak_memory_mb']:.0f}",
+            f"{c['validation_loss']:.3f}",
+        ]
+        for arm, c in cost.items()
+    ]
+    headers = ["arm", "CPU seconds", "wall seconds", "training loop seconds", "tokens/s"]
+    lines = [
+        f"## Cost of fine-tuning at {results['long_length']} tokens",
         "",
+        *table([*headers, "peak memory (MB)", "validation loss"], rows),
+        "CPU and wall seconds cover each arm's whole `longswap finetune` process; the training "
+        "loop's seconds and tokens/s are the Trainer's own (wall time).",
+        "",
+    ]
+    if wall_times_unreliable(cost):
+        lines += [
+            "**Wall times are unreliable in this run:** the arms got different shares of the "
+            f"CPU (CPU seconds per wall second differ by more than x{UNRELIABLE}), so another "
+            "load shared the machine. The cost verdict uses CPU seconds.",
+            "",
+        ]
+    return lines
+
+
+def _speed_section(records: list[dict], long: int) -> list[str]:
+    rows = [
+        [
+            arm,
+            f"{_metric(records, arm, 'speed', long, 'prefill_tokens_per_s'):.0f}",
+            f"{_metric(records, arm, 'speed', long, 'decode_tokens_per_s'):.1f}",
+            f"{_metric(records, arm, 'speed', long, 'cache_mb'):.2f}",
+        ]
+        for arm in ARMS
+    ]
+    return [
         f"## Inference speed at {long} tokens",
         "",
-        "| arm | prefill tokens/s | decode tokens/s |",
-        "|---|---:|---:|",
-        *(
-            f"| {arm} | {_metric(records, arm, 'speed', long, 'prefill_tokens_per_s'):.0f} "
-            f"| {_metric(records, arm, 'speed', long, 'decode_tokens_per_s'):.1f} |"
-            for arm in ARMS
-        ),
-        "",
+        *table(["arm", "prefill tokens/s", "decode tokens/s (median step)", "KV cache (MB)"], rows),
         "![](eval/speed.png) ![](eval/speed-decode_tokens_per_s.png)",
         "",
+    ]
+
+
+def report(results: dict[str, Any], records: list[dict]) -> str:
+    """``report.md``: verdict, perplexity table and plot, passkey, cost, speed, commands."""
+    lines = [
+        *_intro(results),
+        *_verdict_section(results),
+        *_perplexity_section(records),
+        *_passkey_section(records),
+        *_cost_section(results),
+        *_speed_section(records, results["long_length"]),
         "All records: `eval/results.json`; the full evaluation report: `eval/report.md`.",
         "",
         "## Commands of the trained arms",

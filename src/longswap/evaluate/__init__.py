@@ -1,6 +1,13 @@
-"""Measuring what a swap bought: environment stamps and memory probes (more to come)."""
+"""Measuring what a swap bought: perplexity, retrieval, speed; environment and memory."""
 
-from longswap.evaluate.environment import environment, peak_rss_mb, reset_peak_rss
-from longswap.evaluate.perplexity import perplexity
+from longswap.evaluate.environment import environment, peak_memory, peak_rss_mb, reset_peak_rss
+from longswap.evaluate.perplexity import perplexity, select_targets
 
-__all__ = ["environment", "peak_rss_mb", "perplexity", "reset_peak_rss"]
+__all__ = [
+    "environment",
+    "peak_memory",
+    "peak_rss_mb",
+    "perplexity",
+    "reset_peak_rss",
+    "select_targets",
+]

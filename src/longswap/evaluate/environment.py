@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -46,3 +47,24 @@ def peak_rss_mb(field: str = "VmHWM") -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return 0.0
+
+
+@contextlib.contextmanager
+def peak_memory(device: torch.device | str = "cpu") -> Iterator[dict[str, float]]:
+    """Measure the peak memory of the enclosed code into the yielded dict's ``peak_memory_mb``.
+
+    On CUDA: the most device memory allocated (``torch.cuda.max_memory_allocated``). On CPU:
+    how far the process's resident-set high-water mark rose above its size at entry.
+    """
+    device = torch.device(device)
+    found = {"peak_memory_mb": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        reset_peak_rss()
+        base = peak_rss_mb("VmRSS")
+    yield found
+    if device.type == "cuda":
+        found["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        found["peak_memory_mb"] = max(peak_rss_mb() - base, 0.0)

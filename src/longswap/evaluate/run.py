@@ -6,7 +6,10 @@ Records go to ``results.json`` as they finish (an interrupted run keeps them, an
 
 from __future__ import annotations
 
+import itertools
 import json
+import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +17,12 @@ from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
+from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import tokenizer_for
-from longswap.evaluate.environment import environment, peak_rss_mb, reset_peak_rss
-from longswap.evaluate.perplexity import perplexity
+from longswap.evaluate.environment import environment, peak_memory
+from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
@@ -47,25 +50,95 @@ class EvalConfig:
         "passkey depths in [0, 1]", default_factory=lambda: [0.0, 0.5, 1.0]
     )
     trials: int = help_field("passkey / recall prompts per cell", default=3)
-    targets: int = help_field("tokens scored by perplexity at every length", default=512)
+    targets: int = help_field(
+        "held-out tokens scored by perplexity, the same ones at every length", default=16384
+    )
+    spread: int = help_field(
+        "perplexity targets come from at least this many held-out documents", default=8
+    )
     data: list[str] = help_field(
-        "text for perplexity; empty: the embedded corpus's held-out tests", default_factory=list
+        "text for perplexity (.txt/.md/.py/.jsonl/.json/.parquet files or folders); empty: "
+        "the embedded corpus's held-out tests",
+        default_factory=list,
     )
     resume: bool = help_field(
         "keep the records already in --out and compute the rest", default=False
     )
 
 
-def _check(config: EvalConfig) -> list[tuple[Path, Any, PreTrainedTokenizerBase]]:
-    """Load every model and tokenizer before any work; one message lists all problems."""
-    found, loaded = [], []
+def output_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be created and written, or None (probes the nearest existing folder)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out} cannot be created: {existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"--out {out} cannot be written ({existing}: {err.strerror}); pick a writable folder"
+    return None
+
+
+def _setting_problems(config: EvalConfig) -> list[str]:
+    """Every out-of-range setting, each named with what is allowed."""
+    found = [
+        f"unknown task {t!r}; choose from {', '.join(TASKS)}"
+        for t in config.tasks
+        if t not in TASKS
+    ]
+    if not config.tasks:
+        found.append("--tasks is empty; choose from " + ", ".join(TASKS))
+    if not config.lengths or any(n < 1 for n in config.lengths):
+        found.append(f"--lengths must be positive token counts, got {config.lengths}")
+    if any(not 0 <= d <= 1 for d in config.depths) or not config.depths:
+        found.append(
+            f"--depths must lie within [0, 1] (a share of the context), got {config.depths}"
+        )
+    for flag, value in (("--trials", config.trials), ("--targets", config.targets)):
+        if value < 1:
+            found.append(f"{flag} must be at least 1, got {value}")
+    if config.spread < 1:
+        found.append(f"--spread must be at least 1, got {config.spread}")
+    return found
+
+
+def _earlier_records(config: EvalConfig) -> tuple[list[dict[str, Any]], list[str]]:
+    """The records of ``--out``'s results.json when resuming; problems with that file."""
+    results_file = Path(config.out) / "results.json"
+    if not results_file.exists():
+        return [], []
+    if not config.resume:
+        return [], [f"{results_file} exists; pass --resume to continue it or pick a new --out"]
+    try:
+        records = json.loads(results_file.read_text())["records"]
+        if not all(isinstance(r, dict) and "key" in r for r in records):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError):
+        return [], [
+            f"--resume: {results_file} is not a longswap results file (a JSON object whose "
+            "'records' list holds records with a 'key'); move it away or pick a new --out"
+        ]
+    return records, []
+
+
+def _check(
+    config: EvalConfig,
+) -> tuple[list[tuple[Path, Any, PreTrainedTokenizerBase]], list[dict[str, Any]]]:
+    """Check settings and load every model before any work; one message lists all problems.
+
+    Returns the models with their tokenizers, and the records to resume from.
+    """
+    found, loaded = _setting_problems(config), []
     if not config.out:
         found.append("--out is required")
+    elif problem := output_problem(Path(config.out)):
+        found.append(problem)
     if not config.model:
         found.append("at least one --model is required")
-    for task in config.tasks:
-        if task not in TASKS:
-            found.append(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    records, problems = _earlier_records(config) if config.out else ([], [])
+    found += problems
     for path in map(Path, config.model):
         if not (path / "config.json").is_file():
             found.append(f"model {path} is unreadable: no config.json there")
@@ -83,100 +156,152 @@ def _check(config: EvalConfig) -> list[tuple[Path, Any, PreTrainedTokenizerBase]
                 f"{vocab}: they do not belong together"
             )
         loaded.append((path, model, tok))
-    out = Path(config.out) if config.out else None
-    if out and (out / "results.json").exists() and not config.resume:
-        found.append(f"{out}/results.json exists; pass --resume to continue it or pick a new --out")
     if found:
         raise ValueError("cannot evaluate:\n- " + "\n- ".join(found))
-    return loaded
+    return loaded, records
 
 
-def _text(config: EvalConfig) -> str:
+def _targets_context(config: EvalConfig) -> int:
+    """Context before every perplexity target: the longest length's, so targets never change."""
+    longest = max(config.lengths)
+    return longest - longest // 2
+
+
+def _heldout(config: EvalConfig, tok: PreTrainedTokenizerBase) -> list[torch.Tensor]:
+    """The held-out documents (token ids) that hold the perplexity targets for ``tok``."""
     docs = local_documents(config.data) if config.data else stdlib_documents("heldout")
-    return "\n".join(d.text for d in docs[:200])
+    # Documents run longer than the model's window on purpose (perplexity slides windows
+    # over them): ``verbose=False`` drops only the tokenizer's too-long-sequence warning.
+    ids = (
+        torch.tensor(tok(d.text, add_special_tokens=False, verbose=False)["input_ids"])
+        for d in docs
+    )
+    chosen = select_targets(ids, config.targets, _targets_context(config), config.spread)
+    return [doc for doc, _ in chosen]
 
 
-def _speed(model: Any, length: int) -> dict[str, Any]:
-    ids = torch.randint(0, 200, (1, length), generator=torch.Generator().manual_seed(0))
-    reset_peak_rss()
-    base = peak_rss_mb("VmRSS")
-    with torch.no_grad():
-        start = time.perf_counter()
-        model(ids)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        model.generate(
+def _speed(model: Any, length: int, steps: int = 16) -> dict[str, Any]:
+    """Prefill and per-step decoding speed with the KV cache, the context ending at ``length``.
+
+    One warm-up call (same shapes: compilation and allocation happen there), then one
+    ``generate`` whose steps are time-stamped as their logits arrive: prefill is the time to
+    the first logits, decoding the median interval between steps. ``generate`` picks the
+    cache the model is set up for; its tensors' bytes are the cache memory.
+    """
+    prompt = length - steps - 1  # with ``steps`` decode forwards the context ends at ``length``
+    if prompt < 1:
+        raise ValueError(f"speed needs a length above {steps + 1} tokens, got {length}")
+    device = next(model.parameters()).device
+    ids = torch.randint(0, 200, (1, prompt), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    stamps: list[float] = []
+
+    def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        stamps.append(time.perf_counter())
+        return scores
+
+    def run(new: int) -> Any:
+        return model.generate(
             ids,
             attention_mask=torch.ones_like(ids),  # a token equal to the pad id is no padding
-            use_cache=True,  # decoding speed is measured with the KV cache
-            max_new_tokens=16,
-            min_new_tokens=16,
+            use_cache=True,
+            max_new_tokens=new,
+            min_new_tokens=new,
             do_sample=False,
             pad_token_id=0,
+            logits_processor=LogitsProcessorList([stamp]),
+            return_dict_in_generate=True,
         )
-        decode = time.perf_counter() - start - prefill
+
+    with torch.no_grad():
+        run(2)  # warm-up
+        stamps.clear()
+        with peak_memory(device) as memory:
+            start = time.perf_counter()
+            out = run(steps + 1)
+    step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
     return {
-        "prefill_tokens_per_s": length / prefill,
-        "decode_tokens_per_s": 16 / max(decode, 1e-9),
-        "peak_rss_growth_mb": max(peak_rss_mb() - base, 0.0),
+        "prefill_tokens": prompt,
+        "prefill_tokens_per_s": prompt / (stamps[0] - start),
+        "decode_steps": len(stamps) - 1,
+        "decode_step_ms": step * 1e3,
+        "decode_tokens_per_s": 1 / step,
+        "cache_mb": cache_bytes(out.cache) / 2**20,
+        "peak_memory_mb": memory["peak_memory_mb"],
     }
+
+
+def cache_bytes(cache: Any) -> int:
+    """Bytes of every tensor a cache holds (keys, values, and whatever else its layers keep)."""
+    seen: dict[int, int] = {}
+    for holder in [cache, *getattr(cache, "layers", [])]:
+        for value in vars(holder).values():
+            items = value.values() if isinstance(value, dict) else value
+            for item in items if isinstance(items, list | tuple) else [items]:
+                if isinstance(item, torch.Tensor):
+                    seen[id(item)] = item.numel() * item.element_size()
+    return sum(seen.values())
+
+
+def _grid(
+    config: EvalConfig, loaded: list[tuple[Path, Any, PreTrainedTokenizerBase]]
+) -> list[tuple[str, int, tuple[float, ...], Path]]:
+    """Every (task, length, cell, model) of the run, in order."""
+    return [
+        (task, length, cell, path)
+        for path, _, _ in loaded
+        for task in config.tasks
+        for length in config.lengths
+        for cell in ([(d,) for d in config.depths] if task == "passkey" else [()])
+    ]
+
+
+def _key(path: Path, task: str, length: int, cell: tuple[float, ...]) -> str:
+    return f"{path}|{task}|{length}" + (f"|{cell[0]}" if cell else "")
 
 
 def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     """Run the grid, writing each record as it finishes; returns all records."""
-    loaded = _check(config)
+    loaded, records = _check(config)
+    heldout = (
+        {path: _heldout(config, tok) for path, _, tok in loaded} if "ppl" in config.tasks else {}
+    )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
-    records: list[dict[str, Any]] = (
-        json.loads(results_file.read_text())["records"] if results_file.exists() else []
-    )
     done = {r["key"] for r in records}
+    todo = [c for c in _grid(config, loaded) if _key(c[3], *c[:3]) not in done]
     stamp = environment()
-    text = _text(config) if "ppl" in config.tasks else ""
-    total = (
-        len(loaded)
-        * len(config.lengths)
-        * sum(len(config.depths) if t == "passkey" else 1 for t in config.tasks)
-    )
-    progress = tqdm(total=total, desc="longswap eval", unit="record", initial=len(done))
-    for path, model, tok in loaded:
+    models = {path: (model, tok) for path, model, tok in loaded}
+    for task, length, cell, path in tqdm(todo, desc="longswap eval", unit="record"):
+        model, tok = models[path]
+        record = {
+            "key": _key(path, task, length, cell),
+            "model": str(path),
+            "task": task,
+            "length": length,
+            "config": {"trials": config.trials, "targets": config.targets, "spread": config.spread},
+            "environment": stamp,
+        }
         supported = supported_length(model)
         # Rotary positions are defined at any length: measure beyond the trained length
         # (that degradation is the point of a length study). A learned table ends there.
-        hard_limit = supported if find_position_embedding(model, model.config) else None
-        tokens = torch.tensor(tok(text, add_special_tokens=False)["input_ids"]) if text else None
-        for task in config.tasks:
-            for length in config.lengths:
-                cells = [(d,) for d in config.depths] if task == "passkey" else [()]
-                for cell in cells:
-                    key = f"{path}|{task}|{length}" + (f"|{cell[0]}" if cell else "")
-                    if key in done:
-                        continue
-                    record = {
-                        "key": key,
-                        "model": str(path),
-                        "task": task,
-                        "length": length,
-                        "config": {"trials": config.trials, "targets": config.targets},
-                        "environment": stamp,
-                    }
-                    if hard_limit is not None and length > hard_limit:
-                        record["skipped"] = (
-                            f"length {length} is beyond the {supported} learned positions of "
-                            "this model (swap or fine-tune it with a larger max_length)"
-                        )
-                    else:
-                        if length > supported:
-                            record["beyond_trained"] = supported
-                        try:
-                            record.update(_run(task, model, tok, tokens, length, cell, config))
-                        except ValueError as err:
-                            record["skipped"] = str(err)
-                    records.append(record)
-                    results_file.write_text(json.dumps({"records": records}, indent=1))
-                    progress.update()
-    progress.close()
+        if find_position_embedding(model, model.config) and length > supported:
+            record["skipped"] = (
+                f"length {length} is beyond the {supported} learned positions of "
+                "this model (swap or fine-tune it with a larger max_length)"
+            )
+        else:
+            if length > supported:
+                record["beyond_trained"] = supported
+            try:
+                record.update(_run(task, model, tok, heldout.get(path), length, cell, config))
+            except ValueError as err:
+                record["skipped"] = str(err)
+        records.append(record)
+        results_file.write_text(json.dumps({"records": records}, indent=1))
     from longswap.evaluate.report import write_report
 
     write_report(records, out)
@@ -187,13 +312,16 @@ def _run(
     task: str,
     model: Any,
     tok: PreTrainedTokenizerBase,
-    tokens: torch.Tensor | None,
+    documents: list[torch.Tensor] | None,
     length: int,
     cell: tuple,
     config: EvalConfig,
 ) -> dict[str, Any]:
     if task == "ppl":
-        result = perplexity(model, tokens, length, config.targets)
+        context = _targets_context(config)
+        result = perplexity(
+            model, documents, length, config.targets, context=context, spread=config.spread
+        )
         if len(tok) == 257:  # the byte tokenizer: one token per byte
             result["bits_per_byte"] = result["bits_per_token"]
         return result

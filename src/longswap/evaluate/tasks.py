@@ -19,8 +19,16 @@ from longswap.data.synthetic import (
 from longswap.data.tokenizer import token_counter
 
 
-def _generate(model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: int) -> str:
+def _generate(
+    model: Any, tokenizer: PreTrainedTokenizerBase, prompt: str, new: int, length: int
+) -> str:
+    """The ``new`` greedy tokens after ``prompt``; prompt and answer must fit in ``length``."""
     ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    if ids.shape[1] + new > length:
+        raise ValueError(
+            f"the shortest prompt of this task takes {ids.shape[1]} tokens and its answer "
+            f"{new}, more than the length {length}; measure it at a longer length"
+        )
     ids = ids.to(next(model.parameters()).device)
     with torch.no_grad():
         out = model.generate(
@@ -54,7 +62,7 @@ def passkey(
     for _ in range(trials):
         key = draw_key(rng, heldout=True)
         prompt = passkey_prompt(length - 8, depth, key, count)
-        answers.append((key, first_integer(_generate(model, tokenizer, prompt, 8))))
+        answers.append((key, first_integer(_generate(model, tokenizer, prompt, 8, length))))
     correct = sum(k == a for k, a in answers)
     return {
         "length": length,
@@ -77,14 +85,15 @@ def recall(
 
     count = token_counter(tokenizer)
 
-    per_pair = count("abcd: 1234\n")
+    new = 5  # the generated answer: a space and four digits
+    # Pairs, the "Recall." line, the asked key and the answer fit within ``length``.
+    pairs = max(2, (length - new - count("Recall.\nabcd: ")) // count("abcd: 1234\n"))
     correct = 0
     for _ in range(trials):
-        pairs = max(2, (length - 16) // per_pair)
         text, answers = associative_recall(pairs, 1, rng.randint(0, 2**31), heldout=True)
         prompt = text[: text.index("Recall.\n") + len("Recall.\n")]
         key = text[len(prompt) :].split(":")[0]
-        answer = _generate(model, tokenizer, f"{prompt}{key}: ", 5).strip()[:4]
+        answer = _generate(model, tokenizer, f"{prompt}{key}: ", new, length).strip()[:4]
         correct += answer == answers[0]
     return {"length": length, "trials": trials, "accuracy": correct / trials}
 
@@ -108,5 +117,5 @@ def needles(
         keys = {name: draw_key(rng, heldout=True) for name in names}
         asked = rng.choice(names)
         prompt = needles_prompt(length - 8, keys, asked, seed + trial, units)
-        correct += first_integer(_generate(model, tokenizer, prompt, 8)) == keys[asked]
+        correct += first_integer(_generate(model, tokenizer, prompt, 8, length)) == keys[asked]
     return {"length": length, "trials": trials, "needles": count, "accuracy": correct / trials}
