@@ -62,6 +62,15 @@ def test_lora_plus_trains_adapter_embeddings_and_norms(base, tmp_path):
     assert record["trainable_parameters"] > embed  # LoRA + embeddings + norms
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 256, (1, 128))).logits).all()
+    # Every command that takes a model takes this folder: eval reads the adapter on its base.
+    from longswap.evaluate.run import EvalConfig, evaluate
+
+    records = evaluate(
+        EvalConfig(
+            model=[str(out)], out=str(tmp_path / "eval"), tasks=["ppl"], lengths=[64], targets=64
+        )
+    )
+    assert records[0]["model"] == str(out) and records[0]["perplexity"] > 1
 
 
 def test_merge_writes_a_plain_swapped_checkpoint(base, tmp_path):

@@ -31,11 +31,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from longswap.checkpoint import is_gguf, model_problem
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.verdict import ARMS, report, verdict
 from longswap.evaluate import environment
 from longswap.evaluate.run import EvalConfig, evaluate, output_problem
-from longswap.io import overlap_problems, staged_folder
+from longswap.io import overlap_problems, save_checkpoint, staged_folder
 from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
 from longswap.train.config import help_field
@@ -77,8 +78,8 @@ def _problems(config: DemoConfig) -> list[str]:
     except ValueError as err:
         found.append(f"--pattern: {err}")
     model = Path(config.model) if config.model else EMBEDDED_MODEL
-    if not (model / "config.json").is_file():
-        found.append(f"--model {model} is not a model folder (no config.json)")
+    if problem := model_problem(model):
+        found.append(problem)
     if not isinstance(config.steps, int) or config.steps < 0:
         found.append(f"steps must be an integer >= 0, got {config.steps!r}")
     if not isinstance(config.factor, int) or config.factor < 2:
@@ -221,13 +222,17 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     arms = staging / "arms"
     arms.mkdir()
     base = Path(config.model) if config.model else EMBEDDED_MODEL
+    if is_gguf(base):  # arm 1 is the GGUF model as a float checkpoint; the arms start from it
+        save_checkpoint(load(base), arms / ARMS[0], source=base)
+        base = arms / ARMS[0]
+    else:
+        shutil.copytree(base, arms / ARMS[0], ignore=shutil.ignore_patterns("*.md"))
     pattern = format_pattern(parse_pattern(config.pattern))
     trained = AutoConfig.from_pretrained(base).max_position_embeddings
     long = config.factor * trained
     steps = config.steps or (4 if config.quick else 100)
     _say(f"base {base} (trained at {trained} tokens); pattern {pattern}; long length {long}")
 
-    shutil.copytree(base, arms / ARMS[0], ignore=shutil.ignore_patterns("*.md"))
     swapped = load(base)
     swap_report = swap_attention(swapped, pattern, max_length=long)
     save(swapped, arms / ARMS[1])

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
+from longswap.checkpoint import model_problem
 from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import tokenizer_for
 from longswap.evaluate.environment import environment, peak_memory
@@ -140,8 +141,8 @@ def _check(
     records, problems = _earlier_records(config) if config.out else ([], [])
     found += problems
     for path in map(Path, config.model):
-        if not (path / "config.json").is_file():
-            found.append(f"model {path} is unreadable: no config.json there")
+        if problem := model_problem(path, flag="model"):
+            found.append(problem)
             continue
         try:
             model = load(path).eval()
