@@ -95,5 +95,40 @@ def test_save_and_load_round_trip(family, max_length, tokens, tmp_path):
 
 
 def test_load_refuses_a_folder_without_config(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="neither config.json nor adapter_config.json"):
         longswap.load(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "bad-config", "no-weights"])
+def test_damaged_checkpoints_get_one_clear_error(tmp_path, damage):
+    folder = tmp_path / "model"
+    make_model("llama").save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    if damage == "truncated":
+        weights.write_bytes(weights.read_bytes()[:1000])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x00garbage" * 100)
+    elif damage == "bad-config":
+        (folder / "config.json").write_text("{not json")
+    else:
+        weights.unlink()
+    with pytest.raises(ValueError, match="could not be loaded .*damaged or incomplete"):
+        longswap.load(folder)
+
+
+def test_observe_hands_each_swapped_call_to_the_observer_and_cleans_up(tokens):
+    model = make_model("llama")
+    with pytest.raises(ValueError, match="not swapped"):
+        longswap.swap.observe(model, lambda call: None)
+    longswap.swap_attention(model, "sliding_window(window=8)")
+    calls = []
+    with longswap.swap.observe(model, calls.append):
+        with pytest.raises(RuntimeError, match="already observed"):
+            with longswap.swap.observe(model, calls.append):
+                pass
+        logits = model(tokens).logits
+    assert [c.layer for c in calls] == [0, 1]
+    assert calls[0].query.shape == (2, 4, 40, 8) and calls[0].key.shape == (2, 2, 40, 8)
+    assert str(calls[0].pattern) == "sliding_window(window=8, sinks=0)"
+    model(tokens)  # observed no more
+    assert len(calls) == 2 and torch.isfinite(logits).all()

@@ -220,7 +220,8 @@ def test_synthetic_mix_and_hybrid_schedule(base, tmp_path):
     ],
 )
 def test_attention_transfer_teaches_sparse_layers_dense_outputs(pattern):
-    from longswap.swap.attention import attention_transfer
+    from longswap.swap import observe
+    from longswap.train.signals import AttentionTransfer
 
     model = make_model("llama")
     longswap.swap_attention(model, pattern, backend="blocks")
@@ -232,10 +233,12 @@ def test_attention_transfer_teaches_sparse_layers_dense_outputs(pattern):
     ids = torch.randint(1, 97, (2, 32), generator=torch.Generator().manual_seed(0))
     history = []
     for _ in range(30):
-        with attention_transfer(model) as losses:
+        transfer = AttentionTransfer()
+        with observe(model, transfer):
             model(ids)
-        assert len(losses) == model.config.num_hidden_layers
-        loss = torch.stack(losses).mean()
+        assert len(transfer.losses) == model.config.num_hidden_layers
+        assert not hasattr(model.model.layers[0].self_attn, "longswap_observer")  # removed
+        loss = transfer.loss()
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -1,11 +1,12 @@
 """Where a pattern goes: into a Hugging Face model, per instance, reversibly, saved with it."""
 
-from longswap.swap.attention import register
+from longswap.swap.attention import AttentionCall, register
 from longswap.swap.cache import bounded_cache
 from longswap.swap.model import (
     SwapReport,
     apply_spec,
     extend_positions,
+    observe,
     restore,
     supported_length,
     swap_attention,
@@ -16,12 +17,14 @@ from longswap.swap.spec import SwapSpec
 register()
 
 __all__ = [
+    "AttentionCall",
     "SwapReport",
     "SwapSpec",
     "apply_spec",
     "bounded_cache",
     "extend_positions",
     "load",
+    "observe",
     "restore",
     "save",
     "supported_length",

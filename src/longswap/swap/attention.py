@@ -11,39 +11,62 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
+from longswap.patterns import Pattern
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
-#: Per model config (by id), the per-layer attention-transfer losses of the current forward.
-_TRANSFER: dict[int, list[Tensor]] = {}
+#: The attribute under which :func:`observing` hangs an observer on an attention module.
+OBSERVER_ATTR = "longswap_observer"
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One swapped layer's attention call, as an observer sees it.
+
+    ``query (B, Hq, L, D)`` after RoPE, ``key``/``value (B, Hkv, S, D)``, ``output
+    (B, Hq, L, D)``; ``scale`` as the layer passed it (None: ``1/sqrt(D)``).
+    """
+
+    layer: int
+    pattern: Pattern
+    query: Tensor
+    key: Tensor
+    value: Tensor
+    output: Tensor
+    scale: float | None
+
+
+#: Receives every swapped attention call of a model while :func:`observing` it.
+Observer = Callable[[AttentionCall], None]
 
 
 @contextlib.contextmanager
-def attention_transfer(model: Any) -> Iterator[list[Tensor]]:
-    """Collect, for every swapped layer, the MSE between its output and dense attention's.
+def observing(modules: Iterable[torch.nn.Module], observer: Observer) -> Iterator[None]:
+    """Within the context, each swapped attention call of these modules goes to ``observer``.
 
-    Inside the context each forward of ``model`` appends one loss per layer to the yielded
-    list: sparse output against causal dense attention of the same queries, keys and values
-    (detached: the teacher). Training on their mean makes each sparse layer reproduce what
-    the dense layer computed, whatever the pattern (the LoLCATs attention-transfer idea).
+    The one way for training signals (attention transfer, selector distillation) to leave
+    an attention call: ``train/`` builds the observer and decides what to compute; the
+    attention function only hands it the call. Nothing is left on the modules afterwards.
     """
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
-    losses: list[Tensor] = []
-    _TRANSFER[id(config)] = losses
+    modules = list(modules)
+    for module in modules:
+        if getattr(module, OBSERVER_ATTR, None) is not None:
+            raise RuntimeError(f"{type(module).__name__} is already observed; nest no observers")
+        setattr(module, OBSERVER_ATTR, observer)
     try:
-        yield losses
+        yield
     finally:
-        _TRANSFER.pop(id(config), None)
+        for module in modules:
+            delattr(module, OBSERVER_ATTR)
 
 
 @dataclass(frozen=True)
@@ -158,18 +181,9 @@ def longswap_attention(
         block_size=spec.block_size,
         document_ids=_documents(kwargs.get("position_ids"), key, padding),
     )
-    losses = _TRANSFER.get(id(module.config))
-    if losses is not None:
-        with torch.no_grad():
-            dense = F.scaled_dot_product_attention(
-                query,
-                key,
-                value,
-                is_causal=True,
-                scale=scaling,
-                enable_gqa=query.shape[1] != key.shape[1],
-            )
-        losses.append(F.mse_loss(out.float(), dense.float()))
+    observer = getattr(module, OBSERVER_ATTR, None)
+    if observer is not None:
+        observer(AttentionCall(layer, pattern, query, key, value, out, scaling))
     return out.transpose(1, 2), None
 
 

@@ -10,6 +10,7 @@ loaded from a swapped checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from longswap.kernels import BACKENDS
 from longswap.patterns import Intersection, Pattern, full, parse_pattern, sliding_window
 from longswap.positions import ROPE_KINDS, apply_positions, plan_positions, undo_positions
+from longswap.swap.attention import Observer, observing
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 PatternSpec = Pattern | str | Sequence[Pattern | str] | Mapping[int, Pattern | str]
@@ -269,6 +271,18 @@ def swap_attention(
         added_parameters=added,
         notes=notes,
     )
+
+
+def observe(model: Any, observer: Observer) -> contextlib.AbstractContextManager[None]:
+    """A context in which every swapped attention call of ``model`` (PEFT-wrapped or not) is
+    handed to ``observer`` as an :class:`AttentionCall` (see ``swap.attention.observing``)."""
+    inner = _base_model(model)
+    if getattr(inner.config, CONFIG_KEY, None) is None:
+        raise ValueError(
+            f"{type(inner).__name__} is not swapped: only swapped attention calls can be "
+            "observed; swap it with longswap.swap_attention first"
+        )
+    return observing(attention_modules(inner).values(), observer)
 
 
 def restore(model: Any) -> None:

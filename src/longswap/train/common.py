@@ -28,7 +28,9 @@ from longswap.data.packing import Packed
 from longswap.data.tokenizer import EOS, token_counter
 from longswap.evaluate import environment
 from longswap.io import overlap_problems, staged_folder
+from longswap.swap import observe
 from longswap.train.config import TrainingFields
+from longswap.train.signals import AttentionTransfer
 
 
 class PackedDataset(Dataset):
@@ -240,13 +242,10 @@ class TransferTrainer(Trainer):
         """Mean per-layer MSE to dense attention during the warm-up; the LM loss after."""
         if not model.training or self.state.global_step >= self.transfer_steps:
             return super().compute_loss(model, inputs, *args, **kwargs)
-        from longswap.swap.attention import attention_transfer
-
-        with attention_transfer(model) as losses:
+        transfer = AttentionTransfer()
+        with observe(model, transfer):
             model(input_ids=inputs["input_ids"])
-        if not losses:
-            raise ValueError("attention transfer needs a swapped model: no layer reported")
-        loss = torch.stack(losses).mean()
+        loss = transfer.loss()
         return (loss, None) if kwargs.get("return_outputs") else loss
 
 

@@ -20,7 +20,7 @@ from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
 from longswap.swap import extend_positions, load, save, swap_attention
-from longswap.swap.spec import CONFIG_KEY, SwapSpec
+from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 from longswap.train.common import (
     common_problems,
     datasets,
@@ -105,25 +105,28 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
 
 
 class DenseFirst(TrainerCallback):
-    """MoBA's hybrid schedule: full attention for the first ``switch`` steps."""
+    """MoBA's hybrid schedule: full attention for the first ``switch`` steps.
+
+    Switches through transformers' public ``set_attn_implementation`` (the swap record in
+    the config stays, so the saved model carries the pattern).
+    """
 
     def __init__(self, model: Any, switch: int) -> None:
-        self.config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self.switch = switch
-        self.sparse = self.config._attn_implementation
         self.dense = SwapSpec.from_dict(
-            getattr(self.config, CONFIG_KEY)
+            getattr(self.model.config, CONFIG_KEY)
         ).original_attn_implementation
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Pick the attention of this step."""
-        self.config._attn_implementation = (
-            self.dense if state.global_step < self.switch else self.sparse
+        self.model.set_attn_implementation(
+            self.dense if state.global_step < self.switch else ATTN_NAME
         )
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """The saved model always carries the sparse pattern."""
-        self.config._attn_implementation = self.sparse
+        self.model.set_attn_implementation(ATTN_NAME)
 
 
 def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
