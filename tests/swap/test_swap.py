@@ -123,9 +123,11 @@ def test_observe_hands_each_swapped_call_to_the_observer_and_cleans_up(tokens):
     longswap.swap_attention(model, "sliding_window(window=8)")
     calls = []
     with longswap.swap.observe(model, calls.append):
-        with pytest.raises(RuntimeError, match="already observed"):
-            with longswap.swap.observe(model, calls.append):
-                pass
+        with (
+            pytest.raises(RuntimeError, match="already observed"),
+            longswap.swap.observe(model, calls.append),
+        ):
+            pass
         logits = model(tokens).logits
     assert [c.layer for c in calls] == [0, 1]
     assert calls[0].query.shape == (2, 4, 40, 8) and calls[0].key.shape == (2, 2, 40, 8)
