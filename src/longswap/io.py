@@ -9,9 +9,15 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
+from safetensors.torch import save_file
 from transformers import PreTrainedModel
 
 from longswap.checkpoint import gguf_tokenizer, is_gguf
+
+#: Attribute of an attention module that holds its learned selector (a submodule).
+SELECTOR_ATTR = "longswap_selector"
+#: The file beside a checkpoint's weights that holds its learned selectors' weights.
+SELECTOR_FILE = "longswap_selectors.safetensors"
 
 #: Files of a tokenizer that travel with a converted checkpoint.
 TOKENIZER_FILES = (
@@ -82,12 +88,27 @@ def save_checkpoint(
 ) -> None:
     """Save ``model`` (and the tokenizer of ``source``, a folder or .gguf file) atomically."""
     with staged_folder(out, overwrite) as staging:
-        model.save_pretrained(staging)
+        save_weights(model, staging)
         if source is not None and is_gguf(source):
             gguf_tokenizer(source).save_pretrained(staging)
         for name in TOKENIZER_FILES if source is not None and source.is_dir() else ():
             if (source / name).is_file() and not (staging / name).exists():
                 shutil.copy2(source / name, staging / name)
+
+
+def save_weights(model: PreTrainedModel, folder: Path) -> None:
+    """``save_pretrained``, with learned selectors' weights in a file of their own.
+
+    transformers' loader does not know the selector modules a swap adds, so it would report
+    their weights as unexpected; ``longswap.load`` reads them from ``SELECTOR_FILE``.
+    """
+    state = model.state_dict()
+    selectors = {k: v.contiguous() for k, v in state.items() if f".{SELECTOR_ATTR}." in k}
+    if not selectors:
+        model.save_pretrained(folder)
+        return
+    model.save_pretrained(folder, state_dict={k: v for k, v in state.items() if k not in selectors})
+    save_file(selectors, str(folder / SELECTOR_FILE))
 
 
 def publish_into(out: Path, write: Callable[[Path], None]) -> None:

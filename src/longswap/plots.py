@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from longswap.patterns import Pattern  # noqa: E402
+from longswap.patterns import BlockTopK, Pattern  # noqa: E402
 
 
 def pattern_density_map(
@@ -19,14 +19,16 @@ def pattern_density_map(
     """``(Hs, length/tile, length/tile)`` share of visible pairs per tile.
 
     A data-dependent pattern is shown on seeded random queries and keys with a slowly
-    drifting mean, so that nearby tokens tend to pick similar blocks, as in real text.
+    drifting mean, so that nearby tokens tend to pick similar blocks, as in real text; a
+    learned selector is shown as it starts, scoring blocks by their mean key (MoBA).
     """
     if pattern.data_dependent:
         g = torch.Generator().manual_seed(seed)
         drift = torch.cumsum(torch.randn(1, 1, length, 16, generator=g) * 0.03, dim=2)
         q = drift + torch.randn(1, 1, length, 16, generator=g)
         k = drift + torch.randn(1, 1, length, 16, generator=g)
-        mask = pattern.token_mask(q, k)[0]
+        scores = BlockTopK.block_scores(pattern, q, k)  # (MoBA's, and an untrained gate's)
+        mask = pattern.token_mask(q, k, block_scores=scores)[0]
     else:
         mask = pattern.dense_mask(length, length, num_heads)
     n = length // tile

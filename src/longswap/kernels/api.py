@@ -6,6 +6,8 @@ which one can.
 
 from __future__ import annotations
 
+import math
+from numbers import Real
 from typing import Literal, get_args
 
 import torch
@@ -168,16 +170,20 @@ def sparse_attention(
     key_padding_mask: Tensor | None = None,
     block_size: int | None = None,
     document_ids: Tensor | None = None,
+    block_scores: Tensor | None = None,
 ) -> Tensor:
     """Attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, Lk, D)`` restricted to ``pattern``.
 
-    Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` defaults to
-    ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep;
-    ``document_ids (B, Lk)`` (packed sequences) keeps attention inside each document. Rows with no
-    visible key return zeros. Returns ``(B, Hq, Lq, D)`` in q's dtype. ``block_size`` is the
-    tile size of the ``blocks`` and ``flex`` kernels, a speed setting that never changes the
-    pattern; None picks each backend's measured best (``blocks``: 128; ``flex``: 64 on CPU,
-    128 elsewhere).
+    Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` (finite, positive)
+    defaults to ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep;
+    ``document_ids (B, Lk)`` (packed sequences) keeps attention inside each document. Rows
+    with no visible key return zeros; on every backend, a row whose query, or a key or value
+    it sees, holds a NaN holds NaN. Returns ``(B, Hq, Lq, D)`` in q's dtype. ``block_size``
+    is the tile size of the ``blocks`` and ``flex`` kernels, a speed setting that never
+    changes the pattern; None picks each backend's measured best (``blocks``: 128;
+    ``flex``: 64 on CPU, 128 elsewhere). ``block_scores (B, Hq or Hkv, Lq, n)`` scores the
+    ``n`` complete key blocks for a selection pattern (``learned_topk`` needs them: its
+    selector computes them; ``block_topk`` computes its own when None).
     """
     pattern = parse_pattern(pattern)
     check_inputs(q, k, v, key_padding_mask)
@@ -189,11 +195,28 @@ def sparse_attention(
     pattern.check_heads(q.shape[1])
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    elif not scale > 0:
-        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    elif isinstance(scale, bool) or not isinstance(scale, Real) or not 0 < scale < math.inf:
+        raise ValueError(
+            f"scale must be a finite positive number (it multiplies q k^T; None means "
+            f"1/sqrt(D)), got {scale!r}"
+        )
+    if block_scores is not None and not pattern.data_dependent:
+        raise ValueError(f"block_scores were given, but {pattern} selects no blocks from them")
     plain = key_padding_mask is None and document_ids is None
     chosen = resolve_backend(backend, q, k, v, pattern, plain)
     if chosen == "reference":
-        return reference_attention(q, k, v, pattern, scale, key_padding_mask, document_ids)
+        return reference_attention(
+            q, k, v, pattern, scale, key_padding_mask, document_ids, block_scores=block_scores
+        )
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
-    return run(q, k, v, pattern, scale, key_padding_mask, block_size, document_ids)
+    return run(
+        q,
+        k,
+        v,
+        pattern,
+        scale,
+        key_padding_mask,
+        block_size,
+        document_ids,
+        block_scores=block_scores,
+    )

@@ -1,7 +1,9 @@
-"""The ``blocks`` backend: pure PyTorch, visits only the key blocks each query block needs.
+"""The ``blocks`` backend: visits only the key blocks each query block needs.
 
-Differentiable on CPU and GPU; time and memory are O(L x keys visited per query), never
-O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
+PyTorch throughout, except sliding and dilated windows in float32 on CPU, which run a
+small C++ kernel compiled on first use (``window_cpu``; ``LONGSWAP_CPU_KERNEL=0`` keeps
+them in PyTorch). Differentiable on CPU and GPU; time and memory are O(L x keys visited
+per query), never O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
 
 * sliding and dilated windows in float32 on CPU: a C++ kernel that computes each block of
   64 query rows against exactly its key range (``window_cpu``).
@@ -215,6 +217,7 @@ def blocks_attention(
     block_size: int | None = None,
     document_ids: Tensor | None = None,
     force_math: bool = False,
+    block_scores: Tensor | None = None,
 ) -> Tensor:
     """Sparse attention that touches only the blocks the pattern needs (any device, autograd).
 
@@ -236,11 +239,12 @@ def blocks_attention(
     if plain and isinstance(pattern, BlockTopK):
         own = own_block_plan(pattern.block_size, hq, hkv, q_len, kv_len, q.device)
         if own is not None:
-            return topk_attention(q, k, v, own, pattern.select_blocks(q, k), scale, force_math)
+            selection = pattern.select_blocks(q, k, block_scores=block_scores)
+            return topk_attention(q, k, v, own, selection, scale, force_math)
     sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)
-        selection = pattern.select_blocks(q, k, key_padding_mask)
+        selection = pattern.select_blocks(q, k, key_padding_mask, block_scores)
         sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]

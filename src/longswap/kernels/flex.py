@@ -5,6 +5,11 @@ The BlockMask comes straight from the pattern's block structure
 never over all L^2 pairs. BlockMasks of static patterns are cached per (pattern, shape).
 FlexAttention has no backward pass on CPU in torch 2.13, so this backend refuses CPU
 inputs that require grad instead of failing deep inside the compiler.
+
+NaN policy (the same on every backend): an output row holds NaN when its query, or a key
+or value it sees, holds a NaN. FlexAttention's kernels drop NaN scores (a NaN query gives
+a row of zeros, a NaN key is skipped), so :func:`_propagate_nan` restores the rule after
+the call, filling such rows with NaN.
 """
 
 from __future__ import annotations
@@ -30,11 +35,23 @@ DEFAULT_BLOCK = {"cpu": 64}
 RECOMPILE_LIMIT = 64
 
 
+def _raise_recompile_limit(config: object, limit: int) -> None:
+    """Let dynamo keep at least ``limit`` compiled kernels per function.
+
+    The setting is ``recompile_limit`` in recent torch and ``cache_size_limit`` in older
+    releases; a torch with neither keeps its default (later shapes then run uncompiled,
+    which is slower, not wrong).
+    """
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(config, name, None), int):
+            setattr(config, name, max(getattr(config, name), limit))
+            return
+
+
 @functools.cache
 def _compiled_flex() -> Callable[..., Tensor]:
     """Compile FlexAttention once per process (the first call of a shape takes seconds)."""
-    dynamo = torch._dynamo.config
-    dynamo.recompile_limit = max(dynamo.recompile_limit, RECOMPILE_LIMIT)
+    _raise_recompile_limit(torch._dynamo.config, RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
 
 
@@ -100,12 +117,17 @@ def static_block_mask(
 
 
 def _topk_parts(
-    pattern: BlockTopK, q: Tensor, k: Tensor, bs: int, key_padding_mask: Tensor | None
+    pattern: BlockTopK,
+    q: Tensor,
+    k: Tensor,
+    bs: int,
+    key_padding_mask: Tensor | None,
+    block_scores: Tensor | None,
 ) -> tuple[Tensor, Tensor, MaskMod]:
     """Tile maps ``(B, Hq, nQ, nK)`` and ``mask_mod``: own block plus every token's selection."""
     batch, heads, q_len, _ = q.shape
     kv_len, bb = k.shape[2], pattern.block_size
-    selected = pattern.select(q, k, key_padding_mask)  # (B, Hq, Lq, n)
+    selected = pattern.select(q, k, key_padding_mask, block_scores)  # (B, Hq, Lq, n)
     n, n_q, n_k = selected.shape[-1], -(-q_len // bs), -(-kv_len // bs)
     visited, full, local = _static_parts(pattern, q_len, kv_len, bs, heads, q.device)
     per_block = F.pad(selected, (0, 0, 0, n_q * bs - q_len)).view(batch, heads, n_q, bs, n).any(3)
@@ -130,6 +152,7 @@ def flex_attention_backend(
     key_padding_mask: Tensor | None = None,
     block_size: int | None = None,
     document_ids: Tensor | None = None,
+    block_scores: Tensor | None = None,
 ) -> Tensor:
     """Sparse attention through compiled FlexAttention (forward only on CPU).
 
@@ -150,7 +173,9 @@ def flex_attention_backend(
     q_len, kv_len, heads = q.shape[2], k.shape[2], q.shape[1]
     if pattern.data_dependent:
         assert isinstance(pattern, BlockTopK)
-        visited, full, mask_mod = _topk_parts(pattern, q, k, block_size, key_padding_mask)
+        visited, full, mask_mod = _topk_parts(
+            pattern, q, k, block_size, key_padding_mask, block_scores
+        )
     elif key_padding_mask is None and document_ids is None:
         visited = None
         block_mask = static_block_mask(pattern, q_len, kv_len, block_size, heads, q.device)
@@ -164,7 +189,29 @@ def flex_attention_backend(
         full = torch.zeros_like(full)
     if visited is not None:
         block_mask = _block_mask(visited, full, block_size, mask_mod, q_len, kv_len)
-    out = _compiled_flex()(
-        q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads
-    )
-    return out
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return _compiled_flex()(
+            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads
+        )
+
+    return _propagate_nan(attend(q, k, v), q, k, v, attend)
+
+
+def _propagate_nan(
+    out: Tensor, q: Tensor, k: Tensor, v: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]
+) -> Tensor:
+    """``out`` with NaN in every row whose query, or a key or value it sees, holds a NaN.
+
+    ``attend`` is the call that produced ``out``. Rows that see a NaN key or value are found
+    only when there is one (a second call, on zero queries and keys, so that every visible
+    key weighs the same, over values that flag the NaN keys); a clean call costs one scan of
+    q, k and v.
+    """
+    rows = q.isnan().any(-1, keepdim=True)  # (B, Hq, Lq, 1)
+    bad_keys = (k.isnan().any(-1) | v.isnan().any(-1))[..., None]  # (B, Hkv, Lk, 1)
+    if bool(bad_keys.any()):
+        flags = bad_keys.to(v.dtype).expand_as(v).contiguous()
+        seen = attend(torch.zeros_like(q), torch.zeros_like(k), flags)
+        rows = rows | (seen[..., :1] > 0)
+    return out.masked_fill(rows, float("nan"))

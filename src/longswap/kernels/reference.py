@@ -14,11 +14,12 @@ def dense_pattern_mask(
     pattern: Pattern,
     key_padding_mask: Tensor | None = None,
     document_ids: Tensor | None = None,
+    block_scores: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask ``(B or 1, Hq or 1, Lq, Lk)`` of ``pattern`` for these inputs."""
     q_len, kv_len = q.shape[2], k.shape[2]
     if pattern.data_dependent:
-        mask = pattern.token_mask(q, k, key_padding_mask)
+        mask = pattern.token_mask(q, k, key_padding_mask, block_scores)
     else:
         mask = pattern.dense_mask(q_len, kv_len, q.shape[1], q.device)[None]
     if key_padding_mask is not None:
@@ -37,6 +38,7 @@ def reference_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
     document_ids: Tensor | None = None,
+    block_scores: Tensor | None = None,
 ) -> Tensor:
     """Attention through the pattern's dense mask; O(L^2) time and memory.
 
@@ -44,7 +46,7 @@ def reference_attention(
     """
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids)
+    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids, block_scores)
     # Query head h reads key head h // (Hq / Hkv): group the query heads of each key head
     # as extra rows instead of copying keys and values per query head.
     rows = q.float().reshape(batch, hkv, -1, q.shape[-1])

@@ -12,6 +12,7 @@ from longswap.patterns.block_topk import BlockTopK
 from longswap.patterns.compose import Intersection, Union
 from longswap.patterns.dilated import Dilated
 from longswap.patterns.full import Full
+from longswap.patterns.learned_topk import LearnedTopK
 from longswap.patterns.local_global import LocalGlobal
 from longswap.patterns.parse import format_pattern, parse_pattern
 from longswap.patterns.registry import REGISTRY
@@ -25,6 +26,7 @@ local_global = LocalGlobal
 bigbird = BigBird
 shifted_groups = ShiftedGroups
 block_topk = BlockTopK
+learned_topk = LearnedTopK
 
 __all__ = [
     "REGISTRY",
@@ -34,6 +36,7 @@ __all__ = [
     "Dilated",
     "Full",
     "Intersection",
+    "LearnedTopK",
     "LocalGlobal",
     "Pattern",
     "ShiftedGroups",
@@ -45,6 +48,7 @@ __all__ = [
     "dilated",
     "format_pattern",
     "full",
+    "learned_topk",
     "local_global",
     "parse_pattern",
     "shifted_groups",

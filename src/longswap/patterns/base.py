@@ -35,10 +35,23 @@ MaskFn = Callable[[Tensor, Tensor, Tensor], Tensor]
 MaskMod = Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]
 
 
+#: Largest value any pattern parameter may take (windows, sinks, block and group sizes,
+#: dilations, counts, positions, seeds): 2**31 - 1. The product of two parameters (a
+#: dilated window's span, a hashed seed) then fits in int64, and the C++ and BLAS kernels
+#: take every length as a 32-bit int. No context comes near it.
+MAX_PARAMETER = 2**31 - 1
+
+
 def check_int(owner: str, name: str, value: object, minimum: int) -> int:
-    """Return ``value`` if it is an integer >= ``minimum``, else raise a ValueError naming it."""
+    """Return ``value`` if it is an integer in ``[minimum, MAX_PARAMETER]``, else raise a
+    ValueError that names it and the bound it broke."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ValueError(f"{owner}: {name} must be an integer >= {minimum}, got {value!r}")
+    if value > MAX_PARAMETER:
+        raise ValueError(
+            f"{owner}: {name} must be at most {MAX_PARAMETER} (2**31 - 1, the limit of every "
+            f"pattern parameter), got {value!r}"
+        )
     return value
 
 

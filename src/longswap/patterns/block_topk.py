@@ -52,71 +52,115 @@ class BlockTopK(Pattern):
         """Complete key blocks, the only ones a query can select."""
         return kv_len // self.block_size
 
+    def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
+        """``(Lq, n)`` bool: the complete key blocks each query may select (those before
+        its own block)."""
+        own = (torch.arange(kv_len - q_len, kv_len, device=device) // self.block_size)[:, None]
+        return torch.arange(self.num_candidate_blocks(kv_len), device=device)[None, :] < own
+
+    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """MoBA's scores ``(B, Hq, Lq, n)``: each query against each complete block's mean key
+        (padded keys left out of the mean)."""
+        batch, hq, q_len, dim = q.shape
+        hkv, n, bb = k.shape[1], self.num_candidate_blocks(k.shape[2]), self.block_size
+        keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
+        if key_padding_mask is None:
+            means = keys.mean(3)  # (B, Hkv, n, D)
+        else:
+            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
+            means = (keys * keep).sum(3) / keep.sum(3).clamp_min(1)
+        qg = q.float().reshape(batch, hkv, (hq // hkv) * q_len, dim)
+        return (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
+
     @torch.no_grad()
     def select_blocks(
-        self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_padding_mask: Tensor | None = None,
+        block_scores: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(blocks, chosen)``, each ``(B, Hq, Lq, P)``: the complete key blocks each query
         token selects, ``P = min(top_k, complete blocks)`` places per token.
 
         q is ``(B, Hq, Lq, D)``, k is ``(B, Hkv, Lk, D)``; query ``i`` sits at absolute
-        position ``Lk - Lq + i``. ``chosen`` is False for places left empty (a token with
-        fewer earlier blocks than ``top_k``). Key blocks whose keys are all padding are
-        never selected, and padded keys do not enter the mean.
+        position ``Lk - Lq + i``. ``block_scores`` ``(B, Hq or Hkv, Lq, n)`` replaces the
+        pattern's own scores (:meth:`block_scores`); scored per KV group, a selection is
+        shared by the group's query heads. ``chosen`` is False for places left empty (a
+        token with fewer earlier blocks than ``top_k``). Key blocks whose keys are all
+        padding are never selected.
         """
-        batch, hq, q_len, dim = q.shape
-        hkv, kv_len = k.shape[1], k.shape[2]
+        batch, hq, q_len, _ = q.shape
+        kv_len = k.shape[2]
         n = self.num_candidate_blocks(kv_len)
-        bb = self.block_size
         places = min(self.top_k, n)
         if places == 0:
             empty = torch.zeros(batch, hq, q_len, 0, dtype=torch.long, device=q.device)
             return empty, empty.bool()
-        keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
-        if key_padding_mask is None:
-            means = keys.mean(3)  # (B, Hkv, n, D)
-            usable = torch.ones(batch, 1, n, dtype=torch.bool, device=q.device)
-        else:
-            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
-            count = keep.sum(3)  # (B, 1, n, 1)
-            means = (keys * keep).sum(3) / count.clamp_min(1)
-            usable = count[..., 0] > 0
-        group = hq // hkv
-        qg = q.float().reshape(batch, hkv, group * q_len, dim)
-        scores = (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
-        own = (torch.arange(kv_len - q_len, kv_len, device=q.device) // bb)[:, None]
-        valid = (torch.arange(n, device=q.device)[None, :] < own) & usable[:, :, None, :]
-        scores = torch.where(valid, scores, float("-inf"))
-        top = torch.topk(scores, min(places + 1, n), dim=-1)  # one more, to spot ties
-        blocks, threshold = top.indices[..., :places], top.values[..., places - 1]
-        chosen = top.values[..., :places] > float("-inf")
-        if n > places:  # ties at the threshold: keep the most recent blocks
-            crowded = (top.values[..., places] == threshold) & (threshold > float("-inf"))
-            if bool(crowded.any()):
-                rows, limit = scores[crowded], threshold[crowded][:, None]
-                tied = rows == limit
-                spare = places - (rows > limit).sum(-1, keepdim=True)
-                from_right = tied.flip(-1).cumsum(-1).flip(-1)
-                keep = (rows > limit) | (tied & (from_right <= spare))
-                order = torch.sort(keep.int(), dim=-1, descending=True, stable=True).indices
-                blocks[crowded] = order[:, :places]
+        scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
+        if scores.shape[0] != batch or scores.shape[2:] != (q_len, n) or hq % scores.shape[1]:
+            raise ValueError(
+                f"{self.name}: block scores must be (B, Hq or Hkv, Lq, n) = ({batch}, {hq} or a "
+                f"divisor, {q_len}, {n}), got {tuple(scores.shape)}"
+            )
+        valid = self.candidates(q_len, kv_len, q.device)[None, None]
+        if key_padding_mask is not None:
+            usable = key_padding_mask[:, : n * self.block_size].reshape(batch, n, -1).any(-1)
+            valid = valid & usable[:, None, None, :]
+        blocks, chosen = _top_places(scores.float(), valid, places)
+        share = hq // scores.shape[1]  # query heads per row of scores
+        if share > 1:
+            blocks, chosen = (x.repeat_interleave(share, dim=1) for x in (blocks, chosen))
         return blocks, chosen
 
-    def select(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def select(
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_padding_mask: Tensor | None = None,
+        block_scores: Tensor | None = None,
+    ) -> Tensor:
         """Boolean ``(B, Hq, Lq, n)`` over the ``n`` complete key blocks: the selected ones
         (see :meth:`select_blocks`)."""
-        blocks, chosen = self.select_blocks(q, k, key_padding_mask)
+        blocks, chosen = self.select_blocks(q, k, key_padding_mask, block_scores)
         n = self.num_candidate_blocks(k.shape[2])
         out = torch.zeros(*q.shape[:3], n, dtype=torch.bool, device=q.device)
         return out.scatter_(-1, blocks, chosen)
 
-    def token_mask(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+    def token_mask(
+        self,
+        q: Tensor,
+        k: Tensor,
+        key_padding_mask: Tensor | None = None,
+        block_scores: Tensor | None = None,
+    ) -> Tensor:
         """Boolean ``(B, Hq, Lq, Lk)``: the full element view for these inputs (for the oracle)."""
         kv_len = k.shape[2]
-        selected = self.select(q, k, key_padding_mask)  # (B, Hq, Lq, n)
+        selected = self.select(q, k, key_padding_mask, block_scores)  # (B, Hq, Lq, n)
         n = selected.shape[-1]
         spread = selected.repeat_interleave(self.block_size, dim=-1)
         tail = kv_len - n * self.block_size
         spread = torch.nn.functional.pad(spread, (0, tail))
         local = self.dense_mask(q.shape[2], kv_len, device=q.device)  # (1, Lq, Lk)
         return spread | local[None]
+
+
+def _top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:
+    """The ``places`` best valid blocks per row of ``scores (..., n)``; on ties at the
+    threshold the most recent blocks win. Returns ``(blocks, chosen)``, each ``(..., P)``."""
+    n = scores.shape[-1]
+    scores = torch.where(valid, scores, float("-inf"))
+    top = torch.topk(scores, min(places + 1, n), dim=-1)  # one more, to spot ties
+    blocks, threshold = top.indices[..., :places], top.values[..., places - 1]
+    chosen = top.values[..., :places] > float("-inf")
+    if n > places:  # ties at the threshold: keep the most recent blocks
+        crowded = (top.values[..., places] == threshold) & (threshold > float("-inf"))
+        if bool(crowded.any()):
+            rows, limit = scores[crowded], threshold[crowded][:, None]
+            tied = rows == limit
+            spare = places - (rows > limit).sum(-1, keepdim=True)
+            from_right = tied.flip(-1).cumsum(-1).flip(-1)
+            keep = (rows > limit) | (tied & (from_right <= spare))
+            order = torch.sort(keep.int(), dim=-1, descending=True, stable=True).indices
+            blocks[crowded] = order[:, :places]
+    return blocks, chosen

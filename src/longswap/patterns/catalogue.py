@@ -7,6 +7,7 @@ from longswap.patterns.bigbird import BigBird
 from longswap.patterns.block_topk import BlockTopK
 from longswap.patterns.dilated import Dilated
 from longswap.patterns.full import Full
+from longswap.patterns.learned_topk import LearnedTopK
 from longswap.patterns.local_global import LocalGlobal
 from longswap.patterns.shifted_groups import ShiftedGroups
 from longswap.patterns.sliding_window import SlidingWindow
@@ -33,5 +34,10 @@ CATALOGUE: dict[str, tuple[Pattern, str]] = {
     "block_topk": (
         BlockTopK(block_size=128, top_k=3),
         "MoBA: own block plus the top-k earlier blocks by mean-pooled key score, per token",
+    ),
+    "learned_topk": (
+        LearnedTopK(block_size=64, top_k=16),
+        "DSA / SeerAttention-R: own block plus the top-k blocks a learned gate scores, per "
+        "KV group (a selector per layer, distilled from dense attention)",
     ),
 }

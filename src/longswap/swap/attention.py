@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
 from longswap.patterns import Pattern
+from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 #: The attribute under which :func:`observing` hangs an observer on an attention module.
@@ -33,7 +34,9 @@ class AttentionCall:
     """One swapped layer's attention call, as an observer sees it.
 
     ``query (B, Hq, L, D)`` after RoPE, ``key``/``value (B, Hkv, S, D)``, ``output
-    (B, Hq, L, D)``; ``scale`` as the layer passed it (None: ``1/sqrt(D)``).
+    (B, Hq, L, D)``; ``scale`` as the layer passed it (None: ``1/sqrt(D)``);
+    ``block_scores (B, Hkv, L, S // block)``: the layer's learned selector's scores (with
+    their graph, for distillation), or None for patterns without a selector.
     """
 
     layer: int
@@ -43,6 +46,7 @@ class AttentionCall:
     value: Tensor
     output: Tensor
     scale: float | None
+    block_scores: Tensor | None = None
 
 
 #: Receives every swapped attention call of a model while :func:`observing` it.
@@ -163,6 +167,16 @@ def longswap_attention(
         raise ValueError(f"layer {layer}: attention soft-capping is not supported by longswap")
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"layer {layer}: learned attention sinks are not supported by longswap")
+    scores = None
+    if getattr(pattern, "needs_selector", False):
+        selector = getattr(module, SELECTOR_ATTR, None)
+        if selector is None:
+            raise ValueError(
+                f"layer {layer}: {pattern} scores blocks with a learned selector that this model "
+                "lacks: load checkpoints with learned selection through longswap.load(path) "
+                "(transformers' from_pretrained alone drops the selector's weights)"
+            )
+        scores = selector(query, key)  # (B, Hkv, L, S // block), inputs detached inside
     padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
     if padding is not None and not pattern.translation_invariant and _left_padded(padding):
         raise ValueError(
@@ -180,10 +194,11 @@ def longswap_attention(
         key_padding_mask=padding,
         block_size=spec.block_size,
         document_ids=_documents(kwargs.get("position_ids"), key, padding),
+        block_scores=scores,
     )
     observer = getattr(module, OBSERVER_ATTR, None)
     if observer is not None:
-        observer(AttentionCall(layer, pattern, query, key, value, out, scaling))
+        observer(AttentionCall(layer, pattern, query, key, value, out, scaling, scores))
     return out.transpose(1, 2), None
 
 

@@ -22,6 +22,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from longswap.kernels import BACKENDS
 from longswap.patterns import Intersection, Pattern, full, parse_pattern, sliding_window
 from longswap.positions import ROPE_KINDS, apply_positions, plan_positions, undo_positions
+from longswap.selectors import SELECTOR_ATTR, BlockGate
 from longswap.swap.attention import Observer, observing
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
@@ -241,12 +242,15 @@ def swap_attention(
     previous = getattr(config, CONFIG_KEY, None)
     old_spec = SwapSpec.from_dict(previous) if previous is not None else None
     trained = old_spec.positions["trained_length"] if old_spec else config.max_position_embeddings
+    # Trained selectors survive a re-swap (restore removes them): matching ones are reused.
+    kept = {i: getattr(m, SELECTOR_ATTR) for i, m in modules.items() if hasattr(m, SELECTOR_ATTR)}
     if old_spec is not None:
         restore(inner)
     positions = plan_positions(inner, chosen, max_length, rope, trained)
 
     # Validated: from here on the model changes.
     added = apply_positions(inner, positions)
+    added += attach_selectors(inner, modules, chosen, kept)
     dropout = _zero_dropout(inner, modules)
     if dropout:
         notes.append(f"attention dropout {dropout} turned off: the sparse kernels have none")
@@ -273,6 +277,40 @@ def swap_attention(
     )
 
 
+def _selector_shape(config: Any) -> tuple[int, int]:
+    """``(head_dim, query heads per KV head)`` of a model's attention."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return head_dim, heads // (getattr(config, "num_key_value_heads", None) or heads)
+
+
+def attach_selectors(
+    model: PreTrainedModel,
+    modules: dict[int, nn.Module],
+    patterns: Sequence[Pattern],
+    kept: Mapping[int, nn.Module] | None = None,
+) -> int:
+    """Give every layer whose pattern needs a selector a :class:`BlockGate` (reusing a
+    matching one from ``kept``, so re-swapping keeps trained selectors); returns the number
+    of parameters added."""
+    head_dim, group = _selector_shape(model.config)
+    added = 0
+    for i, pattern in enumerate(patterns):
+        if not getattr(pattern, "needs_selector", False):
+            continue
+        gate = (kept or {}).get(i)
+        if not (
+            isinstance(gate, BlockGate)
+            and (gate.head_dim, gate.group, gate.block_size)
+            == (head_dim, group, pattern.block_size)
+        ):
+            weight = next(modules[i].parameters())
+            gate = BlockGate(head_dim, group, pattern.block_size).to(weight.device, weight.dtype)
+        modules[i].add_module(SELECTOR_ATTR, gate)
+        added += sum(p.numel() for p in gate.parameters())
+    return added
+
+
 def observe(model: Any, observer: Observer) -> contextlib.AbstractContextManager[None]:
     """A context in which every swapped attention call of ``model`` (PEFT-wrapped or not) is
     handed to ``observer`` as an :class:`AttentionCall` (see ``swap.attention.observing``)."""
@@ -294,7 +332,11 @@ def restore(model: Any) -> None:
         raise ValueError(f"{type(inner).__name__} is not swapped: nothing to restore")
     spec = SwapSpec.from_dict(record)
     undo_positions(inner, spec.positions)
-    _put_dropout(inner, attention_modules(inner), dict(spec.attention_dropout))
+    modules = attention_modules(inner)
+    _put_dropout(inner, modules, dict(spec.attention_dropout))
+    for module in modules.values():
+        if hasattr(module, SELECTOR_ATTR):
+            delattr(module, SELECTOR_ATTR)
     delattr(config, CONFIG_KEY)
     if "attn_implementation" in config.__dict__:
         del config.__dict__["attn_implementation"]

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from longswap.checkpoint import is_gguf, load_gguf, model_problem
 from longswap.io import save_checkpoint, staged_folder
+from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.attention import register
-from longswap.swap.model import apply_spec
+from longswap.swap.model import apply_spec, attach_selectors, attention_modules
 from longswap.swap.spec import CONFIG_KEY, SwapSpec
 
 #: File beside a PEFT adapter that records the swap of its base model.
@@ -64,8 +66,30 @@ def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         ) from err
     record = getattr(model.config, CONFIG_KEY, None)
     if record is not None:
-        SwapSpec.from_dict(record)  # a clear error if malformed
+        _load_selectors(model, SwapSpec.from_dict(record), path)  # a clear error if malformed
     return model
+
+
+def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
+    """Rebuild the learned selectors a swap records and read their weights from ``path``
+    (transformers' loader skips them: the model class has no such modules)."""
+    patterns = [spec.pattern(i) for i in range(len(spec.layers))]
+    if not any(getattr(p, "needs_selector", False) for p in patterns):
+        return
+    attach_selectors(model, attention_modules(model), patterns)
+    wanted = {k for k in model.state_dict() if f".{SELECTOR_ATTR}." in k}
+    found = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as weights:
+            found |= {k: weights.get_tensor(k) for k in weights.keys() if k in wanted}  # noqa: SIM118
+    missing = sorted(wanted - set(found))
+    if missing:
+        raise ValueError(
+            f"{path} records learned selection but holds no weights for {len(missing)} "
+            f"selector tensors (first: {missing[0]}); save swapped models with longswap.save "
+            "or save_pretrained after the swap"
+        )
+    model.load_state_dict(found, strict=False)
 
 
 def _load_adapter(path: Path, **kwargs: Any) -> Any:

@@ -9,7 +9,7 @@ import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from longswap.evaluate import environment
 from longswap.io import overlap_problems, staged_folder
 from longswap.swap import observe
 from longswap.train.config import TrainingFields
-from longswap.train.signals import AttentionTransfer
+from longswap.train.signals import AttentionTransfer, SelectorDistillation
 
 
 class PackedDataset(Dataset):
@@ -231,22 +231,42 @@ class NonFiniteGuard(TrainerCallback):
         control.should_training_stop = True
 
 
-class TransferTrainer(Trainer):
-    """A Trainer whose first ``transfer_steps`` optimise attention transfer, not the LM loss."""
+#: How learned selectors train: not at all, alone (the warm-up), or along with the model.
+SelectorStage = Literal["none", "warmup", "joint"]
 
-    def __init__(self, *args: Any, transfer_steps: int = 0, **kwargs: Any) -> None:
+
+class SignalTrainer(Trainer):
+    """A Trainer whose loss can come from signals inside attention (``swap.observe``).
+
+    The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
+    learned selectors, ``selectors="warmup"`` optimises their distillation loss alone (the
+    base is frozen), and ``"joint"`` adds it to the LM loss over the selected blocks only
+    (the selectors' inputs are detached, so each loss trains only its own parameters).
+    """
+
+    def __init__(
+        self, *args: Any, transfer_steps: int = 0, selectors: SelectorStage = "none", **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
-        self.transfer_steps = transfer_steps
+        self.transfer_steps, self.selectors = transfer_steps, selectors
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        """Mean per-layer MSE to dense attention during the warm-up; the LM loss after."""
-        if not model.training or self.state.global_step >= self.transfer_steps:
+        """The loss of this step (see the class); evaluation always reports the LM loss."""
+        transfer = model.training and self.state.global_step < self.transfer_steps
+        if not model.training or (self.selectors == "none" and not transfer):
             return super().compute_loss(model, inputs, *args, **kwargs)
-        transfer = AttentionTransfer()
-        with observe(model, transfer):
-            model(input_ids=inputs["input_ids"])
-        loss = transfer.loss()
-        return (loss, None) if kwargs.get("return_outputs") else loss
+        if transfer or self.selectors == "warmup":
+            signal = AttentionTransfer() if transfer else SelectorDistillation()
+            with observe(model, signal):
+                model(input_ids=inputs["input_ids"], logits_to_keep=1)
+            loss = signal.loss()
+            return (loss, None) if kwargs.get("return_outputs") else loss
+        distill = SelectorDistillation(selected_only=True)
+        with observe(model, distill):
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        lm_loss = result[0] if isinstance(result, tuple) else result
+        loss = lm_loss + distill.loss()
+        return (loss, result[1]) if isinstance(result, tuple) else loss
 
 
 def train(
@@ -257,6 +277,7 @@ def train(
     out: Path,
     callbacks: list[TrainerCallback] | None = None,
     transfer_steps: int = 0,
+    selectors: SelectorStage = "none",
     **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Run the Trainer; returns it and a record of the run (config, command, metrics).
@@ -289,8 +310,9 @@ def train(
     )
     args = TrainingArguments(**{**settings, **extra})
     guard = NonFiniteGuard()
-    trainer = TransferTrainer(
+    trainer = SignalTrainer(
         transfer_steps=transfer_steps,
+        selectors=selectors,
         model=model,
         args=args,
         train_dataset=train_set,

@@ -68,7 +68,7 @@ class PretrainConfig(TrainingFields):
     )
 
 
-Method = Literal["lora-plus", "full", "attention"]
+Method = Literal["lora-plus", "full", "attention", "selector"]
 
 
 @dataclass
@@ -91,7 +91,9 @@ class FinetuneConfig(TrainingFields):
     )
     method: Method = help_field(
         "trainable parameters: lora-plus (LoRA on attention + embeddings and norms), full, "
-        "or attention (attention projections only)",
+        "attention (attention projections only), or selector (only the learned selectors of "
+        "a learned_topk swap, distilled from dense attention, base frozen: the warm-up); "
+        "learned selectors also train under the other methods, on their selected blocks",
         default="lora-plus",
     )
     lora_rank: int = help_field("LoRA rank", default=8)

@@ -19,7 +19,9 @@ from longswap.io import TOKENIZER_FILES, overlap_problems, publish_into, save_ch
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
+from longswap.selectors import SELECTOR_ATTR
 from longswap.swap import extend_positions, load, save, swap_attention
+from longswap.swap.model import attention_modules
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 from longswap.train.common import (
     common_problems,
@@ -32,7 +34,7 @@ from longswap.train.common import (
 from longswap.train.config import FinetuneConfig
 from longswap.train.trainable import apply_method, projection_names
 
-METHODS = ("lora-plus", "full", "attention")
+METHODS = ("lora-plus", "full", "attention", "selector")
 
 
 def problems(config: FinetuneConfig) -> list[str]:
@@ -88,7 +90,18 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
         )
     if config.seq_len > trained and not extendable:
         found.append(f"seq_len {config.seq_len} is beyond the model's {trained} positions")
-    if config.method != "full" and not projection_names(model):
+    record = getattr(model.config, CONFIG_KEY, None)
+    layers = (
+        [config.pattern] if config.pattern else SwapSpec.from_dict(record).layers if record else []
+    )
+    if config.method == "selector" and not any(
+        getattr(parse_pattern(p), "needs_selector", False) for p in layers
+    ):
+        found.append(
+            "method 'selector' trains learned selectors, which this run has none of: pass "
+            '--pattern "learned_topk(block_size=64, top_k=16)" or a model swapped to it'
+        )
+    if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
     swapped = getattr(model.config, CONFIG_KEY, None) is not None or bool(config.pattern)
     if (
@@ -158,6 +171,8 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.enable_input_require_grads()
+    learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
+    selector_stage = "warmup" if config.method == "selector" else "joint" if learned else "none"
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
     callbacks = []
     if config.dense_fraction:
@@ -175,6 +190,7 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
             out,
             callbacks=callbacks,
             transfer_steps=config.transfer_steps,
+            selectors=selector_stage,
             **extra,
         )
         run["notes"] = notes

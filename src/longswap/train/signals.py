@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longswap.selectors import dense_block_mass, selector_kl
+from longswap.selectors.distill import top_blocks
 from longswap.swap import AttentionCall
 
 
@@ -40,4 +42,41 @@ class AttentionTransfer:
         """The mean over the layers seen in this forward."""
         if not self.losses:
             raise ValueError("attention transfer needs a swapped model: no layer reported")
+        return torch.stack(self.losses).mean()
+
+
+class SelectorDistillation:
+    """Per layer with a learned selector, the KL divergence from dense attention's mass on
+    each key block (max over the query heads of a KV group, computed chunk by chunk) to the
+    softmax of the selector's scores.
+
+    ``selected_only=False`` (the warm-up, base frozen): over every candidate block.
+    ``selected_only=True`` (DeepSeek's sparse stage, trained along with the model): over the
+    blocks the selector chose, so it keeps ranking them as dense attention would.
+    """
+
+    def __init__(self, selected_only: bool = False) -> None:
+        self.selected_only = selected_only
+        self.losses: list[Tensor] = []
+
+    def __call__(self, call: AttentionCall) -> None:
+        """Record the layer's distillation loss (layers without a selector are skipped)."""
+        scores = call.block_scores
+        if scores is None:
+            return
+        pattern = call.pattern
+        target = dense_block_mass(call.query, call.key, pattern.block_size, call.scale)
+        candidates = pattern.candidates(call.query.shape[2], call.key.shape[2], scores.device)
+        selected = None
+        if self.selected_only:
+            selected = top_blocks(scores.detach(), candidates, pattern.top_k)
+        self.losses.append(selector_kl(scores, target, candidates, selected))
+
+    def loss(self) -> Tensor:
+        """The mean over the layers seen in this forward."""
+        if not self.losses:
+            raise ValueError(
+                "selector distillation needs a model with learned selection: no layer reported "
+                "selector scores"
+            )
         return torch.stack(self.losses).mean()

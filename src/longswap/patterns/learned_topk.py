@@ -1,0 +1,43 @@
+"""``learned_topk(block_size, top_k)``: own block plus the top-k earlier blocks by learned scores.
+
+The pattern of DeepSeek's sparse attention and SeerAttention-R at block granularity: a
+small selector scores every complete earlier key block for every query token, per KV group
+(the group's query heads share one selection, as in NSA and InfLLM-V2), and the query
+attends to its own block (causally) plus the ``top_k`` best blocks; ties go to the more
+recent block. The pattern itself stays a pure definition: it declares that it needs a
+selector (``needs_selector``), and the swap gives each layer one
+(``longswap.selectors.BlockGate``), whose scores reach the kernels as ``block_scores``.
+Selection is strictly causal and not differentiable: the selector learns from its
+distillation loss only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import Tensor
+
+from longswap.patterns.block_topk import BlockTopK
+from longswap.patterns.registry import register
+
+
+@register
+@dataclass(frozen=True)
+class LearnedTopK(BlockTopK):
+    """Own block plus the ``top_k`` earlier blocks a learned selector scores highest."""
+
+    block_size: int = 64
+    top_k: int = 16
+
+    name = "learned_topk"
+    #: Scores come from a selector module that the swap attaches to each attention layer.
+    needs_selector: ClassVar[bool] = True
+
+    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Never computed by the pattern: its learned selector provides them."""
+        raise ValueError(
+            "learned_topk scores key blocks with a learned selector: swap it into a model "
+            "(longswap.swap_attention attaches one per layer) or pass block_scores "
+            "(B, Hkv, Lq, n) to sparse_attention"
+        )

@@ -1,0 +1,121 @@
+"""What trains and judges a block selector: dense attention pooled to key blocks.
+
+Dense attention probabilities are computed a chunk of query rows at a time and pooled to
+complete key blocks as they are produced, so a layer never holds its ``L x L`` map (at 8k
+tokens a chunk of 256 rows of 9 heads is 75 MB in float32). A selector is trained with the
+KL divergence from the pooled dense mass (max over the query heads of a KV group, as
+SeerAttention-R does; normalised over the candidate blocks) to the softmax of its scores.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _dense_chunks(
+    q: Tensor, k: Tensor, scale: float | None, chunk: int
+) -> Iterator[tuple[slice, Tensor]]:
+    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, Lk)`` in float32, by chunks."""
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group = hq // hkv
+    scale = scale if scale is not None else 1 / math.sqrt(dim)
+    keys = k.detach().float()
+    positions = torch.arange(kv_len, device=q.device)
+    for start in range(0, q_len, chunk):
+        rows = slice(start, min(start + chunk, q_len))
+        qc = q.detach()[:, :, rows].float().reshape(batch, hkv, group, -1, dim)
+        scores = torch.einsum("bhgld,bhkd->bhglk", qc, keys) * scale
+        own = positions[kv_len - q_len + rows.start : kv_len - q_len + rows.stop]
+        scores.masked_fill_(positions[None, :] > own[:, None], float("-inf"))
+        yield rows, scores.softmax(-1).reshape(batch, hq, -1, kv_len)
+
+
+def _block_sums(p: Tensor, block_size: int) -> Tensor:
+    """``(B, H, rows, n)``: the mass of each complete key block."""
+    n = p.shape[-1] // block_size
+    return p[..., : n * block_size].unflatten(-1, (n, block_size)).sum(-1)
+
+
+@torch.no_grad()
+def dense_block_mass(
+    q: Tensor, k: Tensor, block_size: int, scale: float | None = None, chunk: int = 256
+) -> Tensor:
+    """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
+    key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
+    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``)."""
+    batch, hq, q_len, _ = q.shape
+    hkv = k.shape[1]
+    out = torch.empty(batch, hkv, q_len, k.shape[2] // block_size, device=q.device)
+    for rows, p in _dense_chunks(q, k, scale, chunk):
+        mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
+        out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
+    return out
+
+
+def selector_kl(
+    scores: Tensor, target: Tensor, candidates: Tensor, selected: Tensor | None = None
+) -> Tensor:
+    """Mean over query rows of ``KL(target || softmax(scores))`` over the candidate blocks.
+
+    ``scores`` and ``target`` are ``(B, Hkv, Lq, n)``; ``candidates`` (broadcastable bool)
+    marks the blocks a query may select; ``selected`` restricts both distributions further
+    (DSA's sparse stage: the selected set only). Rows without a candidate, or on which the
+    target puts no mass, do not count. Differentiable in ``scores`` only.
+    """
+    keep = candidates.expand_as(scores)
+    if selected is not None:
+        keep = keep & selected
+    target = torch.where(keep, target.float(), 0.0)
+    total = target.sum(-1, keepdim=True)
+    rows = (total[..., 0] > 0) & keep.any(-1)
+    p = target / total.clamp_min(1e-30)
+    log_q = F.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
+    terms = torch.where(keep & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0)
+    per_row = terms.sum(-1)
+    return per_row[rows].mean() if bool(rows.any()) else scores.sum() * 0.0
+
+
+@torch.no_grad()
+def captured_mass(
+    q: Tensor,
+    k: Tensor,
+    static: Tensor,
+    selected: Tensor,
+    block_size: int,
+    scale: float | None = None,
+    chunk: int = 256,
+) -> float:
+    """The share of dense attention mass a selection keeps, averaged over heads and queries.
+
+    ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
+    window, sinks); ``selected (B, Hkv, Lq, n)`` bool: the complete key blocks each query
+    of a KV group selected, disjoint from ``static``.
+    """
+    hq, hkv = q.shape[1], k.shape[1]
+    total, rows_seen = 0.0, 0
+    for rows, p in _dense_chunks(q, k, scale, chunk):
+        kept = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
+        chosen = selected[:, :, rows].repeat_interleave(hq // hkv, dim=1)
+        kept = kept + (_block_sums(p, block_size) * chosen).sum(-1)
+        total += float(kept.sum())
+        rows_seen += kept.numel()
+    return total / max(rows_seen, 1)
+
+
+def top_blocks(scores: Tensor, candidates: Tensor, places: int) -> Tensor:
+    """``(B, Hkv, Lq, n)`` bool: the ``places`` best candidate blocks per query (fewer when
+    there are fewer candidates)."""
+    keep = candidates.expand_as(scores)
+    masked = scores.float().masked_fill(~keep, float("-inf"))
+    places = min(places, scores.shape[-1])
+    if places == 0:
+        return torch.zeros_like(keep)
+    top = masked.topk(places, dim=-1)
+    out = torch.zeros_like(keep)
+    return out.scatter_(-1, top.indices, top.values > float("-inf"))

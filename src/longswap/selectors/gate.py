@@ -1,0 +1,57 @@
+"""``BlockGate``: a small scorer of key blocks, per KV group (SeerAttention-R's gate).
+
+For a query token ``t`` of KV group ``g`` and a complete key block ``j``::
+
+    score[g, t, j] = query_map(q[heads of g, t]) . key_map([max, min, mean] of k[g, block j])
+                     / sqrt(dim)
+
+The query side reads the concatenated queries of the group's heads; the key side reads the
+block's keys pooled three ways (after RoPE, as attention sees them). Both inputs are
+detached: the gate learns only from its distillation loss, never from the LM loss.
+Initialisation makes it MoBA: the query map averages the group's heads and the key map
+takes the mean key, so an untrained gate scores blocks by ``mean(q) . mean(k)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+
+class BlockGate(nn.Module):
+    """Scores ``(B, Hkv, Lq, n)`` of the ``n`` complete key blocks for every query token."""
+
+    def __init__(self, head_dim: int, group: int, block_size: int) -> None:
+        super().__init__()
+        self.head_dim, self.group, self.block_size = head_dim, group, block_size
+        self.query_map = nn.Linear(group * head_dim, head_dim, bias=False)
+        self.key_map = nn.Linear(3 * head_dim, head_dim, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """The MoBA start: mean of the group's queries against the block's mean key."""
+        eye = torch.eye(self.head_dim)
+        self.query_map.weight.copy_(torch.cat([eye / self.group] * self.group, dim=1))
+        self.key_map.weight.copy_(torch.cat([torch.zeros_like(eye)] * 2 + [eye], dim=1))
+
+    def forward(self, q: Tensor, k: Tensor) -> Tensor:
+        """q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)`` -> scores ``(B, Hkv, Lq, Lk // block)``."""
+        batch, hq, q_len, dim = q.shape
+        hkv, kv_len = k.shape[1], k.shape[2]
+        if dim != self.head_dim or hq != hkv * self.group:
+            raise ValueError(
+                f"this gate was built for {self.group} query heads per KV head of dim "
+                f"{self.head_dim}; got q {tuple(q.shape)} and k {tuple(k.shape)}"
+            )
+        dtype = self.query_map.weight.dtype
+        n = kv_len // self.block_size
+        queries = q.detach().to(dtype).reshape(batch, hkv, self.group, q_len, dim)
+        queries = queries.permute(0, 1, 3, 2, 4).reshape(batch, hkv, q_len, self.group * dim)
+        keys = k.detach()[:, :, : n * self.block_size].to(dtype)
+        keys = keys.reshape(batch, hkv, n, self.block_size, dim)  # (B, Hkv, n, bs, D)
+        pooled = torch.cat([keys.amax(3), keys.amin(3), keys.mean(3)], dim=-1)  # (B, Hkv, n, 3D)
+        scores = self.query_map(queries) @ self.key_map(pooled).transpose(-1, -2)
+        return scores / math.sqrt(self.head_dim)  # (B, Hkv, Lq, n)

@@ -1,0 +1,106 @@
+"""``learned_topk``: selection from given block scores, on every backend against the oracle."""
+
+import math
+
+import pytest
+import torch
+
+from longswap.kernels import sparse_attention
+from longswap.patterns import BlockTopK, learned_topk
+from longswap.selectors import BlockGate
+from tests.kernels.test_band import inputs
+
+
+def scores_for(q, k, pattern, seed=1):
+    """Random per-KV-group block scores, as a selector would give."""
+    g = torch.Generator().manual_seed(seed)
+    n = k.shape[2] // pattern.block_size
+    return torch.randn(q.shape[0], k.shape[1], q.shape[2], n, generator=g)
+
+
+def run(q, k, v, pattern, backend, scores, mask=None):
+    return sparse_attention(
+        q, k, v, pattern, backend=backend, block_scores=scores, key_padding_mask=mask
+    )
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "q_len", "kv_len", "pattern", "padding"),
+    [
+        (2, (4, 2), 512, 512, learned_topk(64, 3), False),  # view path, groups of two
+        (1, (6, 2), 320, 448, learned_topk(32, 4), False),  # decoding offset, cache
+        (2, (4, 1), 300, 300, learned_topk(32, 2), True),  # padding: the tile path
+        (1, (2, 2), 200, 200, learned_topk(64, 8), False),  # fewer blocks than top_k
+    ],
+    ids=str,
+)
+def test_blocks_equals_the_oracle_given_the_same_scores(
+    batch, heads, q_len, kv_len, pattern, padding
+):
+    q, k, v = inputs(batch, *heads, q_len, kv_len)
+    scores = scores_for(q, k, pattern)
+    mask = None
+    if padding:
+        mask = torch.ones(batch, kv_len, dtype=torch.bool)
+        mask[0, -37:] = False
+    ref = run(q, k, v, pattern, "reference", scores, mask)
+    out = run(q, k, v, pattern, "blocks", scores, mask)
+    torch.testing.assert_close(out, ref, atol=2e-5, rtol=2e-5)
+    w = torch.randn_like(ref)
+    for name, a, b in zip(
+        "qkv",
+        torch.autograd.grad((out * w).sum(), (q, k, v)),
+        torch.autograd.grad((ref * w).sum(), (q, k, v)),
+        strict=True,
+    ):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_selection_follows_the_scores_and_is_shared_by_a_group():
+    pattern = learned_topk(32, 2)
+    q, k, _ = inputs(1, 4, 2, 256, 256)
+    scores = torch.zeros(1, 2, 256, 8)
+    scores[:, 0, :, 1] = 5.0  # group 0 prefers block 1, then (ties) the most recent
+    scores[:, 1, :, 3] = 5.0
+    selected = pattern.select(q, k, block_scores=scores)  # (B, Hq, Lq, n)
+    assert torch.equal(selected[:, 0], selected[:, 1]) and torch.equal(
+        selected[:, 2], selected[:, 3]
+    )
+    last = selected[0, :, -1]  # the last query (block 7) may pick blocks 0..6
+    assert last[0].nonzero().flatten().tolist() == [1, 6]
+    assert last[2].nonzero().flatten().tolist() == [3, 6]
+    assert not selected[0, :, :32].any()  # the first block has nothing earlier to select
+    causal = pattern.candidates(256, 256)
+    assert not (selected[0] & ~causal).any()  # never its own block or a later one
+
+
+def test_scores_are_required_and_checked():
+    q, k, v = inputs(1, 2, 2, 128, 128)
+    with pytest.raises(ValueError, match="learned selector"):
+        sparse_attention(q, k, v, learned_topk(32, 2), backend="blocks")
+    with pytest.raises(ValueError, match=r"block scores must be \(B, Hq or Hkv, Lq, n\)"):
+        run(q, k, v, learned_topk(32, 2), "blocks", torch.zeros(1, 2, 128, 3))
+    with pytest.raises(ValueError, match="selects no blocks"):
+        run(q, k, v, "sliding_window(window=8)", "blocks", torch.zeros(1, 2, 128, 4))
+
+
+@pytest.mark.flex
+def test_flex_forward_equals_the_oracle_given_the_same_scores():
+    pattern = learned_topk(64, 2)
+    with torch.no_grad():
+        q, k, v = (t.detach() for t in inputs(1, 4, 2, 384, 384))
+        scores = scores_for(q, k, pattern)
+        ref = run(q, k, v, pattern, "reference", scores)
+        torch.testing.assert_close(run(q, k, v, pattern, "flex", scores), ref, atol=2e-5, rtol=2e-5)
+
+
+def test_an_untrained_gate_scores_like_moba_on_the_group_mean_query():
+    q, k, _ = (t.detach() for t in inputs(2, 6, 2, 200, 200, dim=16))
+    gate = BlockGate(head_dim=16, group=3, block_size=32)
+    scores = gate(q, k)  # (B, Hkv, Lq, n)
+    moba = BlockTopK.block_scores(BlockTopK(32, 1), q, k)  # (B, Hq, Lq, n), per head
+    expected = moba.unflatten(1, (2, 3)).mean(2) / math.sqrt(16)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in gate.parameters()) == 3 * 16 * 16 + 3 * 16 * 16
+    scores.sum().backward()  # the gate learns; its inputs are detached
+    assert gate.query_map.weight.grad is not None and q.grad is None

@@ -1,0 +1,85 @@
+"""Learned selection in a model: selectors added by the swap, saved, reloaded, removed."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import longswap
+from longswap.selectors import SELECTOR_ATTR, SELECTOR_FILE, BlockGate
+
+from .conftest import make_model
+
+PATTERN = "learned_topk(block_size=8, top_k=2)"
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def perturb_selectors(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if SELECTOR_ATTR in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_swap_adds_one_gate_per_layer_and_restore_removes_them(tokens):
+    model = make_model("llama")
+    before = logits(model, tokens)
+    report = longswap.swap_attention(model, PATTERN)
+    gates = [m.longswap_selector for m in (layer.self_attn for layer in model.model.layers)]
+    assert all(isinstance(g, BlockGate) for g in gates) and len(gates) == 2
+    per_gate = 2 * 8 * 8 + 3 * 8 * 8  # group 2, head dim 8
+    assert report.added_parameters == 2 * per_gate
+    assert sum(p.numel() for p in model.parameters()) == report.reused_parameters + 2 * per_gate
+    assert not torch.allclose(logits(model, tokens), before)
+    longswap.restore(model)
+    assert not any(SELECTOR_ATTR in n for n, _ in model.named_parameters())
+    torch.testing.assert_close(logits(model, tokens), before)
+
+
+def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens):
+    model = make_model("qwen3")
+    longswap.swap_attention(model, PATTERN)
+    perturb_selectors(model)
+    expected = logits(model, tokens)
+    longswap.save(model, tmp_path / "m")
+    assert (tmp_path / "m" / SELECTOR_FILE).is_file()
+    loaded = longswap.load(tmp_path / "m").eval()
+    torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
+    longswap.swap_attention(loaded, PATTERN)  # a re-swap keeps the trained gates
+    torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    with pytest.raises(ValueError, match="load checkpoints with learned selection through"):
+        plain(tokens)
+    (tmp_path / "m" / SELECTOR_FILE).unlink()
+    with pytest.raises(ValueError, match="holds no weights for 4 selector tensors"):
+        longswap.load(tmp_path / "m")
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generate_with_cache_equals_recomputation(family):
+    model = make_model(family)
+    longswap.swap_attention(model, PATTERN, backend="blocks")
+    perturb_selectors(model, seed=1)
+    prompt = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        generated = model.generate(
+            prompt, max_new_tokens=25, min_new_tokens=25, do_sample=False, pad_token_id=0
+        )
+        ids = prompt
+        for _ in range(25):
+            step = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], 1)
+    assert torch.equal(generated, ids)
+
+
+def test_backends_agree_inside_a_model(tokens):
+    model = make_model("llama")
+    longswap.swap_attention(model, PATTERN, backend="blocks")
+    perturb_selectors(model, seed=2)
+    fast = logits(model, tokens)
+    longswap.swap_attention(model, PATTERN, backend="reference")  # the gates are kept
+    torch.testing.assert_close(fast, logits(model, tokens), atol=1e-5, rtol=1e-5)

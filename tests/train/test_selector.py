@@ -1,0 +1,147 @@
+"""Learned selection in training: the warm-up distils dense attention into the selectors,
+the joint stage trains model and selectors together, and both resume exactly."""
+
+import pytest
+import torch
+
+import longswap
+from longswap.patterns import learned_topk
+from longswap.selectors import (
+    SELECTOR_ATTR,
+    BlockGate,
+    captured_mass,
+    dense_block_mass,
+    selector_kl,
+)
+from longswap.selectors.distill import top_blocks
+from longswap.swap import observe
+from longswap.train import FinetuneConfig, finetune
+from longswap.train.signals import SelectorDistillation
+
+from ..swap.conftest import make_model
+from .test_finetune import base, run  # noqa: F401  (the module-scoped pre-trained base)
+
+PATTERN = "learned_topk(block_size=8, top_k=2)"
+
+
+def test_dense_block_mass_pools_the_oracle_in_chunks():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 4, 50, 8, generator=g), torch.randn(2, 2, 50, 8, generator=g)
+    mass = dense_block_mass(q, k, block_size=8, chunk=7)  # chunks that straddle blocks
+    scores = (q.reshape(2, 2, 2, 50, 8) @ k[:, :, None].transpose(-1, -2)) / 8**0.5
+    causal = torch.ones(50, 50, dtype=torch.bool).tril()
+    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, Hkv, group, L, L)
+    expected = p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2)
+    torch.testing.assert_close(mass, expected, atol=1e-6, rtol=1e-6)
+
+
+def test_selector_kl_is_zero_at_the_target_and_counts_only_candidates():
+    target = torch.tensor([[[[0.5, 0.3, 0.2, 0.0]]]])
+    candidates = torch.tensor([[True, True, False, False]])
+    exact = torch.log(torch.tensor([[[[5.0, 3.0, 1.0, 1.0]]]]))
+    assert float(selector_kl(exact, target, candidates)) == pytest.approx(0.0, abs=1e-6)
+    flat = torch.zeros(1, 1, 1, 4, requires_grad=True)
+    loss = selector_kl(flat, target, candidates)
+    assert loss.item() > 0.01
+    loss.backward()
+    assert flat.grad[..., 2:].abs().max() == 0  # non-candidates get no gradient
+
+
+def test_warm_up_distils_dense_attention_into_the_selectors():
+    model = make_model("llama")
+    longswap.swap_attention(model, "learned_topk(block_size=4, top_k=2)", backend="blocks")
+    model.requires_grad_(False)
+    gates = [p for n, p in model.named_parameters() if SELECTOR_ATTR in n]
+    for p in gates:
+        p.requires_grad_(True)
+    optimizer = torch.optim.Adam(gates, lr=1e-2)
+    ids = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    history = []
+    for _ in range(40):
+        distill = SelectorDistillation()
+        with observe(model, distill):
+            model(ids)
+        loss = distill.loss()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(loss.item())
+    assert len(distill.losses) == 2 and min(history[-5:]) < 0.8 * history[0]
+
+
+def test_distillation_finds_the_blocks_mean_pooling_misses():
+    """Needle keys hidden in noisy blocks: dense attention finds them, MoBA's mean key (the
+    gate's start) often does not; distilled, the gate keeps the oracle's share of the mass."""
+    g = torch.Generator().manual_seed(0)
+    length, dim, block = 256, 16, 16
+    k = torch.randn(1, 1, length, dim, generator=g)
+    for i, s in enumerate(torch.randperm(length // 2, generator=g)[:8]):
+        k[0, 0, s] = 0.0
+        k[0, 0, s, i] = 6.0  # needle i in direction i
+    which = torch.randint(0, 8, (length,), generator=g)
+    q = 4.0 * torch.nn.functional.one_hot(which, dim).float()[None, None]
+    q = q + 0.1 * torch.randn(1, 1, length, dim, generator=g)
+    pattern = learned_topk(block, 1)
+    candidates, own = pattern.candidates(length, length), pattern.dense_mask(length, length)
+    target = dense_block_mass(q, k, block)
+    gate = BlockGate(dim, 1, block)
+
+    def share(scores):
+        return captured_mass(q, k, own, top_blocks(scores, candidates, 1), block)
+
+    oracle = share(target)
+    with torch.no_grad():
+        untrained = share(gate(q, k))
+    optimizer = torch.optim.Adam(gate.parameters(), lr=3e-2)
+    for _ in range(100):
+        selector_kl(gate(q, k), target, candidates).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    with torch.no_grad():
+        trained = share(gate(q, k))
+    assert untrained < oracle - 0.05  # mean pooling misses needles
+    assert trained > oracle - 0.005  # the distilled gate keeps what dense attention keeps
+
+
+def test_selector_method_trains_only_the_selectors_and_resumes(base, tmp_path):  # noqa: F811
+    record = run(base, tmp_path / "warm", pattern=PATTERN, method="selector", steps=4)
+    model = longswap.load(tmp_path / "warm")
+    gates = sum(p.numel() for n, p in model.named_parameters() if SELECTOR_ATTR in n)
+    assert record["trainable_parameters"] == gates > 0
+    assert record["final_loss"] < record["first_loss"] or record["final_loss"] < 1.0
+    with pytest.raises(ValueError, match="method 'selector' trains learned selectors"):
+        run(base, tmp_path / "none", pattern="sliding_window(window=16)", method="selector")
+    # The joint stage: LoRA+ on the warmed-up model, selectors saved with the adapter.
+    joint = finetune(
+        FinetuneConfig(
+            model=str(tmp_path / "warm"),
+            data=[str(base / "data")],
+            seq_len=128,
+            steps=3,
+            batch_size=2,
+            eval_steps=3,
+            warmup_steps=1,
+            learning_rate=1e-3,
+            out=str(tmp_path / "joint"),
+        )
+    )
+    assert joint["final_loss"] is not None
+    reloaded = longswap.load(tmp_path / "joint").get_base_model()
+    wrapper = reloaded.model.layers[0].self_attn.longswap_selector  # PEFT modules_to_save
+    tuned = wrapper.modules_to_save["default"].query_map.weight
+    warmed = model.model.layers[0].self_attn.longswap_selector.query_map.weight
+    assert not torch.equal(tuned, warmed)  # trained on, by its KL on the selected blocks
+
+
+def test_selector_warm_up_resumes_exactly(base, tmp_path):  # noqa: F811
+    import shutil
+
+    out = tmp_path / "warm"
+    run(base, out, pattern=PATTERN, method="selector", steps=4, eval_steps=2)
+    whole = {n: p for n, p in longswap.load(out).named_parameters() if SELECTOR_ATTR in n}
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")  # as if killed after step 2's save
+    run(base, out, pattern=PATTERN, method="selector", steps=4, eval_steps=2, resume=True)
+    resumed = dict(longswap.load(out).named_parameters())
+    assert whole
+    for name, p in whole.items():
+        torch.testing.assert_close(resumed[name], p, atol=1e-6, rtol=1e-5, msg=name)
