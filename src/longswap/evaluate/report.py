@@ -15,6 +15,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "needles": [("accuracy", "accuracy", "{:.0%}"), ("trials", "trials", "{}")],
     "recall": [("accuracy", "accuracy", "{:.0%}"), ("trials", "trials", "{}")],
+    "selection": [
+        ("captured_mass", "dense mass kept", "{:.3f}"),
+        ("oracle_mass", "oracle, same budget", "{:.3f}"),
+        ("share_of_oracle", "share of oracle", "{:.1%}"),
+    ],
     "speed": [
         ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),
         ("decode_tokens_per_s", "decode tokens/s", "{:.1f}"),
@@ -27,6 +32,7 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
 PLOTS = {
     "needles": [("accuracy", "accuracy")],
     "recall": [("accuracy", "accuracy")],
+    "selection": [("captured_mass", "dense attention mass kept")],
     "speed": [
         ("prefill_tokens_per_s", "prefill tokens/s"),
         ("decode_tokens_per_s", "decode tokens/s"),
@@ -180,7 +186,7 @@ def write_report(records: list[dict[str, Any]], out: Path) -> Path:
         lines += _perplexity(ppl, out)
     if keys := _by(records, "passkey"):
         lines += _passkey(keys, out)
-    for task in ("needles", "recall", "speed"):
+    for task in ("needles", "recall", "selection", "speed"):
         if rows := _by(records, task):
             lines += _simple(task, rows, out)
     path = out / "report.md"

@@ -24,13 +24,14 @@ from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import tokenizer_for
 from longswap.evaluate.environment import environment, peak_memory
 from longswap.evaluate.perplexity import perplexity, select_targets
+from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
 from longswap.train.config import help_field
 
-Task = Literal["ppl", "passkey", "needles", "recall", "speed"]
-TASKS = ("ppl", "passkey", "needles", "recall", "speed")
+Task = Literal["ppl", "passkey", "needles", "recall", "speed", "selection"]
+TASKS = ("ppl", "passkey", "needles", "recall", "speed", "selection")
 
 
 @dataclass
@@ -42,7 +43,9 @@ class EvalConfig:
     )
     out: str = help_field("folder for results.json, report.md and plots", default="")
     tasks: list[str] = help_field(
-        "any of ppl, passkey, needles, recall, speed", default_factory=lambda: list(TASKS)
+        "any of ppl, passkey, needles, recall, speed, selection (the share of dense "
+        "attention a block selection keeps; block_topk / learned_topk models)",
+        default_factory=lambda: list(TASKS[:5]),
     )
     lengths: list[int] = help_field(
         "context lengths in tokens", default_factory=lambda: [1024, 2048]
@@ -267,7 +270,9 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     """Run the grid, writing each record as it finishes; returns all records."""
     loaded, records = _check(config)
     heldout = (
-        {path: _heldout(config, tok) for path, _, tok in loaded} if "ppl" in config.tasks else {}
+        {path: _heldout(config, tok) for path, _, tok in loaded}
+        if {"ppl", "selection"} & set(config.tasks)
+        else {}
     )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -332,4 +337,6 @@ def _run(
         return recall(model, tok, length, config.trials)
     if task == "needles":
         return needles(model, tok, length, trials=config.trials)
+    if task == "selection":
+        return selection(model, max(documents, key=len), length)
     return _speed(model, length)

@@ -44,17 +44,24 @@ def _block_sums(p: Tensor, block_size: int) -> Tensor:
 
 @torch.no_grad()
 def dense_block_mass(
-    q: Tensor, k: Tensor, block_size: int, scale: float | None = None, chunk: int = 256
+    q: Tensor,
+    k: Tensor,
+    block_size: int,
+    scale: float | None = None,
+    chunk: int = 256,
+    per_head: bool = False,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
-    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``)."""
+    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``). ``per_head``: one row
+    per query head instead, ``(B, Hq, Lq, n)``."""
     batch, hq, q_len, _ = q.shape
     hkv = k.shape[1]
-    out = torch.empty(batch, hkv, q_len, k.shape[2] // block_size, device=q.device)
+    rows_out = hq if per_head else hkv
+    out = torch.empty(batch, rows_out, q_len, k.shape[2] // block_size, device=q.device)
     for rows, p in _dense_chunks(q, k, scale, chunk):
         mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
-        out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
+        out[:, :, rows] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
 
@@ -94,14 +101,16 @@ def captured_mass(
     """The share of dense attention mass a selection keeps, averaged over heads and queries.
 
     ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
-    window, sinks); ``selected (B, Hkv, Lq, n)`` bool: the complete key blocks each query
-    of a KV group selected, disjoint from ``static``.
+    window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
+    query of a KV group (or of a head) selected, disjoint from ``static``.
     """
     hq, hkv = q.shape[1], k.shape[1]
     total, rows_seen = 0.0, 0
     for rows, p in _dense_chunks(q, k, scale, chunk):
         kept = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
-        chosen = selected[:, :, rows].repeat_interleave(hq // hkv, dim=1)
+        chosen = selected[:, :, rows]
+        if chosen.shape[1] != hq:
+            chosen = chosen.repeat_interleave(hq // hkv, dim=1)
         kept = kept + (_block_sums(p, block_size) * chosen).sum(-1)
         total += float(kept.sum())
         rows_seen += kept.numel()
