@@ -2,6 +2,7 @@
 
     python benchmarks/attention.py                       # L = 2k..32k, B=1, H=8, D=64
     python benchmarks/attention.py --lengths 4096 --patterns sliding_window --repeats 5
+    python benchmarks/attention.py --smoke --backends blocks --out /tmp/attention.json
 
 For each length: torch SDPA with ``is_causal=True`` (the dense baseline) and SDPA with a
 dense boolean mask (what Hugging Face's built-in sliding window does; it computes every
@@ -34,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
 from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
@@ -348,7 +350,9 @@ def main() -> None:
     parser.add_argument(
         "--tabulate", type=Path, help="only print the table of a --partial (or --out) file"
     )
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    args = apply_smoke(parser, args, lengths=[256], repeats=1, build_length=512)
     if args.tabulate:
         record = json.loads(args.tabulate.read_text())
         add_ratios(record["results"])

@@ -2,6 +2,7 @@
 
     python benchmarks/decode.py                      # Llama-shaped model, 4 layers, 8 heads
     python benchmarks/decode.py --lengths 512,2048,8192 --window 256 --sinks 4
+    python benchmarks/decode.py --smoke --out /tmp/decode.json
 
 The same randomly initialised model (built locally; speed does not depend on the weights)
 generates greedily three ways: dense attention with the default cache; swapped to
@@ -21,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from smoke import add_smoke_flag, apply_smoke
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import longswap
@@ -88,7 +90,11 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode.json"))
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    args = apply_smoke(
+        parser, args, lengths=[48], window=16, sinks=2, hidden=64, layers=2, heads=4, repeats=1
+    )
     pattern = sliding_window(args.window, sinks=args.sinks)
     dense = build_model(args)
     swapped = build_model(args)

@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py                       # L = 2k, 8k, 16k; about 10 minutes
     python benchmarks/finetune.py --lengths 4096 --repeats 5
+    python benchmarks/finetune.py --smoke --out /tmp/finetune.json
 
 The model is the embedded default's architecture (``longswap pretrain --size small``:
 Llama, hidden 256, 4 layers, 8 heads, 4 key/value heads, byte vocabulary) with random
@@ -22,6 +23,7 @@ import time
 from pathlib import Path
 
 import torch
+from smoke import add_smoke_flag, apply_smoke
 from transformers import LlamaForCausalLM
 
 import longswap
@@ -68,7 +70,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--size", default="small", choices=["tiny", "small", "base"])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/finetune.json"))
+    add_smoke_flag(parser)
     args = parser.parse_args()
+    args = apply_smoke(parser, args, lengths=[256], repeats=1, size="tiny")
     rows = []
     for length in args.lengths:
         for arm, pattern in ARMS.items():

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
 from longswap.evaluate import environment
@@ -35,6 +36,8 @@ PATTERNS = {
 }
 SHAPES = [(1, 512), (1, 1024), (1, 2048), (1, 4096), (1, 8192), (1, 16384), (64, 64), (128, 128)]
 SHAPES += [(256, 256), (512, 512), (1024, 1024)]
+#: ``--smoke``: one decoding step and one prompt.
+SMOKE_SHAPES = [(1, 512), (64, 64)]
 
 
 def median_ms(fn: Callable[[int], object], repeats: int) -> float:
@@ -53,11 +56,11 @@ def _step(call: Callable[..., object], q: torch.Tensor, keys: list, i: int) -> o
     return call(q, *keys[i])
 
 
-def run(repeats: int) -> dict:
-    """Every (pattern, shape) through both backends, side by side."""
+def run(repeats: int, shapes: list[tuple[int, int]]) -> dict:
+    """Every (pattern, ``(Lq, Lk)`` shape) through both backends, side by side."""
     gen = torch.Generator().manual_seed(0)
     rows = []
-    for q_len, kv_len in SHAPES:
+    for q_len, kv_len in shapes:
         q = torch.randn(1, 8, q_len, 32, generator=gen)
         # A decoding loop meets a new key length at every step (nothing cached per shape
         # helps it): call i of a decoding row sees kv_len + i keys. Prompts repeat one shape.
@@ -105,8 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/small_calls.json"))
-    args = parser.parse_args()
-    record = run(args.repeats)
+    add_smoke_flag(parser)
+    args = apply_smoke(parser, parser.parse_args(), repeats=1)
+    record = run(args.repeats, SMOKE_SHAPES if args.smoke else SHAPES)
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))

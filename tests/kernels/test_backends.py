@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from longswap import sparse_attention
 from longswap.kernels.blocks import blocks_attention
+from longswap.kernels.reference import dense_pattern_mask
 from longswap.patterns import (
     bigbird,
     block_topk,
@@ -197,7 +198,7 @@ def test_pattern_string_is_accepted():
             {"backend": "dense"},
             r"unknown backend 'dense'",
         ),
-        ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {"scale": 0.0}, r"scale must be a positive"),
+        ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {"scale": 0.0}, r"scale must be a finite"),
         ((1, 2, 8, 8), (1, 2, 8, 8), (1, 2, 8, 8), {"block_size": 0}, r"block_size must be"),
         (
             (1, 2, 8, 8),
@@ -308,3 +309,96 @@ def test_bad_document_ids():
     q = torch.randn(1, 2, 8, 8)
     with pytest.raises(ValueError, match=r"document_ids must be an integer tensor \(B, Lk\)"):
         sparse_attention(q, q, q, full(), document_ids=torch.zeros(1, 7, dtype=torch.long))
+
+
+def nan_inputs(pattern, heads=(4, 2), length=150):
+    """Inputs with one NaN in a query row, a key and a value, and the rows that must be NaN:
+    the one whose query holds it and every row that sees the NaN key or value."""
+    g = torch.Generator().manual_seed(11)
+    hq, hkv = heads
+    q = torch.randn(2, hq, length, 16, generator=g)
+    k, v = (torch.randn(2, hkv, length, 16, generator=g) for _ in range(2))
+    q[0, 1, 20, 3] = k[1, 0, 60, 0] = v[0, 1, 100, 5] = float("nan")
+    sees = dense_pattern_mask(q, k, pattern).expand(2, hq, length, length)
+    group = torch.arange(hq) // (hq // hkv)
+    must = torch.zeros(2, hq, length, dtype=torch.bool)
+    must[0, 1, 20] = True
+    must[1] |= sees[1, :, :, 60] & (group == 0)[:, None]
+    must[0] |= sees[0, :, :, 100] & (group == 1)[:, None]
+    return q, k, v, must
+
+
+NAN_PATTERNS = [sliding_window(40, sinks=4), dilated(8, 5), bigbird(32, 1, 1, 2, seed=1)]
+NAN_PATTERNS += [sliding_window(16) | dilated(4, 40), block_topk(32, 3)]
+
+
+@pytest.mark.parametrize("pattern", NAN_PATTERNS, ids=str)
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+def test_nan_reaches_every_row_that_sees_it(pattern, backend):
+    """One NaN policy: a row whose query, or a key or value it sees, holds a NaN holds NaN
+    (a NaN value may stay in its own column)."""
+    q, k, v, must = nan_inputs(pattern)
+    out = sparse_attention(q, k, v, pattern, backend=backend, block_size=32)
+    assert out.isnan().any(-1)[must].all()
+    assert not out.isnan().any(-1).all()  # rows far from every NaN stay numbers
+
+
+@pytest.mark.flex
+@pytest.mark.parametrize("pattern", [sliding_window(40, sinks=4), block_topk(32, 3)], ids=str)
+def test_flex_propagates_nan_like_the_other_backends(pattern):
+    """FlexAttention's kernel drops NaN scores (zeros for a NaN query, NaN keys skipped);
+    the backend restores the policy."""
+    q, k, v, must = nan_inputs(pattern)
+    out = sparse_attention(q, k, v, pattern, backend="flex")
+    assert out.isnan().any(-1)[must].all()
+    ref = sparse_attention(q, k, v, pattern, backend="reference")
+    clean = ~(out.isnan() | ref.isnan()).any(-1)  # the oracle spreads a NaN value further
+    assert clean.any()
+    torch.testing.assert_close(out[clean], ref[clean], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.flex
+@pytest.mark.parametrize(
+    ("pattern", "heads", "q_len", "kv_len"),
+    [(sliding_window(40, sinks=4), (4, 2), 200, 237), (dilated(8, 5), (2, 2), 1, 130)],
+    ids=str,
+)
+def test_flex_without_masks_equals_reference(pattern, heads, q_len, kv_len):
+    """The path ``auto`` takes on CUDA: no padding, no documents, a cached BlockMask."""
+    g = torch.Generator().manual_seed(6)
+    q = torch.randn(1, heads[0], q_len, 16, generator=g)
+    k, v = (torch.randn(1, heads[1], kv_len, 16, generator=g) for _ in range(2))
+    out = sparse_attention(q, k, v, pattern, backend="flex")
+    ref = sparse_attention(q, k, v, pattern, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [float("inf"), float("nan"), -1.0, 0, True, "0.5"])
+def test_scale_must_be_finite_and_positive(scale, monkeypatch):
+    """Checked before any backend runs (none is reached)."""
+    from longswap.kernels import api
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("a backend ran")
+
+    for name in ("reference_attention", "blocks_attention", "flex_attention_backend"):
+        monkeypatch.setattr(api, name, unreachable)
+    q = torch.randn(1, 2, 8, 8)
+    with pytest.raises(ValueError, match="scale must be a finite positive number"):
+        sparse_attention(q, q, q, full(), scale=scale)
+
+
+def test_recompile_limit_setting_is_optional():
+    """The dynamo setting has two names across torch releases, and may be missing."""
+    from types import SimpleNamespace
+
+    from longswap.kernels.flex import _raise_recompile_limit
+
+    new, old, neither = (
+        SimpleNamespace(recompile_limit=8),
+        SimpleNamespace(cache_size_limit=8),
+        SimpleNamespace(),
+    )
+    for config in (new, old, neither):
+        _raise_recompile_limit(config, 64)
+    assert (new.recompile_limit, old.cache_size_limit, vars(neither)) == (64, 64, {})

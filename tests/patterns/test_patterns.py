@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from longswap import sparse_attention
 from longswap.patterns import (
     REGISTRY,
     bigbird,
@@ -155,6 +156,53 @@ def test_block_topk_picks_the_best_block():
 def test_bad_parameters_name_the_parameter(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
+
+
+TOO_LARGE = 2**31  # one past MAX_PARAMETER
+
+
+@pytest.mark.parametrize(
+    ("text", "name"),
+    [
+        (f"sliding_window(window={10**23})", "window"),
+        (f"sliding_window(window=4, sinks={TOO_LARGE})", "sinks"),
+        (f"dilated(window=4, dilation={10**30})", "dilation"),
+        (f"dilated(window={TOO_LARGE}, dilation=2)", "window"),
+        (f"local_global(window={TOO_LARGE})", "window"),
+        (f"local_global(window=4, global_tokens=[0, {TOO_LARGE}])", "each of global_tokens"),
+        (f"bigbird(block_size={TOO_LARGE})", "block_size"),
+        (f"bigbird(window_blocks={TOO_LARGE})", "window_blocks"),
+        (f"bigbird(global_blocks={TOO_LARGE})", "global_blocks"),
+        (f"bigbird(random_blocks={TOO_LARGE})", "random_blocks"),
+        (f"bigbird(seed={TOO_LARGE})", "seed"),
+        (f"shifted_groups(group_size={TOO_LARGE})", "group_size"),
+        (f"block_topk(block_size={TOO_LARGE})", "block_size"),
+        (f"block_topk(top_k={TOO_LARGE})", "top_k"),
+    ],
+)
+def test_parameters_are_bounded_when_parsed(text, name):
+    """A value no kernel can run is refused at once, with the limit (2**31 - 1) named."""
+    with pytest.raises(ValueError, match=rf"{name} must be at most 2147483647 \(2\*\*31 - 1"):
+        parse_pattern(text)
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+def test_largest_parameters_still_run(backend):
+    """At the limit every pattern runs: each covers the whole causal row of 40 tokens,
+    except a dilation of 2**31 - 1, which leaves each query only itself."""
+    top = 2**31 - 1
+    q = torch.randn(1, 2, 40, 8)
+    causal = sparse_attention(q, q, q, full(), backend="reference")
+    for pattern in [
+        sliding_window(top, sinks=top),
+        local_global(top, [0, top]),
+        bigbird(top, top, top, top, seed=top),
+        shifted_groups(top),
+        block_topk(top, top),
+    ]:
+        out = sparse_attention(q, q, q, pattern, backend=backend, block_size=16)
+        torch.testing.assert_close(out, causal, msg=lambda m, p=pattern: f"{p}: {m}")
+    torch.testing.assert_close(sparse_attention(q, q, q, dilated(top, top), backend=backend), q)
 
 
 @pytest.mark.parametrize("pattern", [*STATIC, block_topk(64, 3)], ids=str)

@@ -11,8 +11,12 @@ positions ``r, r + dilation, ...`` see exactly the keys at those positions, ``wi
 them back. Each residue ``r`` is one kernel call on strided views of q, k and v.
 
 The extension is compiled by ``torch.utils.cpp_extension`` the first time it is needed
-(cached under ``TORCH_EXTENSIONS_DIR``, by default
-``~/.cache/torch_extensions``). Where it cannot be built (no C++ compiler), ``blocks``
+(cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, under a
+name that carries the CPU's instruction set and the torch version: a new torch builds
+its own copy instead of loading one compiled against another ABI). It is compiled
+without ``-ffast-math``: NaN and infinities follow IEEE, so a NaN input gives NaN
+outputs as in the dense oracle; its exponentials are vectorized through ATen's
+``Vectorized<float>`` instead. Where it cannot be built (no C++ compiler), ``blocks``
 warns once and keeps to its pure-PyTorch paths: same pattern, same results, slower.
 ``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without trying.
 """
@@ -34,10 +38,26 @@ BLOCK = 64
 #: Environment variable: "0" keeps ``blocks`` in pure PyTorch on CPU (no C++ kernel).
 SWITCH = "LONGSWAP_CPU_KERNEL"
 _SOURCE = Path(__file__).with_name("csrc") / "window_attention.cpp"
+#: Compiler flags per CPU capability: the instruction set, and the macro that makes ATen's
+#: ``Vectorized<float>`` use it.
 _ISA_FLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma"],
-    "AVX2": ["-mavx2", "-mfma"],
+    "AVX512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mavx2",
+        "-mfma",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
+    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
 }
+
+
+def extension_name(isa: str, torch_version: str) -> str:
+    """The build's name, and so its cache folder: one per instruction set and torch version."""
+    version = "".join(c if c.isalnum() else "_" for c in torch_version)
+    return f"longswap_window_{isa.lower()}_torch{version}"
 
 
 @functools.cache
@@ -51,9 +71,9 @@ def extension():  # noqa: ANN201 (a compiled module)
     isa = torch.backends.cpu.get_cpu_capability()
     try:
         return cpp_extension.load(
-            name=f"longswap_window_{isa.lower()}",
+            name=extension_name(isa, torch.__version__),
             sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-ffast-math", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -80,7 +100,9 @@ def window_kernel_applies(pattern: Pattern, q: Tensor) -> bool:
 
 
 def _rows_contiguous(x: Tensor) -> Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
+    """``x``, or a copy, with each row of D contiguous and apart from the next (BLAS reads)."""
+    apart = x.shape[-2] <= 1 or x.stride(-2) >= x.shape[-1]
+    return x if x.stride(-1) == 1 and apart else x.contiguous()
 
 
 #: The one window of a sliding window: every query row and every key row.
@@ -88,12 +110,14 @@ _WHOLE = [(slice(None), slice(None))]
 
 
 def _residues(pattern: SlidingWindow | Dilated, q_len: int, kv_len: int) -> list:
-    """``(query rows, key rows)`` slices of each window the pattern is made of."""
+    """``(query rows, key rows)`` slices of each window the pattern is made of: one per
+    residue of the query positions modulo the dilation that holds a query."""
     if isinstance(pattern, SlidingWindow):
         return _WHOLE
     d, offset = pattern.dilation, kv_len - q_len
-    firsts = [((r - offset) % d, r) for r in range(d)]  # query row i sits at offset + i
-    return [(slice(i, None, d), slice(r, None, d)) for i, r in firsts if i < q_len]
+    # Query row i sits at position offset + i: rows i, i + d, ... see keys (offset + i) % d,
+    # + d, ... One window per row among the first d (at most q_len of them, however large d).
+    return [(slice(i, None, d), slice((offset + i) % d, None, d)) for i in range(min(d, q_len))]
 
 
 def _per_key_head(grad: Tensor, hkv: int) -> Tensor:

@@ -11,12 +11,21 @@
 // whose key ranges overlap only their neighbours'; even segments run in parallel first,
 // then odd ones. Sink-key gradients go to one private slot per segment, summed by the
 // caller. Key gradients are per query head (B, Hq, Lk, D): the caller sums grouped heads.
+//
+// Every entry point checks its arguments (TORCH_CHECK) before reading memory. Floating
+// point follows IEEE (no -ffast-math): a NaN among the scores a query row sees makes that
+// row's output and log-sum-exp NaN, as in the dense oracle. The exponentials are
+// vectorized through ATen's Vectorized<float> (SLEEF), which keeps NaN and infinities.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 // BLAS's single-precision matrix product (column-major), exported by torch's MKL.
@@ -49,29 +58,79 @@ struct SequentialBlas {
   }
 };
 
-// A (B, H, L, D) tensor read through its strides; rows must be contiguous.
+// A (B, H, L, D) tensor read through its strides; rows must be contiguous. A single row's
+// stride along L is never followed: BLAS gets D instead, whatever torch recorded.
 struct View {
   float* data;
   int64_t sb, sh, sl;
   explicit View(const at::Tensor& x)
-      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)), sl(x.stride(2)) {}
+      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)),
+        sl(x.size(2) > 1 ? x.stride(2) : std::max<int64_t>(x.size(3), 1)) {}
   float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
 };
 
-void check(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4 &&
-                  x.stride(3) == 1,
-              "window kernel: ", name, " must be a float32 CPU tensor (B, H, L, D) with rows "
-              "contiguous in memory");
+using Vec = at::vec::Vectorized<float>;
+
+// Largest query block the caller may ask for: its score buffer is block x (sinks + window
+// + block) floats per thread.
+constexpr int64_t kMaxBlock = 4096;
+
+// A (B, H, L, D) float32 CPU tensor whose rows BLAS can read: unit stride along D, a row
+// stride of at least D (rows do not overlap), every stride and size within BLAS's int.
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              "window kernel: ", name, " must be a 4-D float32 CPU tensor (B, H, L, D), got ",
+              x.scalar_type(), " on ", x.device(), " with shape ", x.sizes());
+  bool rows = x.size(2) > 1;
+  TORCH_CHECK(x.numel() == 0 || (x.stride(3) == 1 && (!rows || x.stride(2) >= x.size(3))),
+              "window kernel: ", name, " must hold each row contiguously and apart from the "
+              "next (stride 1 along D, stride >= D along L), got shape ", x.sizes(),
+              " with strides ", x.strides(), "; pass x.contiguous()");
+  TORCH_CHECK(x.size(3) <= INT_MAX && (!rows || x.stride(2) <= INT_MAX), "window kernel: ",
+              name, " has rows too long for BLAS (D ", x.size(3), ", row stride ", x.stride(2),
+              "; at most ", INT_MAX, ")");
 }
 
 struct Geometry {
-  int64_t groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
-  Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window,
-           int64_t sinks, int64_t block)
-      : groups(q.size(1) / k.size(1)), q_len(q.size(2)), kv_len(k.size(2)), dim(q.size(3)),
-        dim_v(v.size(3)), window(window), sinks(sinks), offset(k.size(2) - q.size(2)),
-        block(block) {}
+  int64_t batch, heads, groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
+  // Checks q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) and the arguments.
+  Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_,
+           int64_t sinks_, double scale, int64_t block_) {
+    check_rows(q, "q");
+    check_rows(k, "k");
+    check_rows(v, "v");
+    TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0),
+                "window kernel: q, k and v must share the batch size, got q ", q.sizes(),
+                ", k ", k.sizes(), ", v ", v.sizes());
+    TORCH_CHECK(k.size(1) == v.size(1) && k.size(2) == v.size(2),
+                "window kernel: k and v must agree on (Hkv, Lk), got k ", k.sizes(), ", v ",
+                v.sizes());
+    TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0,
+                "window kernel: query heads (", q.size(1), ") must be a multiple of key/value "
+                "heads (", k.size(1), ")");
+    TORCH_CHECK(q.size(3) == k.size(3), "window kernel: q and k must share the head dim D, "
+                "got q ", q.sizes(), ", k ", k.sizes());
+    TORCH_CHECK(q.size(2) <= k.size(2), "window kernel: Lq (", q.size(2), ") must not exceed "
+                "Lk (", k.size(2), "): query i sits at key position Lk - Lq + i");
+    TORCH_CHECK(window_ >= 1, "window kernel: window must be >= 1, got ", window_);
+    TORCH_CHECK(sinks_ >= 0 && sinks_ <= k.size(2), "window kernel: sinks must lie in [0, Lk = ",
+                k.size(2), "], got ", sinks_, " (clip it to the key length)");
+    TORCH_CHECK(std::isfinite(scale) && scale > 0, "window kernel: scale must be a finite "
+                "positive number, got ", scale);
+    TORCH_CHECK(block_ >= 1 && block_ <= kMaxBlock, "window kernel: block must lie in [1, ",
+                kMaxBlock, "], got ", block_);
+    batch = q.size(0);
+    heads = q.size(1);
+    groups = q.size(1) / k.size(1);
+    q_len = q.size(2);
+    kv_len = k.size(2);
+    dim = q.size(3);
+    dim_v = v.size(3);
+    window = std::min(window_, std::max<int64_t>(kv_len, 1));  // wider sees the same keys
+    sinks = sinks_;
+    offset = kv_len - q_len;
+    block = block_;
+  }
   int64_t blocks() const { return (q_len + block - 1) / block; }
   // Most score columns a block needs: its sinks, its window and its own rows.
   int64_t columns() const { return std::min(sinks, kv_len) + std::min(window - 1, kv_len) + block; }
@@ -129,15 +188,56 @@ void add_to_keys(const BlockKeys& bk, int64_t n, float alpha, const float* weigh
          keys.row(b, h, bk.lo), keys.sl);
 }
 
+// Largest of m and x[0, n). NaN may or may not survive here: the exponentials below turn
+// any NaN score into a NaN row anyway.
+float max_of(const float* x, int64_t n, float m) {
+  Vec best(m);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + j));
+  m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - shift) over [0, n); returns their sum.
+float exp_in_place(float* x, int64_t n, float shift) {
+  const Vec s(shift);
+  Vec sum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - s).exp();
+    e.store(x + j);
+    sum = sum + e;
+  }
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum);
+  for (; j < n; ++j) total += (x[j] = std::exp(x[j] - shift));
+  return total;
+}
+
+// Softmax weights and their score gradients over [0, n): p[j] = exp(p[j] - lse) and
+// d[j] = p[j] (d[j] - dot), where p holds scores and d the products dO . v_j on entry.
+void weights_and_grads(float* p, float* d, int64_t n, float lse, float dot) {
+  const Vec l(lse), o(dot);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(p + j) - l).exp();
+    e.store(p + j);
+    (e * (Vec::loadu(d + j) - o)).store(d + j);
+  }
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - lse);
+    d[j] = p[j] * (d[j] - dot);
+  }
+}
+
 }  // namespace
 
 // out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, *).
 std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, int64_t window, int64_t sinks,
                                        double scale, int64_t block) {
-  for (auto [x, name] : {std::pair{&q, "q"}, {&k, "k"}, {&v, "v"}}) check(*x, name);
-  int64_t batch = q.size(0), hq = q.size(1);
-  Geometry g(q, k, v, window, sinks, block);
+  Geometry g(q, k, v, window, sinks, scale, block);
+  int64_t batch = g.batch, hq = g.heads;
   auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options());
   auto lse = at::empty({batch, hq, g.q_len}, q.options());
   View qv(q), kv(k), vv(v), ov(out);
@@ -156,14 +256,10 @@ std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
         int64_t e, a, f;
         bk.intervals(g, r, &e, &a, &f);
         float* row = s.data() + r * w;
-        float m = row[f - 1];
-        for (int64_t j = 0; j < e; ++j) m = std::max(m, row[j]);
-        for (int64_t j = a; j < f; ++j) m = std::max(m, row[j]);
-        float total = 0.f;
-        for (int64_t j = 0; j < e; ++j) total += (row[j] = std::exp(row[j] - m));
-        for (int64_t j = e; j < a; ++j) row[j] = 0.f;
-        for (int64_t j = a; j < f; ++j) total += (row[j] = std::exp(row[j] - m));
-        for (int64_t j = f; j < w; ++j) row[j] = 0.f;
+        float m = max_of(row + a, f - a, max_of(row, e, row[f - 1]));
+        float total = exp_in_place(row, e, m) + exp_in_place(row + a, f - a, m);
+        std::fill(row + e, row + a, 0.f);
+        std::fill(row + f, row + w, 0.f);
         float inv = 1.f / total;
         for (int64_t j = 0; j < f; ++j) row[j] *= inv;
         lse_row[r] = m + std::log(total);
@@ -181,15 +277,22 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& out, const at::Tensor& lse,
                                         int64_t window, int64_t sinks, double scale,
                                         int64_t block) {
-  for (auto [x, name] : {std::pair{&grad, "grad"}, {&q, "q"}, {&k, "k"}, {&v, "v"},
-                         {&out, "out"}})
-    check(*x, name);
-  int64_t batch = q.size(0), hq = q.size(1);
-  Geometry g(q, k, v, window, sinks, block);
+  Geometry g(q, k, v, window, sinks, scale, block);
+  int64_t batch = g.batch, hq = g.heads;
+  for (auto [x, name] : {std::pair{&grad, "grad"}, {&out, "out"}}) {
+    check_rows(*x, name);
+    TORCH_CHECK(x->sizes() == at::IntArrayRef({batch, hq, g.q_len, g.dim_v}),
+                "window kernel: ", name, " must be (B, Hq, Lq, Dv) = (", batch, ", ", hq, ", ",
+                g.q_len, ", ", g.dim_v, "), got ", x->sizes());
+  }
+  TORCH_CHECK(lse.device().is_cpu() && lse.scalar_type() == at::kFloat && lse.is_contiguous() &&
+                  lse.sizes() == at::IntArrayRef({batch, hq, g.q_len}),
+              "window kernel: lse must be a contiguous float32 CPU tensor (B, Hq, Lq) = (", batch,
+              ", ", hq, ", ", g.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
   int64_t n_blocks = g.blocks();
   // A segment's keys reach window - 1 before its first row: segments of at least that many
   // rows overlap only their neighbours. Aim for several segments per thread.
-  int64_t min_blocks = (window - 1 + block - 1) / block + 1;
+  int64_t min_blocks = (g.window - 1 + block - 1) / block + 1;
   int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, batch * hq));
   int64_t per_segment = std::max(min_blocks, (n_blocks + 2 * want - 1) / (2 * want));
   int64_t segments = (n_blocks + per_segment - 1) / per_segment;
@@ -233,16 +336,12 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
             float* pr = p.data() + r * w;
             float* dr = ds.data() + r * w;
             float l = lse_row[r];
-            for (int64_t j = 0; j < e; ++j) {
-              pr[j] = std::exp(pr[j] - l);
-              dr[j] = pr[j] * (dr[j] - dot);
-            }
-            for (int64_t j = e; j < a; ++j) pr[j] = dr[j] = 0.f;
-            for (int64_t j = a; j < f; ++j) {
-              pr[j] = std::exp(pr[j] - l);
-              dr[j] = pr[j] * (dr[j] - dot);
-            }
-            for (int64_t j = f; j < w; ++j) pr[j] = dr[j] = 0.f;
+            weights_and_grads(pr, dr, e, l, dot);
+            weights_and_grads(pr + a, dr + a, f - a, l, dot);
+            std::fill(pr + e, pr + a, 0.f);
+            std::fill(dr + e, dr + a, 0.f);
+            std::fill(pr + f, pr + w, 0.f);
+            std::fill(dr + f, dr + w, 0.f);
           }
           times_keys(bk, g.dim, sc, ds.data(), kv, b, hk, dqv.row(b, h, bk.t0), dqv.sl);
           // dk += scale * ds^T q, dv += p^T dO: sinks into this segment's slot
