@@ -304,8 +304,8 @@ def attach_selectors(
             and (gate.head_dim, gate.group, gate.block_size)
             == (head_dim, group, pattern.block_size)
         ):
-            weight = next(modules[i].parameters())
-            gate = BlockGate(head_dim, group, pattern.block_size).to(weight.device, weight.dtype)
+            device = next(modules[i].parameters()).device  # float32 whatever the model's dtype
+            gate = BlockGate(head_dim, group, pattern.block_size).to(device)
         modules[i].add_module(SELECTOR_ATTR, gate)
         added += sum(p.numel() for p in gate.parameters())
     return added

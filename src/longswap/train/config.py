@@ -102,6 +102,12 @@ class FinetuneConfig(TrainingFields):
     gradient_checkpointing: bool = help_field(
         "recompute activations in the backward pass", default=False
     )
+    dtype: Literal["float32", "bfloat16"] = help_field(
+        "weights of the model as loaded: bfloat16 halves its memory and, on CPUs with AMX or "
+        "on GPUs, much of its time; learned selectors always stay float32 (the selector "
+        "warm-up trains only them). The saved model keeps this dtype",
+        default="float32",
+    )
     transfer_steps: int = help_field(
         "attention-transfer warm-up steps before the language-model loss: each sparse layer "
         "learns to reproduce dense attention's output (LoLCATs-style); needs a swap",

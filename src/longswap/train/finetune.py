@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import TrainerCallback
 
 from longswap.checkpoint import model_problem
@@ -50,6 +51,8 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.backend not in BACKENDS:
         found.append(f"backend must be one of {', '.join(BACKENDS)}, got {config.backend!r}")
+    if config.dtype not in ("float32", "bfloat16"):
+        found.append(f"dtype must be float32 or bfloat16, got {config.dtype!r}")
     if config.rope not in ROPE_KINDS:
         found.append(f"rope must be one of {', '.join(ROPE_KINDS)}, got {config.rope!r}")
     if not 0 <= config.dense_fraction < 1:
@@ -149,7 +152,7 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     """
     refuse(problems(config), "fine-tuning")
     model_dir = Path(config.model)
-    model = load(model_dir)
+    model = load(model_dir, dtype=getattr(torch, config.dtype))
     refuse(_model_problems(model, config), "fine-tuning")
     tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)

