@@ -20,17 +20,18 @@ from torch import Tensor
 def _dense_chunks(
     q: Tensor, k: Tensor, scale: float | None, chunk: int
 ) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, Lk)`` in float32, by chunks."""
+    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, Lk)``, by chunks: scores in
+    the inputs' precision (a bfloat16 model's products run at its speed), softmax in float32."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = scale if scale is not None else 1 / math.sqrt(dim)
-    keys = k.detach().float()
+    keys = k.detach()
     positions = torch.arange(kv_len, device=q.device)
     for start in range(0, q_len, chunk):
         rows = slice(start, min(start + chunk, q_len))
-        qc = q.detach()[:, :, rows].float().reshape(batch, hkv, group, -1, dim)
-        scores = torch.einsum("bhgld,bhkd->bhglk", qc, keys) * scale
+        qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
+        scores = torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale
         own = positions[kv_len - q_len + rows.start : kv_len - q_len + rows.stop]
         scores.masked_fill_(positions[None, :] > own[:, None], float("-inf"))
         yield rows, scores.softmax(-1).reshape(batch, hq, -1, kv_len)
