@@ -36,3 +36,18 @@ def test_module_entry_point():
         [sys.executable, "-m", "longswap", "patterns"], capture_output=True, text=True, check=True
     )
     assert "block_topk" in done.stdout
+
+
+def test_list_flags_take_spaces_or_commas_in_every_command():
+    from longswap.cli import _flat, _parser
+
+    base = ["swap", "--model", "m", "--pattern", "full()", "--out", "o"]
+    for words in (
+        ["--full-layers", "-1", "-2"],
+        ["--full-layers=-1,-2"],  # a comma list starting with "-" needs the = form
+        ["--full-layers", "-1", "--full-layers", "-2"],
+    ):
+        args = _parser().parse_args([*base, *words])
+        assert _flat(args.full_layers) == [-1, -2]
+    args = _parser().parse_args(["finetune", "--full-layers", "-1", "-2", "--out", "o"])
+    assert args.full_layers == [[-1], [-2]]  # flattened by from_arguments

@@ -114,7 +114,7 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
     assert main([*args, "--steps", "-1", "--model", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert "window must be an integer >= 1" in err
-    assert "not a model folder" in err and "steps must be" in err
+    assert "does not exist" in err and "steps must be" in err
     assert "not an earlier demo's" in err
     assert (mine / "notes.txt").read_text() == "keep me"
 

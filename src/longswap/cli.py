@@ -128,6 +128,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flat(lists: list[list[int]] | None) -> list[int] | None:
+    """The values of a list flag given as words and comma lists (``-1 -2`` or ``-1,-2``)."""
+    return None if lists is None else [x for part in lists for x in part]
+
+
 def _parser() -> argparse.ArgumentParser:
     from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments, comma_list
 
@@ -152,9 +157,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, help="longest sequence to support (extends positions)")
     p.add_argument("--rope", default="auto", help="auto, none, linear, ntk or yarn")
     p.add_argument("--backend", default="auto", help="auto, reference, blocks or flex")
-    p.add_argument("--layers", type=comma_list(int), help="swap only these layers (e.g. 0,1,2)")
+    # Lists as everywhere else: space- or comma-separated, the flag may repeat.
     p.add_argument(
-        "--full-layers", type=comma_list(int), help="keep these layers dense (e.g. -1,-2)"
+        "--layers", type=comma_list(int), nargs="+", action="extend", help="swap only these layers"
+    )
+    p.add_argument(
+        "--full-layers",
+        type=comma_list(int),
+        nargs="+",
+        action="extend",
+        help="keep these layers dense (e.g. -1 -2, or --full-layers=-1,-2)",
     )
     p.add_argument("--block-size", type=int, default=128, help="kernel block size")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -166,8 +178,8 @@ def _parser() -> argparse.ArgumentParser:
             a.max_length,
             a.rope,
             a.backend,
-            a.layers,
-            a.full_layers,
+            _flat(a.layers),
+            _flat(a.full_layers),
             a.block_size,
             a.overwrite,
         )

@@ -107,7 +107,7 @@ def test_eval_fails_before_work_on_bad_models(models, tmp_path, capsys):
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "no config.json" in err and "do not belong together" in err
+    assert "missing does not exist" in err and "do not belong together" in err
     assert "unknown task 'magic'" in err
     assert not (tmp_path / "o").exists()
 

@@ -225,8 +225,9 @@ def test_parse_examples_and_errors():
         parse_pattern("sliding_window(size=3)")
 
 
-def test_registry_has_the_seven_patterns():
+def test_registry_has_every_pattern():
     assert set(REGISTRY) == {
+        "learned_topk",
         "full",
         "sliding_window",
         "dilated",

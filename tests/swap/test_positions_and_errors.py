@@ -131,3 +131,12 @@ def test_not_a_causal_lm():
 def test_restore_needs_a_swap():
     with pytest.raises(ValueError, match="is not swapped"):
         longswap.restore(make_model("llama"))
+
+
+def test_a_window_within_the_trained_length_serves_max_length_without_warnings():
+    model = make_model("llama")
+    longswap.swap_attention(model, "sliding_window(window=16)", max_length=256)
+    assert model.config.max_position_embeddings == 256  # RoPE kept, the limit moved
+    assert model.config.longswap["positions"]["kind"] == "none"
+    longswap.restore(model)
+    assert model.config.max_position_embeddings == 64

@@ -115,6 +115,8 @@ def apply_positions(model: PreTrainedModel, record: dict[str, Any]) -> int:
         set_rope(model, record["rope_parameters"], record["max_length"])
     elif kind == "learned":
         return _resize_learned(model, record["max_length"])
+    elif "original_rope_parameters" in record:  # RoPE kept: the model now serves max_length
+        model.config.max_position_embeddings = record["max_length"]
     return 0
 
 
@@ -125,3 +127,5 @@ def undo_positions(model: PreTrainedModel, record: dict[str, Any]) -> None:
         set_rope(model, record["original_rope_parameters"], record["trained_length"])
     elif kind == "learned":
         _resize_learned(model, record["trained_length"])
+    elif "original_rope_parameters" in record:
+        model.config.max_position_embeddings = record["trained_length"]
