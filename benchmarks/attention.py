@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
-from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
+from longswap.config import comma_list
+from longswap.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.kernels import flex
 from longswap.patterns import (
     Pattern,
@@ -50,7 +51,6 @@ from longswap.patterns import (
     shifted_groups,
     sliding_window,
 )
-from longswap.train.config import comma_list
 
 PATTERNS: dict[str, Pattern] = {
     "full": full(),

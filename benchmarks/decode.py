@@ -26,9 +26,9 @@ from smoke import add_smoke_flag, apply_smoke
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import longswap
-from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
+from longswap.config import comma_list
+from longswap.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.patterns import sliding_window
-from longswap.train.config import comma_list
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:

@@ -27,8 +27,8 @@ from smoke import add_smoke_flag, apply_smoke
 from transformers import LlamaForCausalLM
 
 import longswap
-from longswap.evaluate import environment, peak_rss_mb, reset_peak_rss
-from longswap.train.config import comma_list
+from longswap.config import comma_list
+from longswap.environment import environment, peak_rss_mb, reset_peak_rss
 from longswap.train.pretrain import model_config
 
 ARMS = {

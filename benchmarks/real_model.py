@@ -21,9 +21,10 @@ Held-out text the model cannot have memorised: longswap's own repository at a pi
 cut, in path order, into four documents of at least 32,768 tokens: tests; the kernels and
 patterns; the README, benchmarks and demo; the rest of the package.
 
-Beyond the trained 8192 tokens, arms whose reach is unbounded (dense, top-k, shifted groups)
-are swapped again with ``max_length`` so that their positions are extended (the swap
-report names how); windows keep their positions. Results are written after every record,
+Beyond the trained 8192 tokens, every arm is swapped again with ``max_length``; the swap
+extends RoPE (YaRN) for arms whose reach is unbounded (dense, top-k, shifted groups, and
+windows *with sinks*: the sinks stay visible at any distance), as each record's
+``positions`` says. Results are written after every record,
 and a rerun continues from them (``--fresh`` starts over), so arms can be added later.
 """
 
@@ -45,14 +46,13 @@ from smoke import add_smoke_flag, apply_smoke
 
 import longswap
 from longswap.checkpoint import load_gguf, model_problem, smollm2_path
+from longswap.config import comma_list
 from longswap.data.tokenizer import tokenizer_for
-from longswap.evaluate import environment
-from longswap.evaluate.environment import peak_memory
+from longswap.environment import environment, peak_memory
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
 from longswap.patterns import BlockTopK, parse_pattern
-from longswap.train.config import comma_list
 
 #: The commit whose files are the held-out text (fixed, so the study repeats exactly).
 TEXT_COMMIT = "b4b457f"

@@ -24,7 +24,7 @@ import torch
 from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
-from longswap.evaluate import environment
+from longswap.environment import environment
 from longswap.kernels import resolve_backend
 from longswap.patterns import block_topk, dilated, sliding_window
 

@@ -50,7 +50,7 @@ def test_bad_yaml_gets_one_clear_error(tmp_path, capsys, text, message):
 def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
     import argparse
 
-    from longswap.train.config import from_arguments
+    from longswap.config import from_arguments
 
     config = tmp_path / "c.yaml"
     config.write_text("learning_rate: 2e-3\n")

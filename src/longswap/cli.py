@@ -73,8 +73,8 @@ def cmd_swap(
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
     """Pre-train a small byte-level Llama with full attention (the dense base)."""
+    from longswap.config import from_arguments
     from longswap.train import PretrainConfig, pretrain
-    from longswap.train.config import from_arguments
 
     record = pretrain(from_arguments(PretrainConfig, args))
     print(
@@ -86,8 +86,8 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
 
 def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune a (swapped) model on long sequences; --pattern swaps first."""
+    from longswap.config import from_arguments
     from longswap.train import FinetuneConfig, finetune
-    from longswap.train.config import from_arguments
 
     record = finetune(from_arguments(FinetuneConfig, args))
     for note in record["notes"]:
@@ -101,8 +101,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate models: perplexity vs length, passkey, recall, speed; results.json + report."""
+    from longswap.config import from_arguments
     from longswap.evaluate.run import EvalConfig, evaluate
-    from longswap.train.config import from_arguments
 
     config = from_arguments(EvalConfig, args)
     records = evaluate(config)
@@ -116,9 +116,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The five-arm study on the embedded model: swap, fine-tune, evaluate, report."""
+    from longswap.config import from_arguments
     from longswap.demo import DemoConfig, run_demo
     from longswap.demo.verdict import outcome
-    from longswap.train.config import from_arguments
 
     results = run_demo(from_arguments(DemoConfig, args))
     for v in results["verdict"]:
@@ -134,7 +134,8 @@ def _flat(lists: list[list[int]] | None) -> list[int] | None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from longswap.train.config import FinetuneConfig, PretrainConfig, add_arguments, comma_list
+    from longswap.config import add_arguments, comma_list
+    from longswap.train.config import FinetuneConfig, PretrainConfig
 
     parser = argparse.ArgumentParser(
         prog="longswap",

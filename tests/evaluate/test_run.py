@@ -128,8 +128,8 @@ def test_api_returns_the_records(models, tmp_path):
 def test_flags_take_commas_and_repeats(models, tmp_path):
     import argparse
 
+    from longswap.config import add_arguments, from_arguments
     from longswap.evaluate.run import EvalConfig
-    from longswap.train.config import add_arguments, from_arguments
 
     parser = argparse.ArgumentParser()
     add_arguments(parser, EvalConfig)

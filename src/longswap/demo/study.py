@@ -32,14 +32,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from longswap.checkpoint import is_gguf, model_problem
+from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.verdict import ARMS, report, verdict
-from longswap.evaluate import environment
+from longswap.environment import environment
 from longswap.evaluate.run import EvalConfig, evaluate, output_problem
 from longswap.io import overlap_problems, save_checkpoint, staged_folder
 from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
-from longswap.train.config import help_field
 
 #: The dense model shipped with longswap (see assets/base/MODEL.md).
 EMBEDDED_MODEL = Path(__file__).parents[1] / "assets" / "base"

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from longswap.evaluate.environment import peak_memory
+from longswap.environment import peak_memory
 
 
 def select_targets(

@@ -20,15 +20,15 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessorList, PreTrainedTokenizerBase
 
 from longswap.checkpoint import model_problem
+from longswap.config import help_field
 from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import tokenizer_for
-from longswap.evaluate.environment import environment, peak_memory
+from longswap.environment import environment, peak_memory
 from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
-from longswap.train.config import help_field
 
 Task = Literal["ppl", "passkey", "needles", "recall", "speed", "selection"]
 TASKS = ("ppl", "passkey", "needles", "recall", "speed", "selection")

@@ -26,7 +26,7 @@ from longswap.data import (
 from longswap.data.corpus import Document
 from longswap.data.packing import Packed
 from longswap.data.tokenizer import EOS, token_counter
-from longswap.evaluate import environment
+from longswap.environment import environment
 from longswap.io import overlap_problems, staged_folder
 from longswap.swap import observe
 from longswap.train.config import TrainingFields
