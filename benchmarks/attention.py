@@ -47,10 +47,12 @@ from longswap.patterns import (
     block_topk,
     dilated,
     full,
+    learned_topk,
     local_global,
     shifted_groups,
     sliding_window,
 )
+from longswap.selectors import BlockGate
 
 PATTERNS: dict[str, Pattern] = {
     "full": full(),
@@ -60,6 +62,8 @@ PATTERNS: dict[str, Pattern] = {
     "bigbird": bigbird(block_size=128, window_blocks=2, global_blocks=1, random_blocks=2),
     "shifted_groups": shifted_groups(group_size=2048),
     "block_topk": block_topk(block_size=128, top_k=4),
+    # The same budget, selected by a learned gate (its scores are part of every timed call).
+    "learned_topk": learned_topk(block_size=128, top_k=4),
 }
 
 
@@ -130,7 +134,9 @@ def density(pattern: Pattern, q: torch.Tensor, k: torch.Tensor, chunk: int = 102
         rows = torch.arange(start, min(start + chunk, length), device=q.device)[None, :, None]
         visible += int(visible_fn(rows, kv, h).sum()) * (heads // mask_heads)
     if pattern.data_dependent:  # plus the blocks each query selected
-        visible += int(pattern.select(q, k).sum()) * pattern.block_size
+        visible += int(pattern.select(q, k, block_scores=scores(pattern, q, k)).sum()) * (
+            pattern.block_size
+        )
     return visible / (heads * length * (length + 1) / 2)
 
 
@@ -145,6 +151,15 @@ def estimate_gb(pattern: Pattern, length: int, heads: int, dim: int) -> float:
     keys = float(st.kv_counts.float().clamp_min(1).sum()) * 128 * 128  # pairs in tiles
     keys *= heads if st.num_heads == 1 else 1
     return keys * (4 + 2) / 2**30 + 6 * keys / 128 * dim * 4 / 2**30
+
+
+def scores(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """A learned pattern's block scores from an untrained gate (its cost is the same as a
+    trained one's); None for patterns that score blocks themselves."""
+    if not getattr(pattern, "needs_selector", False):
+        return None
+    gate = BlockGate(q.shape[-1], q.shape[1] // k.shape[1], pattern.block_size).to(q.device)
+    return gate(q, k)
 
 
 def build_times(length: int, heads: int, device: torch.device) -> list[dict]:
@@ -249,7 +264,7 @@ def run(args: argparse.Namespace) -> dict:
                     continue
 
                 def attend(q, k, v, p=pattern, b=backend):  # noqa: ANN001, ANN202
-                    return sparse_attention(q, k, v, p, backend=b)
+                    return sparse_attention(q, k, v, p, backend=b, block_scores=scores(p, q, k))
 
                 start = time.perf_counter()
                 fwd(attend, length)()  # first call: builds tiles or compiles

@@ -19,6 +19,7 @@ ATTENTION_PATTERNS = [
     "bigbird",
     "shifted_groups",
     "block_topk",
+    "learned_topk",
 ]
 
 
