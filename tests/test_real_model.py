@@ -21,6 +21,8 @@ from longswap.io import save_checkpoint
 from longswap.patterns import block_topk, sliding_window
 from longswap.train import FinetuneConfig, finetune
 
+from .swap.conftest import assert_generate_equals_recomputation
+
 GGUF = smollm2_path()
 pytestmark = pytest.mark.skipif(
     GGUF is None or importlib.util.find_spec("gguf") is None,
@@ -105,16 +107,7 @@ def test_swap_command_from_gguf_saves_a_checkpoint_that_loads_the_same(smol, ids
 
 def test_generate_with_the_cache_equals_recomputation(smol, ids):
     model = swapped(smol, sliding_window(32, sinks=4), backend="blocks", block_size=64)
-    prompt = ids[:, :40]
-    with torch.no_grad():
-        generated = model.generate(
-            prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=2
-        )
-        recomputed = prompt
-        for _ in range(8):
-            step = model(recomputed, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            recomputed = torch.cat([recomputed, step], 1)
-    assert torch.equal(generated, recomputed)
+    assert_generate_equals_recomputation(model, ids[:, :40], 8, pad_token_id=2)
 
 
 def test_lora_plus_finetune_of_two_steps_at_512_tokens(smol, tmp_path):

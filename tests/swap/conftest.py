@@ -45,3 +45,21 @@ def make_model(family, seed=0, **overrides):
 @pytest.fixture
 def tokens():
     return torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+
+
+def assert_generate_equals_recomputation(model, prompt, new_tokens, pad_token_id=0):
+    """Greedy ``generate`` with the KV cache gives the tokens of recomputing every step."""
+    with torch.no_grad():
+        generated = model.generate(
+            prompt,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=pad_token_id,
+        )
+        ids = prompt
+        for _ in range(new_tokens):  # the whole forward at every step, no cache
+            step = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], 1)
+    assert generated.shape[1] == prompt.shape[1] + new_tokens
+    assert torch.equal(generated, ids)

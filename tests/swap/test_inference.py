@@ -6,7 +6,7 @@ import torch
 import longswap
 from longswap.patterns import bigbird, block_topk, dilated, sliding_window
 
-from .conftest import make_model
+from .conftest import assert_generate_equals_recomputation, make_model
 
 
 def last_logits(model, ids, mask=None):
@@ -61,16 +61,7 @@ def test_generate_with_cache_equals_recomputing(family, pattern):
     model = make_model(family)
     longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
     prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        generated = model.generate(
-            prompt, max_new_tokens=25, do_sample=False, min_new_tokens=25, pad_token_id=0
-        )
-        ids = prompt
-        for _ in range(25):  # recompute the whole forward at every step, no cache
-            step = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, step], 1)
-    assert generated.shape[1] == 30  # beyond the window
-    assert torch.equal(generated, ids)
+    assert_generate_equals_recomputation(model, prompt, 25)  # 30 tokens: beyond the window
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])

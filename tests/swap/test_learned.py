@@ -7,7 +7,7 @@ from transformers import AutoModelForCausalLM
 import longswap
 from longswap.selectors import SELECTOR_ATTR, SELECTOR_FILE, BlockGate
 
-from .conftest import make_model
+from .conftest import assert_generate_equals_recomputation, make_model
 
 PATTERN = "learned_topk(block_size=8, top_k=2)"
 
@@ -65,15 +65,7 @@ def test_generate_with_cache_equals_recomputation(family):
     longswap.swap_attention(model, PATTERN, backend="blocks")
     perturb_selectors(model, seed=1)
     prompt = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        generated = model.generate(
-            prompt, max_new_tokens=25, min_new_tokens=25, do_sample=False, pad_token_id=0
-        )
-        ids = prompt
-        for _ in range(25):
-            step = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, step], 1)
-    assert torch.equal(generated, ids)
+    assert_generate_equals_recomputation(model, prompt, 25)
 
 
 def test_backends_agree_inside_a_model(tokens):
