@@ -87,7 +87,7 @@ def test_distillation_finds_the_blocks_mean_pooling_misses():
     gate = BlockGate(dim, 1, block)
 
     def share(scores):
-        return captured_mass(q, k, own, top_blocks(scores, candidates, 1), block)
+        return captured_mass(q, k, own, top_blocks(scores, candidates, 1), block)[0]
 
     oracle = share(target)
     with torch.no_grad():

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from longswap.patterns import BlockTopK
-from longswap.selectors import captured_mass, dense_block_mass
+from longswap.selectors import captured_mass
 from longswap.selectors.distill import top_blocks
 from longswap.swap import AttentionCall, observe
 
@@ -34,14 +34,11 @@ def _layer_shares(call: AttentionCall) -> dict[str, Any] | None:
         selected = top_blocks(call.block_scores, candidates, pattern.top_k)
     else:  # MoBA: one per head
         selected = pattern.select(q, k)
-    best = dense_block_mass(q, k, bs, call.scale, per_head=True)  # (B, Hq, Lq, n)
-    oracle = top_blocks(best, candidates, pattern.top_k)
     own = pattern.dense_mask(q_len, kv_len, device=q.device)
-    return {
-        "layer": call.layer,
-        "captured": captured_mass(q, k, own, selected, bs, call.scale),
-        "oracle": captured_mass(q, k, own, oracle, bs, call.scale),
-    }
+    captured, oracle = captured_mass(
+        q, k, own, selected, bs, call.scale, oracle_top_k=pattern.top_k, candidates=candidates
+    )
+    return {"layer": call.layer, "captured": captured, "oracle": oracle}
 
 
 def selection(model: Any, tokens: Tensor, length: int) -> dict[str, Any]:

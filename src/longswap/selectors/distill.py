@@ -50,19 +50,16 @@ def dense_block_mass(
     block_size: int,
     scale: float | None = None,
     chunk: int = 256,
-    per_head: bool = False,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
-    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``). ``per_head``: one row
-    per query head instead, ``(B, Hq, Lq, n)``."""
+    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``)."""
     batch, hq, q_len, _ = q.shape
     hkv = k.shape[1]
-    rows_out = hq if per_head else hkv
-    out = torch.empty(batch, rows_out, q_len, k.shape[2] // block_size, device=q.device)
+    out = torch.empty(batch, hkv, q_len, k.shape[2] // block_size, device=q.device)
     for rows, p in _dense_chunks(q, k, scale, chunk):
         mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
-        out[:, :, rows] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
+        out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
 
@@ -98,24 +95,33 @@ def captured_mass(
     block_size: int,
     scale: float | None = None,
     chunk: int = 256,
-) -> float:
-    """The share of dense attention mass a selection keeps, averaged over heads and queries.
+    oracle_top_k: int | None = None,
+    candidates: Tensor | None = None,
+) -> tuple[float, float | None]:
+    """The share of dense attention mass a selection keeps, averaged over heads and queries;
+    and, with ``oracle_top_k``, the share the best selection of that budget keeps (each
+    head's ``oracle_top_k`` ``candidates`` blocks with the most mass), in the same pass.
 
     ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
     window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
     query of a KV group (or of a head) selected, disjoint from ``static``.
     """
     hq, hkv = q.shape[1], k.shape[1]
-    total, rows_seen = 0.0, 0
+    kept, best, rows_seen = 0.0, 0.0, 0
     for rows, p in _dense_chunks(q, k, scale, chunk):
-        kept = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
+        always = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
+        mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
         chosen = selected[:, :, rows]
         if chosen.shape[1] != hq:
             chosen = chosen.repeat_interleave(hq // hkv, dim=1)
-        kept = kept + (_block_sums(p, block_size) * chosen).sum(-1)
-        total += float(kept.sum())
-        rows_seen += kept.numel()
-    return total / max(rows_seen, 1)
+        kept += float((always + (mass * chosen).sum(-1)).sum())
+        if oracle_top_k is not None:
+            allowed = candidates[rows] if candidates is not None else torch.ones_like(mass[0, 0])
+            top = top_blocks(mass, allowed.bool(), oracle_top_k)
+            best += float((always + (mass * top).sum(-1)).sum())
+        rows_seen += always.numel()
+    rows_seen = max(rows_seen, 1)
+    return kept / rows_seen, (best / rows_seen if oracle_top_k is not None else None)
 
 
 def top_blocks(scores: Tensor, candidates: Tensor, places: int) -> Tensor:
