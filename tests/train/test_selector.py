@@ -145,3 +145,10 @@ def test_selector_warm_up_resumes_exactly(base, tmp_path):  # noqa: F811
     assert whole
     for name, p in whole.items():
         torch.testing.assert_close(resumed[name], p, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_resume_refuses_a_different_run(base, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    run(base, out, pattern=PATTERN, method="selector", steps=2, eval_steps=2)
+    with pytest.raises(ValueError, match="started with pattern='learned_topk.*not 'sliding"):
+        run(base, out, pattern="sliding_window(window=16)", method="selector", resume=True)

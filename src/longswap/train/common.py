@@ -66,6 +66,8 @@ def common_problems(config: TrainingFields) -> list[str]:
             found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
         if config.resume and not (out / "checkpoints").is_dir():
             found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
+        elif config.resume:
+            found += _resume_problems(config, out / "checkpoints" / RUN_FILE)
     for path in config.data:
         if not Path(path).exists():
             found.append(f"data path {path} does not exist")
@@ -82,6 +84,32 @@ def common_problems(config: TrainingFields) -> list[str]:
     if not 0 < config.validation_share < 1:
         found.append(f"validation_share must be in (0, 1), got {config.validation_share!r}")
     return found
+
+
+#: What a run is, written beside its checkpoints: a resumed run must be the same run.
+RUN_FILE = "longswap_run.json"
+#: The fields that make a run: changing one of them and resuming would mix two runs.
+RUN_FIELDS = ("model", "pattern", "method", "seq_len", "size", "lora_rank", "full_layers", "dtype")
+
+
+def _run_fields(config: TrainingFields) -> dict[str, Any]:
+    return {f: getattr(config, f) for f in RUN_FIELDS if hasattr(config, f)}
+
+
+def _resume_problems(config: TrainingFields, record: Path) -> list[str]:
+    """Fields of ``config`` that differ from the run being resumed (recorded in ``record``)."""
+    if not record.is_file():
+        return []  # checkpoints from before this record existed: nothing to compare
+    try:
+        before = json.loads(record.read_text())
+    except (OSError, ValueError) as err:
+        return [f"--resume: {record} is unreadable ({err}); remove it to resume anyway"]
+    return [
+        f"--resume: this run was started with {name}={before[name]!r}, not {value!r}; resume "
+        "it with the same settings, or start a new run in another --out"
+        for name, value in _run_fields(config).items()
+        if name in before and before[name] != value
+    ]
 
 
 def refuse(found: list[str], what: str) -> None:
@@ -308,6 +336,8 @@ def train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints" / RUN_FILE).write_text(json.dumps(_run_fields(config), indent=1))
     args = TrainingArguments(**{**settings, **extra})
     guard = NonFiniteGuard()
     trainer = SignalTrainer(
