@@ -152,3 +152,14 @@ def test_resume_refuses_a_different_run(base, tmp_path):  # noqa: F811
     run(base, out, pattern=PATTERN, method="selector", steps=2, eval_steps=2)
     with pytest.raises(ValueError, match="started with pattern='learned_topk.*not 'sliding"):
         run(base, out, pattern="sliding_window(window=16)", method="selector", resume=True)
+
+
+def test_resume_passes_over_a_damaged_last_checkpoint(base, tmp_path):  # noqa: F811
+    out = tmp_path / "warm"
+    run(base, out, pattern=PATTERN, method="selector", steps=4, eval_steps=2)
+    (out / "checkpoints" / "checkpoint-4" / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.warns(UserWarning, match="checkpoint-4 is incomplete or damaged"):
+        record = run(
+            base, out, pattern=PATTERN, method="selector", steps=4, eval_steps=2, resume=True
+        )
+    assert record["final_loss"] is not None

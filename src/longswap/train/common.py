@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch.utils.data import Dataset
 from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback, TrainingArguments
 
@@ -110,6 +111,35 @@ def _resume_problems(config: TrainingFields, record: Path) -> list[str]:
         for name, value in _run_fields(config).items()
         if name in before and before[name] != value
     ]
+
+
+def _readable(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint was written completely: its state parses and every
+    weight file's header reads."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        weights = list(checkpoint.glob("*.safetensors"))
+        for file in weights:
+            with safe_open(str(file), framework="pt") as f:
+                list(f.keys())
+        return bool(weights)
+    except Exception:  # a truncated file fails in many ways (json, safetensors, OS)
+        return False
+
+
+def last_good_checkpoint(folder: Path) -> Path | None:
+    """The newest completely written ``checkpoint-N`` in ``folder``; a damaged newer one is
+    passed over with a warning that names it."""
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for checkpoint in reversed(found):
+        if _readable(checkpoint):
+            return checkpoint
+        warnings.warn(
+            f"{checkpoint} is incomplete or damaged (an interrupted save?): resuming from an "
+            "earlier checkpoint instead",
+            stacklevel=2,
+        )
+    return None
 
 
 def refuse(found: list[str], what: str) -> None:
@@ -349,7 +379,10 @@ def train(
         eval_dataset=val_set,
         callbacks=[guard, *(callbacks or [])],
     )
-    result = trainer.train(resume_from_checkpoint=True if config.resume else None)
+    start = last_good_checkpoint(out / "checkpoints") if config.resume else None
+    if config.resume and start is None:
+        raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
+    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
     model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
     if guard.bad_step is not None:
         kept = sorted((out / "checkpoints").glob("checkpoint-*"))
