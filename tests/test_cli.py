@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from longswap.cli import main
 from longswap.patterns import REGISTRY, parse_pattern
 from longswap.patterns.catalogue import CATALOGUE
@@ -51,3 +53,12 @@ def test_list_flags_take_spaces_or_commas_in_every_command():
         assert _flat(args.full_layers) == [-1, -2]
     args = _parser().parse_args(["finetune", "--full-layers", "-1", "-2", "--out", "o"])
     assert args.full_layers == [[-1], [-2]]  # flattened by from_arguments
+
+
+def test_help_text_has_no_markup(capsys):
+    from longswap.cli import main
+
+    for command in ("swap", "patterns", "pretrain", "finetune", "eval", "demo"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "``" not in capsys.readouterr().out, command

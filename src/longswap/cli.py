@@ -128,6 +128,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plain(command: Callable[..., int]) -> str:
+    """A command's docstring as help text: reStructuredText's double backticks dropped."""
+    return (command.__doc__ or "").replace("``", "")
+
+
 def _flat(lists: list[list[int]] | None) -> list[int] | None:
     """The values of a list flag given as words and comma lists (``-1 -2`` or ``-1,-2``)."""
     return None if lists is None else [x for part in lists for x in part]
@@ -142,12 +147,12 @@ def _parser() -> argparse.ArgumentParser:
         description="Swap dense attention for sparse attention, fine-tune, and measure.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("patterns", help=cmd_patterns.__doc__, description=cmd_patterns.__doc__)
+    p = sub.add_parser("patterns", help=_plain(cmd_patterns), description=_plain(cmd_patterns))
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per pattern into DIR")
     p.add_argument("--length", type=int, default=2048, help="tokens shown in each picture")
     p.set_defaults(run=lambda a: cmd_patterns(a.plot, a.length))
 
-    p = sub.add_parser("swap", help=cmd_swap.__doc__, description=cmd_swap.__doc__)
+    p = sub.add_parser("swap", help=_plain(cmd_swap), description=_plain(cmd_swap))
     p.add_argument("--model", type=Path, required=True, help="local model folder or .gguf file")
     p.add_argument(
         "--pattern",

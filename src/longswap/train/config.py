@@ -18,8 +18,8 @@ class TrainingFields:
         "folder for the trained model (and checkpoints/ while training)", default=""
     )
     data: list[str] = help_field(
-        "local .txt/.md/.py files or folders; empty: the embedded corpus (the Python "
-        "standard library, its tests held out)",
+        "local .txt/.md/.py/.jsonl/.json/.parquet files or folders (see --text-field); "
+        "empty: the embedded corpus (the Python standard library, its tests held out)",
         default_factory=list,
     )
     text_field: str = help_field(
