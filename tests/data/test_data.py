@@ -135,3 +135,14 @@ def test_jsonl_and_parquet_through_datasets(tmp_path):
     assert docs[0].name == "a.jsonl#0"
     with pytest.raises(ValueError, match=r"has no field 'text'; its fields are \['body', 'id'\]"):
         local_documents([tmp_path / "a.jsonl"])
+
+
+def test_binary_and_latin1_text_files_are_reported(tmp_path):
+    from longswap.data import local_documents
+
+    (tmp_path / "good.txt").write_text("plain text")
+    (tmp_path / "latin.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))
+    (tmp_path / "blob.txt").write_bytes(bytes(range(256)))
+    with pytest.warns(UserWarning, match=r"2 data file\(s\) are not UTF-8 text"):
+        docs = local_documents([tmp_path])
+    assert sorted(d.name for d in docs) == ["good.txt", "latin.txt"]  # the binary one skipped

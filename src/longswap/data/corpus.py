@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import sysconfig
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,14 +102,29 @@ def local_documents(paths: Sequence[str | Path], text_field: str = "text") -> li
             files.append((path, path.parent))
         else:
             raise ValueError(f"data file {path} has an unsupported type; use {', '.join(suffixes)}")
-    docs = []
+    docs, undecodable = [], []
     for path, root in files:
         if path.suffix in TABLE_SUFFIXES:
             docs += _table_documents(path, text_field)
             continue
-        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            undecodable.append(path)
+            text = raw.decode("utf-8", errors="replace")
+        if "\x00" in text:  # binary data under a text suffix: not text to learn from
+            undecodable += [path] if path not in undecodable else []
+            continue
         if text.strip():
             docs.append(Document(path.relative_to(root).as_posix(), text))
+    if undecodable:
+        warnings.warn(
+            f"{len(undecodable)} data file(s) are not UTF-8 text (first: {undecodable[0]}); "
+            "binary files were skipped and invalid bytes replaced with U+FFFD: convert them "
+            "to UTF-8 if they are text",
+            stacklevel=2,
+        )
     return docs
 
 
