@@ -42,6 +42,21 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         )
 
 
+def output_problem(out: Path) -> str | None:
+    """Why ``--out`` cannot be created and written, or None (probes the nearest existing folder)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"--out {out} cannot be created: {existing} is a file, not a folder"
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        return f"--out {out} cannot be written ({existing}: {err.strerror}); pick a writable folder"
+    return None
+
+
 def overlap_problems(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> list[str]:
     """Problems when ``out`` is, contains or lies inside one of the ``(flag, path)`` inputs.
 

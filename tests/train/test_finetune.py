@@ -306,3 +306,10 @@ def test_out_overlapping_an_input_is_refused_before_anything_is_touched(base, ta
         run(base, out, overwrite=True)
     assert {p: p.stat().st_mtime_ns for p in [*model.iterdir(), *data.iterdir()]} == before
     assert not (model / "finetuned").exists()
+
+
+def test_an_out_that_cannot_be_written_is_refused_first(base, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ValueError, match="cannot be created: .*a-file is a file"):
+        run(base, blocker / "out")

@@ -36,8 +36,8 @@ from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.verdict import ARMS, report, verdict
 from longswap.environment import environment
-from longswap.evaluate.run import EvalConfig, evaluate, output_problem
-from longswap.io import overlap_problems, save_checkpoint, staged_folder
+from longswap.evaluate.run import EvalConfig, evaluate
+from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
 from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from longswap.environment import environment, peak_memory
 from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import needles, passkey, recall
+from longswap.io import output_problem
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
 
@@ -68,21 +68,6 @@ class EvalConfig:
     resume: bool = help_field(
         "keep the records already in --out and compute the rest", default=False
     )
-
-
-def output_problem(out: Path) -> str | None:
-    """Why ``--out`` cannot be created and written, or None (probes the nearest existing folder)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        return f"--out {out} cannot be created: {existing} is a file, not a folder"
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        return f"--out {out} cannot be written ({existing}: {err.strerror}); pick a writable folder"
-    return None
 
 
 def _setting_problems(config: EvalConfig) -> list[str]:

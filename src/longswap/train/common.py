@@ -28,7 +28,7 @@ from longswap.data.corpus import Document
 from longswap.data.packing import Packed
 from longswap.data.tokenizer import EOS, token_counter
 from longswap.environment import environment
-from longswap.io import overlap_problems, staged_folder
+from longswap.io import output_problem, overlap_problems, staged_folder
 from longswap.swap import observe
 from longswap.train.config import TrainingFields
 from longswap.train.signals import AttentionTransfer, SelectorDistillation
@@ -63,6 +63,8 @@ def common_problems(config: TrainingFields) -> list[str]:
         out = Path(config.out)
         if out.exists() and not out.is_dir():
             found.append(f"--out {out} exists and is not a folder")
+        elif problem := output_problem(out):
+            found.append(problem)
         elif out.is_dir() and any(out.iterdir()) and not (config.overwrite or config.resume):
             found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
         if config.resume and not (out / "checkpoints").is_dir():
