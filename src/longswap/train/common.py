@@ -257,6 +257,19 @@ def run_folder(config: TrainingFields) -> Iterator[Path]:
         yield out
 
 
+class RunRecord(TrainerCallback):
+    """Writes what makes the run (:data:`RUN_FIELDS`) beside its checkpoints, at every save
+    of the main process, so that ``--resume`` can refuse a different run."""
+
+    def __init__(self, path: Path, config: TrainingFields) -> None:
+        self.path, self.fields = path, _run_fields(config)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the run beside the checkpoint just written."""
+        if state.is_world_process_zero:
+            self.path.write_text(json.dumps(self.fields, indent=1))
+
+
 class NonFiniteGuard(TrainerCallback):
     """Stop at the first NaN or inf loss, and never write a checkpoint of broken weights."""
 
@@ -368,8 +381,6 @@ def train(
         dataloader_num_workers=0,
         use_cpu=not torch.cuda.is_available(),
     )
-    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    (out / "checkpoints" / RUN_FILE).write_text(json.dumps(_run_fields(config), indent=1))
     args = TrainingArguments(**{**settings, **extra})
     guard = NonFiniteGuard()
     trainer = SignalTrainer(
@@ -379,7 +390,7 @@ def train(
         args=args,
         train_dataset=train_set,
         eval_dataset=val_set,
-        callbacks=[guard, *(callbacks or [])],
+        callbacks=[guard, RunRecord(out / "checkpoints" / RUN_FILE, config), *(callbacks or [])],
     )
     start = last_good_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and start is None:
