@@ -21,7 +21,7 @@ Held-out text the model cannot have memorised: longswap's own repository at a pi
 cut, in path order, into four documents of at least 32,768 tokens: tests; the kernels and
 patterns; the README, benchmarks and demo; the rest of the package.
 
-Beyond the trained 8192 tokens, every arm is swapped again with ``max_length``; the swap
+Beyond the trained 8192 tokens, every arm is swapped again with ``max_length=32768``; the swap
 extends RoPE (YaRN) for arms whose reach is unbounded (dense, top-k, shifted groups, and
 windows *with sinks*: the sinks stay visible at any distance), as each record's
 ``positions`` says. Results are written after every record,
@@ -76,6 +76,9 @@ ARMS = {
 #: Arms that start from a trained checkpoint (``--learned``) instead of the base.
 TRAINED_ARMS = ("learned-64x16",)
 ROOT = Path(__file__).resolve().parent.parent
+#: Beyond the trained length every arm is swapped with this ``max_length``, whatever
+#: lengths a run measures, so that a record at 16k means the same model in every run.
+EXTENDED_TO = 32768
 
 
 def documents(tokenizer: Any, commit: str) -> list[torch.Tensor]:
@@ -359,7 +362,9 @@ def main() -> None:
             if not todo:
                 continue
             start = args.learned if arm in TRAINED_ARMS else None
-            model, positions = arm_model(base, ARMS[arm], max(n for _, n in todo), trained, start)
+            longest = max(n for _, n in todo)
+            reach = max(longest, EXTENDED_TO) if extended else longest
+            model, positions = arm_model(base, ARMS[arm], reach, trained, start)
             for task, n in todo:
                 row = {"arm": arm, "task": task, "length": n, "positions": positions}
                 began, load = time.perf_counter(), os.getloadavg()[0]
