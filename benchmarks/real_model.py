@@ -364,7 +364,13 @@ def main() -> None:
             start = args.learned if arm in TRAINED_ARMS else None
             longest = max(n for _, n in todo)
             reach = max(longest, EXTENDED_TO) if extended else longest
-            model, positions = arm_model(base, ARMS[arm], reach, trained, start)
+            try:
+                model, positions = arm_model(base, ARMS[arm], reach, trained, start)
+            except ValueError as err:  # the pattern does not fit this model
+                for task, n in todo:
+                    records.append({"arm": arm, "task": task, "length": n, "skipped": str(err)})
+                print(f"{arm}: skipped: {err}", file=sys.stderr, flush=True)
+                continue
             for task, n in todo:
                 row = {"arm": arm, "task": task, "length": n, "positions": positions}
                 began, load = time.perf_counter(), os.getloadavg()[0]
