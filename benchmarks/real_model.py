@@ -341,7 +341,7 @@ def main() -> None:
         "trained_length": trained,
         "text": f"longswap repository at {TEXT_COMMIT}: "
         + ", ".join(f"{n} ({d.numel()} tokens)" for (n, _), d in zip(DOCUMENTS, docs, strict=True)),
-        "config": vars(args) | {"out": str(args.out)},
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "environment": environment("cpu"),
         "records": records,
     }
