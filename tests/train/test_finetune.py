@@ -258,7 +258,7 @@ def test_finetune_with_a_transfer_warm_up(base, tmp_path):
 
 def test_separate_documents_feeds_restarting_positions(base, tmp_path):
     from longswap.data import byte_tokenizer
-    from longswap.train.common import datasets
+    from longswap.train.data import datasets
 
     config = FinetuneConfig(
         data=[str(base / "data")], seq_len=512, separate_documents=True, out=str(tmp_path / "o")

@@ -10,8 +10,9 @@ import longswap
 from longswap.cli import main
 from longswap.data import byte_tokenizer
 from longswap.train import PretrainConfig, pretrain
-from longswap.train.common import datasets, train
+from longswap.train.data import datasets
 from longswap.train.pretrain import model_config, problems
+from longswap.train.runner import train
 
 
 def test_short_pretraining_lowers_the_loss_and_saves_a_checkpoint(corpus, tmp_path):

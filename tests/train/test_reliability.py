@@ -12,8 +12,9 @@ from transformers import LlamaForCausalLM, TrainerCallback
 import longswap
 from longswap.data import byte_tokenizer
 from longswap.train import PretrainConfig
-from longswap.train.common import datasets, train
+from longswap.train.data import datasets
 from longswap.train.pretrain import model_config
+from longswap.train.runner import train
 
 
 class StopAfter(TrainerCallback):

@@ -24,15 +24,10 @@ from longswap.selectors import SELECTOR_ATTR
 from longswap.swap import extend_positions, load, save, swap_attention
 from longswap.swap.model import attention_modules
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
-from longswap.train.common import (
-    common_problems,
-    datasets,
-    refuse,
-    run_folder,
-    train,
-    write_record,
-)
+from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import FinetuneConfig
+from longswap.train.data import datasets
+from longswap.train.runner import train, write_record
 from longswap.train.trainable import apply_method, projection_names
 
 METHODS = ("lora-plus", "full", "attention", "selector")

@@ -16,15 +16,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from longswap.data import byte_tokenizer
 from longswap.io import publish_into
-from longswap.train.common import (
-    common_problems,
-    datasets,
-    refuse,
-    run_folder,
-    train,
-    write_record,
-)
+from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import PretrainConfig
+from longswap.train.data import datasets
+from longswap.train.runner import train, write_record
 
 #: Llama shapes by size name: hidden, layers, heads, key/value heads.
 SIZES: dict[str, tuple[int, int, int, int]] = {

@@ -1,0 +1,136 @@
+"""The training and validation sets of a run: local or embedded documents, packed."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from longswap.data import (
+    local_documents,
+    pack_documents,
+    split_documents,
+    stdlib_documents,
+    synthetic_texts,
+)
+from longswap.data.corpus import Document
+from longswap.data.packing import Packed
+from longswap.data.tokenizer import EOS, token_counter
+from longswap.train.config import TrainingFields
+
+
+class PackedDataset(Dataset):
+    """Fixed-length token sequences for causal language modelling.
+
+    With ``position_ids`` (restarting at each document), attention stays inside documents.
+    """
+
+    def __init__(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> None:
+        self.input_ids, self.position_ids = input_ids, position_ids
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[i]
+        item = {"input_ids": ids, "labels": ids}
+        if self.position_ids is not None:
+            item["position_ids"] = self.position_ids[i]
+        return item
+
+
+def _token_arrays(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
+    if len(tokenizer) == 257 and tokenizer.eos_token == EOS:  # the byte tokenizer
+        return [np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8) for d in docs]
+    return tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+
+
+def datasets(
+    config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> tuple[PackedDataset, PackedDataset]:
+    """Packed train and validation sets (validation capped at 64 sequences, 65,536 tokens).
+
+    Documents are split by name (``validation_share``). When either side cannot fill one
+    sequence (one file, or a few long ones), the last whole sequences of all the data are
+    held out instead, with a warning that says so.
+    """
+    docs = (
+        local_documents(config.data, config.text_field)
+        if config.data
+        else stdlib_documents("train")
+    )
+    train_docs, val_docs = split_documents(docs, config.validation_share)
+    train_part, val_part = _pack(train_docs, config, tokenizer), _pack(val_docs, config, tokenizer)
+    if train_part is None or val_part is None:
+        train_part, val_part = _split_sequences(docs, config, tokenizer)
+    val_cap = max(1, min(64, 2**16 // config.seq_len))  # enough to compare, cheap at any length
+    sets = []
+    for packed, cap in ((train_part, None), (val_part, val_cap)):
+        positions = packed.position_ids()[:cap] if config.separate_documents else None
+        sets.append(PackedDataset(packed.input_ids[:cap], positions))
+    if config.synthetic_ratio:
+        sets[0] = _with_synthetic(sets[0], config, tokenizer)
+    return sets[0], sets[1]
+
+
+def _pack(
+    docs: list[Document], config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> Packed | None:
+    """``docs`` packed into sequences of ``seq_len``, or None when they cannot fill one."""
+    if not docs:
+        return None
+    try:
+        return pack_documents(
+            _token_arrays(docs, tokenizer), config.seq_len, tokenizer.eos_token_id
+        )
+    except ValueError:
+        return None
+
+
+def _split_sequences(
+    docs: list[Document], config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Packed, Packed]:
+    """All documents packed; the last ``validation_share`` of the sequences (at least one)
+    held out for validation."""
+    packed = pack_documents(_token_arrays(docs, tokenizer), config.seq_len, tokenizer.eos_token_id)
+    n = packed.input_ids.shape[0]
+    if n < 2:
+        raise ValueError(
+            f"the data fills only {n} sequence of {config.seq_len} tokens; training and "
+            "validation need one each: add data or lower --seq-len"
+        )
+    held = min(n - 1, max(1, round(n * config.validation_share)))
+    warnings.warn(
+        f"the held-out documents cannot fill one sequence of {config.seq_len} tokens (or "
+        f"the rest cannot): validation uses the last {held} of the {n} packed sequences "
+        "instead (whole sequences, never seen in training)",
+        stacklevel=3,
+    )
+    return (
+        Packed(packed.input_ids[:-held], packed.document_ids[:-held]),
+        Packed(packed.input_ids[-held:], packed.document_ids[-held:]),
+    )
+
+
+def _with_synthetic(
+    train_set: PackedDataset, config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+) -> PackedDataset:
+    """Mix synthetic task sequences into ``train_set`` at ``config.synthetic_ratio``."""
+    real = len(train_set)
+    n = max(1, round(config.synthetic_ratio / (1 - config.synthetic_ratio) * real))
+
+    texts = synthetic_texts(n, config.seq_len - 1, config.seed, token_counter(tokenizer))
+    ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    pad = tokenizer.eos_token_id
+    # One task per sequence; a task longer than the sequence keeps its end (the answer).
+    rows = [row[-config.seq_len :] + [pad] * (config.seq_len - len(row)) for row in ids]
+    synthetic = torch.tensor(rows, dtype=torch.long)
+    positions = train_set.position_ids
+    if positions is not None:
+        fresh = torch.arange(config.seq_len).expand(len(rows), -1)
+        positions = torch.cat([positions, fresh])
+    return PackedDataset(torch.cat([train_set.input_ids, synthetic]), positions)

@@ -1,0 +1,227 @@
+"""Running the Hugging Face Trainer for longswap: losses from inside attention, a guard
+against non-finite losses, resuming from the last complete checkpoint, the run record."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors import safe_open
+from torch.utils.data import Dataset
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from longswap.environment import environment
+from longswap.swap import observe
+from longswap.train.common import RUN_FILE, run_fields
+from longswap.train.config import TrainingFields
+from longswap.train.signals import AttentionTransfer, SelectorDistillation
+
+
+def _readable(checkpoint: Path) -> bool:
+    """Whether a Trainer checkpoint was written completely: its state parses and every
+    weight file's header reads."""
+    try:
+        json.loads((checkpoint / "trainer_state.json").read_text())
+        weights = list(checkpoint.glob("*.safetensors"))
+        for file in weights:
+            with safe_open(str(file), framework="pt") as f:
+                list(f.keys())
+        return bool(weights)
+    except Exception:  # a truncated file fails in many ways (json, safetensors, OS)
+        return False
+
+
+def last_good_checkpoint(folder: Path) -> Path | None:
+    """The newest completely written ``checkpoint-N`` in ``folder``; a damaged newer one is
+    passed over with a warning that names it."""
+    found = sorted(folder.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for checkpoint in reversed(found):
+        if _readable(checkpoint):
+            return checkpoint
+        warnings.warn(
+            f"{checkpoint} is incomplete or damaged (an interrupted save?): resuming from an "
+            "earlier checkpoint instead",
+            stacklevel=2,
+        )
+    return None
+
+
+class RunRecord(TrainerCallback):
+    """Writes what makes the run (:data:`RUN_FIELDS`) beside its checkpoints, at every save
+    of the main process, so that ``--resume`` can refuse a different run."""
+
+    def __init__(self, path: Path, config: TrainingFields) -> None:
+        self.path, self.fields = path, run_fields(config)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Record the run beside the checkpoint just written."""
+        if state.is_world_process_zero:
+            self.path.write_text(json.dumps(self.fields, indent=1))
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Stop at the first NaN or inf loss, and never write a checkpoint of broken weights."""
+
+    def __init__(self) -> None:
+        self.bad_step: int | None = None
+        self.bad_value: float | None = None
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any
+    ) -> None:
+        """A logged training loss that is not finite stops the run before any saving."""
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            self._stop(state, control, float(loss))
+
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> None:
+        """Before a checkpoint, check that every parameter is finite."""
+        if (
+            control.should_save
+            and model is not None
+            and not all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        ):
+            self._stop(state, control, float("nan"))
+
+    def _stop(self, state: Any, control: Any, value: float) -> None:
+        if self.bad_step is None:
+            self.bad_step, self.bad_value = state.global_step, value
+        control.should_save = False
+        control.should_evaluate = False
+        control.should_training_stop = True
+
+
+#: How learned selectors train: not at all, alone (the warm-up), or along with the model.
+SelectorStage = Literal["none", "warmup", "joint"]
+
+
+class SignalTrainer(Trainer):
+    """A Trainer whose loss can come from signals inside attention (``swap.observe``).
+
+    The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
+    learned selectors, ``selectors="warmup"`` optimises their distillation loss alone (the
+    base is frozen), and ``"joint"`` adds it to the LM loss over the selected blocks only
+    (the selectors' inputs are detached, so each loss trains only its own parameters).
+    """
+
+    def __init__(
+        self, *args: Any, transfer_steps: int = 0, selectors: SelectorStage = "none", **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.transfer_steps, self.selectors = transfer_steps, selectors
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        """The loss of this step (see the class); evaluation always reports the LM loss."""
+        transfer = model.training and self.state.global_step < self.transfer_steps
+        if not model.training or (self.selectors == "none" and not transfer):
+            return super().compute_loss(model, inputs, *args, **kwargs)
+        if transfer or self.selectors == "warmup":
+            signal = AttentionTransfer() if transfer else SelectorDistillation()
+            with observe(model, signal):
+                model(input_ids=inputs["input_ids"], logits_to_keep=1)
+            loss = signal.loss()
+            return (loss, None) if kwargs.get("return_outputs") else loss
+        distill = SelectorDistillation(selected_only=True)
+        with observe(model, distill):
+            result = super().compute_loss(model, inputs, *args, **kwargs)
+        lm_loss = result[0] if isinstance(result, tuple) else result
+        loss = lm_loss + distill.loss()
+        return (loss, result[1]) if isinstance(result, tuple) else loss
+
+
+def train(
+    model: Any,
+    train_set: Dataset,
+    val_set: Dataset,
+    config: TrainingFields,
+    out: Path,
+    callbacks: list[TrainerCallback] | None = None,
+    transfer_steps: int = 0,
+    selectors: SelectorStage = "none",
+    **extra: Any,
+) -> tuple[Trainer, dict[str, Any]]:
+    """Run the Trainer; returns it and a record of the run (config, command, metrics).
+
+    Checkpoints go to ``out/checkpoints``. ``extra`` overrides TrainingArguments fields. A
+    NaN or inf loss raises RuntimeError naming the step and the last good checkpoint.
+    """
+    settings = dict(
+        output_dir=str(out / "checkpoints"),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup_steps,
+        weight_decay=config.weight_decay,
+        adam_beta2=0.95,
+        max_grad_norm=1.0,
+        logging_steps=max(1, min(50, config.steps // 20)),
+        eval_strategy="steps",
+        eval_steps=config.eval_steps,
+        save_strategy="steps",
+        save_steps=config.eval_steps,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    args = TrainingArguments(**{**settings, **extra})
+    guard = NonFiniteGuard()
+    trainer = SignalTrainer(
+        transfer_steps=transfer_steps,
+        selectors=selectors,
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=val_set,
+        callbacks=[guard, RunRecord(out / "checkpoints" / RUN_FILE, config), *(callbacks or [])],
+    )
+    start = last_good_checkpoint(out / "checkpoints") if config.resume else None
+    if config.resume and start is None:
+        raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
+    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
+    if guard.bad_step is not None:
+        kept = sorted((out / "checkpoints").glob("checkpoint-*"))
+        raise RuntimeError(
+            f"the training loss became {guard.bad_value} at step {guard.bad_step}; training "
+            f"stopped and nothing was saved after it. Last good checkpoint: "
+            f"{kept[-1] if kept else 'none yet'}. Lower the learning rate, or resume from it."
+        )
+    evals = [e for e in trainer.state.log_history if "eval_loss" in e]
+    if evals and evals[-1]["step"] == trainer.state.global_step:
+        metrics = evals[-1]  # the last step was just evaluated
+    else:
+        metrics = trainer.evaluate()
+    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    record = {
+        "config": dict(config.__dict__),
+        "command": "longswap " + " ".join(sys.argv[1:]),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_sequences": len(train_set),
+        "world_size": trainer.args.world_size,
+        "train_seconds": result.metrics["train_runtime"],
+        "train_tokens_per_second": result.metrics["train_samples_per_second"] * config.seq_len,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "eval_loss": metrics["eval_loss"],
+        "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
+        "environment": environment(trainer.args.device),
+    }
+    return trainer, record
+
+
+def write_record(out: Path, record: dict[str, Any]) -> None:
+    """``longswap_train.json`` beside the saved model."""
+    (out / "longswap_train.json").write_text(json.dumps(record, indent=1))
