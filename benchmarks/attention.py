@@ -156,7 +156,7 @@ def estimate_gb(pattern: Pattern, length: int, heads: int, dim: int) -> float:
 def scores(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
     """A learned pattern's block scores from an untrained gate (its cost is the same as a
     trained one's); None for patterns that score blocks themselves."""
-    if not getattr(pattern, "needs_selector", False):
+    if not pattern.needs_selector:
         return None
     gate = BlockGate(q.shape[-1], q.shape[1] // k.shape[1], pattern.block_size).to(q.device)
     return gate(q, k)

@@ -178,6 +178,9 @@ class Pattern:
     head_dependent: ClassVar[bool] = False
     #: True when which keys are visible depends on q and k (top-k selection).
     data_dependent: ClassVar[bool] = False
+    #: True when the selection's scores come from a learned selector module that the swap
+    #: attaches to each attention layer (``learned_topk``), not from the pattern itself.
+    needs_selector: ClassVar[bool] = False
     #: True when visibility depends only on the distance q - kv, so shifting every position
     #: by the same amount (left padding) changes nothing.
     translation_invariant: ClassVar[bool] = False

@@ -31,7 +31,6 @@ class LearnedTopK(BlockTopK):
     top_k: int = 16
 
     name = "learned_topk"
-    #: Scores come from a selector module that the swap attaches to each attention layer.
     needs_selector: ClassVar[bool] = True
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:

@@ -168,7 +168,7 @@ def longswap_attention(
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"layer {layer}: learned attention sinks are not supported by longswap")
     scores = None
-    if getattr(pattern, "needs_selector", False):
+    if pattern.needs_selector:
         selector = getattr(module, SELECTOR_ATTR, None)
         if selector is None:
             raise ValueError(

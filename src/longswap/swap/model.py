@@ -296,7 +296,7 @@ def attach_selectors(
     head_dim, group = _selector_shape(model.config)
     added = 0
     for i, pattern in enumerate(patterns):
-        if not getattr(pattern, "needs_selector", False):
+        if not pattern.needs_selector:
             continue
         gate = (kept or {}).get(i)
         if not (

@@ -74,7 +74,7 @@ def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
     """Rebuild the learned selectors a swap records and read their weights from ``path``
     (transformers' loader skips them: the model class has no such modules)."""
     patterns = [spec.pattern(i) for i in range(len(spec.layers))]
-    if not any(getattr(p, "needs_selector", False) for p in patterns):
+    if not any(p.needs_selector for p in patterns):
         return
     attach_selectors(model, attention_modules(model), patterns)
     wanted = {k for k in model.state_dict() if f".{SELECTOR_ATTR}." in k}

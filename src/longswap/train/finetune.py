@@ -92,9 +92,7 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     layers = (
         [config.pattern] if config.pattern else SwapSpec.from_dict(record).layers if record else []
     )
-    if config.method == "selector" and not any(
-        getattr(parse_pattern(p), "needs_selector", False) for p in layers
-    ):
+    if config.method == "selector" and not any(parse_pattern(p).needs_selector for p in layers):
         found.append(
             "method 'selector' trains learned selectors, which this run has none of: pass "
             '--pattern "learned_topk(block_size=64, top_k=16)" or a model swapped to it'
