@@ -52,7 +52,7 @@ from longswap.environment import environment, peak_memory
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
-from longswap.patterns import BlockTopK, parse_pattern
+from longswap.patterns import Selection, parse_pattern
 
 #: The commit whose files are the held-out text (fixed, so the study repeats exactly).
 TEXT_COMMIT = "b4b457f"
@@ -351,7 +351,7 @@ def main() -> None:
     plan = [(task, n) for task, n in plan if task in args.tasks]
     for arm in args.arms:
         for extended in (False, True):
-            selects = isinstance(parse_pattern(ARMS[arm]), BlockTopK)
+            selects = isinstance(parse_pattern(ARMS[arm]), Selection)
             todo = [
                 (task, n)
                 for task, n in plan

@@ -10,7 +10,14 @@ from tests.swap.conftest import make_model
 TOKENS = torch.randint(1, 97, (64,), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("pattern", ["block_topk(block_size=8, top_k=2)", "learned_topk(8, 2)"])
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "block_topk(block_size=8, top_k=2)",
+        "learned_topk(8, 2)",
+        "sliding_window(window=16, sinks=2) | learned_topk(8, 2)",
+    ],
+)
 def test_selection_keeps_at_most_the_oracle_and_more_with_more_blocks(pattern):
     model = make_model("llama")
     longswap.swap_attention(model, pattern)

@@ -28,6 +28,7 @@ PATTERNS = [
     shifted_groups(64),
     block_topk(32, 3),
     sliding_window(16) | dilated(4, 40),
+    sliding_window(40, sinks=4) | block_topk(32, 3),
 ]
 
 shapes = st.fixed_dictionaries(
@@ -330,6 +331,7 @@ def nan_inputs(pattern, heads=(4, 2), length=150):
 
 NAN_PATTERNS = [sliding_window(40, sinks=4), dilated(8, 5), bigbird(32, 1, 1, 2, seed=1)]
 NAN_PATTERNS += [sliding_window(16) | dilated(4, 40), block_topk(32, 3)]
+NAN_PATTERNS += [sliding_window(40, sinks=4) | block_topk(32, 3)]
 
 
 @pytest.mark.parametrize("pattern", NAN_PATTERNS, ids=str)

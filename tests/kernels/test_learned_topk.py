@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from longswap.kernels import sparse_attention
-from longswap.patterns import BlockTopK, learned_topk
+from longswap.patterns import BlockTopK, learned_topk, sliding_window
 from longswap.selectors import BlockGate
 from tests.kernels.test_band import inputs
 
@@ -31,6 +31,8 @@ def run(q, k, v, pattern, backend, scores, mask=None):
         (1, (6, 2), 320, 448, learned_topk(32, 4), False),  # decoding offset, cache
         (2, (4, 1), 300, 300, learned_topk(32, 2), True),  # padding: the tile path
         (1, (2, 2), 200, 200, learned_topk(64, 8), False),  # fewer blocks than top_k
+        (1, (4, 2), 512, 512, sliding_window(96, sinks=4) | learned_topk(32, 3), False),
+        (2, (4, 2), 300, 300, sliding_window(64, sinks=2) | learned_topk(32, 2), True),
     ],
     ids=str,
 )

@@ -12,6 +12,7 @@ from longswap.patterns import (
     block_topk,
     dilated,
     full,
+    learned_topk,
     local_global,
     parse_pattern,
     shifted_groups,
@@ -150,7 +151,9 @@ def test_block_topk_picks_the_best_block():
         (lambda: shifted_groups(1), "group_size must be an integer >= 2, got 1"),
         (lambda: block_topk(128, -1), "top_k must be an integer >= 0, got -1"),
         (lambda: sliding_window(2.5), "window must be an integer >= 1, got 2.5"),
-        (lambda: block_topk(8) | full(), "block_topk selects keys from the data"),
+        (lambda: block_topk(8) & full(), "block_topk selects keys from the data; it can only"),
+        (lambda: block_topk(8) | learned_topk(), "a union holds at most one"),
+        (lambda: shifted_groups(64) | block_topk(8), "differs between heads"),
     ],
 )
 def test_bad_parameters_name_the_parameter(make, message):

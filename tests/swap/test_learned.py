@@ -10,6 +10,8 @@ from longswap.selectors import SELECTOR_ATTR, SELECTOR_FILE, BlockGate
 from .conftest import assert_generate_equals_recomputation, make_model
 
 PATTERN = "learned_topk(block_size=8, top_k=2)"
+#: The typical use: a window, its sinks, and learned blocks beyond the window.
+UNION = "sliding_window(window=12, sinks=2) | learned_topk(block_size=4, top_k=2)"
 
 
 def logits(model, ids):
@@ -40,16 +42,17 @@ def test_swap_adds_one_gate_per_layer_and_restore_removes_them(tokens):
     torch.testing.assert_close(logits(model, tokens), before)
 
 
-def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens):
+@pytest.mark.parametrize("pattern", [PATTERN, UNION])
+def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
     model = make_model("qwen3")
-    longswap.swap_attention(model, PATTERN)
+    longswap.swap_attention(model, pattern)
     perturb_selectors(model)
     expected = logits(model, tokens)
     longswap.save(model, tmp_path / "m")
     assert (tmp_path / "m" / SELECTOR_FILE).is_file()
     loaded = longswap.load(tmp_path / "m").eval()
     torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
-    longswap.swap_attention(loaded, PATTERN)  # a re-swap keeps the trained gates
+    longswap.swap_attention(loaded, pattern)  # a re-swap keeps the trained gates
     torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="load checkpoints with learned selection through"):
@@ -59,19 +62,22 @@ def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens):
         longswap.load(tmp_path / "m")
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_generate_with_cache_equals_recomputation(family):
+@pytest.mark.parametrize(
+    ("family", "pattern"), [("llama", PATTERN), ("gpt2", PATTERN), ("llama", UNION)]
+)
+def test_generate_with_cache_equals_recomputation(family, pattern):
     model = make_model(family)
-    longswap.swap_attention(model, PATTERN, backend="blocks")
+    longswap.swap_attention(model, pattern, backend="blocks")
     perturb_selectors(model, seed=1)
     prompt = torch.randint(1, 97, (1, 20), generator=torch.Generator().manual_seed(5))
     assert_generate_equals_recomputation(model, prompt, 25)
 
 
-def test_backends_agree_inside_a_model(tokens):
+@pytest.mark.parametrize("pattern", [PATTERN, UNION])
+def test_backends_agree_inside_a_model(tokens, pattern):
     model = make_model("llama")
-    longswap.swap_attention(model, PATTERN, backend="blocks")
+    longswap.swap_attention(model, pattern, backend="blocks")
     perturb_selectors(model, seed=2)
     fast = logits(model, tokens)
-    longswap.swap_attention(model, PATTERN, backend="reference")  # the gates are kept
+    longswap.swap_attention(model, pattern, backend="reference")  # the gates are kept
     torch.testing.assert_close(fast, logits(model, tokens), atol=1e-5, rtol=1e-5)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from longswap.patterns import BlockTopK
+from longswap.patterns import Selection
 from longswap.selectors import captured_mass
 from longswap.selectors.distill import top_blocks
 from longswap.swap import AttentionCall, observe
@@ -25,7 +25,7 @@ from longswap.swap import AttentionCall, observe
 def _layer_shares(call: AttentionCall) -> dict[str, Any] | None:
     """Captured and oracle mass of one layer's call, or None when it selects no blocks."""
     pattern = call.pattern
-    if not isinstance(pattern, BlockTopK):
+    if not isinstance(pattern, Selection):
         return None
     q, k, bs = call.query, call.key, pattern.block_size
     q_len, kv_len = q.shape[2], k.shape[2]

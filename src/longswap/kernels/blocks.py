@@ -31,7 +31,7 @@ from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
 from longswap.kernels.window_cpu import window_attention, window_kernel_applies
-from longswap.patterns import BlockStructure, BlockTopK, Pattern, full
+from longswap.patterns import BlockStructure, BlockTopK, Pattern, Selection, SelectionUnion, full
 from longswap.patterns.base import compact
 
 #: Query rows a tile should hold at least: the CPU flash kernel works on slices of 32 rows
@@ -160,13 +160,20 @@ def _with_documents(tiles: TileSet, document_ids: Tensor, hq: int, hkv: int, q_l
 
 @torch.no_grad()
 def selected_tiles(
-    blocks: Tensor, chosen: Tensor, hkv: int, kv_len: int, block_size: int
+    blocks: Tensor,
+    chosen: Tensor,
+    hkv: int,
+    kv_len: int,
+    block_size: int,
+    static: Pattern | None = None,
 ) -> tuple[TileSet, ...]:
-    """Tiles for ``block_topk``'s selected blocks: ``BlockTopK.select_blocks``'s
-    ``(blocks, chosen)``, each ``(B, Hq, Lq, P)``.
+    """Tiles for the selected blocks: ``Selection.select_blocks``'s ``(blocks, chosen)``,
+    each ``(B, Hq, Lq, P)``.
 
     One tile per key block, holding every query row (of every query head sharing the key
-    head) that selected it (:func:`longswap.kernels.topk.group_by_block`).
+    head) that selected it (:func:`longswap.kernels.topk.group_by_block`). ``static``: a
+    head-independent pattern whose keys the other tiles already cover; they are left out
+    here, so that no key counts twice.
     """
     batch, hq, q_len, _ = blocks.shape
     arange = functools.partial(torch.arange, device=blocks.device)
@@ -182,10 +189,19 @@ def selected_tiles(
         batch * hkv * n_kv_blocks,
         sentinel,
     )
-    return tuple(
-        TileSet.build(rows.clamp_max(sentinel - 1), 1, key_blocks[:, None], block_size, rows, None)
-        for rows, key_blocks in tiles
-    )
+    out = []
+    for rows, key_blocks in tiles:
+        visible = None
+        if static is not None:
+            q_pos = (rows % q_len + kv_len - q_len)[:, :, None]  # (T, W, 1)
+            k_pos = (key_blocks % n_kv_blocks * block_size)[:, None, None] + arange(block_size)
+            visible = ~static.mask_fn(kv_len)(q_pos, k_pos, torch.zeros((), device=rows.device))
+        out.append(
+            TileSet.build(
+                rows.clamp_max(sentinel - 1), 1, key_blocks[:, None], block_size, rows, visible
+            )
+        )
+    return tuple(out)
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -243,9 +259,10 @@ def blocks_attention(
             return topk_attention(q, k, v, own, selection, scale, force_math)
     sets = list(static_tiles(pattern, batch, hq, hkv, q_len, kv_len, block_size, q.device))
     if pattern.data_dependent:
-        assert isinstance(pattern, BlockTopK)
+        assert isinstance(pattern, Selection)
         selection = pattern.select_blocks(q, k, key_padding_mask, block_scores)
-        sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size)
+        static = pattern.static if isinstance(pattern, SelectionUnion) else None
+        sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size, static)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
     if document_ids is not None:

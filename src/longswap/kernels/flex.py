@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
-from longswap.patterns import BlockTopK, Pattern
+from longswap.patterns import Pattern, Selection
 from longswap.patterns.base import MaskMod, compact
 
 #: FlexAttention tile (BlockMask block) per device type when the caller names none. On
@@ -117,7 +117,7 @@ def static_block_mask(
 
 
 def _topk_parts(
-    pattern: BlockTopK,
+    pattern: Selection,
     q: Tensor,
     k: Tensor,
     bs: int,
@@ -172,7 +172,7 @@ def flex_attention_backend(
         )
     q_len, kv_len, heads = q.shape[2], k.shape[2], q.shape[1]
     if pattern.data_dependent:
-        assert isinstance(pattern, BlockTopK)
+        assert isinstance(pattern, Selection)
         visited, full, mask_mod = _topk_parts(
             pattern, q, k, block_size, key_padding_mask, block_scores
         )

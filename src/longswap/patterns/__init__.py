@@ -8,8 +8,8 @@ Lower-case names are the constructors used in code and in pattern strings::
 
 from longswap.patterns.base import BlockStructure, Pattern, TileGrid
 from longswap.patterns.bigbird import BigBird
-from longswap.patterns.block_topk import BlockTopK
-from longswap.patterns.compose import Intersection, Union
+from longswap.patterns.block_topk import BlockTopK, Selection
+from longswap.patterns.compose import Intersection, SelectionUnion, Union
 from longswap.patterns.dilated import Dilated
 from longswap.patterns.full import Full
 from longswap.patterns.learned_topk import LearnedTopK
@@ -39,6 +39,8 @@ __all__ = [
     "LearnedTopK",
     "LocalGlobal",
     "Pattern",
+    "Selection",
+    "SelectionUnion",
     "ShiftedGroups",
     "SlidingWindow",
     "TileGrid",

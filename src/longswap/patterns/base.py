@@ -269,9 +269,9 @@ class Pattern:
         return torch.arange(self.mask_heads(num_heads), device=device)[:, None, None]
 
     def __or__(self, other: Pattern) -> Pattern:
-        from longswap.patterns.compose import Union
+        from longswap.patterns.compose import union
 
-        return Union((self, other))
+        return union((self, other))
 
     def __and__(self, other: Pattern) -> Pattern:
         from longswap.patterns.compose import Intersection

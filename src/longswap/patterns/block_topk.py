@@ -8,7 +8,9 @@ depends only on the query and earlier keys; ties go to the more recent block.
 Selecting once per query *block* (as some implementations do) would let later tokens of a
 block steer an earlier token's choice, which leaks the future; this pattern never does.
 The element and block views of this class describe the static part (the own block); the
-selected blocks come from :meth:`BlockTopK.select`.
+selected blocks come from :meth:`Selection.select`. :class:`Selection` is what every
+pattern that selects blocks shares (``learned_topk``, and a union of static patterns with
+one selection, ``sliding_window(window=512, sinks=4) | block_topk(...)``).
 """
 
 from __future__ import annotations
@@ -22,31 +24,22 @@ from longswap.patterns.base import MaskFn, Pattern, TileGrid, check_int
 from longswap.patterns.registry import register
 
 
-@register
-@dataclass(frozen=True)
-class BlockTopK(Pattern):
-    """Own block plus the ``top_k`` best-matching earlier blocks, chosen per token and head."""
+class Selection(Pattern):
+    """Base of the patterns that select key blocks from the data, per query token.
 
-    block_size: int = 128
-    top_k: int = 4
+    A selection pattern has a static part (its element and block views: the own block,
+    plus whatever it is united with) and ``top_k`` complete key blocks of ``block_size``
+    keys that each query token selects among its :meth:`candidates` by
+    :meth:`block_scores`. Subclasses give ``block_size``, ``top_k`` and the scores.
+    """
 
-    name = "block_topk"
     data_dependent = True
+    block_size: int
+    top_k: int
 
-    def __post_init__(self) -> None:
-        check_int(self.name, "block_size", self.block_size, 1)
-        check_int(self.name, "top_k", self.top_k, 0)
-
-    def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
-        bb = self.block_size
-        return lambda q, kv, h: q // bb == kv // bb
-
-    def _tiles(self, grid: TileGrid, num_heads: int) -> tuple[Tensor, Tensor]:
-        bb = self.block_size
-        (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
-        any_ = (q_lo // bb <= k_hi // bb) & (k_lo // bb <= q_hi // bb)
-        full = (q_lo // bb == q_hi // bb) & (k_lo // bb == k_hi // bb) & (q_lo // bb == k_lo // bb)
-        return any_, full
+    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """Scores ``(B, Hq or Hkv, Lq, n)`` of the ``n`` complete key blocks."""
+        raise NotImplementedError
 
     def num_candidate_blocks(self, kv_len: int) -> int:
         """Complete key blocks, the only ones a query can select."""
@@ -57,20 +50,6 @@ class BlockTopK(Pattern):
         its own block)."""
         own = (torch.arange(kv_len - q_len, kv_len, device=device) // self.block_size)[:, None]
         return torch.arange(self.num_candidate_blocks(kv_len), device=device)[None, :] < own
-
-    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """MoBA's scores ``(B, Hq, Lq, n)``: each query against each complete block's mean key
-        (padded keys left out of the mean)."""
-        batch, hq, q_len, dim = q.shape
-        hkv, n, bb = k.shape[1], self.num_candidate_blocks(k.shape[2]), self.block_size
-        keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
-        if key_padding_mask is None:
-            means = keys.mean(3)  # (B, Hkv, n, D)
-        else:
-            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
-            means = (keys * keep).sum(3) / keep.sum(3).clamp_min(1)
-        qg = q.float().reshape(batch, hkv, (hq // hkv) * q_len, dim)
-        return (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
 
     @torch.no_grad()
     def select_blocks(
@@ -143,6 +122,46 @@ class BlockTopK(Pattern):
         spread = torch.nn.functional.pad(spread, (0, tail))
         local = self.dense_mask(q.shape[2], kv_len, device=q.device)  # (1, Lq, Lk)
         return spread | local[None]
+
+
+@register
+@dataclass(frozen=True)
+class BlockTopK(Selection):
+    """Own block plus the ``top_k`` best-matching earlier blocks, chosen per token and head."""
+
+    block_size: int = 128
+    top_k: int = 4
+
+    name = "block_topk"
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "block_size", self.block_size, 1)
+        check_int(self.name, "top_k", self.top_k, 0)
+
+    def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
+        bb = self.block_size
+        return lambda q, kv, h: q // bb == kv // bb
+
+    def _tiles(self, grid: TileGrid, num_heads: int) -> tuple[Tensor, Tensor]:
+        bb = self.block_size
+        (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
+        any_ = (q_lo // bb <= k_hi // bb) & (k_lo // bb <= q_hi // bb)
+        full = (q_lo // bb == q_hi // bb) & (k_lo // bb == k_hi // bb) & (q_lo // bb == k_lo // bb)
+        return any_, full
+
+    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """MoBA's scores ``(B, Hq, Lq, n)``: each query against each complete block's mean key
+        (padded keys left out of the mean)."""
+        batch, hq, q_len, dim = q.shape
+        hkv, n, bb = k.shape[1], self.num_candidate_blocks(k.shape[2]), self.block_size
+        keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
+        if key_padding_mask is None:
+            means = keys.mean(3)  # (B, Hkv, n, D)
+        else:
+            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
+            means = (keys * keep).sum(3) / keep.sum(3).clamp_min(1)
+        qg = q.float().reshape(batch, hkv, (hq // hkv) * q_len, dim)
+        return (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
 
 
 def _top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:

@@ -38,6 +38,7 @@ CATALOGUE: dict[str, tuple[Pattern, str]] = {
     "learned_topk": (
         LearnedTopK(block_size=64, top_k=16),
         "DSA / SeerAttention-R: own block plus the top-k blocks a learned gate scores, per "
-        "KV group (a selector per layer, distilled from dense attention)",
+        "KV group (a selector per layer, distilled from dense attention); usually united with a "
+        "window: sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)",
     ),
 }

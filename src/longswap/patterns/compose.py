@@ -1,4 +1,9 @@
-"""Union and intersection of static patterns (``a | b``, ``a & b``)."""
+"""Union and intersection of patterns (``a | b``, ``a & b``).
+
+Static patterns combine freely. A union may also hold one selection pattern
+(``block_topk``, ``learned_topk``): :class:`SelectionUnion`, the static parts plus the
+selected blocks, chosen only among the blocks the static parts do not already show.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from torch import Tensor
 
 from longswap.patterns.base import MaskFn, Pattern, TileGrid
+from longswap.patterns.block_topk import BlockTopK, Selection
 
 
 @dataclass(frozen=True)
@@ -22,8 +28,9 @@ class _Composite(Pattern):
         dynamic = [p for p in self.parts if p.data_dependent]
         if dynamic:
             raise ValueError(
-                f"{self.name}: {dynamic[0].name} selects keys from the data and cannot be "
-                "combined with other patterns; use it alone"
+                f"{self.name}: {dynamic[0].name} selects keys from the data; it can only be "
+                "united with static patterns, through `|` or union(...) (for example "
+                "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16))"
             )
         # Flatten nested compositions of the same kind: (a | b) | c == a | b | c.
         flat: list[Pattern] = []
@@ -82,3 +89,109 @@ class Intersection(_Composite):
         """The nearest of the parts' bounded reaches."""
         reaches = [r for r in (p.reach() for p in self.parts) if r is not None]
         return min(reaches) if reaches else None
+
+
+@dataclass(frozen=True)
+class SelectionUnion(Selection):
+    """``static | selection``: the static pattern's keys, the selection's own block, and
+    ``top_k`` selected blocks among those the static pattern does not already show.
+
+    A key block is a candidate for a query when it is complete, lies before the query's own
+    block, and the static pattern does not show all of its keys to every query of the
+    query's (aligned) block: with ``sliding_window(window=512, sinks=4) |
+    learned_topk(64, 16)`` the 16 blocks are spent beyond the window (the block holding
+    the sinks, and the one the window's edge cuts, stay candidates). Whether a block is a
+    candidate depends only on positions, the same in a prompt and in a decoding step.
+    """
+
+    static: Pattern
+    selection: BlockTopK
+
+    name = "union"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.selection, BlockTopK) or self.static.data_dependent:
+            raise ValueError(
+                "a union holds at most one selection pattern (block_topk or learned_topk); "
+                f"got {self.static} and {self.selection}"
+            )
+        if self.static.head_dependent:
+            raise ValueError(
+                f"union: {self.static} differs between heads, so the blocks it leaves unseen "
+                "would too; unite a selection only with head-independent patterns"
+            )
+
+    @property
+    def parts(self) -> tuple[Pattern, ...]:
+        """The static parts, then the selection."""
+        static = self.static.parts if isinstance(self.static, Union) else (self.static,)
+        return (*static, self.selection)
+
+    @property
+    def block_size(self) -> int:  # type: ignore[override]
+        """The selection's block size."""
+        return self.selection.block_size
+
+    @property
+    def top_k(self) -> int:  # type: ignore[override]
+        """The selection's number of blocks per query."""
+        return self.selection.top_k
+
+    @property
+    def needs_selector(self) -> bool:  # type: ignore[override]
+        """Whether the selection's scores come from a learned selector."""
+        return self.selection.needs_selector
+
+    def check_heads(self, num_heads: int) -> None:
+        """Every part must accept the head count."""
+        self.static.check_heads(num_heads)
+        self.selection.check_heads(num_heads)
+
+    def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
+        static = self.static._mask_fn(kv_len, num_heads, device)
+        own = self.selection._mask_fn(kv_len, num_heads, device)
+        return lambda q, kv, h: static(q, kv, h) | own(q, kv, h)
+
+    def _tiles(self, grid: TileGrid, num_heads: int) -> tuple[Tensor, Tensor]:
+        (s_any, s_full), (o_any, o_full) = (
+            p._tiles(grid, num_heads) for p in (self.static, self.selection)
+        )
+        return s_any | o_any, s_full | o_full
+
+    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """The selection's scores."""
+        return self.selection.block_scores(q, k, key_padding_mask)
+
+    def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
+        """``(Lq, n)`` bool: complete blocks before the query's own block that the static
+        pattern does not show in full to every query of that block."""
+        device, bs = torch.device(device), self.block_size
+        first, last = (kv_len - q_len) // bs, (kv_len - 1) // bs
+        # Aligned query blocks first..last against aligned key blocks 0..last.
+        grid = TileGrid((last - first + 1) * bs, (last + 1) * bs, bs, device)
+        _, full = self.static._tiles(grid, 1)
+        full = full & (grid.k_bounds[1] <= grid.q_bounds[0])  # (nQ, nK), or (1, nQ, nK)
+        full = full.reshape(-1, *full.shape[-2:])[0]
+        rows = torch.arange(kv_len - q_len, kv_len, device=device) // bs - first
+        shown = full[rows, : self.num_candidate_blocks(kv_len)]
+        return super().candidates(q_len, kv_len, device) & ~shown
+
+
+def union(parts: tuple[Pattern, ...]) -> Pattern:
+    """``parts[0] | parts[1] | ...``: a :class:`Union` of static patterns, or a
+    :class:`SelectionUnion` when one part selects blocks."""
+    flat: list[Pattern] = []
+    for p in parts:
+        flat.extend(p.parts if isinstance(p, (Union, SelectionUnion)) else (p,))
+    chosen = [p for p in flat if p.data_dependent]
+    if not chosen:
+        return Union(tuple(flat))
+    if len(chosen) > 1:
+        raise ValueError(
+            f"union: {len(chosen)} selection patterns ({', '.join(map(str, chosen))}); a union "
+            "holds at most one: select more blocks with one pattern's top_k instead"
+        )
+    static = [p for p in flat if not p.data_dependent]
+    if not static:
+        return chosen[0]
+    return SelectionUnion(static[0] if len(static) == 1 else Union(tuple(static)), chosen[0])

@@ -17,7 +17,7 @@ import ast
 import dataclasses
 
 from longswap.patterns.base import Pattern
-from longswap.patterns.compose import Intersection, Union
+from longswap.patterns.compose import Intersection, SelectionUnion, Union, union
 from longswap.patterns.registry import REGISTRY
 
 
@@ -39,7 +39,7 @@ def _literal(node: ast.expr, text: str) -> object:
 
 def _build(node: ast.expr, text: str) -> Pattern:
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
-        kind = Union if isinstance(node.op, ast.BitOr) else Intersection
+        kind = union if isinstance(node.op, ast.BitOr) else Intersection
         return kind((_build(node.left, text), _build(node.right, text)))
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         raise _fail(text, f"{ast.unparse(node)!r} is not a pattern call")
@@ -69,10 +69,11 @@ def parse_pattern(text: str | Pattern) -> Pattern:
 
 def format_pattern(pattern: Pattern) -> str:
     """The string form of ``pattern``, readable by :func:`parse_pattern`."""
-    if isinstance(pattern, (Union, Intersection)):
-        op = " | " if isinstance(pattern, Union) else " & "
+    composite = (Union, SelectionUnion, Intersection)
+    if isinstance(pattern, composite):
+        op = " & " if isinstance(pattern, Intersection) else " | "
         return op.join(
-            f"({format_pattern(p)})" if isinstance(p, (Union, Intersection)) else format_pattern(p)
+            f"({format_pattern(p)})" if isinstance(p, composite) else format_pattern(p)
             for p in pattern.parts
         )
     fields = dataclasses.fields(pattern)

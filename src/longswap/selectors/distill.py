@@ -104,13 +104,14 @@ def captured_mass(
 
     ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
     window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
-    query of a KV group (or of a head) selected, disjoint from ``static``.
+    query of a KV group (or of a head) selected; a block's keys that ``static`` shows count
+    once, with ``static``.
     """
     hq, hkv = q.shape[1], k.shape[1]
     kept, best, rows_seen = 0.0, 0.0, 0
     for rows, p in _dense_chunks(q, k, scale, chunk):
         always = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
-        mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
+        mass = _block_sums(p.masked_fill(static[:, rows], 0), block_size)  # (B, Hq, rows, n)
         chosen = selected[:, :, rows]
         if chosen.shape[1] != hq:
             chosen = chosen.repeat_interleave(hq // hkv, dim=1)
