@@ -7,7 +7,7 @@
 The same randomly initialised model (built locally; speed does not depend on the weights)
 generates greedily three ways: dense attention with the default cache; swapped to
 ``sliding_window(window, sinks)`` with the default cache; and swapped with
-``longswap.swap.bounded_cache``. For each generated length it reports the decoding rate
+``longswap.swap.sparse_cache``. For each generated length it reports the decoding rate
 over the last quarter of the tokens (tokens/s), the KV-cache size after generation
 (bytes held by the cache tensors, exact), and the process's peak resident memory growth.
 """
@@ -102,7 +102,7 @@ def main() -> None:
     arms = {
         "dense": (dense, lambda: None),
         "window": (swapped, lambda: None),
-        "window+bounded cache": (swapped, lambda: longswap.swap.bounded_cache(swapped)),
+        "window+bounded cache": (swapped, lambda: longswap.swap.sparse_cache(swapped)),
     }
     rows = []
     for length in args.lengths:

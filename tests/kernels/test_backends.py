@@ -256,7 +256,11 @@ def test_auto_choice():
     # With padding the kernel does not apply: sinks need tiles, rebuilt at every length.
     assert resolve_backend("auto", step, keys_8k, keys_8k, window_sinks, False) == "reference"
     assert resolve_backend("auto", step, keys_64k, keys_64k, window_sinks, False) == "blocks"
-    assert resolve_backend("auto", step, keys_8k, keys_8k, block_topk(128, 4)) == "reference"
+    # Selections decode from their selected blocks (kernels/decode.py), without padding.
+    assert resolve_backend("auto", step, keys_8k, keys_8k, block_topk(128, 4)) == "blocks"
+    assert resolve_backend("auto", step, keys_512, keys_512, block_topk(128, 4)) == "reference"
+    topk = block_topk(128, 4)
+    assert resolve_backend("auto", step, keys_8k, keys_8k, topk, False) == "reference"
     # Prompts: block selection has more to set up than a static pattern.
     prompt_128 = torch.randn(1, 2, 128, 8)
     assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, block_topk(128, 4)) == (

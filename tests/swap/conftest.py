@@ -47,8 +47,9 @@ def tokens():
     return torch.randint(1, 97, (2, 40), generator=torch.Generator().manual_seed(1))
 
 
-def assert_generate_equals_recomputation(model, prompt, new_tokens, pad_token_id=0):
-    """Greedy ``generate`` with the KV cache gives the tokens of recomputing every step."""
+def assert_generate_equals_recomputation(model, prompt, new_tokens, pad_token_id=0, cache=None):
+    """Greedy ``generate`` with a KV cache (the default one, or ``cache``) gives the tokens
+    of recomputing every step."""
     with torch.no_grad():
         generated = model.generate(
             prompt,
@@ -56,6 +57,7 @@ def assert_generate_equals_recomputation(model, prompt, new_tokens, pad_token_id
             min_new_tokens=new_tokens,
             do_sample=False,
             pad_token_id=pad_token_id,
+            **({} if cache is None else {"cache": cache}),
         )
         ids = prompt
         for _ in range(new_tokens):  # the whole forward at every step, no cache

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 import longswap
-from longswap.patterns import bigbird, block_topk, dilated, sliding_window
+from longswap.patterns import bigbird, block_topk, dilated, learned_topk, sliding_window
+from longswap.swap.attention import CACHE_LAYER_ATTR
+from longswap.swap.cache import BlockSummaryLayer
 
 from .conftest import assert_generate_equals_recomputation, make_model
 
@@ -66,11 +68,11 @@ def test_generate_with_cache_equals_recomputing(family, pattern):
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox"])
 @pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), sliding_window(5)], ids=str)
-def test_bounded_cache_gives_the_same_tokens_and_stays_bounded(family, pattern):
+def test_sparse_cache_gives_the_same_tokens_and_stays_bounded(family, pattern):
     model = make_model(family)
     longswap.swap_attention(model, [pattern, "full()"], backend="blocks", block_size=16)
     prompt = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(6))
-    cache = longswap.swap.bounded_cache(model)
+    cache = longswap.swap.sparse_cache(model)
     with torch.no_grad():
         plain = model.generate(
             prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, pad_token_id=0
@@ -105,3 +107,31 @@ def test_packed_documents_do_not_see_each_other(family):
         out = model(packed, position_ids=positions).logits
         alone = model(b).logits
     torch.testing.assert_close(out[:, 23:], alone, atol=1e-5, rtol=1e-5)
+
+
+SELECTIONS = [
+    block_topk(4, 2),
+    learned_topk(4, 2),
+    sliding_window(8, sinks=2) | block_topk(4, 2),
+    sliding_window(8, sinks=2) | learned_topk(4, 2),
+]
+
+
+@pytest.mark.parametrize("backend", ["blocks", "auto"])
+@pytest.mark.parametrize("pattern", SELECTIONS, ids=str)
+def test_selection_decodes_from_block_summaries(pattern, backend):
+    model = make_model("llama")
+    longswap.swap_attention(model, [pattern, "full()"], backend=backend)
+    with torch.no_grad():  # trained-looking gates: not the MoBA start
+        for name, p in model.named_parameters():
+            if "selector" in name:
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(2)) * 0.3)
+    prompt = torch.randint(1, 97, (2, 9), generator=torch.Generator().manual_seed(6))
+    cache = longswap.swap.sparse_cache(model)
+    assert isinstance(cache.layers[0], BlockSummaryLayer)
+    assert_generate_equals_recomputation(model, prompt, 25, cache=cache)
+    # The summaries grew with the blocks: one per complete block of the 33 cached tokens
+    # (the last token is generated, not cached); the dense layer keeps plain keys.
+    assert cache.layers[0]._summaries.shape[:3] == (2, 2, 32 // 4)
+    assert cache.layers[1].keys.shape[-2] == 33
+    assert not hasattr(model.model.layers[0].self_attn, CACHE_LAYER_ATTR)  # handed back

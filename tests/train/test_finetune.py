@@ -1,12 +1,15 @@
 """Fine-tuning swapped models: trainable-parameter policies, saving, validation."""
 
+import errno
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import PreTrainedModel, Trainer
 
 import longswap
-from longswap.train import FinetuneConfig, PretrainConfig, finetune, pretrain
+from longswap.train import FinetuneConfig, PretrainConfig, budget, finetune, pretrain
 from longswap.train.finetune import problems
 from longswap.train.trainable import apply_method, embedding_and_norm_names, projection_names
 
@@ -313,3 +316,78 @@ def test_an_out_that_cannot_be_written_is_refused_first(base, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(ValueError, match="cannot be created: .*a-file is a file"):
         run(base, blocker / "out")
+
+
+def _full_disk(monkeypatch, owner, name, after_calls=0):
+    """Make ``owner.name`` write a stub file and fail as a full disk does, from the call
+    after ``after_calls`` good ones on."""
+    original, calls = getattr(owner, name), []
+
+    def failing(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= after_calls:
+            return original(self, *args, **kwargs)
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "model.safetensors").write_bytes(b"\x00" * 10)  # cut short
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(owner, name, failing)
+
+
+def test_a_full_disk_during_training_leaves_no_half_checkpoint(base, tmp_path, monkeypatch):
+    _full_disk(monkeypatch, Trainer, "_save_checkpoint", after_calls=1)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="disk holding .* is full") as caught:
+        run(base, out, method="full", steps=4, eval_steps=2)
+    assert "checkpoint-2" in str(caught.value) and "--resume" in str(caught.value)
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-2"]  # the half-written checkpoint-4 is gone
+    assert not (out / "config.json").exists()
+
+
+def test_a_full_disk_while_saving_the_model_keeps_the_old_out(base, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("old run")
+
+    def no_space(self, folder, *args, **kwargs):
+        (Path(folder) / "model.safetensors").write_bytes(b"\x00" * 10)
+        raise RuntimeError("[enforce fail at inline_container.cc] file write failed")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space)
+    with pytest.raises(ValueError, match="disk holding .* is full"):
+        run(base, out, method="full", steps=2, eval_steps=2, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+
+
+def test_every_run_states_its_budget_and_a_step_too_large_is_refused(
+    base, tmp_path, monkeypatch, capsys
+):
+    record = run(base, tmp_path / "ok", method="full", steps=2, eval_steps=2)
+    line = capsys.readouterr().out
+    assert "budget: about" in line and "for a step of 2 x 128 tokens" in line
+    assert record["budget"]["probes"][1][0] == 128  # probed at the run's own length
+    assert record["budget"]["peak_gb"] > 0 and record["budget"]["step_seconds"] > 0
+    monkeypatch.setattr(budget, "available_gb", lambda device: 1e-6)
+    out = tmp_path / "too-big"
+    with pytest.raises(ValueError, match="needs about .* GB, but 0.0 GB are available"):
+        run(base, out, method="full", steps=2, eval_steps=2)
+    assert not (out / "config.json").exists() and not list((out / "checkpoints").glob("check*"))
+
+
+def test_the_budget_extrapolates_memory_linearly_and_time_with_the_length():
+    estimate = budget.Budget(
+        tokens=4096,
+        batch_size=8,
+        steps=100,
+        fixed_gb=1.0,
+        per_sequence_gb=2.0,
+        available_gb=12.0,
+        step_seconds=10.0,
+        probes=((512, 0.1, 300.0), (1024, 0.25, 500.0)),
+    )
+    assert estimate.peak_gb == 17.0 and estimate.fitting_batch() == 5
+    assert "--batch-size 5 fits" in estimate.problem()
+    assert "17 min for 100 steps" in estimate.summary()

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from longswap.kernels.band import band_applies
 from longswap.kernels.blocks import blocks_attention
+from longswap.kernels.decode import DECODE_ROWS
 from longswap.kernels.flex import flex_attention_backend
 from longswap.kernels.reference import reference_attention
 from longswap.kernels.window_cpu import window_kernel_applies
@@ -104,10 +105,10 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
 #: never for a sliding or dilated window that the C++ kernel serves (it reads only the
 #: window: faster from one query over 512 keys on; not with padding or documents); otherwise
 #: decoding steps (up to ``DECODE_ROWS`` queries) over up to this many keys: 2k for the
-#: band patterns (their plan is cheap and they read only their reach), 32k for the others
-#: (their tiles are rebuilt for every new key length);
-DENSE_DECODE_KEYS = {"band": 1 << 11, "other": 1 << 15}
-DECODE_ROWS = 16
+#: band patterns (their plan is cheap and they read only their reach), 2k for selection
+#: patterns without padding (their decoding path gathers only the selected blocks), 32k for the
+#: others (their tiles are rebuilt for every new key length);
+DENSE_DECODE_KEYS = {"band": 1 << 11, "selecting": 1 << 11, "other": 1 << 15}
 #: and prompts up to this many (query, key) pairs: more for block selection, which has
 #: more to set up.
 DENSE_PROMPT_PAIRS = {"selecting": 1 << 16, "other": 1 << 12}
@@ -126,10 +127,11 @@ def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool 
         return q_len * kv_len <= CUDA_DENSE_PAIRS
     if plain and pattern is not None and window_kernel_applies(pattern, q):
         return False
+    selecting = pattern is not None and pattern.data_dependent
     if q_len <= DECODE_ROWS:
         band = pattern is not None and band_applies(pattern, q.shape[1])
-        return kv_len <= DENSE_DECODE_KEYS["band" if band else "other"]
-    selecting = pattern is not None and pattern.data_dependent
+        kind = "band" if band else "selecting" if selecting and plain else "other"
+        return kv_len <= DENSE_DECODE_KEYS[kind]
     return q_len * kv_len <= DENSE_PROMPT_PAIRS["selecting" if selecting else "other"]
 
 

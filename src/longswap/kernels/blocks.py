@@ -14,6 +14,8 @@ per query), never O(L^2) for a sparse pattern. The pattern becomes tiles (see ``
   all ``G`` query heads that share the key head (grouped-query attention without expanding
   keys), against the key blocks of the block structure. Per-head patterns get one tile per
   query head instead. Tiles are built once per shape and cached.
+* decoding steps (a few queries) of selection patterns: their static keys and selected
+  blocks gathered per key head (``decode``).
 * ``block_topk``: the own block is a static tile set; every (query, selected block) pair
   is grouped by key block, so that each key block is one tile holding the queries that
   chose it. The sets merge per query row through their log-sum-exp.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longswap.kernels.band import band_applies, band_attention, band_plan
+from longswap.kernels.decode import DECODE_ROWS, selection_decode
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
 from longswap.kernels.window_cpu import window_attention, window_kernel_applies
@@ -252,6 +255,8 @@ def blocks_attention(
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:
             return band_attention(q, k, v, plan, scale, force_math)
+    if plain and isinstance(pattern, Selection) and q_len <= DECODE_ROWS:
+        return selection_decode(q, k, v, pattern, scale, block_scores)
     if plain and isinstance(pattern, BlockTopK):
         own = own_block_plan(pattern.block_size, hq, hkv, q_len, kv_len, q.device)
         if own is not None:

@@ -39,6 +39,15 @@ class Selection(Pattern):
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Scores ``(B, Hq or Hkv, Lq, n)`` of the ``n`` complete key blocks."""
+        return self.score_blocks(q, self.block_keys(k, key_padding_mask))
+
+    def block_keys(self, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """One summary ``(B, Hkv, n, D)`` per complete key block, each block on its own (a
+        decoding cache computes them once, as blocks complete)."""
+        raise NotImplementedError
+
+    def score_blocks(self, q: Tensor, block_keys: Tensor) -> Tensor:
+        """Scores ``(B, Hq or Hkv, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
         raise NotImplementedError
 
     def num_candidate_blocks(self, kv_len: int) -> int:
@@ -149,19 +158,23 @@ class BlockTopK(Selection):
         full = (q_lo // bb == q_hi // bb) & (k_lo // bb == k_hi // bb) & (q_lo // bb == k_lo // bb)
         return any_, full
 
-    def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
-        """MoBA's scores ``(B, Hq, Lq, n)``: each query against each complete block's mean key
-        (padded keys left out of the mean)."""
-        batch, hq, q_len, dim = q.shape
-        hkv, n, bb = k.shape[1], self.num_candidate_blocks(k.shape[2]), self.block_size
+    def block_keys(self, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """MoBA's block summary: the mean key ``(B, Hkv, n, D)`` of each complete block, in
+        float32 (padded keys left out of the mean)."""
+        batch, hkv, kv_len, dim = k.shape
+        n, bb = self.num_candidate_blocks(kv_len), self.block_size
         keys = k[:, :, : n * bb].float().reshape(batch, hkv, n, bb, dim)
         if key_padding_mask is None:
-            means = keys.mean(3)  # (B, Hkv, n, D)
-        else:
-            keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
-            means = (keys * keep).sum(3) / keep.sum(3).clamp_min(1)
+            return keys.mean(3)
+        keep = key_padding_mask[:, : n * bb].reshape(batch, 1, n, bb, 1).float()
+        return (keys * keep).sum(3) / keep.sum(3).clamp_min(1)
+
+    def score_blocks(self, q: Tensor, block_keys: Tensor) -> Tensor:
+        """MoBA's scores ``(B, Hq, Lq, n)``: each query against each block's mean key."""
+        batch, hq, q_len, dim = q.shape
+        hkv, n = block_keys.shape[1], block_keys.shape[2]
         qg = q.float().reshape(batch, hkv, (hq // hkv) * q_len, dim)
-        return (qg @ means.transpose(-1, -2)).reshape(batch, hq, q_len, n)
+        return (qg @ block_keys.transpose(-1, -2)).reshape(batch, hq, q_len, n)
 
 
 def _top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:

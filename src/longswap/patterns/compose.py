@@ -162,6 +162,14 @@ class SelectionUnion(Selection):
         """The selection's scores."""
         return self.selection.block_scores(q, k, key_padding_mask)
 
+    def block_keys(self, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
+        """The selection's block summaries."""
+        return self.selection.block_keys(k, key_padding_mask)
+
+    def score_blocks(self, q: Tensor, block_keys: Tensor) -> Tensor:
+        """The selection's scores against its block summaries."""
+        return self.selection.score_blocks(q, block_keys)
+
     def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
         """``(Lq, n)`` bool: complete blocks before the query's own block that the static
         pattern does not show in full to every query of that block."""

@@ -39,19 +39,33 @@ class BlockGate(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         """q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)`` -> scores ``(B, Hkv, Lq, Lk // block)``."""
+        return self.score(q, self.block_keys(k))
+
+    def block_keys(self, k: Tensor) -> Tensor:
+        """The key side ``(B, Hkv, n, D)`` of each complete block of k ``(B, Hkv, Lk, D)``,
+        each block on its own: a cache computes them once, as blocks complete."""
+        batch, hkv, kv_len, dim = k.shape
+        if dim != self.head_dim:
+            raise ValueError(
+                f"this gate was built for head dim {self.head_dim}; got k {tuple(k.shape)}"
+            )
+        n = kv_len // self.block_size
+        keys = k.detach()[:, :, : n * self.block_size].to(self.key_map.weight.dtype)
+        keys = keys.reshape(batch, hkv, n, self.block_size, dim)  # (B, Hkv, n, bs, D)
+        pooled = torch.cat([keys.amax(3), keys.amin(3), keys.mean(3)], dim=-1)  # (B, Hkv, n, 3D)
+        return self.key_map(pooled)
+
+    def score(self, q: Tensor, block_keys: Tensor) -> Tensor:
+        """Scores ``(B, Hkv, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
         batch, hq, q_len, dim = q.shape
-        hkv, kv_len = k.shape[1], k.shape[2]
+        hkv = block_keys.shape[1]
         if dim != self.head_dim or hq != hkv * self.group:
             raise ValueError(
                 f"this gate was built for {self.group} query heads per KV head of dim "
-                f"{self.head_dim}; got q {tuple(q.shape)} and k {tuple(k.shape)}"
+                f"{self.head_dim}; got q {tuple(q.shape)} for {hkv} KV heads"
             )
-        dtype = self.query_map.weight.dtype
-        n = kv_len // self.block_size
-        queries = q.detach().to(dtype).reshape(batch, hkv, self.group, q_len, dim)
-        queries = queries.permute(0, 1, 3, 2, 4).reshape(batch, hkv, q_len, self.group * dim)
-        keys = k.detach()[:, :, : n * self.block_size].to(dtype)
-        keys = keys.reshape(batch, hkv, n, self.block_size, dim)  # (B, Hkv, n, bs, D)
-        pooled = torch.cat([keys.amax(3), keys.amin(3), keys.mean(3)], dim=-1)  # (B, Hkv, n, 3D)
-        scores = self.query_map(queries) @ self.key_map(pooled).transpose(-1, -2)
+        queries = q.detach().to(self.query_map.weight.dtype)
+        queries = queries.reshape(batch, hkv, self.group, q_len, dim).permute(0, 1, 3, 2, 4)
+        queries = queries.reshape(batch, hkv, q_len, self.group * dim)
+        scores = self.query_map(queries) @ block_keys.transpose(-1, -2)
         return scores / math.sqrt(self.head_dim)  # (B, Hkv, Lq, n)

@@ -1,7 +1,7 @@
 """Where a pattern goes: into a Hugging Face model, per instance, reversibly, saved with it."""
 
 from longswap.swap.attention import AttentionCall, register
-from longswap.swap.cache import bounded_cache
+from longswap.swap.cache import sparse_cache
 from longswap.swap.model import (
     SwapReport,
     apply_spec,
@@ -21,7 +21,7 @@ __all__ = [
     "SwapReport",
     "SwapSpec",
     "apply_spec",
-    "bounded_cache",
+    "sparse_cache",
     "extend_positions",
     "load",
     "observe",

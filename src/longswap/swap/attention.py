@@ -16,17 +16,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
-from longswap.patterns import Pattern
+from longswap.patterns import Pattern, Selection
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 #: The attribute under which :func:`observing` hangs an observer on an attention module.
 OBSERVER_ATTR = "longswap_observer"
+#: The attribute through which a summarising cache layer hands itself to the attention call
+#: that follows its update (``swap.cache``); the call takes it back at once.
+CACHE_LAYER_ATTR = "longswap_cache_layer"
 
 
 @dataclass(frozen=True)
@@ -167,16 +170,6 @@ def longswap_attention(
         raise ValueError(f"layer {layer}: attention soft-capping is not supported by longswap")
     if kwargs.get("s_aux") is not None:
         raise ValueError(f"layer {layer}: learned attention sinks are not supported by longswap")
-    scores = None
-    if pattern.needs_selector:
-        selector = getattr(module, SELECTOR_ATTR, None)
-        if selector is None:
-            raise ValueError(
-                f"layer {layer}: {pattern} scores blocks with a learned selector that this model "
-                "lacks: load checkpoints with learned selection through longswap.load(path) "
-                "(transformers' from_pretrained alone drops the selector's weights)"
-            )
-        scores = selector(query, key)  # (B, Hkv, L, S // block), inputs detached inside
     padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
     if padding is not None and not pattern.translation_invariant and _left_padded(padding):
         raise ValueError(
@@ -184,6 +177,10 @@ def longswap_attention(
             "them differently per row; pad on the right (tokenizer.padding_side = 'right') or "
             "run the sequences one at a time"
         )
+    cached = module.__dict__.pop(CACHE_LAYER_ATTR, None)  # a summarising cache layer
+    scores = None
+    if isinstance(pattern, Selection):
+        scores = _block_scores(module, pattern, query, key, None if padding is not None else cached)
     out = sparse_attention(
         query,
         key,
@@ -200,6 +197,29 @@ def longswap_attention(
     if observer is not None:
         observer(AttentionCall(layer, pattern, query, key, value, out, scaling, scores))
     return out.transpose(1, 2), None
+
+
+def _block_scores(
+    module: nn.Module, pattern: Selection, query: Tensor, key: Tensor, cached: Any
+) -> Tensor | None:
+    """A selection's block scores: the learned selector's (with their graph), or, with a
+    summarising cache layer (``swap.cache.BlockSummaryLayer``), scores against its cached
+    block summaries; None lets the pattern score the blocks itself."""
+    if pattern.needs_selector:
+        selector = getattr(module, SELECTOR_ATTR, None)
+        if selector is None:
+            raise ValueError(
+                f"layer {module.layer_idx}: {pattern} scores blocks with a learned selector that "
+                "this model lacks: load checkpoints with learned selection through "
+                "longswap.load(path) (transformers' from_pretrained alone drops the selector's "
+                "weights)"
+            )
+        summarize, score = selector.block_keys, selector.score
+    else:
+        summarize, score = pattern.block_keys, pattern.score_blocks
+    if cached is not None:
+        return score(query, cached.block_keys(key, summarize, pattern.block_size))
+    return score(query, summarize(key)) if pattern.needs_selector else None
 
 
 def register() -> None:

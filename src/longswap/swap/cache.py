@@ -1,8 +1,16 @@
-"""A KV cache that stays bounded under window and sink patterns during decoding.
+"""A KV cache for decoding swapped models: bounded for windows, summarised for selections.
 
 For a layer swapped to ``sliding_window(window, sinks)``, no future query can see a key
-that is neither a sink nor among the last ``window - 1``; this cache drops every other
-key after each step, so memory per layer stops growing at ``sinks + window - 1`` entries.
+that is neither a sink nor among the last ``window - 1``; :class:`SinkWindowLayer` drops
+every other key after each step, so memory per layer stops growing at
+``sinks + window - 1`` entries.
+
+For a layer that selects key blocks (``block_topk``, ``learned_topk``, and their unions
+with static patterns), :class:`BlockSummaryLayer` keeps every key (any block may be
+selected later) plus one summary per complete block (its mean key, or the learned
+selector's block key), computed once when the block completes: a decoding step scores
+``L / block`` summaries instead of reading all ``L`` keys. The layer hands itself to its
+attention call through the attention module (the call takes it back at once).
 
 The attention then runs on the compacted cache as if its entries were consecutive: sinks
 keep their positions, and the recent keys plus the new queries keep their distances to
@@ -12,14 +20,16 @@ carry their rotary positions from when they were written.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from longswap.patterns import SlidingWindow
-from longswap.swap.attention import spec_of
+from longswap.swap.attention import CACHE_LAYER_ATTR, spec_of
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -69,19 +79,85 @@ class SinkWindowLayer(DynamicLayer):
         raise ValueError("a bounded longswap cache cannot be cropped (its old keys are gone)")
 
 
-def bounded_cache(model: Any) -> Cache:
-    """A cache for ``model.generate(past_key_values=...)`` that bounds window/sink layers.
+class BlockSummaryLayer(DynamicLayer):
+    """Keeps every key and value of one layer, and a summary of each complete key block."""
 
-    Layers swapped to ``sliding_window`` keep ``sinks + window - 1`` entries; all others
-    keep everything, as the default cache does. Batches must not contain padding.
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self._module = weakref.ref(module)
+        self._summaries: Tensor | None = None
+
+    def update(
+        self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[Tensor, Tensor]:
+        """Append the states and hand this layer to the attention call that follows."""
+        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        module = self._module()
+        if module is not None:
+            module.__dict__[CACHE_LAYER_ATTR] = self
+        return keys, values
+
+    def block_keys(
+        self, keys: Tensor, summarize: Callable[[Tensor], Tensor], block_size: int
+    ) -> Tensor:
+        """Summaries ``(B, Hkv, n, ...)`` of the ``n`` complete blocks of ``keys`` (this
+        layer's keys); ``summarize`` runs only on blocks completed since the last call."""
+        n = keys.shape[2] // block_size
+        if self._summaries is None:
+            self._summaries = summarize(keys[:, :, : n * block_size])
+        elif n > self._summaries.shape[2]:
+            new = summarize(keys[:, :, self._summaries.shape[2] * block_size : n * block_size])
+            self._summaries = torch.cat([self._summaries, new], 2)
+        return self._summaries[:, :, :n]
+
+    def _forget(self) -> None:
+        """The keys changed other than by appending: summaries are recomputed on next use."""
+        self._summaries = None
+
+    def crop(self, max_length: int) -> None:
+        """Drop the last tokens (assisted decoding) and the summaries with them."""
+        super().crop(max_length)
+        self._forget()
+
+    def reset(self) -> None:
+        """Empty the layer."""
+        super().reset()
+        self._forget()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Reorder the batch (beam search)."""
+        super().reorder_cache(beam_idx)
+        self._forget()
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Repeat each batch row (beam search set-up)."""
+        super().batch_repeat_interleave(repeats)
+        self._forget()
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        """Keep some batch rows (contrastive search)."""
+        super().batch_select_indices(indices)
+        self._forget()
+
+
+def sparse_cache(model: Any) -> Cache:
+    """A cache for ``model.generate(cache=...)`` that decodes each swapped layer sparsely.
+
+    Layers swapped to ``sliding_window`` keep ``sinks + window - 1`` entries; layers that
+    select key blocks keep everything plus block summaries (so a decoding step reads only
+    the summaries, its static keys and its selected blocks); all others keep everything,
+    as the default cache does. Batches must not contain padding.
     """
-    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
-    spec = spec_of(config)
-    layers = []
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    spec = spec_of(inner.config)
+    modules = {m.layer_idx: m for m in inner.modules() if hasattr(m, "layer_idx")}
+    layers: list[DynamicLayer] = []
     for i in range(len(spec.layers)):
         pattern = spec.pattern(i)
         if isinstance(pattern, SlidingWindow):
             layers.append(SinkWindowLayer(pattern.window, pattern.sinks))
+        elif pattern.data_dependent:
+            layers.append(BlockSummaryLayer(modules[i]))
         else:
             layers.append(DynamicLayer())
     return Cache(layers=layers)

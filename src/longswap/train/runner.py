@@ -3,12 +3,14 @@ against non-finite losses, resuming from the last complete checkpoint, the run r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import shutil
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 import torch
 from safetensors import safe_open
@@ -16,7 +18,9 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from longswap.environment import environment
+from longswap.io import disk_is_full, explain_disk_full
 from longswap.swap import observe
+from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
 from longswap.train.signals import AttentionTransfer, SelectorDistillation
@@ -189,7 +193,13 @@ def train(
     start = last_good_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and start is None:
         raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
-    result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(start) if start else None)
+    except (OSError, RuntimeError) as err:
+        if not disk_is_full(err):
+            raise
+        _remove_damaged(out / "checkpoints", err)
     model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
     if guard.bad_step is not None:
         kept = sorted((out / "checkpoints").glob("checkpoint-*"))
@@ -217,9 +227,27 @@ def train(
         "final_loss": losses[-1] if losses else None,
         "eval_loss": metrics["eval_loss"],
         "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
+        "budget": dataclasses.asdict(planned) | {"peak_gb": planned.peak_gb},
         "environment": environment(trainer.args.device),
     }
     return trainer, record
+
+
+def _remove_damaged(folder: Path, err: BaseException) -> NoReturn:
+    """After a full disk stopped training: delete the checkpoints in ``folder`` that were
+    left half-written, then raise the disk-full error naming the last complete one."""
+    for checkpoint in folder.glob("checkpoint-*"):
+        if not _readable(checkpoint):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    kept = last_good_checkpoint(folder)
+    after = (
+        f" The last complete checkpoint is {kept}: rerun the same command with --resume to "
+        "continue from it once there is space."
+        if kept
+        else " No checkpoint was complete yet."
+    )
+    with explain_disk_full(folder, after):
+        raise err
 
 
 def write_record(out: Path, record: dict[str, Any]) -> None:

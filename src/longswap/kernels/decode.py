@@ -1,0 +1,71 @@
+"""Decoding steps of selection patterns: attend to the static keys and selected blocks only.
+
+A decoding step has a few queries (one per sequence, or a few under speculative decoding)
+over a long cache. For ``block_topk``, ``learned_topk`` and their unions with static
+patterns, each query sees its static keys (own block, window, sinks) and ``top_k`` selected
+blocks. This path gathers exactly those keys, once per KV head (the union of its query
+heads' selections, each head masked to its own), and attends over them: the work per
+step is O(static keys + top_k x block) instead of O(L). With a summarising cache
+(``longswap.swap.sparse_cache``), the scores it selects by are O(L / block) as well.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longswap.patterns import Selection
+from longswap.patterns.base import compact
+
+#: Calls with up to this many query rows are decoding steps.
+DECODE_ROWS = 16
+
+
+def _gather(x: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index (B, Hkv, M)`` of x ``(B, Hkv, L, D)``."""
+    return torch.gather(x, 2, index[..., None].expand(-1, -1, -1, x.shape[-1]))
+
+
+def selection_decode(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Selection,
+    scale: float,
+    block_scores: Tensor | None = None,
+) -> Tensor:
+    """``(B, Hq, Lq, Dv)``: attention of a few queries over their static keys and the blocks
+    they select (``pattern.select`` with ``block_scores``), computed in float32.
+
+    Equals the dense oracle; rows with no visible key are zero.
+    """
+    batch, hq, q_len, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group, size, device = hq // hkv, pattern.block_size, q.device
+    static = pattern.dense_mask(q_len, kv_len, device=device)[0]  # (Lq, L)
+    static_keys = torch.nonzero(static.any(0)).squeeze(1)  # (S,)
+    selected = pattern.select(q, k, block_scores=block_scores)  # (B, Hq, Lq, n)
+    n = selected.shape[-1]
+    per_kv = selected.view(batch, hkv, group * q_len, n).any(2)  # (B, Hkv, n)
+    blocks, used = compact(per_kv)  # (B, Hkv, P): the blocks some head of the group chose
+    block_pos = (blocks[..., None] * size + torch.arange(size, device=device)).flatten(-2)
+    index = torch.cat([static_keys.expand(batch, hkv, -1), block_pos], -1)  # (B, Hkv, M)
+    # Which gathered keys each (head, row) sees: its static keys; in its selected blocks,
+    # the keys the static part does not already show (so that no key counts twice).
+    heads = blocks.repeat_interleave(group, 1)[:, :, None, :].expand(-1, -1, q_len, -1)
+    chosen = torch.gather(selected, -1, heads) & used.repeat_interleave(group, 1)[:, :, None]
+    fresh = ~static[:, block_pos].permute(1, 2, 0, 3).repeat_interleave(group, 1)
+    visible = torch.cat(
+        [
+            static[:, static_keys].expand(batch, hq, -1, -1),
+            chosen.repeat_interleave(size, -1) & fresh,
+        ],
+        -1,
+    )  # (B, Hq, Lq, M)
+    keys, values = _gather(k, index).float(), _gather(v, index).float()
+    rows = q.float().reshape(batch, hkv, group * q_len, dim)
+    logits = (rows @ keys.transpose(-1, -2)).view(batch, hq, q_len, -1) * scale
+    logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, -1).view(batch, hkv, group * q_len, -1)
+    out = (probs @ values).view(batch, hq, q_len, v.shape[-1])
+    return (out * visible.any(-1, keepdim=True)).to(q.dtype)

@@ -1,0 +1,155 @@
+"""Before training: the memory and time of a step, measured on the run's own model.
+
+Two probe steps (forward and backward through the trainer's own loss, no optimizer step)
+on one sequence of ``L/2`` and of ``L`` tokens (``L = min(seq_len, 1024)``) measure the
+memory and seconds per sequence. A step of ``batch_size x seq_len`` is extrapolated from
+them: memory linearly in the tokens, plus the optimizer's two moments per trainable
+parameter; time as ``a L + b L^2`` per sequence, so that the part of attention that grows
+with the length (dense attention's quadratic cost) shows. A run whose estimate exceeds the
+memory available is refused before its first step.
+
+The extrapolation is an estimate: short probes miss what only long sequences allocate, and
+a machine's other load moves the time. The README compares it with measured runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from longswap.environment import peak_memory
+
+#: The longest probe sequence (the other is half of it).
+PROBE_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A step's estimated memory (above what the process holds before training) and time,
+    and the memory the device has available."""
+
+    tokens: int  # per sequence
+    batch_size: int
+    steps: int
+    fixed_gb: float  # whatever the batch: gradients, AdamW's moments, buffers
+    per_sequence_gb: float
+    available_gb: float | None
+    step_seconds: float
+    probes: tuple[tuple[int, float, float], ...]  # (tokens, seconds, MB) per probe
+
+    @property
+    def peak_gb(self) -> float:
+        """The estimated peak of one step."""
+        return self.fixed_gb + self.per_sequence_gb * self.batch_size
+
+    def fitting_batch(self) -> int:
+        """The largest batch size whose estimate fits the available memory (0: none)."""
+        if self.available_gb is None or self.per_sequence_gb <= 0:
+            return self.batch_size
+        return max(int((self.available_gb - self.fixed_gb) // self.per_sequence_gb), 0)
+
+    def summary(self) -> str:
+        """One line for the console."""
+        available = f" of {self.available_gb:.1f} GB available" if self.available_gb else ""
+        probes = ", ".join(f"{n} tokens {s:.2f} s {m:.0f} MB" for n, s, m in self.probes)
+        return (
+            f"budget: about {self.peak_gb:.2f} GB for a step of {self.batch_size} x "
+            f"{self.tokens} tokens{available}; about {self.step_seconds:.1f} s a step, "
+            f"{_duration(self.step_seconds * self.steps)} for {self.steps} steps (estimated "
+            f"from probe steps of one sequence: {probes})"
+        )
+
+    def problem(self) -> str | None:
+        """Why the run cannot fit in memory, or None."""
+        if self.available_gb is None or self.peak_gb <= self.available_gb:
+            return None
+        fits = self.fitting_batch()
+        advice = f"--batch-size {fits} fits" if fits else "even --batch-size 1 does not fit"
+        return (
+            f"a training step of --batch-size {self.batch_size} x --seq-len {self.tokens} "
+            f"needs about {self.peak_gb:.1f} GB, but {self.available_gb:.1f} GB are available "
+            f"({advice}; --gradient-checkpointing, a shorter --seq-len or a sparser pattern "
+            "need less). Estimated from probe steps of one sequence: "
+            + ", ".join(f"{n} tokens {m:.0f} MB" for n, _, m in self.probes)
+        )
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def available_gb(device: torch.device) -> float | None:
+    """Memory the device can still give: free CUDA memory, or ``MemAvailable`` on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] / 2**30
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return None
+
+
+def _probe(trainer: Any, model: Any, tokens: int, device: torch.device) -> tuple[float, float]:
+    """Seconds and peak memory (MB) of one forward and backward over ``tokens`` tokens."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    with peak_memory(device) as memory:
+        began = time.perf_counter()
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        loss.backward()
+        seconds = time.perf_counter() - began
+    model.zero_grad(set_to_none=True)
+    return seconds, memory["peak_memory_mb"]
+
+
+def estimate(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
+    """Probe ``trainer``'s model (in training mode, its trainable parameters as configured)
+    and extrapolate a step of ``batch_size`` sequences of ``seq_len`` tokens."""
+    model = trainer.model
+    device = next(model.parameters()).device
+    long = min(seq_len, PROBE_TOKENS)
+    lengths = (max(long // 2, 1), long)
+    was_training = model.training
+    model.train()
+    try:
+        _probe(trainer, model, lengths[0], device)  # first calls allocate and load kernels
+        probes = tuple((n, *_probe(trainer, model, n, device)) for n in lengths)
+    finally:
+        model.train(was_training)
+    (l1, t1, m1), (l2, t2, m2) = probes
+    # Time per sequence a L + b L^2 through both probes (b >= 0: never faster than linear).
+    b = max((t2 / l2 - t1 / l1) / (l2 - l1), 0.0) if l2 > l1 else 0.0
+    a = t2 / l2 - b * l2
+    # Memory: per token from the probes' difference; the rest does not grow with the batch.
+    per_token = max(m2 - m1, 0.0) / (l2 - l1) if l2 > l1 else m2 / l2
+    moments = sum(2 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return Budget(
+        tokens=seq_len,
+        batch_size=batch_size,
+        steps=steps,
+        fixed_gb=(max(m2 - per_token * l2, 0.0) + moments / 2**20) / 1024,
+        per_sequence_gb=per_token * seq_len / 1024,
+        available_gb=available_gb(device),
+        step_seconds=max(batch_size * (a * seq_len + b * seq_len**2), 0.0),
+        probes=probes,
+    )
+
+
+def check_budget(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
+    """:func:`estimate`, printed; raises ValueError when the step cannot fit in memory."""
+    budget = estimate(trainer, seq_len, batch_size, steps)
+    print(budget.summary(), flush=True)
+    problem = budget.problem()
+    if problem:
+        raise ValueError(problem)
+    return budget
