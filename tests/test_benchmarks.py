@@ -52,10 +52,17 @@ def test_attention(tmp_path):
 
 def test_decode(tmp_path):
     rows = smoke("decode", tmp_path / "decode.json")["results"]
-    assert [r["arm"] for r in rows] == ["dense", "window", "window+bounded cache"]
-    assert all(r["generated"] == 48 and r["tokens_per_s"] > 0 for r in rows)
-    dense, window, bounded = (r["cache_mb"] for r in rows)
-    assert bounded < window == dense  # the bounded cache keeps sinks + window only
+    assert [r["arm"] for r in rows] == [
+        "dense",
+        "window-1024",
+        "moba-64x16",
+        "learned-64x16",
+        "window-512+learned-64x16",
+    ]
+    assert all(r["context"] == 1100 and r["decode_tokens_per_s"] > 0 for r in rows)
+    dense, window, *selections = (r["cache_mb"] for r in rows)
+    assert window == dense * (4 + 1023) / 1099  # sinks + window - 1 of the 1099 cached tokens
+    assert all(c > dense for c in selections)  # every key, plus one summary per block
 
 
 def test_finetune(tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import longswap
 from longswap.cli import main
 from longswap.data import byte_tokenizer
+from longswap.evaluate.speed import decode_speed
 
 from ..swap.conftest import make_model
 
@@ -167,11 +168,9 @@ def test_learned_positions_end_at_their_table(tmp_path):
 
 
 def test_speed_times_each_decode_step_with_the_cache(models):
-    from longswap.evaluate.run import _speed
-
     base, _ = models
     model = longswap.load(base).eval()
-    record = _speed(model, 256)
+    record = decode_speed(model, 256)
     assert record["decode_steps"] == 16 and record["prefill_tokens"] == 256 - 17
     assert record["decode_tokens_per_s"] == pytest.approx(1e3 / record["decode_step_ms"])
     # The cache holds keys and values of every layer for the whole context but the last token.
@@ -182,12 +181,18 @@ def test_speed_times_each_decode_step_with_the_cache(models):
     assert record["cache_mb"] * 2**20 == per_token * 255 * 4  # float32
 
 
+def test_speed_decodes_a_swapped_model_with_its_sparse_cache():
+    model = make_model("llama", vocab_size=257, max_position_embeddings=512)
+    dense = decode_speed(model, 256)
+    longswap.swap_attention(model, "sliding_window(window=32, sinks=4)")
+    window = decode_speed(model, 256)
+    assert window["cache_mb"] == pytest.approx(dense["cache_mb"] * (4 + 31) / 255)
+
+
 def test_speed_stays_within_extended_positions_without_a_length_warning():
     import logging
 
     from transformers.utils import logging as hf_logging
-
-    from longswap.evaluate.run import _speed
 
     model = make_model("llama", vocab_size=257, max_position_embeddings=512)
     longswap.swap_attention(model, "block_topk(block_size=64, top_k=2)", max_length=1024)
@@ -199,7 +204,7 @@ def test_speed_stays_within_extended_positions_without_a_length_warning():
     root.addHandler(handler)
     logging.Logger.warning_once.cache_clear()  # transformers says each warning once per process
     try:
-        _speed(model, 1024)
+        decode_speed(model, 1024)
     finally:
         root.removeHandler(handler)
     assert not [m for m in seen if "predefined maximum length" in m]

@@ -6,25 +6,23 @@ Records go to ``results.json`` as they finish (an interrupted run keeps them, an
 
 from __future__ import annotations
 
-import itertools
 import json
-import statistics
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from longswap.checkpoint import model_problem
 from longswap.config import help_field
 from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import tokenizer_for
-from longswap.environment import environment, peak_memory
+from longswap.environment import environment
 from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
+from longswap.evaluate.speed import decode_speed
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.io import output_problem
 from longswap.positions import find_position_embedding
@@ -169,71 +167,6 @@ def _heldout(config: EvalConfig, tok: PreTrainedTokenizerBase) -> list[torch.Ten
     return [doc for doc, _ in chosen]
 
 
-def _speed(model: Any, length: int, steps: int = 16) -> dict[str, Any]:
-    """Prefill and per-step decoding speed with the KV cache, the context ending at ``length``.
-
-    One warm-up call (same shapes: compilation and allocation happen there), then one
-    ``generate`` whose steps are time-stamped as their logits arrive: prefill is the time to
-    the first logits, decoding the median interval between steps. ``generate`` picks the
-    cache the model is set up for; its tensors' bytes are the cache memory.
-    """
-    prompt = length - steps - 1  # with ``steps`` decode forwards the context ends at ``length``
-    if prompt < 1:
-        raise ValueError(f"speed needs a length above {steps + 1} tokens, got {length}")
-    device = next(model.parameters()).device
-    ids = torch.randint(0, 200, (1, prompt), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(device)
-    stamps: list[float] = []
-
-    def stamp(input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        stamps.append(time.perf_counter())
-        return scores
-
-    def run(new: int) -> Any:
-        return model.generate(
-            ids,
-            attention_mask=torch.ones_like(ids),  # a token equal to the pad id is no padding
-            use_cache=True,
-            max_new_tokens=new,
-            min_new_tokens=new,
-            do_sample=False,
-            pad_token_id=0,
-            logits_processor=LogitsProcessorList([stamp]),
-            return_dict_in_generate=True,
-        )
-
-    with torch.no_grad():
-        run(2)  # warm-up
-        stamps.clear()
-        with peak_memory(device) as memory:
-            start = time.perf_counter()
-            out = run(steps + 1)
-    step = statistics.median(b - a for a, b in itertools.pairwise(stamps))
-    return {
-        "prefill_tokens": prompt,
-        "prefill_tokens_per_s": prompt / (stamps[0] - start),
-        "decode_steps": len(stamps) - 1,
-        "decode_step_ms": step * 1e3,
-        "decode_tokens_per_s": 1 / step,
-        "cache_mb": cache_bytes(out.cache) / 2**20,
-        "peak_memory_mb": memory["peak_memory_mb"],
-    }
-
-
-def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor a cache holds (keys, values, and whatever else its layers keep)."""
-    seen: dict[int, int] = {}
-    for holder in [cache, *getattr(cache, "layers", [])]:
-        for value in vars(holder).values():
-            items = value.values() if isinstance(value, dict) else value
-            for item in items if isinstance(items, list | tuple) else [items]:
-                if isinstance(item, torch.Tensor):
-                    seen[id(item)] = item.numel() * item.element_size()
-    return sum(seen.values())
-
-
 def _grid(
     config: EvalConfig, loaded: list[tuple[Path, Any, PreTrainedTokenizerBase]]
 ) -> list[tuple[str, int, tuple[float, ...], Path]]:
@@ -324,4 +257,4 @@ def _run(
         return needles(model, tok, length, trials=config.trials)
     if task == "selection":
         return selection(model, max(documents, key=len), length)
-    return _speed(model, length)
+    return decode_speed(model, length)

@@ -10,6 +10,7 @@ from longswap.swap.model import (
     restore,
     supported_length,
     swap_attention,
+    swap_spec,
 )
 from longswap.swap.persist import load, save
 from longswap.swap.spec import SwapSpec
@@ -29,4 +30,5 @@ __all__ = [
     "save",
     "supported_length",
     "swap_attention",
+    "swap_spec",
 ]

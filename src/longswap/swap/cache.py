@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicLayer
 
 from longswap.patterns import SlidingWindow
-from longswap.swap.attention import CACHE_LAYER_ATTR, spec_of
+from longswap.swap.attention import CACHE_LAYER_ATTR
+from longswap.swap.model import swap_spec
 
 
 class SinkWindowLayer(DynamicLayer):
@@ -148,9 +149,10 @@ def sparse_cache(model: Any) -> Cache:
     the summaries, its static keys and its selected blocks); all others keep everything,
     as the default cache does. Batches must not contain padding.
     """
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    spec = spec_of(inner.config)
-    modules = {m.layer_idx: m for m in inner.modules() if hasattr(m, "layer_idx")}
+    spec = swap_spec(model)
+    if spec is None:
+        raise ValueError("sparse_cache is for swapped models; this one is not swapped")
+    modules = {m.layer_idx: m for m in model.modules() if hasattr(m, "layer_idx")}
     layers: list[DynamicLayer] = []
     for i in range(len(spec.layers)):
         pattern = spec.pattern(i)

@@ -384,3 +384,9 @@ def supported_length(model: Any) -> int:
     record = getattr(inner.config, CONFIG_KEY, None)
     swapped = SwapSpec.from_dict(record).positions.get("max_length") if record else None
     return max(inner.config.max_position_embeddings, swapped or 0)
+
+
+def swap_spec(model: Any) -> SwapSpec | None:
+    """The swap of ``model`` (PEFT-wrapped or not), or None when it is not swapped."""
+    record = getattr(_base_model(model).config, CONFIG_KEY, None)
+    return None if record is None else SwapSpec.from_dict(record)
