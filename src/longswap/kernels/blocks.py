@@ -168,15 +168,16 @@ def selected_tiles(
     hkv: int,
     kv_len: int,
     block_size: int,
-    static: Pattern | None = None,
+    union: SelectionUnion | None = None,
 ) -> tuple[TileSet, ...]:
     """Tiles for the selected blocks: ``Selection.select_blocks``'s ``(blocks, chosen)``,
     each ``(B, Hq, Lq, P)``.
 
     One tile per key block, holding every query row (of every query head sharing the key
-    head) that selected it (:func:`longswap.kernels.topk.group_by_block`). ``static``: a
-    head-independent pattern whose keys the other tiles already cover; they are left out
-    here, so that no key counts twice.
+    head) that selected it (:func:`longswap.kernels.topk.group_by_block`). With a
+    ``union``, the keys its static part shows are left out (the static tiles cover them,
+    and no key may count twice): the few (row, block) pairs where the static part shows
+    some of the block go to tiles of their own, with a mask; the others need none.
     """
     batch, hq, q_len, _ = blocks.shape
     arange = functools.partial(torch.arange, device=blocks.device)
@@ -186,24 +187,36 @@ def selected_tiles(
     n_kv_blocks = -(-kv_len // block_size)  # blocks per key head in the blocked key space
     key_block = head[..., None] * n_kv_blocks + blocks
     sentinel = batch * hq * q_len
-    tiles = group_by_block(
-        row[..., None].expand_as(blocks)[chosen],
-        key_block[chosen],
-        batch * hkv * n_kv_blocks,
-        sentinel,
-    )
+    rows, key_blocks = row[..., None].expand_as(blocks)[chosen], key_block[chosen]
+    parts = [(rows, key_blocks, None)]
+    if union is not None:
+        some, _ = union.static_cover(q_len, kv_len, blocks.device)  # (Lq, n)
+        mixed = some[rows % q_len, key_blocks % n_kv_blocks]
+        parts = [(rows[~mixed], key_blocks[~mixed], None), (rows[mixed], key_blocks[mixed], union)]
     out = []
-    for rows, key_blocks in tiles:
-        visible = None
-        if static is not None:
-            q_pos = (rows % q_len + kv_len - q_len)[:, :, None]  # (T, W, 1)
-            k_pos = (key_blocks % n_kv_blocks * block_size)[:, None, None] + arange(block_size)
-            visible = ~static.mask_fn(kv_len)(q_pos, k_pos, torch.zeros((), device=rows.device))
-        out.append(
-            TileSet.build(
-                rows.clamp_max(sentinel - 1), 1, key_blocks[:, None], block_size, rows, visible
+    for pair_rows, pair_blocks, masked in parts:
+        if not pair_rows.numel():
+            continue
+        for tile_rows, tile_blocks in group_by_block(
+            pair_rows, pair_blocks, batch * hkv * n_kv_blocks, sentinel
+        ):
+            visible = None
+            if masked is not None:
+                q_pos = (tile_rows % q_len + kv_len - q_len)[:, :, None]  # (T, W, 1)
+                k_pos = (tile_blocks % n_kv_blocks * block_size)[:, None, None]
+                k_pos = k_pos + arange(block_size)
+                hidden = masked.static.mask_fn(kv_len)(q_pos, k_pos, arange(1))
+                visible = ~hidden
+            out.append(
+                TileSet.build(
+                    tile_rows.clamp_max(sentinel - 1),
+                    1,
+                    tile_blocks[:, None],
+                    block_size,
+                    tile_rows,
+                    visible,
+                )
             )
-        )
     return tuple(out)
 
 
@@ -266,8 +279,8 @@ def blocks_attention(
     if pattern.data_dependent:
         assert isinstance(pattern, Selection)
         selection = pattern.select_blocks(q, k, key_padding_mask, block_scores)
-        static = pattern.static if isinstance(pattern, SelectionUnion) else None
-        sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size, static)
+        union = pattern if isinstance(pattern, SelectionUnion) else None
+        sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size, union)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
     if document_ids is not None:

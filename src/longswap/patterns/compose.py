@@ -170,18 +170,27 @@ class SelectionUnion(Selection):
         """The selection's scores against its block summaries."""
         return self.selection.score_blocks(q, block_keys)
 
-    def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
-        """``(Lq, n)`` bool: complete blocks before the query's own block that the static
-        pattern does not show in full to every query of that block."""
+    def static_cover(
+        self, q_len: int, kv_len: int, device: torch.device | str = "cpu"
+    ) -> tuple[Tensor, Tensor]:
+        """``(some, every)``, each ``(Lq, n)`` bool over the ``n`` complete key blocks: the
+        static pattern shows some key of the block to some query of the query's (aligned)
+        block; it shows every key of the block to every query of that block."""
         device, bs = torch.device(device), self.block_size
         first, last = (kv_len - q_len) // bs, (kv_len - 1) // bs
         # Aligned query blocks first..last against aligned key blocks 0..last.
         grid = TileGrid((last - first + 1) * bs, (last + 1) * bs, bs, device)
-        _, full = self.static._tiles(grid, 1)
-        full = full & (grid.k_bounds[1] <= grid.q_bounds[0])  # (nQ, nK), or (1, nQ, nK)
-        full = full.reshape(-1, *full.shape[-2:])[0]
+        (q_lo, q_hi), (k_lo, k_hi) = grid.q_bounds, grid.k_bounds
         rows = torch.arange(kv_len - q_len, kv_len, device=device) // bs - first
-        shown = full[rows, : self.num_candidate_blocks(kv_len)]
+        n = self.num_candidate_blocks(kv_len)
+        some, every = self.static._tiles(grid, 1)
+        some, every = some & (k_lo <= q_hi), every & (k_hi <= q_lo)  # (nQ, nK), or (1, nQ, nK)
+        return tuple(x.reshape(-1, *x.shape[-2:])[0][rows, :n] for x in (some, every))
+
+    def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
+        """``(Lq, n)`` bool: complete blocks before the query's own block that the static
+        pattern does not show in full to every query of that block."""
+        _, shown = self.static_cover(q_len, kv_len, device)
         return super().candidates(q_len, kv_len, device) & ~shown
 
 
