@@ -239,7 +239,7 @@ def test_attention_transfer_teaches_sparse_layers_dense_outputs(pattern):
         transfer = AttentionTransfer()
         with observe(model, transfer):
             model(ids)
-        assert len(transfer.losses) == model.config.num_hidden_layers
+        assert len(transfer.pairs) == model.config.num_hidden_layers
         assert not hasattr(model.model.layers[0].self_attn, "longswap_observer")  # removed
         loss = transfer.loss()
         loss.backward()

@@ -4,9 +4,10 @@ Two probe steps (forward and backward through the trainer's own loss, no optimiz
 on one sequence of ``L/2`` and of ``L`` tokens (``L = min(seq_len, 1024)``) measure the
 memory and seconds per sequence. A step of ``batch_size x seq_len`` is extrapolated from
 them: memory linearly in the tokens, plus the optimizer's two moments per trainable
-parameter; time as ``a L + b L^2`` per sequence, so that the part of attention that grows
-with the length (dense attention's quadratic cost) shows. A run whose estimate exceeds the
-memory available is refused before its first step.
+parameter; time linearly in the tokens when every layer is swapped to a sparse pattern
+(its keys per query are bounded), and as ``a L + b L^2`` per sequence when some layer
+attends densely, so that dense attention's quadratic cost shows. A run whose estimate
+exceeds the memory available is refused before its first step.
 
 The extrapolation is an estimate: short probes miss what only long sequences allocate, and
 a machine's other load moves the time. The README compares it with measured runs.
@@ -23,6 +24,8 @@ from typing import Any
 import torch
 
 from longswap.environment import peak_memory
+from longswap.patterns import full
+from longswap.swap import swap_spec
 
 #: The longest probe sequence (the other is half of it).
 PROBE_TOKENS = 1024
@@ -112,9 +115,10 @@ def _probe(trainer: Any, model: Any, tokens: int, device: torch.device) -> tuple
     return seconds, memory["peak_memory_mb"]
 
 
-def estimate(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
+def estimate(trainer: Any, seq_len: int, batch_size: int, steps: int, dense: bool = True) -> Budget:
     """Probe ``trainer``'s model (in training mode, its trainable parameters as configured)
-    and extrapolate a step of ``batch_size`` sequences of ``seq_len`` tokens."""
+    and extrapolate a step of ``batch_size`` sequences of ``seq_len`` tokens; ``dense``:
+    some layer attends densely (time then grows with the square of the length)."""
     model = trainer.model
     device = next(model.parameters()).device
     long = min(seq_len, PROBE_TOKENS)
@@ -128,7 +132,7 @@ def estimate(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
         model.train(was_training)
     (l1, t1, m1), (l2, t2, m2) = probes
     # Time per sequence a L + b L^2 through both probes (b >= 0: never faster than linear).
-    b = max((t2 / l2 - t1 / l1) / (l2 - l1), 0.0) if l2 > l1 else 0.0
+    b = max((t2 / l2 - t1 / l1) / (l2 - l1), 0.0) if dense and l2 > l1 else 0.0
     a = t2 / l2 - b * l2
     # Memory: per token from the probes' difference; the rest does not grow with the batch.
     per_token = max(m2 - m1, 0.0) / (l2 - l1) if l2 > l1 else m2 / l2
@@ -147,7 +151,9 @@ def estimate(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
 
 def check_budget(trainer: Any, seq_len: int, batch_size: int, steps: int) -> Budget:
     """:func:`estimate`, printed; raises ValueError when the step cannot fit in memory."""
-    budget = estimate(trainer, seq_len, batch_size, steps)
+    spec = swap_spec(trainer.model)
+    dense = spec is None or any(spec.pattern(i) == full() for i in range(len(spec.layers)))
+    budget = estimate(trainer, seq_len, batch_size, steps, dense)
     print(budget.summary(), flush=True)
     problem = budget.problem()
     if problem:

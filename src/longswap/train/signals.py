@@ -2,7 +2,11 @@
 
 An observer is installed on a swapped model for one forward pass; each swapped layer hands
 it its attention call, and the observer keeps what the loss needs. Nothing global, nothing
-written into transformers' objects.
+written into transformers' objects. Inside the call an observer only computes its targets
+(without gradients) and keeps tensors; the losses are formed in ``loss()``, after the
+forward. Under activation checkpointing the layer's forward runs again in the backward
+pass, without the observer, and must save exactly the tensors it saved the first time:
+an operation with gradients inside the call would break that.
 """
 
 from __future__ import annotations
@@ -23,10 +27,10 @@ class AttentionTransfer:
     LoLCATs attention-transfer idea)."""
 
     def __init__(self) -> None:
-        self.losses: list[Tensor] = []
+        self.pairs: list[tuple[Tensor, Tensor]] = []
 
     def __call__(self, call: AttentionCall) -> None:
-        """Record the layer's transfer loss."""
+        """Keep the layer's output and its dense teacher."""
         with torch.no_grad():
             dense = F.scaled_dot_product_attention(
                 call.query,
@@ -36,13 +40,13 @@ class AttentionTransfer:
                 scale=call.scale,
                 enable_gqa=call.query.shape[1] != call.key.shape[1],
             )
-        self.losses.append(F.mse_loss(call.output.float(), dense.float()))
+        self.pairs.append((call.output, dense))
 
     def loss(self) -> Tensor:
         """The mean over the layers seen in this forward."""
-        if not self.losses:
+        if not self.pairs:
             raise ValueError("attention transfer needs a swapped model: no layer reported")
-        return torch.stack(self.losses).mean()
+        return torch.stack([F.mse_loss(o.float(), d.float()) for o, d in self.pairs]).mean()
 
 
 class SelectorDistillation:
@@ -57,10 +61,10 @@ class SelectorDistillation:
 
     def __init__(self, selected_only: bool = False) -> None:
         self.selected_only = selected_only
-        self.losses: list[Tensor] = []
+        self.terms: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def __call__(self, call: AttentionCall) -> None:
-        """Record the layer's distillation loss (layers without a selector are skipped)."""
+        """Keep the layer's scores and dense target (layers without a selector are skipped)."""
         scores = call.block_scores
         if scores is None:
             return
@@ -70,13 +74,13 @@ class SelectorDistillation:
         selected = None
         if self.selected_only:
             selected = top_blocks(scores.detach(), candidates, pattern.top_k)
-        self.losses.append(selector_kl(scores, target, candidates, selected))
+        self.terms.append((scores, target, candidates, selected))
 
     def loss(self) -> Tensor:
         """The mean over the layers seen in this forward."""
-        if not self.losses:
+        if not self.terms:
             raise ValueError(
                 "selector distillation needs a model with learned selection: no layer reported "
                 "selector scores"
             )
-        return torch.stack(self.losses).mean()
+        return torch.stack([selector_kl(*term) for term in self.terms]).mean()
