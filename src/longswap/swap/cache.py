@@ -81,22 +81,52 @@ class SinkWindowLayer(DynamicLayer):
 
 
 class BlockSummaryLayer(DynamicLayer):
-    """Keeps every key and value of one layer, and a summary of each complete key block."""
+    """Keeps every key and value of one layer, and a summary of each complete key block.
+
+    Keys and values live in buffers that double when full, and ``keys``/``values`` are views
+    of their filled part: appending a token costs O(1), where concatenating (transformers'
+    ``DynamicLayer``) copies the whole cache at every step.
+    """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self._module = weakref.ref(module)
         self._summaries: Tensor | None = None
+        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]:
         """Append the states and hand this layer to the attention call that follows."""
-        keys, values = super().update(key_states, value_states, *args, **kwargs)
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.keys, self.values = self._append(key_states, value_states)
         module = self._module()
         if module is not None:
             module.__dict__[CACHE_LAYER_ATTR] = self
-        return keys, values
+        return self.keys, self.values
+
+    def _append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Views of the buffers after writing the new states at the end of the filled part."""
+        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0  # empty until the first
+        new = keys.shape[-2]
+        buffers = self._buffers
+        if (
+            buffers is None
+            or buffers[0].data_ptr() != self.keys.data_ptr()  # replaced (reordered, cropped)
+            or buffers[0].shape[:2] != keys.shape[:2]
+            or buffers[0].shape[-2] < length + new
+        ):
+            capacity = max(2 * (length + new), 256)
+            grown = []
+            for old, fresh in ((self.keys, keys), (self.values, values)):
+                buffer = fresh.new_empty(*fresh.shape[:2], capacity, fresh.shape[-1])
+                buffer[..., :length, :] = old[..., :length, :] if length else 0
+                grown.append(buffer)
+            buffers = self._buffers = (grown[0], grown[1])
+        for buffer, fresh in zip(buffers, (keys, values), strict=True):
+            buffer[..., length : length + new, :] = fresh
+        return buffers[0][..., : length + new, :], buffers[1][..., : length + new, :]
 
     def block_keys(
         self, keys: Tensor, summarize: Callable[[Tensor], Tensor], block_size: int
