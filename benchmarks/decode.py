@@ -99,7 +99,7 @@ def main() -> None:
                     model, ARMS[arm], max_length=context if context > trained else None
                 )
             elif context > trained:
-                longswap.extend_positions(model, context)
+                longswap.swap.extend_positions(model, context)
             result = decode_speed(model, context, steps=args.steps, warmup_prompt=args.warmup)
             rows.append({"arm": arm, "pattern": ARMS[arm] or "dense", "context": context} | result)
             print(

@@ -78,12 +78,15 @@ def decode_speed(
 
 
 def cache_bytes(cache: Any) -> int:
-    """Bytes of every tensor a cache holds (keys, values, and whatever else its layers keep)."""
+    """Bytes of memory a cache holds: every tensor its layers keep (keys, values, block
+    summaries, buffers), each storage counted once and whole (a view of a buffer counts
+    the buffer, spare capacity included)."""
     seen: dict[int, int] = {}
     for holder in [cache, *getattr(cache, "layers", [])]:
         for value in vars(holder).values():
             items = value.values() if isinstance(value, dict) else value
             for item in items if isinstance(items, list | tuple) else [items]:
                 if isinstance(item, torch.Tensor):
-                    seen[id(item)] = item.numel() * item.element_size()
+                    storage = item.untyped_storage()
+                    seen[storage.data_ptr()] = storage.nbytes()
     return sum(seen.values())

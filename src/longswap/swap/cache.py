@@ -83,9 +83,10 @@ class SinkWindowLayer(DynamicLayer):
 class BlockSummaryLayer(DynamicLayer):
     """Keeps every key and value of one layer, and a summary of each complete key block.
 
-    Keys and values live in buffers that double when full, and ``keys``/``values`` are views
-    of their filled part: appending a token costs O(1), where concatenating (transformers'
-    ``DynamicLayer``) copies the whole cache at every step.
+    Keys and values live in buffers that grow by a quarter (and 256 tokens) when full, and
+    ``keys``/``values`` are views of their filled part: appending a token costs O(1)
+    amortised, where concatenating (transformers' ``DynamicLayer``) copies the whole cache
+    at every step.
     """
 
     def __init__(self, module: nn.Module) -> None:
@@ -117,7 +118,7 @@ class BlockSummaryLayer(DynamicLayer):
             or buffers[0].shape[:2] != keys.shape[:2]
             or buffers[0].shape[-2] < length + new
         ):
-            capacity = max(2 * (length + new), 256)
+            capacity = (length + new) * 5 // 4 + 256
             grown = []
             for old, fresh in ((self.keys, keys), (self.values, values)):
                 buffer = fresh.new_empty(*fresh.shape[:2], capacity, fresh.shape[-1])
