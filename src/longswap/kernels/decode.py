@@ -54,6 +54,8 @@ def selection_decode(
 
     Equals the dense oracle; rows with no visible key are zero.
     """
+    if q.shape[2] == 1:
+        return _one_query(q, k, v, pattern, scale, block_scores)
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group, size, device = hq // hkv, pattern.block_size, q.device
@@ -84,3 +86,37 @@ def selection_decode(
     probs = torch.softmax(logits, -1).view(batch, hkv, group * q_len, -1)
     out = (probs @ values).view(batch, hq, q_len, v.shape[-1])
     return (out * visible.any(-1, keepdim=True)).to(q.dtype)
+
+
+def _one_query(
+    q: Tensor, k: Tensor, v: Tensor, pattern: Selection, scale: float, scores: Tensor | None
+) -> Tensor:
+    """:func:`selection_decode` for one query row (a plain decoding step), in few operations:
+    each KV head gathers its static keys and the selected blocks of its query heads (one
+    shared selection per group, or one per head, each head masked to its own)."""
+    batch, hq, _, dim = q.shape
+    hkv, kv_len = k.shape[1], k.shape[2]
+    group, size, device = hq // hkv, pattern.block_size, q.device
+    static = pattern.dense_mask(1, kv_len, device=device)[0, 0]  # (L,)
+    static_keys = torch.nonzero(static).squeeze(1)  # (S,): all seen by the query
+    blocks, chosen = pattern.select_blocks(q, k, block_scores=scores)  # (B, Hq, 1, P)
+    places = blocks.shape[-1]
+    if scores is not None and scores.shape[1] == hkv:  # one selection per KV group
+        slots = blocks[:, ::group, 0]  # (B, Hkv, P)
+        mine = chosen[:, :, 0]  # (B, Hq, P): each head sees the group's blocks
+    else:  # one selection per head: the group gathers all, each head sees its own P slots
+        slots = blocks[:, :, 0].reshape(batch, hkv, group * places)
+        own = torch.eye(group, dtype=torch.bool, device=device)  # (G, G): head, slot group
+        mine = own[None, None, :, :, None] & chosen.view(batch, hkv, 1, group, places)
+        mine = mine.reshape(batch, hq, group * places)
+    block_pos = (slots[..., None] * size + torch.arange(size, device=device)).flatten(-2)
+    # Keys of a selected block that the static part shows are counted there, not twice.
+    fresh = ~static[block_pos].repeat_interleave(group, 1)  # (B, Hq, slots * size)
+    visible = mine.repeat_interleave(size, -1) & fresh
+    index = torch.cat([static_keys.expand(batch, hkv, -1), block_pos], -1)  # (B, Hkv, M)
+    keys, values = _gather(k, index), _gather(v, index)
+    logits = q.float().view(batch, hkv, group, dim) @ keys.transpose(-1, -2) * scale
+    logits = logits.view(batch, hq, -1)
+    logits[:, :, static_keys.numel() :].masked_fill_(~visible, torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, -1).view(batch, hkv, group, -1)
+    return (probs @ values).view(batch, hq, 1, v.shape[-1]).to(q.dtype)
