@@ -216,7 +216,8 @@ def tables(record: dict) -> str:
     for arm in arms:
         share = f"{kept[arm]:.0%}" if arm in kept else ""
         cells = [cell(arm, "ppl", n, ppl) for n in lengths]
-        out.append(f"| {arm} | `{ARMS[arm]}` | " + " | ".join(cells) + f" | {share} |")
+        pattern = ARMS[arm].replace("|", "\\|")  # a union's | would end the table cell
+        out.append(f"| {arm} | `{pattern}` | " + " | ".join(cells) + f" | {share} |")
     out += ["", "| arm | " + " | ".join(f"passkey {n}" for n in keys) + " |"]
     out.append("|---|" + "---:|" * len(keys))
     for arm in arms:

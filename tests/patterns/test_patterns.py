@@ -268,3 +268,35 @@ def test_block_view_covers_element_view(pattern, q_len, extra, block_size):
     all_pairs = (tiles | ~real.permute(0, 1, 2, 3)).all(4).all(2)
     assert not (any_pair & ~listed).any(), "a visible pair lies in an unlisted block"
     assert not (full_map & ~all_pairs).any(), "a block called full has a hidden pair"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        full(),
+        sliding_window(40, sinks=4),
+        sliding_window(7),
+        dilated(8, 1),
+        dilated(8, 3),
+        sliding_window(16) | dilated(4, 40),
+        sliding_window(16) & full(),
+        block_topk(16, 3),
+        learned_topk(16, 3),
+        sliding_window(20, sinks=2) | block_topk(16, 2),
+        local_global(8, [0, 5]),
+    ],
+    ids=str,
+)
+def test_a_pattern_covers_a_length_only_when_it_is_dense_there(pattern):
+    g = torch.Generator().manual_seed(0)
+    for length in [1, 7, 8, 44, 48, 49, 64, 65, 100]:
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        if pattern.data_dependent:
+            q = torch.randn(1, 2, length, 4, generator=g)
+            k = torch.randn(1, 1, length, 4, generator=g)
+            scores = torch.randn(1, 1, length, length // 16, generator=g)
+            visible = pattern.token_mask(q, k, block_scores=scores)[0, 0]
+        else:
+            visible = pattern.dense_mask(length, length)[0]
+        if pattern.covers(length):
+            assert torch.equal(visible, causal), length

@@ -123,6 +123,8 @@ def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool 
     ``plain``: no key padding mask and no document ids.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
+    if plain and pattern is not None and pattern.covers(kv_len):
+        return False  # dense attention at this length: SDPA's kernel (``blocks``) is best
     if q.device.type == "cuda":
         return q_len * kv_len <= CUDA_DENSE_PAIRS
     if plain and pattern is not None and window_kernel_applies(pattern, q):

@@ -34,7 +34,7 @@ from longswap.kernels.decode import DECODE_ROWS, selection_decode
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
 from longswap.kernels.window_cpu import window_attention, window_kernel_applies
-from longswap.patterns import BlockStructure, BlockTopK, Pattern, Selection, SelectionUnion, full
+from longswap.patterns import BlockStructure, BlockTopK, Pattern, Selection, SelectionUnion
 from longswap.patterns.base import compact
 
 #: Query rows a tile should hold at least: the CPU flash kernel works on slices of 32 rows
@@ -260,7 +260,7 @@ def blocks_attention(
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None and document_ids is None
-    if plain and pattern == full():
+    if plain and pattern.covers(kv_len):  # dense attention here: SDPA's causal kernel
         return causal_attention(q, k, v, scale)
     if plain and not force_math and window_kernel_applies(pattern, q):
         return window_attention(q, k, v, pattern, scale)

@@ -202,6 +202,11 @@ class Pattern:
         """Largest distance ``q - kv`` a query may see, or None when unbounded."""
         return None
 
+    def covers(self, kv_len: int) -> bool:
+        """True when, among the first ``kv_len`` positions, every causal pair is visible (the
+        pattern is dense attention there); False when some pair is hidden, or unknown."""
+        return False
+
     # -- what every pattern gets -------------------------------------------------------
     def mask_fn(
         self, kv_len: int, num_heads: int = 1, device: torch.device | str = "cpu"

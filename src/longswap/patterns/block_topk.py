@@ -54,6 +54,11 @@ class Selection(Pattern):
         """Complete key blocks, the only ones a query can select."""
         return kv_len // self.block_size
 
+    def covers(self, kv_len: int) -> bool:
+        """Dense while ``top_k`` places hold every complete block (each query sees its own
+        block and selects all earlier ones)."""
+        return self.num_candidate_blocks(kv_len) <= self.top_k
+
     def candidates(self, q_len: int, kv_len: int, device: torch.device | str = "cpu") -> Tensor:
         """``(Lq, n)`` bool: the complete key blocks each query may select (those before
         its own block)."""

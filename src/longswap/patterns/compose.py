@@ -77,6 +77,10 @@ class Union(_Composite):
         reaches = [p.reach() for p in self.parts]
         return None if None in reaches else max(reaches)
 
+    def covers(self, kv_len: int) -> bool:
+        """Dense when some part is (a sufficient condition)."""
+        return any(p.covers(kv_len) for p in self.parts)
+
 
 @dataclass(frozen=True)
 class Intersection(_Composite):
@@ -89,6 +93,10 @@ class Intersection(_Composite):
         """The nearest of the parts' bounded reaches."""
         reaches = [r for r in (p.reach() for p in self.parts) if r is not None]
         return min(reaches) if reaches else None
+
+    def covers(self, kv_len: int) -> bool:
+        """Dense when every part is."""
+        return all(p.covers(kv_len) for p in self.parts)
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,10 @@ class SelectionUnion(Selection):
     def needs_selector(self) -> bool:  # type: ignore[override]
         """Whether the selection's scores come from a learned selector."""
         return self.selection.needs_selector
+
+    def covers(self, kv_len: int) -> bool:
+        """Dense when the static part is, or when every candidate block is selected."""
+        return self.static.covers(kv_len) or super().covers(kv_len)
 
     def check_heads(self, num_heads: int) -> None:
         """Every part must accept the head count."""

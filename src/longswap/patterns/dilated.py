@@ -34,6 +34,10 @@ class Dilated(Pattern):
         """The farthest visible key is ``(window - 1) * dilation`` back."""
         return (self.window - 1) * self.dilation
 
+    def covers(self, kv_len: int) -> bool:
+        """Dense only without gaps, over a window as long as the keys."""
+        return self.dilation == 1 and self.window >= kv_len
+
     def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
         span = self.window * self.dilation
         return lambda q, kv, h: ((q - kv) % self.dilation == 0) & (q - kv < span)

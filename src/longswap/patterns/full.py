@@ -17,6 +17,11 @@ class Full(Pattern):
     """Every query sees every earlier key and itself."""
 
     name = "full"
+
+    def covers(self, kv_len: int) -> bool:
+        """Always dense."""
+        return True
+
     translation_invariant = True
 
     def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:

@@ -39,6 +39,10 @@ class SlidingWindow(Pattern):
         """A window reaches ``window - 1`` back; sinks reach arbitrarily far."""
         return None if self.sinks else self.window - 1
 
+    def covers(self, kv_len: int) -> bool:
+        """Dense while the window and the sinks together span every earlier key."""
+        return self.window + self.sinks >= kv_len
+
     def _mask_fn(self, kv_len: int, num_heads: int, device: torch.device) -> MaskFn:
         if not self.sinks:  # the common case: one comparison per pair (flex evaluates it)
             return lambda q, kv, h: q - kv < self.window
