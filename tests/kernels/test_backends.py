@@ -258,19 +258,23 @@ def test_auto_choice():
     assert resolve_backend("auto", step, keys_64k, keys_64k, window_sinks, False) == "blocks"
     # Selections decode from their selected blocks (kernels/decode.py), without padding.
     assert resolve_backend("auto", step, keys_8k, keys_8k, block_topk(128, 4)) == "blocks"
-    assert resolve_backend("auto", step, keys_512, keys_512, block_topk(128, 4)) == "reference"
+    keys_1k = torch.randn(1, 2, 1024, 8)
+    assert resolve_backend("auto", step, keys_1k, keys_1k, block_topk(128, 4)) == "reference"
+    # A pattern that is dense at this length (four places, four blocks) runs SDPA's kernel.
+    assert resolve_backend("auto", step, keys_512, keys_512, block_topk(128, 4)) == "blocks"
     topk = block_topk(128, 4)
     assert resolve_backend("auto", step, keys_8k, keys_8k, topk, False) == "reference"
     # Prompts: block selection has more to set up than a static pattern.
     prompt_128 = torch.randn(1, 2, 128, 8)
-    assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, block_topk(128, 4)) == (
+    assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, block_topk(16, 2)) == (
         "reference"
     )
     assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, window_sinks) == "blocks"
     with torch.no_grad():  # bfloat16: no kernel, a small call stays on the oracle
-        assert resolve_backend("auto", small.bfloat16(), small, small, window_sinks) == (
-            "reference"
-        )
+        keys = prompt_128.bfloat16()  # longer than the window and sinks: not dense
+        assert resolve_backend("auto", small.bfloat16(), keys, keys, window_sinks) == ("reference")
+        # Dense at this length (4 keys inside the window): SDPA's kernel, through blocks.
+        assert resolve_backend("auto", small.bfloat16(), small, small, window_sinks) == "blocks"
 
 
 @pytest.mark.parametrize("pattern", PATTERNS, ids=str)
