@@ -75,11 +75,6 @@ def base_model(name: str, longest: int) -> torch.nn.Module:
     return load_gguf(smollm2_path()).to(torch.bfloat16).eval()
 
 
-def SEED() -> torch.Generator:  # noqa: N802 (a constant, made fresh)
-    """The prompt's random generator."""
-    return torch.Generator().manual_seed(0)
-
-
 def arm_model(base: torch.nn.Module, pattern: str | None, context: int, trained: int) -> Any:
     """A copy of ``base`` swapped to ``pattern`` (None: dense), positions extended past
     ``trained`` when ``context`` needs it."""
@@ -131,7 +126,9 @@ def main() -> None:
     rows = []
     for context in args.contexts:
         models = {arm: arm_model(base, ARMS[arm], context, trained) for arm in args.arms}
-        prompt = torch.randint(0, 200, (1, context - args.steps - 2), generator=SEED())
+        prompt = torch.randint(
+            0, 200, (1, context - args.steps - 2), generator=torch.Generator().manual_seed(0)
+        )
         states, prefill = {}, {}
         for arm, model in models.items():  # warm-up, then the timed prefill
             prefill_and_step(model, prompt[:, : args.warmup])

@@ -16,6 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
+from longswap.kernels.reference import masked_attention
 from longswap.patterns import Selection
 from longswap.patterns.base import compact
 
@@ -24,7 +25,7 @@ DECODE_ROWS = 16
 
 
 def _gather(x: Tensor, index: Tensor) -> Tensor:
-    """Rows ``index (B, Hkv, M)`` of x ``(B, Hkv, L, D)``, as float32 ``(B, Hkv, M, D)``.
+    """Rows ``index (B, Hkv, M)`` of x ``(B, Hkv, L, D)``, as ``(B, Hkv, M, D)``.
 
     Whole rows are copied at once (much faster than an element-wise gather), read in place
     when x is a view into a larger buffer (a growing cache's), never copied whole.
@@ -38,7 +39,7 @@ def _gather(x: Tensor, index: Tensor) -> Tensor:
     arange = functools.partial(torch.arange, device=x.device)
     base = arange(batch).view(batch, 1, 1) * step_b + arange(heads).view(1, heads, 1) * step_h
     rows = torch.index_select(flat, 0, (index + base).reshape(-1))
-    return rows.view(batch, heads, -1, dim).float()
+    return rows.view(batch, heads, -1, dim)
 
 
 def selection_decode(
@@ -56,7 +57,7 @@ def selection_decode(
     """
     if q.shape[2] == 1:
         return _one_query(q, k, v, pattern, scale, block_scores)
-    batch, hq, q_len, dim = q.shape
+    batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group, size, device = hq // hkv, pattern.block_size, q.device
     static = pattern.dense_mask(q_len, kv_len, device=device)[0]  # (Lq, L)
@@ -79,13 +80,7 @@ def selection_decode(
         ],
         -1,
     )  # (B, Hq, Lq, M)
-    keys, values = _gather(k, index), _gather(v, index)
-    rows = q.float().reshape(batch, hkv, group * q_len, dim)
-    logits = (rows @ keys.transpose(-1, -2)).view(batch, hq, q_len, -1) * scale
-    logits = logits.masked_fill(~visible, torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, -1).view(batch, hkv, group * q_len, -1)
-    out = (probs @ values).view(batch, hq, q_len, v.shape[-1])
-    return (out * visible.any(-1, keepdim=True)).to(q.dtype)
+    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale)
 
 
 def _one_query(
@@ -94,7 +89,7 @@ def _one_query(
     """:func:`selection_decode` for one query row (a plain decoding step), in few operations:
     each KV head gathers its static keys and the selected blocks of its query heads (one
     shared selection per group, or one per head, each head masked to its own)."""
-    batch, hq, _, dim = q.shape
+    batch, hq = q.shape[:2]
     hkv, kv_len = k.shape[1], k.shape[2]
     group, size, device = hq // hkv, pattern.block_size, q.device
     static = pattern.dense_mask(1, kv_len, device=device)[0, 0]  # (L,)
@@ -112,11 +107,7 @@ def _one_query(
     block_pos = (slots[..., None] * size + torch.arange(size, device=device)).flatten(-2)
     # Keys of a selected block that the static part shows are counted there, not twice.
     fresh = ~static[block_pos].repeat_interleave(group, 1)  # (B, Hq, slots * size)
-    visible = mine.repeat_interleave(size, -1) & fresh
+    seen = torch.ones(batch, hq, static_keys.numel(), dtype=torch.bool, device=device)
+    visible = torch.cat([seen, mine.repeat_interleave(size, -1) & fresh], -1)[:, :, None]
     index = torch.cat([static_keys.expand(batch, hkv, -1), block_pos], -1)  # (B, Hkv, M)
-    keys, values = _gather(k, index), _gather(v, index)
-    logits = q.float().view(batch, hkv, group, dim) @ keys.transpose(-1, -2) * scale
-    logits = logits.view(batch, hq, -1)
-    logits[:, :, static_keys.numel() :].masked_fill_(~visible, torch.finfo(torch.float32).min)
-    probs = torch.softmax(logits, -1).view(batch, hkv, group, -1)
-    return (probs @ values).view(batch, hq, 1, v.shape[-1]).to(q.dtype)
+    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale)

@@ -44,9 +44,16 @@ def reference_attention(
 
     Rows with no visible key are zero. Computed in float32 whatever the input dtype.
     """
+    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids, block_scores)
+    return masked_attention(q, k, v, mask, scale)
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """Softmax attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, M, D)`` where ``mask``
+    (broadcastable to ``(B, Hq, Lq, M)``) is True, in float32; rows with no visible key are
+    zero. The oracle passes every key; the decoding path only the keys it gathered."""
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids, block_scores)
     # Query head h reads key head h // (Hq / Hkv): group the query heads of each key head
     # as extra rows instead of copying keys and values per query head.
     rows = q.float().reshape(batch, hkv, -1, q.shape[-1])
