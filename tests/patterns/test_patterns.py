@@ -90,9 +90,13 @@ def test_shifted_groups_never_see_the_future():
     assert not torch.triu(mask, diagonal=1).any()
 
 
-def test_shifted_groups_need_even_heads():
-    with pytest.raises(ValueError, match="num_heads must be even, got 3"):
-        shifted_groups(4).dense_mask(8, 8, 3)
+def test_shifted_groups_split_odd_heads_with_the_larger_part_shifted():
+    mask = shifted_groups(4).dense_mask(8, 8, 3)
+    assert mask[0, 5, 4] and not mask[0, 5, 3]  # head 0 unshifted: groups [0, 4), [4, 8)
+    assert mask[1, 5, 2] and mask[2, 5, 2] and not mask[1, 5, 1]  # heads 1, 2: [2, 6)
+    assert not mask[1, 6, 5] and not mask[2, 6, 5]  # shifted heads: 6 starts a new group
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 2, got 1"):
+        shifted_groups(4).dense_mask(8, 8, 1)
 
 
 def test_bigbird_parts():

@@ -2,7 +2,8 @@
 
 Tokens attend within groups of ``group_size``. Heads ``h >= num_heads // 2`` use groups
 shifted by ``group_size // 2``: boundaries at ``group_size // 2 + k * group_size``, so their
-first group is ``[0, group_size // 2)``. There is no wrap-around: LongLoRA's ``roll`` moves
+first group is ``[0, group_size // 2)``. With an odd number of heads the shifted half is the
+larger one (9 heads: 4 unshifted, 5 shifted), so models such as SmolLM2 (9 heads) can use it. There is no wrap-around: LongLoRA's ``roll`` moves
 the last tokens into the first group, which leaks the future into the past.
 """
 
@@ -32,13 +33,8 @@ class ShiftedGroups(Pattern):
         check_int(self.name, "group_size", self.group_size, 2)
 
     def check_heads(self, num_heads: int) -> None:
-        """The heads split in two halves, so their number must be even."""
+        """The heads split into an unshifted and a shifted part, so there must be two."""
         check_int(self.name, "num_heads", num_heads, 2)
-        if num_heads % 2:
-            raise ValueError(
-                f"{self.name}: the heads are split into an unshifted and a shifted half, "
-                f"so num_heads must be even, got {num_heads}"
-            )
 
     def reach(self) -> int | None:
         """No query sees farther back than its group."""
