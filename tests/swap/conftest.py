@@ -4,8 +4,10 @@ import pytest
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GPT2Config,
     GPTNeoXConfig,
+    GptOssConfig,
     LlamaConfig,
     MistralConfig,
     Phi3Config,
@@ -30,8 +32,39 @@ CONFIGS = {
     "gpt2": lambda: GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=4, n_positions=64),
     "gpt_neox": lambda: GPTNeoXConfig(**COMMON),
     "phi3": lambda: Phi3Config(**COMMON, num_key_value_heads=2, pad_token_id=0),
+    # Soft-capped logits (weights large enough for the cap to bite) and native windows on
+    # every other layer.
+    "gemma2": lambda: Gemma2Config(
+        **COMMON,
+        initializer_range=0.3,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        attn_logit_softcapping=1.0,
+        query_pre_attn_scalar=8,
+    ),
+    # Learned sinks, native windows on every other layer, a mixture of experts.
+    "gpt_oss": lambda: GptOssConfig(
+        **(COMMON | {"intermediate_size": 32}),
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
 }
 FAMILIES = list(CONFIGS)
+
+
+def swapped_layers(model, pattern):
+    """The patterns a swap to ``pattern`` reports: the family's native windows kept."""
+    window, types = model.config.sliding_window, getattr(model.config, "layer_types", None)
+    if not window or types is None:
+        return [pattern] * model.config.num_hidden_layers
+    native = f"sliding_window(window={window}, sinks=0)"
+    own = native if pattern == "full()" else f"{pattern} & {native}"
+    return [own if t == "sliding_attention" else pattern for t in types]
 
 
 def make_model(family, seed=0, **overrides):

@@ -135,3 +135,13 @@ def test_selection_decodes_from_block_summaries(pattern, backend):
     assert cache.layers[0]._summaries.shape[:3] == (2, 2, 32 // 4)
     assert cache.layers[1].keys.shape[-2] == 33
     assert not hasattr(model.model.layers[0].self_attn, CACHE_LAYER_ATTR)  # handed back
+
+
+@pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), bigbird(4, 1, 1, 1)], ids=str)
+def test_native_window_cache_keeps_absolute_positions(pattern):
+    """transformers' cache drops keys beyond a model's own window; patterns that depend on
+    absolute positions still see each key where it was (Mistral, window 8, 30 tokens)."""
+    model = make_model("mistral", sliding_window=8)
+    longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
+    prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
+    assert_generate_equals_recomputation(model, prompt, 25)

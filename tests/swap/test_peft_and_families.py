@@ -60,11 +60,3 @@ def test_native_sliding_window_is_kept():
     torch.testing.assert_close(logits(model, ids), before, atol=1e-5, rtol=1e-5)
     report = longswap.swap_attention(model, "dilated(4, 3)")
     assert report.layers[0] == "dilated(window=4, dilation=3) & sliding_window(window=8, sinks=0)"
-
-
-def test_soft_capping_models_are_refused():
-    model = make_model("llama")
-    model.config.attn_logit_softcapping = 50.0
-    with pytest.raises(ValueError, match="soft-caps its attention logits"):
-        longswap.swap_attention(model, full())
-    assert not hasattr(model.config, "longswap")

@@ -36,7 +36,15 @@ def _layer_shares(call: AttentionCall) -> dict[str, Any] | None:
         selected = pattern.select(q, k)
     own = pattern.dense_mask(q_len, kv_len, device=q.device)
     captured, oracle = captured_mass(
-        q, k, own, selected, bs, call.scale, oracle_top_k=pattern.top_k, candidates=candidates
+        q,
+        k,
+        own,
+        selected,
+        bs,
+        call.scale,
+        oracle_top_k=pattern.top_k,
+        candidates=candidates,
+        softcap=call.softcap,
     )
     return {"layer": call.layer, "captured": captured, "oracle": oracle}
 

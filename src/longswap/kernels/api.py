@@ -120,7 +120,7 @@ CUDA_DENSE_PAIRS = 1 << 20
 def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool = True) -> bool:
     """Whether the dense oracle beats the sparse backends on this call without gradients.
 
-    ``plain``: no key padding mask and no document ids.
+    ``plain``: no key padding mask, no document ids, no soft-capping and no sinks.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     if plain and pattern is not None and pattern.covers(kv_len):
@@ -147,7 +147,8 @@ def resolve_backend(
 ) -> str:
     """The concrete backend for ``backend`` on these inputs (``auto`` decides here).
 
-    ``plain``: the call has no key padding mask and no document ids.
+    ``plain``: the call has no key padding mask, no document ids, no soft-capping and no
+    sinks.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -175,6 +176,8 @@ def sparse_attention(
     block_size: int | None = None,
     document_ids: Tensor | None = None,
     block_scores: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Attention of q ``(B, Hq, Lq, D)`` over k, v ``(B, Hkv, Lk, D)`` restricted to ``pattern``.
 
@@ -187,7 +190,10 @@ def sparse_attention(
     changes the pattern; None picks each backend's measured best (``blocks``: 128;
     ``flex``: 64 on CPU, 128 elsewhere). ``block_scores (B, Hq or Hkv, Lq, n)`` scores the
     ``n`` complete key blocks for a selection pattern (``learned_topk`` needs them: its
-    selector computes them; ``block_topk`` computes its own when None).
+    selector computes them; ``block_topk`` computes its own when None). ``softcap`` (Gemma
+    2's ``attn_logit_softcapping``) caps each scaled score ``s`` to ``softcap * tanh(s /
+    softcap)``; ``sinks (Hq,)`` (gpt-oss) are learned logits, one per query head, that join
+    each row's softmax denominator and carry no value (differentiable).
     """
     pattern = parse_pattern(pattern)
     check_inputs(q, k, v, key_padding_mask)
@@ -206,21 +212,35 @@ def sparse_attention(
         )
     if block_scores is not None and not pattern.data_dependent:
         raise ValueError(f"block_scores were given, but {pattern} selects no blocks from them")
+    check_softmax_terms(q, softcap, sinks)
     plain = key_padding_mask is None and document_ids is None
+    plain = plain and softcap is None and sinks is None
     chosen = resolve_backend(backend, q, k, v, pattern, plain)
+    extras = {"block_scores": block_scores, "softcap": softcap, "sinks": sinks}
     if chosen == "reference":
         return reference_attention(
-            q, k, v, pattern, scale, key_padding_mask, document_ids, block_scores=block_scores
+            q, k, v, pattern, scale, key_padding_mask, document_ids, **extras
         )
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
-    return run(
-        q,
-        k,
-        v,
-        pattern,
-        scale,
-        key_padding_mask,
-        block_size,
-        document_ids,
-        block_scores=block_scores,
-    )
+    return run(q, k, v, pattern, scale, key_padding_mask, block_size, document_ids, **extras)
+
+
+def check_softmax_terms(q: Tensor, softcap: float | None, sinks: Tensor | None) -> None:
+    """Raise a ValueError unless ``softcap`` is None or a finite positive number and
+    ``sinks`` is None or a floating tensor of one logit per query head on q's device."""
+    if softcap is not None and (
+        isinstance(softcap, bool) or not isinstance(softcap, Real) or not 0 < softcap < math.inf
+    ):
+        raise ValueError(
+            f"softcap must be a finite positive number (scores become softcap * tanh(s / "
+            f"softcap)) or None, got {softcap!r}"
+        )
+    if sinks is None:
+        return
+    if not isinstance(sinks, Tensor) or not sinks.is_floating_point():
+        raise ValueError(f"sinks must be a floating-point tensor of shape (Hq,), got {sinks!r}")
+    if tuple(sinks.shape) != (q.shape[1],) or sinks.device != q.device:
+        raise ValueError(
+            f"sinks must hold one logit per query head, shape ({q.shape[1]},), on {q.device}; "
+            f"got shape {tuple(sinks.shape)} on {sinks.device}"
+        )

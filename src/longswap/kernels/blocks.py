@@ -250,27 +250,32 @@ def blocks_attention(
     document_ids: Tensor | None = None,
     force_math: bool = False,
     block_scores: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Sparse attention that touches only the blocks the pattern needs (any device, autograd).
 
     ``block_size``: tile rows of the static tiles (None: 128). ``force_math`` runs the
-    device-generic tile kernels on CPU too (tests compare both).
+    device-generic tile kernels on CPU too (tests compare both). ``softcap`` and ``sinks``
+    (see ``kernels.reference``) take the tiles for every pattern (SDPA, the C++ window
+    kernel and the band path apply neither); soft-capped tiles run the generic kernels.
     """
     block_size = block_size or 128
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None and document_ids is None
-    if plain and pattern.covers(kv_len):  # dense attention here: SDPA's causal kernel
+    fast = plain and softcap is None and sinks is None
+    if fast and pattern.covers(kv_len):  # dense attention here: SDPA's causal kernel
         return causal_attention(q, k, v, scale)
-    if plain and not force_math and window_kernel_applies(pattern, q):
+    if fast and not force_math and window_kernel_applies(pattern, q):
         return window_attention(q, k, v, pattern, scale)
-    if plain and band_applies(pattern, hq):
+    if fast and band_applies(pattern, hq):
         plan = band_plan(pattern, hq, hkv, q_len, kv_len, q.device)
         if plan is not None:
             return band_attention(q, k, v, plan, scale, force_math)
     if plain and isinstance(pattern, Selection) and q_len <= DECODE_ROWS:
-        return selection_decode(q, k, v, pattern, scale, block_scores)
-    if plain and isinstance(pattern, BlockTopK):
+        return selection_decode(q, k, v, pattern, scale, block_scores, softcap, sinks)
+    if fast and isinstance(pattern, BlockTopK):
         own = own_block_plan(pattern.block_size, hq, hkv, q_len, kv_len, q.device)
         if own is not None:
             selection = pattern.select_blocks(q, k, block_scores=block_scores)
@@ -285,4 +290,5 @@ def blocks_attention(
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
     if document_ids is not None:
         sets = [_with_documents(s, document_ids, hq, hkv, q_len) for s in sets]
-    return tile_attention(q, k, v, sets, scale, force_math, not pattern.data_dependent)
+    disjoint = not pattern.data_dependent
+    return tile_attention(q, k, v, sets, scale, force_math, disjoint, softcap, sinks)

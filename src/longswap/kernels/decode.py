@@ -49,14 +49,18 @@ def selection_decode(
     pattern: Selection,
     scale: float,
     block_scores: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """``(B, Hq, Lq, Dv)``: attention of a few queries over their static keys and the blocks
     they select (``pattern.select`` with ``block_scores``), computed in float32.
 
-    Equals the dense oracle; rows with no visible key are zero.
+    Equals the dense oracle (``softcap`` and ``sinks`` as there); rows with no visible key
+    are zero.
     """
+    extras = softcap, sinks
     if q.shape[2] == 1:
-        return _one_query(q, k, v, pattern, scale, block_scores)
+        return _one_query(q, k, v, pattern, scale, block_scores, extras)
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group, size, device = hq // hkv, pattern.block_size, q.device
@@ -80,11 +84,17 @@ def selection_decode(
         ],
         -1,
     )  # (B, Hq, Lq, M)
-    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale)
+    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale, *extras)
 
 
 def _one_query(
-    q: Tensor, k: Tensor, v: Tensor, pattern: Selection, scale: float, scores: Tensor | None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Selection,
+    scale: float,
+    scores: Tensor | None,
+    extras: tuple[float | None, Tensor | None],
 ) -> Tensor:
     """:func:`selection_decode` for one query row (a plain decoding step), in few operations:
     each KV head gathers its static keys and the selected blocks of its query heads (one
@@ -110,4 +120,4 @@ def _one_query(
     seen = torch.ones(batch, hq, static_keys.numel(), dtype=torch.bool, device=device)
     visible = torch.cat([seen, mine.repeat_interleave(size, -1) & fresh], -1)[:, :, None]
     index = torch.cat([static_keys.expand(batch, hkv, -1), block_pos], -1)  # (B, Hkv, M)
-    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale)
+    return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale, *extras)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 from longswap.patterns import Pattern, Selection
 from longswap.patterns.base import MaskMod, compact
@@ -53,6 +53,17 @@ def _compiled_flex() -> Callable[..., Tensor]:
     """Compile FlexAttention once per process (the first call of a shape takes seconds)."""
     _raise_recompile_limit(torch._dynamo.config, RECOMPILE_LIMIT)
     return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=8)
+def _capping(softcap: float) -> Callable[..., Tensor]:
+    """The score modification of soft-capping (one function per cap, so that compiled
+    kernels are reused)."""
+
+    def score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.tanh(score / softcap) * softcap
+
+    return score_mod
 
 
 def _index_lists(flags: Tensor) -> tuple[Tensor, Tensor]:
@@ -153,10 +164,15 @@ def flex_attention_backend(
     block_size: int | None = None,
     document_ids: Tensor | None = None,
     block_scores: Tensor | None = None,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """Sparse attention through compiled FlexAttention (forward only on CPU).
 
     ``block_size``: the BlockMask tile; None takes :data:`DEFAULT_BLOCK` (128 by default).
+    ``softcap`` is a score modification; ``sinks (Hq,)`` rescale each row by
+    ``sigmoid(lse - sink)`` with FlexAttention's log-sum-exp (differentiable where
+    FlexAttention has a backward pass).
     """
     if block_size is None:
         block_size = DEFAULT_BLOCK.get(q.device.type, 128)
@@ -190,10 +206,24 @@ def flex_attention_backend(
     if visited is not None:
         block_mask = _block_mask(visited, full, block_size, mask_mod, q_len, kv_len)
 
+    score_mod = None if softcap is None else _capping(softcap)
+
     def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return _compiled_flex()(
-            q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.shape[1] != heads
+        run = functools.partial(
+            _compiled_flex(),
+            q,
+            k,
+            v,
+            score_mod=score_mod,
+            block_mask=block_mask,
+            scale=scale,
+            enable_gqa=k.shape[1] != heads,
         )
+        if sinks is None:
+            return run()
+        out, aux = run(return_aux=AuxRequest(lse=True))
+        keep = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # 0 where lse is -inf
+        return (out.float() * keep[..., None]).to(out.dtype)
 
     return _propagate_nan(attend(q, k, v), q, k, v, attend)
 

@@ -17,10 +17,13 @@ its backward); on other devices, through the same equations in plain torch ops.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+from longswap.kernels.reference import capped
 
 
 @dataclass(frozen=True)
@@ -125,15 +128,23 @@ def _cpu_backward(
     )
 
 
-def _scores(q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
-    s = (q @ k.transpose(-1, -2)).float() * scale
-    return s if mask is None else s + mask
+def _scores(
+    q: Tensor, k: Tensor, mask: Tensor | None, scale: float, softcap: float | None
+) -> tuple[Tensor, Tensor]:
+    """Masked scores, and the capped scores before the mask (for the cap's derivative)."""
+    s = capped((q @ k.transpose(-1, -2)).float() * scale, softcap)
+    return (s if mask is None else s + mask), s
 
 
 def _math_forward(
-    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None,
+    scale: float,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor]:
-    s = _scores(q, k, mask, scale)
+    s, _ = _scores(q, k, mask, scale, softcap)
     lse = torch.logsumexp(s, -1)
     return (torch.exp(s - lse[..., None]).to(v.dtype) @ v), lse
 
@@ -147,16 +158,27 @@ def _math_backward(
     lse: Tensor,
     mask: Tensor | None,
     scale: float,
+    softcap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    p = torch.exp(_scores(q, k, mask, scale) - lse[..., None])  # (N, 1, R, K)
+    s, unmasked = _scores(q, k, mask, scale, softcap)
+    p = torch.exp(s - lse[..., None])  # (N, 1, R, K)
     dv = p.transpose(-1, -2).to(do.dtype) @ do
     delta = (do.float() * out.float()).sum(-1, keepdim=True)
-    ds = (p * ((do @ v.transpose(-1, -2)).float() - delta) * scale).to(q.dtype)
+    ds = p * ((do @ v.transpose(-1, -2)).float() - delta) * scale
+    if softcap is not None:  # d/dx c tanh(x / c) = 1 - tanh^2
+        ds = ds * (1 - (unmasked / softcap) ** 2)
+    ds = ds.to(q.dtype)
     return ds @ k, ds.transpose(-1, -2) @ q, dv
 
 
-def kernels_for(device: torch.device, force_math: bool) -> tuple:
-    """(forward, backward) tile kernels for this device."""
+def kernels_for(device: torch.device, force_math: bool, softcap: float | None = None) -> tuple:
+    """(forward, backward) tile kernels for this device; soft-capped scores take the
+    device-generic kernels (torch's fused CPU kernel cannot cap them)."""
+    if softcap is not None:
+        return (
+            functools.partial(_math_forward, softcap=softcap),
+            functools.partial(_math_backward, softcap=softcap),
+        )
     if device.type == "cpu" and not force_math:
         return _cpu_forward, _cpu_backward
     return _math_forward, _math_backward
@@ -215,6 +237,26 @@ def _merge(
     return merged.to(out.dtype), top + torch.log(total)
 
 
+def with_sinks(out: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows ``out (N, D)`` of log-sum-exp ``lse (N,)`` with one more logit, ``sink (N,)``,
+    in their softmax denominator: ``out * sigmoid(lse - sink)``, and the joint log-sum-exp
+    (-inf kept for rows that saw no key).
+
+    A flash-style backward given these two in place of the plain ones computes exact
+    gradients for q, k and v: the probabilities it recomputes are the joint ones, and the
+    sink's column has no value.
+    """
+    total = torch.logaddexp(lse, sink)
+    out = (out.float() * torch.exp(lse - total)[:, None]).to(out.dtype)
+    return out, torch.where(torch.isfinite(lse), total, lse)
+
+
+def sink_gradient(grad: Tensor, out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
+    """Per row, the gradient of the loss to the sink logit: ``-p_sink * <grad, out>``, where
+    ``out`` and ``lse`` are :func:`with_sinks`'s (``lse`` may be +inf for empty rows)."""
+    return -torch.exp(sink - lse) * (grad.float() * out.float()).sum(-1)
+
+
 class TileAttention(torch.autograd.Function):
     """Autograd function: attention of q over k, v restricted to a list of tile sets."""
 
@@ -224,12 +266,14 @@ class TileAttention(torch.autograd.Function):
         q: Tensor,
         k: Tensor,
         v: Tensor,
+        sinks: Tensor | None,
         sets: list[TileSet],
         scale: float,
         force_math: bool,
         disjoint: bool,
+        softcap: float | None,
     ) -> Tensor:
-        forward, _ = kernels_for(q.device, force_math)
+        forward, _ = kernels_for(q.device, force_math, softcap)
         qb, kb, vb = _Blocked(q), _Blocked(k), _Blocked(v)
         outs, lses, queries = [], [], []
         for ts in sets:
@@ -246,20 +290,31 @@ class TileAttention(torch.autograd.Function):
             lses.append(lse if ts.every_row_has_key else lse.masked_fill(~ts.has_key, -torch.inf))
         n_rows = q.shape[0] * q.shape[1] * q.shape[2] + 1  # the last row collects padding
         out, lse = _merge(sets, outs, lses, n_rows, disjoint)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.sets, ctx.scale, ctx.force_math = sets, scale, force_math
+        head = None
+        if sinks is not None:  # flat row b*Hq*Lq + h*Lq + i belongs to head h
+            head = torch.arange(n_rows, device=q.device) // q.shape[2] % q.shape[1]
+            out, lse = with_sinks(out, lse, sinks.float()[head])
+        ctx.save_for_backward(q, k, v, out, lse, sinks, head)
+        ctx.sets, ctx.scale, ctx.force_math, ctx.softcap = sets, scale, force_math, softcap
         # The gathered queries are kept for the backward pass (about 1 + top_k copies of q).
         ctx.queries = queries if any(ctx.needs_input_grad[:3]) else None
         return out[:-1].view(*q.shape[:3], v.shape[-1])
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
-        q, k, v, out, lse = ctx.saved_tensors
-        _, backward = kernels_for(q.device, ctx.force_math)
+        q, k, v, out, lse, sinks, head = ctx.saved_tensors
+        _, backward = kernels_for(q.device, ctx.force_math, ctx.softcap)
         kb, vb = _Blocked(k), _Blocked(v)
         grad = torch.cat([grad.reshape(-1, grad.shape[-1]), grad.new_zeros(1, grad.shape[-1])])
         # Rows that saw no key at all: +inf makes every recomputed probability zero.
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
+        dsinks = None
+        if sinks is not None and ctx.needs_input_grad[3]:
+            per_row = sink_gradient(grad, out, lse, sinks.float()[head])
+            dsinks = torch.zeros(q.shape[1], device=q.device).index_add_(0, head, per_row)
+            dsinks = dsinks.to(sinks.dtype)
+        if ctx.queries is None:
+            return None, None, None, dsinks, None, None, None, None, None
         dq = torch.zeros(out.shape[0], q.shape[-1], dtype=q.dtype, device=q.device)
         dkv: dict[int, tuple[Tensor, Tensor]] = {}  # per key unit: blocked dk, dv
         for ts, queries in zip(ctx.sets, ctx.queries, strict=True):
@@ -286,7 +341,7 @@ class TileAttention(torch.autograd.Function):
         dk, dv = (
             sum(_unblocked(acc[i], x.shape) for acc in dkv.values()) for i, x in ((0, k), (1, v))
         )
-        return dq[:-1].view_as(q), dk, dv, None, None, None, None
+        return dq[:-1].view_as(q), dk, dv, dsinks, None, None, None, None, None
 
 
 def _unblocked(x: Tensor, shape: torch.Size) -> Tensor:
@@ -303,9 +358,12 @@ def tile_attention(
     scale: float,
     force_math: bool = False,
     disjoint: bool = False,
+    softcap: float | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """``(B, Hq, Lq, Dv)`` attention of q over the tiles in ``sets`` (differentiable).
 
     ``disjoint``: no query row appears in two tiles, so results are placed, not merged.
+    ``softcap`` and ``sinks (Hq,)``: see ``kernels.reference`` (sinks are differentiable).
     """
-    return TileAttention.apply(q, k, v, sets, scale, force_math, disjoint)
+    return TileAttention.apply(q, k, v, sinks, sets, scale, force_math, disjoint, softcap)

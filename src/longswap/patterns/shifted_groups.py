@@ -3,7 +3,8 @@
 Tokens attend within groups of ``group_size``. Heads ``h >= num_heads // 2`` use groups
 shifted by ``group_size // 2``: boundaries at ``group_size // 2 + k * group_size``, so their
 first group is ``[0, group_size // 2)``. With an odd number of heads the shifted half is the
-larger one (9 heads: 4 unshifted, 5 shifted), so models such as SmolLM2 (9 heads) can use it. There is no wrap-around: LongLoRA's ``roll`` moves
+larger one (9 heads: 4 unshifted, 5 shifted), so models such as SmolLM2 (9 heads) can use
+it. There is no wrap-around: LongLoRA's ``roll`` moves
 the last tokens into the first group, which leaks the future into the past.
 """
 

@@ -16,12 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longswap.kernels.reference import capped
+
 
 def _dense_chunks(
-    q: Tensor, k: Tensor, scale: float | None, chunk: int
+    q: Tensor, k: Tensor, scale: float | None, chunk: int, softcap: float | None = None
 ) -> Iterator[tuple[slice, Tensor]]:
     """``(rows, p)``: causal dense attention ``p (B, Hq, rows, Lk)``, by chunks: scores in
-    the inputs' precision (a bfloat16 model's products run at its speed), softmax in float32."""
+    the inputs' precision (a bfloat16 model's products run at its speed), soft-capped when
+    the model caps them, softmax in float32. A model's learned sinks are left out: the
+    targets are distributions over keys."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
@@ -31,7 +35,7 @@ def _dense_chunks(
     for start in range(0, q_len, chunk):
         rows = slice(start, min(start + chunk, q_len))
         qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
-        scores = torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale
+        scores = capped(torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale, softcap)
         own = positions[kv_len - q_len + rows.start : kv_len - q_len + rows.stop]
         scores.masked_fill_(positions[None, :] > own[:, None], float("-inf"))
         yield rows, scores.softmax(-1).reshape(batch, hq, -1, kv_len)
@@ -50,14 +54,16 @@ def dense_block_mass(
     block_size: int,
     scale: float | None = None,
     chunk: int = 256,
+    softcap: float | None = None,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
-    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``)."""
+    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``; ``softcap``: the model's
+    logit cap)."""
     batch, hq, q_len, _ = q.shape
     hkv = k.shape[1]
     out = torch.empty(batch, hkv, q_len, k.shape[2] // block_size, device=q.device)
-    for rows, p in _dense_chunks(q, k, scale, chunk):
+    for rows, p in _dense_chunks(q, k, scale, chunk, softcap):
         mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
         out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
@@ -97,6 +103,7 @@ def captured_mass(
     chunk: int = 256,
     oracle_top_k: int | None = None,
     candidates: Tensor | None = None,
+    softcap: float | None = None,
 ) -> tuple[float, float | None]:
     """The share of dense attention mass a selection keeps, averaged over heads and queries;
     and, with ``oracle_top_k``, the share the best selection of that budget keeps (each
@@ -105,11 +112,11 @@ def captured_mass(
     ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
     window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
     query of a KV group (or of a head) selected; a block's keys that ``static`` shows count
-    once, with ``static``.
+    once, with ``static``. ``softcap``: the model's logit cap.
     """
     hq, hkv = q.shape[1], k.shape[1]
     kept, best, rows_seen = 0.0, 0.0, 0
-    for rows, p in _dense_chunks(q, k, scale, chunk):
+    for rows, p in _dense_chunks(q, k, scale, chunk, softcap):
         always = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
         mass = _block_sums(p.masked_fill(static[:, rows], 0), block_size)  # (B, Hq, rows, n)
         chosen = selected[:, :, rows]

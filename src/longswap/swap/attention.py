@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
-from longswap.patterns import Pattern, Selection
+from longswap.patterns import Pattern, Selection, SlidingWindow
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
@@ -39,7 +39,8 @@ class AttentionCall:
     ``query (B, Hq, L, D)`` after RoPE, ``key``/``value (B, Hkv, S, D)``, ``output
     (B, Hq, L, D)``; ``scale`` as the layer passed it (None: ``1/sqrt(D)``);
     ``block_scores (B, Hkv, L, S // block)``: the layer's learned selector's scores (with
-    their graph, for distillation), or None for patterns without a selector.
+    their graph, for distillation), or None for patterns without a selector. ``softcap`` and
+    ``sinks (Hq,)``: the model's logit cap (Gemma 2) and learned sinks (gpt-oss), if any.
     """
 
     layer: int
@@ -50,6 +51,8 @@ class AttentionCall:
     output: Tensor
     scale: float | None
     block_scores: Tensor | None = None
+    softcap: float | None = None
+    sinks: Tensor | None = None
 
 
 #: Receives every swapped attention call of a model while :func:`observing` it.
@@ -166,10 +169,8 @@ def longswap_attention(
             f"layer {layer}: attention dropout {dropout} is not implemented by the sparse "
             "kernels; swap_attention turns it off, so something turned it back on"
         )
-    if softcap:
-        raise ValueError(f"layer {layer}: attention soft-capping is not supported by longswap")
-    if kwargs.get("s_aux") is not None:
-        raise ValueError(f"layer {layer}: learned attention sinks are not supported by longswap")
+    softcap = softcap or None  # transformers passes 0 or None for "no cap"
+    sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per query head
     padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
     if padding is not None and not pattern.translation_invariant and _left_padded(padding):
         raise ValueError(
@@ -177,6 +178,11 @@ def longswap_attention(
             "them differently per row; pad on the right (tokenizer.padding_side = 'right') or "
             "run the sequences one at a time"
         )
+    dropped = 0
+    if isinstance(attention_mask, SwapMask) and padding is None:
+        dropped = attention_mask.q_offset + query.shape[2] - key.shape[2]
+    if dropped > 0 and not pattern.translation_invariant and not isinstance(pattern, SlidingWindow):
+        key, value, padding = _at_absolute_positions(key, value, dropped)
     cached = module.__dict__.pop(CACHE_LAYER_ATTR, None)  # a summarising cache layer
     scores = None
     if isinstance(pattern, Selection):
@@ -192,11 +198,30 @@ def longswap_attention(
         block_size=spec.block_size,
         document_ids=_documents(kwargs.get("position_ids"), key, padding),
         block_scores=scores,
+        softcap=softcap,
+        sinks=sinks,
     )
     observer = getattr(module, OBSERVER_ATTR, None)
     if observer is not None:
-        observer(AttentionCall(layer, pattern, query, key, value, out, scaling, scores))
+        observer(
+            AttentionCall(layer, pattern, query, key, value, out, scaling, scores, softcap, sinks)
+        )
     return out.transpose(1, 2), None
+
+
+def _at_absolute_positions(key: Tensor, value: Tensor, dropped: int) -> tuple[Tensor, ...]:
+    """Keys and values of a cache that dropped its first ``dropped`` entries (transformers'
+    own cache for a model's native sliding-window layers), behind as many masked zero
+    entries: the pattern then sees every key at its absolute position. A pattern that
+    depends on distances alone needs no such thing; longswap's own bounded cache keeps
+    ``sliding_window``'s sinks and is read as consecutive by design (``swap.cache``)."""
+    batch, heads, length = key.shape[:3]
+    key, value = (
+        torch.cat([x.new_zeros(batch, heads, dropped, x.shape[3]), x], 2) for x in (key, value)
+    )
+    padding = torch.ones(batch, dropped + length, dtype=torch.bool, device=key.device)
+    padding[:, :dropped] = False
+    return key, value, padding
 
 
 def _block_scores(

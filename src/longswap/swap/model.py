@@ -144,27 +144,17 @@ def _native_windows(config: Any, n: int) -> list[int | None]:
 
 
 def _with_window(pattern: Pattern, window: int) -> Pattern:
-    """``pattern`` restricted to a native sliding window (once, however often it is applied)."""
+    """``pattern`` restricted to a native sliding window (once, however often it is applied).
+
+    A selection cannot be intersected with it: such a layer keeps the native window alone
+    (it is already local, so there is nothing far away to select).
+    """
     own = sliding_window(window)
-    if pattern == full():
+    if pattern == full() or pattern.data_dependent:
         return own
     if pattern == own or (isinstance(pattern, Intersection) and own in pattern.parts):
         return pattern
     return pattern & own
-
-
-def _refuse_unsupported(model: PreTrainedModel) -> None:
-    config = model.config
-    for name in ("attn_logit_softcapping",):
-        if getattr(config, name, None):
-            raise ValueError(
-                f"{type(model).__name__} soft-caps its attention logits ({name}="
-                f"{getattr(config, name)}); longswap's kernels do not, so it refuses to swap"
-            )
-    if any(isinstance(getattr(m, "sinks", None), nn.Parameter) for m in model.modules()):
-        raise ValueError(
-            f"{type(model).__name__} has learned attention sinks; longswap does not support them"
-        )
 
 
 def _zero_dropout(model: PreTrainedModel, modules: dict[int, nn.Module]) -> dict[str, float]:
@@ -216,7 +206,6 @@ def swap_attention(
     config = inner.config
     n = config.num_hidden_layers
     modules = attention_modules(inner)
-    _refuse_unsupported(inner)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if rope not in ROPE_KINDS:
@@ -233,6 +222,8 @@ def swap_attention(
         if window is not None:
             chosen[i] = _with_window(p, window)
             notes.append(f"layer {i} keeps the model's own sliding window of {window}")
+            if p.data_dependent:
+                notes[-1] += f" alone ({p} selects from the data: it cannot be intersected)"
     heads = config.num_attention_heads
     for i, p in enumerate(chosen):
         try:

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from longswap.kernels import sparse_attention
+from longswap.patterns import full
 from longswap.selectors import dense_block_mass, selector_kl
 from longswap.selectors.distill import top_blocks
 from longswap.swap import AttentionCall
@@ -31,14 +33,15 @@ class AttentionTransfer:
 
     def __call__(self, call: AttentionCall) -> None:
         """Keep the layer's output and its dense teacher."""
-        with torch.no_grad():
-            dense = F.scaled_dot_product_attention(
+        with torch.no_grad():  # the model's dense attention, with its cap and sinks if any
+            dense = sparse_attention(
                 call.query,
                 call.key,
                 call.value,
-                is_causal=True,
+                full(),
                 scale=call.scale,
-                enable_gqa=call.query.shape[1] != call.key.shape[1],
+                softcap=call.softcap,
+                sinks=call.sinks,
             )
         self.pairs.append((call.output, dense))
 
@@ -69,7 +72,9 @@ class SelectorDistillation:
         if scores is None:
             return
         pattern = call.pattern
-        target = dense_block_mass(call.query, call.key, pattern.block_size, call.scale)
+        target = dense_block_mass(
+            call.query, call.key, pattern.block_size, call.scale, softcap=call.softcap
+        )
         candidates = pattern.candidates(call.query.shape[2], call.key.shape[2], scores.device)
         selected = None
         if self.selected_only:
