@@ -53,3 +53,20 @@ def test_cuda_bf16_flex_close_to_fp32_reference(pattern):
     out = sparse_attention(q, k, v, pattern, backend="flex", key_padding_mask=mask)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize("backend", ["flex", "blocks"])
+@pytest.mark.parametrize("pattern", [PATTERNS[1], PATTERNS[-1]], ids=str)
+def test_cuda_soft_capping_and_sinks_equal_reference(pattern, backend):
+    """Gemma 2's cap and gpt-oss's sinks on the GPU paths, gradients (the sinks') included."""
+    q, k, v, mask = cuda_inputs()
+    sinks = torch.randn(4, device="cuda", requires_grad=True)
+    terms = {"softcap": 2.5, "sinks": sinks, "key_padding_mask": mask}
+    ref = sparse_attention(q, k, v, pattern, backend="reference", **terms)
+    out = sparse_attention(q, k, v, pattern, backend=backend, **terms)
+    torch.testing.assert_close(out, ref, atol=2e-4, rtol=2e-4)
+    w = torch.randn_like(ref)
+    inputs = (q, k, v, sinks)
+    pairs = zip("qkvs", grads_of(out, inputs, w), grads_of(ref, inputs, w), strict=True)
+    for name, a, b in pairs:
+        torch.testing.assert_close(a, b, atol=2e-3, rtol=2e-3, msg=lambda m, n=name: f"d{n}: {m}")

@@ -172,7 +172,7 @@ def flex_attention_backend(
     ``block_size``: the BlockMask tile; None takes :data:`DEFAULT_BLOCK` (128 by default).
     ``softcap`` is a score modification; ``sinks (Hq,)`` rescale each row by
     ``sigmoid(lse - sink)`` with FlexAttention's log-sum-exp (differentiable where
-    FlexAttention has a backward pass).
+    FlexAttention has a backward pass; not on CPU, whose kernel returns no log-sum-exp).
     """
     if block_size is None:
         block_size = DEFAULT_BLOCK.get(q.device.type, 128)
@@ -185,6 +185,12 @@ def flex_attention_backend(
             "backend='flex' cannot compute gradients on CPU: FlexAttention has no CPU backward "
             "pass in this torch. Use backend='blocks' (or 'auto') to train on CPU, or run "
             "inference under torch.no_grad()."
+        )
+    if q.device.type == "cpu" and sinks is not None:
+        raise ValueError(
+            "backend='flex' cannot apply learned sinks on CPU: torch's CPU FlexAttention "
+            "returns no log-sum-exp ('return_lse is not supported yet'), which the sinks "
+            "need. Use backend='blocks' (or 'auto') on CPU; flex applies them on CUDA."
         )
     q_len, kv_len, heads = q.shape[2], k.shape[2], q.shape[1]
     if pattern.data_dependent:
