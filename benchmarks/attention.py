@@ -3,6 +3,12 @@
     python benchmarks/attention.py                       # L = 2k..32k, B=1, H=8, D=64
     python benchmarks/attention.py --lengths 4096 --patterns sliding_window --repeats 5
     python benchmarks/attention.py --smoke --backends blocks --out /tmp/attention.json
+    python benchmarks/attention.py --lengths 4096,16384 --backends blocks \
+        --terms plain,softcap,sinks --out benchmarks/results/attention-terms.json
+
+``--terms``: besides plain softmax attention, each pattern with Gemma 2's logit cap
+(``softcap=50``) and with gpt-oss's learned sinks (one logit per head, with a gradient),
+side by side, so that their cost is a ratio measured in one run.
 
 For each length: torch SDPA with ``is_causal=True`` (the dense baseline) and SDPA with a
 dense boolean mask (what Hugging Face's built-in sliding window does; it computes every
@@ -65,6 +71,10 @@ PATTERNS: dict[str, Pattern] = {
     # The same budget, selected by a learned gate (its scores are part of every timed call).
     "learned_topk": learned_topk(block_size=128, top_k=4),
 }
+
+
+#: What each ``--terms`` choice adds to the attention call.
+TERMS = {"plain": {}, "softcap": {"softcap": 50.0}, "sinks": {"sinks": True}}
 
 
 #: glibc ``mallopt`` parameters.
@@ -247,36 +257,54 @@ def run(args: argparse.Namespace) -> dict:
             q, k, _ = inputs(length, False)
             dens = density(pattern, q, k)
             for backend in args.backends:
-                row = {
-                    "name": name,
-                    "pattern": str(pattern),
-                    "backend": backend,
-                    "length": length,
-                    "density": dens,
-                }
-                results.append(row)
-                need = estimate_gb(pattern, length, h, d)
-                if backend == "blocks" and need > args.memory_budget_gb:
-                    row["skipped"] = f"needs about {need:.0f} GB (> --memory-budget-gb)"
-                    continue
-                if backend == "flex" and name == "full" and length > 8192:
-                    row["skipped"] = "full() through flex beyond 8k: slow, and SDPA is the baseline"
-                    continue
+                for term in args.terms:
+                    row = {
+                        "name": name if term == "plain" else f"{name}+{term}",
+                        "pattern": str(pattern),
+                        "backend": backend,
+                        "terms": term,
+                        "length": length,
+                        "density": dens,
+                    }
+                    results.append(row)
+                    skip = skipped(pattern, name, backend, term, length, args)
+                    if skip:
+                        row["skipped"] = skip
+                        continue
+                    extras = dict(TERMS[term])
+                    if extras.pop("sinks", False):
+                        extras["sinks"] = torch.zeros(h, device=device, requires_grad=True)
 
-                def attend(q, k, v, p=pattern, b=backend):  # noqa: ANN001, ANN202
-                    return sparse_attention(q, k, v, p, backend=b, block_scores=scores(p, q, k))
+                    def attend(q, k, v, p=pattern, b=backend, x=extras):  # noqa: ANN001, ANN202
+                        return sparse_attention(
+                            q, k, v, p, backend=b, block_scores=scores(p, q, k), **x
+                        )
 
-                start = time.perf_counter()
-                fwd(attend, length)()  # first call: builds tiles or compiles
-                row["first_call_s"] = time.perf_counter() - start
-                row["fwd"] = measure(fwd(attend, length), args.repeats, device)
-                if backend == "blocks" or device.type == "cuda":
-                    row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
-                print(f"{name:15s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
+                    start = time.perf_counter()
+                    fwd(attend, length)()  # first call: builds tiles or compiles
+                    row["first_call_s"] = time.perf_counter() - start
+                    row["fwd"] = measure(fwd(attend, length), args.repeats, device)
+                    if backend == "blocks" or device.type == "cuda":
+                        row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
+                    print(f"{row['name']:22s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
         if args.partial is not None:  # what is measured so far survives a crash or a time limit
             args.partial.write_text(json.dumps({**header, "results": results}, indent=1))
     add_ratios(results)
     return {**header, "results": results, "build": build_times(args.build_length, h, device)}
+
+
+def skipped(
+    pattern: Pattern, name: str, backend: str, term: str, length: int, args: argparse.Namespace
+) -> str | None:
+    """Why a (pattern, backend, term) cell is not measured, or None."""
+    need = estimate_gb(pattern, length, args.heads, args.dim)
+    if backend == "blocks" and need > args.memory_budget_gb:
+        return f"needs about {need:.0f} GB (> --memory-budget-gb)"
+    if backend == "flex" and name == "full" and length > 8192:
+        return "full() through flex beyond 8k: slow, and SDPA is the baseline"
+    if backend == "flex" and term == "sinks" and args.device == "cpu":
+        return "flex applies sinks on CUDA only (no log-sum-exp from its CPU kernel)"
+    return None
 
 
 def add_ratios(results: list[dict]) -> None:
@@ -354,6 +382,12 @@ def main() -> None:
         "--patterns", default=",".join(PATTERNS), type=lambda s: [x for x in s.split(",") if x]
     )
     parser.add_argument("--backends", default="blocks,flex", type=lambda s: s.split(","))
+    parser.add_argument(
+        "--terms",
+        default="plain",
+        type=comma_list(str),
+        help=f"softmax terms to measure each pattern with: {', '.join(TERMS)}",
+    )
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -376,6 +410,9 @@ def main() -> None:
     unknown = [p for p in args.patterns if p not in PATTERNS]
     if unknown:
         parser.error(f"unknown pattern(s) {unknown}; choose from {', '.join(PATTERNS)}")
+    unknown = [t for t in args.terms if t not in TERMS]
+    if unknown:
+        parser.error(f"unknown term(s) {unknown}; choose from {', '.join(TERMS)}")
     record = run(args)
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
