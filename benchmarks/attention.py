@@ -28,9 +28,6 @@ efficiency = speedup / (1 / density), the share of the ideal speedup reached.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
-import ctypes.util
 import json
 import os
 import statistics
@@ -45,7 +42,7 @@ from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
 from longswap.config import comma_list
-from longswap.environment import environment, peak_rss_mb, reset_peak_rss
+from longswap.environment import environment, heap_mode, peak_rss_mb, reset_peak_rss
 from longswap.kernels import flex
 from longswap.patterns import (
     Pattern,
@@ -75,28 +72,6 @@ PATTERNS: dict[str, Pattern] = {
 
 #: What each ``--terms`` choice adds to the attention call.
 TERMS = {"plain": {}, "softcap": {"softcap": 50.0}, "sinks": {"sinks": True}}
-
-
-#: glibc ``mallopt`` parameters.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
-
-
-def heap_mode(own_peak: bool) -> None:
-    """Set how glibc's heap handles large blocks (Linux; elsewhere a no-op).
-
-    ``own_peak``: every block above 1 MiB comes straight from mmap and goes back to the OS
-    when freed, so a call's resident high-water mark is its own and not hidden by memory
-    kept from the call before. Otherwise freed blocks up to 32 MiB stay for reuse, as in a
-    process that has run for a while (glibc's own limit): the setting for timing, since
-    fresh pages cost a page fault each and would penalise code with many temporaries.
-    """
-    if sys.platform != "linux":
-        return
-    with contextlib.suppress(OSError, AttributeError):
-        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
-        threshold = 2**20 if own_peak else 2**25
-        mallopt(_M_MMAP_THRESHOLD, threshold)
-        mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
 
 
 def measure(fn: Callable[[], object], repeats: int, device: torch.device) -> dict:

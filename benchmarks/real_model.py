@@ -13,7 +13,8 @@ pattern. Every arm is then measured in this one run, side by side:
   it), with a 95% bootstrap interval (``longswap.evaluate.perplexity``);
 * passkey retrieval (greedy answer, held-out keys) at several lengths and depths;
 * prefill: the seconds of one forward over ``length`` tokens (after a warm-up) and the
-  peak resident-memory growth during it. ``--tasks prefill --redo prefill`` re-measures
+  peak resident-memory growth during it (large blocks mapped fresh: see
+  ``longswap.environment.peak_memory``). ``--tasks prefill --redo prefill`` re-measures
   only these, e.g. on an otherwise idle machine (each record carries the load average).
 
 Held-out text the model cannot have memorised: longswap's own repository at a pinned commit

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,22 +52,58 @@ def peak_rss_mb(field: str = "VmHWM") -> float:
     return 0.0
 
 
+#: glibc ``mallopt`` parameters.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def heap_mode(own_peak: bool) -> None:
+    """Set how glibc's heap handles large blocks (Linux; elsewhere a no-op).
+
+    ``own_peak``: every block above 1 MiB comes straight from mmap and goes back to the OS
+    when freed, and the heap's free memory is returned now, so that what a call adds to the
+    resident set is its own and not hidden by memory kept from the calls before. Otherwise
+    freed blocks up to 32 MiB stay for reuse, as in a process that has run for a while
+    (glibc's own limit): the setting for timing, since fresh pages cost a page fault each.
+    """
+    if sys.platform != "linux":
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        threshold = 2**20 if own_peak else 2**25
+        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+        if own_peak:
+            libc.malloc_trim(0)
+
+
 @contextlib.contextmanager
-def peak_memory(device: torch.device | str = "cpu") -> Iterator[dict[str, float]]:
+def peak_memory(
+    device: torch.device | str = "cpu", fresh_heap: bool = True
+) -> Iterator[dict[str, float]]:
     """Measure the peak memory of the enclosed code into the yielded dict's ``peak_memory_mb``.
 
     On CUDA: the most device memory allocated (``torch.cuda.max_memory_allocated``). On CPU:
-    how far the process's resident-set high-water mark rose above its size at entry.
+    how far the process's resident-set high-water mark rose above its size at entry. With
+    ``fresh_heap`` the heap is in :func:`heap_mode` ``own_peak`` inside (large blocks mapped
+    fresh and given back, so that memory freed by earlier calls does not hide this one's;
+    the page faults that costs are part of any time taken inside); without it, a figure
+    can read 0 when earlier calls left enough free memory in the heap.
     """
     device = torch.device(device)
     found = {"peak_memory_mb": 0.0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     else:
+        if fresh_heap:
+            heap_mode(own_peak=True)
         reset_peak_rss()
         base = peak_rss_mb("VmRSS")
-    yield found
-    if device.type == "cuda":
-        found["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        found["peak_memory_mb"] = max(peak_rss_mb() - base, 0.0)
+    try:
+        yield found
+    finally:
+        if device.type == "cuda":
+            found["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        else:
+            found["peak_memory_mb"] = max(peak_rss_mb() - base, 0.0)
+            if fresh_heap:
+                heap_mode(own_peak=False)
