@@ -149,6 +149,9 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     refuse(_model_problems(model, config), "fine-tuning")
     tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)
+    # New parameters (learned selectors, LoRA adapters) start from --seed, so that a run
+    # is repeatable and every process of a distributed run starts from the same ones.
+    torch.manual_seed(config.seed)
     notes = []
     record = getattr(model.config, CONFIG_KEY, None)
     if config.pattern or record is not None:
@@ -189,7 +192,7 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
             selectors=selector_stage,
             **extra,
         )
-        run["notes"] = notes
+        run["notes"] = notes + [n for n in [run["parallelism"].get("note")] if n]
         if config.method == "lora-plus" and config.merge:
             model = model.merge_and_unload()
 

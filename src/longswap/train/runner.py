@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import warnings
@@ -194,6 +195,9 @@ def train(
     if config.resume and start is None:
         raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
     planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
+    spread = parallelism(trainer)
+    if spread.get("note"):
+        print(f"longswap: {spread['note']}", file=sys.stderr, flush=True)
     try:
         result = trainer.train(resume_from_checkpoint=str(start) if start else None)
     except (OSError, RuntimeError) as err:
@@ -221,6 +225,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set),
         "world_size": trainer.args.world_size,
+        "parallelism": spread | {"sharded_parameters": _sharded(trainer.model_wrapped)},
         "train_seconds": result.metrics["train_runtime"],
         "train_tokens_per_second": result.metrics["train_samples_per_second"] * config.seq_len,
         "first_loss": losses[0] if losses else None,
@@ -231,6 +236,33 @@ def train(
         "environment": environment(trainer.args.device),
     }
     return trainer, record
+
+
+def parallelism(trainer: Trainer) -> dict[str, Any]:
+    """How the run is spread over processes: accelerate's engine (``NO``, ``MULTI_CPU`` or
+    ``MULTI_GPU`` for data parallelism, ``FSDP``, ``DEEPSPEED``), the number of processes,
+    the FSDP version, and a note when an FSDP configuration was given but is not in force
+    (accelerate runs FSDP on accelerators only; on CPU the same launch is data-parallel)."""
+    state = trainer.accelerator.state
+    plugin = getattr(state, "fsdp_plugin", None)
+    found: dict[str, Any] = {
+        "engine": str(state.distributed_type.value),
+        "processes": state.num_processes,
+        "fsdp_version": getattr(plugin, "fsdp_version", None),
+    }
+    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if asked and found["engine"] != "FSDP":
+        found["note"] = (
+            f"an FSDP configuration was given, but accelerate runs FSDP on GPUs (and other "
+            f"accelerators) only: this run is {found['engine']} (data parallel), each process "
+            "holding the whole model"
+        )
+    return found
+
+
+def _sharded(model: Any) -> int:
+    """How many of ``model``'s parameters are sharded across processes (DTensors)."""
+    return sum(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _remove_damaged(folder: Path, err: BaseException) -> NoReturn:
