@@ -59,7 +59,8 @@ FAMILIES = list(CONFIGS)
 
 def swapped_layers(model, pattern):
     """The patterns a swap to ``pattern`` reports: the family's native windows kept."""
-    window, types = model.config.sliding_window, getattr(model.config, "layer_types", None)
+    config = model.config
+    window, types = getattr(config, "sliding_window", None), getattr(config, "layer_types", None)
     if not window or types is None:
         return [pattern] * model.config.num_hidden_layers
     native = f"sliding_window(window={window}, sinks=0)"

@@ -104,8 +104,8 @@ def test_bad_arguments_change_nothing(kwargs, message):
 
 
 def test_per_head_pattern_must_fit_the_head_count():
-    model = make_model("llama", num_attention_heads=3, num_key_value_heads=1, head_dim=8)
-    with pytest.raises(ValueError, match=r"layer 0: .*num_heads must be even, got 3"):
+    model = make_model("llama", num_attention_heads=1, num_key_value_heads=1, head_dim=8)
+    with pytest.raises(ValueError, match=r"layer 0: .*num_heads must be an integer >= 2, got 1"):
         longswap.swap_attention(model, shifted_groups(8))
     assert untouched(model)
 
