@@ -60,20 +60,30 @@ def heap_mode(own_peak: bool) -> None:
     """Set how glibc's heap handles large blocks (Linux; elsewhere a no-op).
 
     ``own_peak``: every block above 1 MiB comes straight from mmap and goes back to the OS
-    when freed, and the heap's free memory is returned now, so that what a call adds to the
-    resident set is its own and not hidden by memory kept from the calls before. Otherwise
-    freed blocks up to 32 MiB stay for reuse, as in a process that has run for a while
-    (glibc's own limit): the setting for timing, since fresh pages cost a page fault each.
+    when freed, so a call's resident high-water mark is its own and not hidden by memory
+    kept from the call before. Otherwise freed blocks up to 32 MiB stay for reuse, as in a
+    process that has run for a while (glibc's own limit): the setting for timing, since
+    fresh pages cost a page fault each and would penalise code with many temporaries.
     """
     if sys.platform != "linux":
         return
     with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        mallopt = _libc().mallopt
         threshold = 2**20 if own_peak else 2**25
-        libc.mallopt(_M_MMAP_THRESHOLD, threshold)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
-        if own_peak:
-            libc.malloc_trim(0)
+        mallopt(_M_MMAP_THRESHOLD, threshold)
+        mallopt(_M_TRIM_THRESHOLD, 2 * threshold)
+
+
+def release_free_memory() -> None:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim``; elsewhere a
+    no-op), so that the resident set holds only live memory."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            _libc().malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
 
 
 @contextlib.contextmanager
@@ -84,10 +94,11 @@ def peak_memory(
 
     On CUDA: the most device memory allocated (``torch.cuda.max_memory_allocated``). On CPU:
     how far the process's resident-set high-water mark rose above its size at entry. With
-    ``fresh_heap`` the heap is in :func:`heap_mode` ``own_peak`` inside (large blocks mapped
-    fresh and given back, so that memory freed by earlier calls does not hide this one's;
-    the page faults that costs are part of any time taken inside); without it, a figure
-    can read 0 when earlier calls left enough free memory in the heap.
+    ``fresh_heap`` the heap's free memory is first given back to the OS
+    (:func:`release_free_memory`), so that memory freed by earlier calls cannot hide this
+    one's (the page faults of touching it again cost about 0.1 s a GB of any time taken
+    inside); without it, a figure can read 0 when earlier calls left enough free memory in
+    the heap.
     """
     device = torch.device(device)
     found = {"peak_memory_mb": 0.0}
@@ -95,7 +106,7 @@ def peak_memory(
         torch.cuda.reset_peak_memory_stats(device)
     else:
         if fresh_heap:
-            heap_mode(own_peak=True)
+            release_free_memory()
         reset_peak_rss()
         base = peak_rss_mb("VmRSS")
     try:
@@ -105,5 +116,3 @@ def peak_memory(
             found["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         else:
             found["peak_memory_mb"] = max(peak_rss_mb() - base, 0.0)
-            if fresh_heap:
-                heap_mode(own_peak=False)
