@@ -221,10 +221,15 @@ def test_dtype_mismatch_is_reported_with_shapes():
         sparse_attention(q, q.double(), q, full())
 
 
-def test_per_head_pattern_rejects_odd_heads():
-    q = torch.randn(1, 3, 8, 8)
-    with pytest.raises(ValueError, match="num_heads must be even, got 3"):
-        sparse_attention(q, q, q, shifted_groups(4))
+def test_per_head_pattern_with_odd_heads_equals_reference_and_one_head_is_refused():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 9, 300, 16), torch.randn(1, 3, 300, 16)
+    ref = sparse_attention(q, k, k, shifted_groups(64), backend="reference")
+    out = sparse_attention(q, k, k, shifted_groups(64), backend="blocks")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    one = torch.randn(1, 1, 8, 8)
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 2, got 1"):
+        sparse_attention(one, one, one, shifted_groups(4))
 
 
 def test_auto_choice():
