@@ -213,8 +213,7 @@ def sparse_attention(
     if block_scores is not None and not pattern.data_dependent:
         raise ValueError(f"block_scores were given, but {pattern} selects no blocks from them")
     check_softmax_terms(q, softcap, sinks)
-    plain = key_padding_mask is None and document_ids is None
-    plain = plain and softcap is None and sinks is None
+    plain = all(x is None for x in (key_padding_mask, document_ids, softcap, sinks))
     chosen = resolve_backend(backend, q, k, v, pattern, plain)
     extras = {"block_scores": block_scores, "softcap": softcap, "sinks": sinks}
     if chosen == "reference":

@@ -237,7 +237,7 @@ def _merge(
     return merged.to(out.dtype), top + torch.log(total)
 
 
-def with_sinks(out: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
+def _with_sinks(out: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     """Rows ``out (N, D)`` of log-sum-exp ``lse (N,)`` with one more logit, ``sink (N,)``,
     in their softmax denominator: ``out * sigmoid(lse - sink)``, and the joint log-sum-exp
     (-inf kept for rows that saw no key).
@@ -251,9 +251,9 @@ def with_sinks(out: Tensor, lse: Tensor, sink: Tensor) -> tuple[Tensor, Tensor]:
     return out, torch.where(torch.isfinite(lse), total, lse)
 
 
-def sink_gradient(grad: Tensor, out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
+def _sink_gradient(grad: Tensor, out: Tensor, lse: Tensor, sink: Tensor) -> Tensor:
     """Per row, the gradient of the loss to the sink logit: ``-p_sink * <grad, out>``, where
-    ``out`` and ``lse`` are :func:`with_sinks`'s (``lse`` may be +inf for empty rows)."""
+    ``out`` and ``lse`` are :func:`_with_sinks`'s (``lse`` may be +inf for empty rows)."""
     return -torch.exp(sink - lse) * (grad.float() * out.float()).sum(-1)
 
 
@@ -293,7 +293,7 @@ class TileAttention(torch.autograd.Function):
         head = None
         if sinks is not None:  # flat row b*Hq*Lq + h*Lq + i belongs to head h
             head = torch.arange(n_rows, device=q.device) // q.shape[2] % q.shape[1]
-            out, lse = with_sinks(out, lse, sinks.float()[head])
+            out, lse = _with_sinks(out, lse, sinks.float()[head])
         ctx.save_for_backward(q, k, v, out, lse, sinks, head)
         ctx.sets, ctx.scale, ctx.force_math, ctx.softcap = sets, scale, force_math, softcap
         # The gathered queries are kept for the backward pass (about 1 + top_k copies of q).
@@ -310,7 +310,7 @@ class TileAttention(torch.autograd.Function):
         lse = torch.where(torch.isfinite(lse), lse, float("inf"))
         dsinks = None
         if sinks is not None and ctx.needs_input_grad[3]:
-            per_row = sink_gradient(grad, out, lse, sinks.float()[head])
+            per_row = _sink_gradient(grad, out, lse, sinks.float()[head])
             dsinks = torch.zeros(q.shape[1], device=q.device).index_add_(0, head, per_row)
             dsinks = dsinks.to(sinks.dtype)
         if ctx.queries is None:
