@@ -54,6 +54,9 @@ from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
 from longswap.patterns import Selection, parse_pattern
+from longswap.selectors import SELECTOR_ATTR
+from longswap.selectors.distill import dense_block_mass
+from longswap.swap.model import attention_modules
 
 #: The commit whose files are the held-out text (fixed, so the study repeats exactly).
 TEXT_COMMIT = "b4b457f"
@@ -82,10 +85,20 @@ ARMS = {
     "window-512+learned-64x16": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
+    "window-512+oracle-64x16": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
+    "window-512+oracle-head-64x16": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
 }
 #: Arms that start from a trained checkpoint (``--learned``) instead of the base; each of
 #: their records names the checkpoint.
 TRAINED_ARMS = ("learned-64x16", "window-512+learned-64x16")
+#: Arms whose selector is dense attention itself (the block mass each query gives each key
+#: block, per KV group or per query head): the ceiling of any selector at that budget,
+#: not a model anyone could run faster than dense.
+ORACLE_ARMS = {"window-512+oracle-64x16": False, "window-512+oracle-head-64x16": True}
 ROOT = Path(__file__).resolve().parent.parent
 #: Beyond the trained length every arm is swapped with this ``max_length``, whatever
 #: lengths a run measures, so that a record at 16k means the same model in every run.
@@ -124,15 +137,41 @@ def documents(tokenizer: Any, commit: str) -> list[torch.Tensor]:
     return docs
 
 
+class OracleScores(torch.nn.Module):
+    """Selection scores from dense attention itself: each query's mass on each complete key
+    block (``dense_block_mass``), max over a KV group's heads or, ``per_head``, per query
+    head. It stands in for a learned selector (same ``block_keys`` / ``score`` calls)."""
+
+    def __init__(self, block_size: int, scale: float, per_head: bool) -> None:
+        super().__init__()
+        self.block_size, self.scale, self.per_head = block_size, scale, per_head
+
+    def block_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """The key side is the keys themselves ``(B, Hkv, Lk, D)``."""
+        return k
+
+    def score(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``(B, Hkv or Hq, Lq, n)``: dense attention's block mass."""
+        if self.per_head:
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        return dense_block_mass(q, k, self.block_size, self.scale)
+
+
 def arm_model(
-    base: Any, pattern: str, length: int, trained: int, start: Path | None = None
+    base: Any, arm: str, length: int, trained: int, start: Path | None = None
 ) -> tuple[Any, str]:
     """A copy of ``base`` (or the checkpoint ``start``, in ``base``'s dtype) swapped to
-    ``pattern``, positions extended when ``length`` needs it."""
+    ``arm``'s pattern, positions extended when ``length`` needs it; an oracle arm's
+    selectors replaced by :class:`OracleScores`."""
     model = copy.deepcopy(base) if start is None else longswap.load(start, dtype=base.dtype)
     report = longswap.swap_attention(
-        model, pattern, max_length=length if length > trained else None
+        model, ARMS[arm], max_length=length if length > trained else None
     )
+    if arm in ORACLE_ARMS:
+        for module in attention_modules(model).values():
+            gate = getattr(module, SELECTOR_ATTR)
+            oracle = OracleScores(gate.block_size, module.scaling, ORACLE_ARMS[arm])
+            setattr(module, SELECTOR_ATTR, oracle)
     with torch.no_grad():  # warm-up: first calls allocate and, for the window kernel, load it
         model(torch.ones(1, 512, dtype=torch.long))
     return model.eval(), report.positions.get("summary", report.positions.get("kind", ""))
@@ -301,7 +340,9 @@ def main() -> None:
     """Run every arm x task x length not yet in ``--out``; print tables; write JSON, MD, PNG."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--arms", type=comma_list(str), default=[a for a in ARMS if a not in TRAINED_ARMS]
+        "--arms",
+        type=comma_list(str),
+        default=[a for a in ARMS if a not in TRAINED_ARMS and a not in ORACLE_ARMS],
     )
     parser.add_argument(
         "--learned",
@@ -396,7 +437,7 @@ def main() -> None:
             longest = max(n for _, n in todo)
             reach = max(longest, EXTENDED_TO) if extended else longest
             try:
-                model, positions = arm_model(base, ARMS[arm], reach, trained, start)
+                model, positions = arm_model(base, arm, reach, trained, start)
             except ValueError as err:  # the pattern does not fit this model
                 for task, n in todo:
                     records.append({"arm": arm, "task": task, "length": n, "skipped": str(err)})
