@@ -20,31 +20,41 @@ from longswap.kernels.reference import capped
 
 
 def _dense_chunks(
-    q: Tensor, k: Tensor, scale: float | None, chunk: int, softcap: float | None = None
+    q: Tensor,
+    k: Tensor,
+    scale: float | None,
+    chunk: int,
+    softcap: float | None = None,
+    align: int = 1,
 ) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, Lk)``, by chunks: scores in
+    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, reach)``, by chunks: scores in
     the inputs' precision (a bfloat16 model's products run at its speed), soft-capped when
-    the model caps them, softmax in float32. A model's learned sinks are left out: the
+    the model caps them, softmax in float32. ``reach`` stops after the chunk's last row's
+    own key, rounded up to a multiple of ``align`` (within ``Lk``): the keys after it have
+    no mass, and skipping them halves the work. A model's learned sinks are left out: the
     targets are distributions over keys."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = scale if scale is not None else 1 / math.sqrt(dim)
-    keys = k.detach()
     positions = torch.arange(kv_len, device=q.device)
     for start in range(0, q_len, chunk):
         rows = slice(start, min(start + chunk, q_len))
-        qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
-        scores = capped(torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale, softcap)
         own = positions[kv_len - q_len + rows.start : kv_len - q_len + rows.stop]
-        scores.masked_fill_(positions[None, :] > own[:, None], float("-inf"))
-        yield rows, scores.softmax(-1).reshape(batch, hq, -1, kv_len)
+        reach = min(kv_len, -(-(int(own[-1]) + 1) // align) * align)
+        qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
+        keys = k.detach()[:, :, :reach]
+        scores = capped(torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale, softcap)
+        scores.masked_fill_(positions[None, :reach] > own[:, None], float("-inf"))
+        yield rows, scores.softmax(-1).reshape(batch, hq, -1, reach)
 
 
-def _block_sums(p: Tensor, block_size: int) -> Tensor:
-    """``(B, H, rows, n)``: the mass of each complete key block."""
-    n = p.shape[-1] // block_size
-    return p[..., : n * block_size].unflatten(-1, (n, block_size)).sum(-1)
+def _block_sums(p: Tensor, block_size: int, n: int) -> Tensor:
+    """``(B, H, rows, n)``: the mass of each of the first ``n`` complete key blocks (zero for
+    blocks beyond ``p``'s keys)."""
+    held = min(n, p.shape[-1] // block_size)
+    sums = p[..., : held * block_size].unflatten(-1, (held, block_size)).sum(-1)
+    return F.pad(sums, (0, n - held))
 
 
 @torch.no_grad()
@@ -62,9 +72,10 @@ def dense_block_mass(
     logit cap)."""
     batch, hq, q_len, _ = q.shape
     hkv = k.shape[1]
-    out = torch.empty(batch, hkv, q_len, k.shape[2] // block_size, device=q.device)
-    for rows, p in _dense_chunks(q, k, scale, chunk, softcap):
-        mass = _block_sums(p, block_size)  # (B, Hq, rows, n)
+    n = k.shape[2] // block_size
+    out = torch.empty(batch, hkv, q_len, n, device=q.device)
+    for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
+        mass = _block_sums(p, block_size, n)  # (B, Hq, rows, n)
         out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
@@ -116,9 +127,11 @@ def captured_mass(
     """
     hq, hkv = q.shape[1], k.shape[1]
     kept, best, rows_seen = 0.0, 0.0, 0
-    for rows, p in _dense_chunks(q, k, scale, chunk, softcap):
-        always = (p * static[:, rows]).sum(-1)  # (B, Hq, rows)
-        mass = _block_sums(p.masked_fill(static[:, rows], 0), block_size)  # (B, Hq, rows, n)
+    n = k.shape[2] // block_size
+    for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
+        shown = static[:, rows, : p.shape[-1]]
+        always = (p * shown).sum(-1)  # (B, Hq, rows)
+        mass = _block_sums(p.masked_fill(shown, 0), block_size, n)  # (B, Hq, rows, n)
         chosen = selected[:, :, rows]
         if chosen.shape[1] != hq:
             chosen = chosen.repeat_interleave(hq // hkv, dim=1)

@@ -21,7 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
-from longswap.patterns import Pattern, Selection, SlidingWindow
+from longswap.patterns import Pattern, Selection, SlidingWindow, full
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
@@ -60,18 +60,23 @@ Observer = Callable[[AttentionCall], None]
 
 
 @contextlib.contextmanager
-def observing(modules: Iterable[torch.nn.Module], observer: Observer) -> Iterator[None]:
+def observing(
+    modules: Iterable[torch.nn.Module], observer: Observer, dense: bool = False
+) -> Iterator[None]:
     """Within the context, each swapped attention call of these modules goes to ``observer``.
 
     The one way for training signals (attention transfer, selector distillation) to leave
     an attention call: ``train/`` builds the observer and decides what to compute; the
     attention function only hands it the call. Nothing is left on the modules afterwards.
+    ``dense=True``: the layers compute full causal attention instead of their patterns (a
+    teacher pass over the dense model's own activations); the observer still sees each
+    layer's pattern, and no block scores.
     """
     modules = list(modules)
     for module in modules:
         if getattr(module, OBSERVER_ATTR, None) is not None:
             raise RuntimeError(f"{type(module).__name__} is already observed; nest no observers")
-        setattr(module, OBSERVER_ATTR, observer)
+        setattr(module, OBSERVER_ATTR, (observer, dense))
     try:
         yield
     finally:
@@ -184,14 +189,15 @@ def longswap_attention(
     if dropped > 0 and not pattern.translation_invariant and not isinstance(pattern, SlidingWindow):
         key, value, padding = _at_absolute_positions(key, value, dropped)
     cached = module.__dict__.pop(CACHE_LAYER_ATTR, None)  # a summarising cache layer
+    observer, dense = getattr(module, OBSERVER_ATTR, None) or (None, False)
     scores = None
-    if isinstance(pattern, Selection):
+    if isinstance(pattern, Selection) and not dense:
         scores = _block_scores(module, pattern, query, key, None if padding is not None else cached)
     out = sparse_attention(
         query,
         key,
         value,
-        pattern,
+        full() if dense else pattern,
         backend=spec.backend,
         scale=scaling,
         key_padding_mask=padding,
@@ -201,7 +207,6 @@ def longswap_attention(
         softcap=softcap,
         sinks=sinks,
     )
-    observer = getattr(module, OBSERVER_ATTR, None)
     if observer is not None:
         observer(
             AttentionCall(layer, pattern, query, key, value, out, scaling, scores, softcap, sinks)

@@ -302,16 +302,19 @@ def attach_selectors(
     return added
 
 
-def observe(model: Any, observer: Observer) -> contextlib.AbstractContextManager[None]:
+def observe(
+    model: Any, observer: Observer, dense: bool = False
+) -> contextlib.AbstractContextManager[None]:
     """A context in which every swapped attention call of ``model`` (PEFT-wrapped or not) is
-    handed to ``observer`` as an :class:`AttentionCall` (see ``swap.attention.observing``)."""
+    handed to ``observer`` as an :class:`AttentionCall`; ``dense``: the layers compute full
+    attention meanwhile (see ``swap.attention.observing``)."""
     inner = _base_model(model)
     if getattr(inner.config, CONFIG_KEY, None) is None:
         raise ValueError(
             f"{type(inner).__name__} is not swapped: only swapped attention calls can be "
             "observed; swap it with longswap.swap_attention first"
         )
-    return observing(attention_modules(inner).values(), observer)
+    return observing(attention_modules(inner).values(), observer, dense)
 
 
 def restore(model: Any) -> None:

@@ -87,6 +87,16 @@ class FinetuneConfig(TrainingFields):
         "learned selectors also train under the other methods, on their selected blocks",
         default="lora-plus",
     )
+    selector_rows: int = help_field(
+        "selector warm-up (--method selector): query rows scored per sequence in a step",
+        default=1024,
+    )
+    selector_reuse: int = help_field(
+        "selector warm-up: steps taken from each sequence's dense targets before the next "
+        "sequence is read (its forward and dense attention, computed once, are most of the "
+        "cost; a step from them costs little)",
+        default=20,
+    )
     lora_rank: int = help_field("LoRA rank", default=8)
     lora_alpha: int = help_field("LoRA alpha", default=16)
     merge: bool = help_field("merge LoRA into the weights when saving", default=False)

@@ -27,7 +27,7 @@ from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import FinetuneConfig
 from longswap.train.data import datasets
-from longswap.train.runner import train, write_record
+from longswap.train.runner import SelectorStage, WarmUp, train, write_record
 from longswap.train.trainable import apply_method, projection_names
 
 METHODS = ("lora-plus", "full", "attention", "selector")
@@ -60,8 +60,10 @@ def problems(config: FinetuneConfig) -> list[str]:
         )
     if config.dense_fraction and not config.pattern:
         found.append("dense_fraction needs --pattern: a hybrid schedule switches to a pattern")
-    if not isinstance(config.lora_rank, int) or config.lora_rank < 1:
-        found.append(f"lora_rank must be a positive integer, got {config.lora_rank!r}")
+    for name in ("lora_rank", "selector_rows", "selector_reuse"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 1:
+            found.append(f"{name} must be a positive integer, got {value!r}")
     if config.pattern:
         try:
             reach = parse_pattern(config.pattern).reach()
@@ -171,7 +173,9 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
         model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
-    selector_stage = "warmup" if config.method == "selector" else "joint" if learned else "none"
+    selector_stage: SelectorStage = "joint" if learned else "none"
+    if config.method == "selector":
+        selector_stage = WarmUp(config.selector_rows, config.selector_reuse)
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
     callbacks = []
     if config.dense_fraction:

@@ -25,6 +25,7 @@ from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
 from longswap.train.signals import AttentionTransfer, SelectorDistillation
+from longswap.train.teacher import SelectorStudent, warm_up_samples
 
 
 def _readable(checkpoint: Path) -> bool:
@@ -103,17 +104,27 @@ class NonFiniteGuard(TrainerCallback):
         control.should_training_stop = True
 
 
-#: How learned selectors train: not at all, alone (the warm-up), or along with the model.
-SelectorStage = Literal["none", "warmup", "joint"]
+@dataclasses.dataclass(frozen=True)
+class WarmUp:
+    """The selector warm-up (base frozen): ``rows`` query rows per step, ``reuse`` steps
+    from each sequence's targets (see ``train.teacher``)."""
+
+    rows: int
+    reuse: int
+
+
+#: How learned selectors train: not at all, along with the model, or alone (the warm-up).
+SelectorStage = Literal["none", "joint"] | WarmUp
 
 
 class SignalTrainer(Trainer):
     """A Trainer whose loss can come from signals inside attention (``swap.observe``).
 
     The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
-    learned selectors, ``selectors="warmup"`` optimises their distillation loss alone (the
-    base is frozen), and ``"joint"`` adds it to the LM loss over the selected blocks only
-    (the selectors' inputs are detached, so each loss trains only its own parameters).
+    learned selectors, ``"joint"`` adds their distillation loss to the LM loss, over the
+    selected blocks only (the selectors' inputs are detached, so each loss trains only its
+    own parameters). The selector warm-up trains a ``SelectorStudent`` (``train.teacher``),
+    whose own loss the Trainer takes as it is.
     """
 
     def __init__(
@@ -121,19 +132,21 @@ class SignalTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.transfer_steps, self.selectors = transfer_steps, selectors
+        if isinstance(selectors, WarmUp):  # the student's loss is the whole step
+            self.selectors = "none"
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """The loss of this step (see the class); evaluation always reports the LM loss."""
         transfer = model.training and self.state.global_step < self.transfer_steps
         if not model.training or (self.selectors == "none" and not transfer):
             return super().compute_loss(model, inputs, *args, **kwargs)
-        if transfer or self.selectors == "warmup":
-            signal = AttentionTransfer() if transfer else SelectorDistillation()
+        if transfer:
+            signal = AttentionTransfer()
             with observe(model, signal):
                 model(input_ids=inputs["input_ids"], logits_to_keep=1)
             loss = signal.loss()
             return (loss, None) if kwargs.get("return_outputs") else loss
-        distill = SelectorDistillation(selected_only=True)
+        distill = SelectorDistillation()
         with observe(model, distill):
             result = super().compute_loss(model, inputs, *args, **kwargs)
         lm_loss = result[0] if isinstance(result, tuple) else result
@@ -182,19 +195,32 @@ def train(
     )
     args = TrainingArguments(**{**settings, **extra})
     guard = NonFiniteGuard()
+    trained, train_data, val_data = model, train_set, val_set
+    if isinstance(selectors, WarmUp):
+        trained = SelectorStudent(model, train_set, val_set)
+        train_data, val_data = warm_up_samples(
+            train_set,
+            val_set,
+            selectors.rows,
+            selectors.reuse,
+            config.steps * config.batch_size,
+            config.seed,
+        )
     trainer = SignalTrainer(
         transfer_steps=transfer_steps,
         selectors=selectors,
-        model=model,
+        model=trained,
         args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set,
+        train_dataset=train_data,
+        eval_dataset=val_data,
         callbacks=[guard, RunRecord(out / "checkpoints" / RUN_FILE, config), *(callbacks or [])],
     )
     start = last_good_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and start is None:
         raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
-    planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
+    planned = None  # the warm-up's step is a forward without gradients: no probe needed
+    if trained is model:
+        planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
     spread = parallelism(trainer)
     if spread.get("note"):
         print(f"longswap: {spread['note']}", file=sys.stderr, flush=True)
@@ -218,6 +244,9 @@ def train(
     else:
         metrics = trainer.evaluate()
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    read_per_second = result.metrics["train_samples_per_second"]
+    if isinstance(selectors, WarmUp):  # it reads a sequence once per ``reuse`` samples
+        read_per_second /= selectors.reuse
     record = {
         "config": dict(config.__dict__),
         "command": "longswap " + " ".join(sys.argv[1:]),
@@ -227,12 +256,12 @@ def train(
         "world_size": trainer.args.world_size,
         "parallelism": spread | {"sharded_parameters": _sharded(trainer.model_wrapped)},
         "train_seconds": result.metrics["train_runtime"],
-        "train_tokens_per_second": result.metrics["train_samples_per_second"] * config.seq_len,
+        "train_tokens_per_second": read_per_second * config.seq_len,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "eval_loss": metrics["eval_loss"],
         "eval_bits_per_token": metrics["eval_loss"] / math.log(2),
-        "budget": dataclasses.asdict(planned) | {"peak_gb": planned.peak_gb},
+        "budget": dataclasses.asdict(planned) | {"peak_gb": planned.peak_gb} if planned else None,
         "environment": environment(trainer.args.device),
     }
     return trainer, record

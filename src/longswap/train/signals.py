@@ -55,15 +55,12 @@ class AttentionTransfer:
 class SelectorDistillation:
     """Per layer with a learned selector, the KL divergence from dense attention's mass on
     each key block (max over the query heads of a KV group, computed chunk by chunk) to the
-    softmax of the selector's scores.
-
-    ``selected_only=False`` (the warm-up, base frozen): over every candidate block.
-    ``selected_only=True`` (DeepSeek's sparse stage, trained along with the model): over the
-    blocks the selector chose, so it keeps ranking them as dense attention would.
+    softmax of the selector's scores, over the blocks the selector chose (DeepSeek's sparse
+    stage, trained along with the model: the selector keeps ranking its blocks as dense
+    attention would). The warm-up, over every candidate block, is ``train.teacher``.
     """
 
-    def __init__(self, selected_only: bool = False) -> None:
-        self.selected_only = selected_only
+    def __init__(self) -> None:
         self.terms: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def __call__(self, call: AttentionCall) -> None:
@@ -76,9 +73,7 @@ class SelectorDistillation:
             call.query, call.key, pattern.block_size, call.scale, softcap=call.softcap
         )
         candidates = pattern.candidates(call.query.shape[2], call.key.shape[2], scores.device)
-        selected = None
-        if self.selected_only:
-            selected = top_blocks(scores.detach(), candidates, pattern.top_k)
+        selected = top_blocks(scores.detach(), candidates, pattern.top_k)
         self.terms.append((scores, target, candidates, selected))
 
     def loss(self) -> Tensor:
