@@ -88,6 +88,9 @@ ARMS = {
     "window-512+learned-64x16-8k": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
+    "window-512+learned-64x16-8k-max": (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
+    ),
     "window-512+oracle-64x16": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
@@ -97,7 +100,12 @@ ARMS = {
 }
 #: Arms that start from a trained checkpoint (``--learned``) instead of the base; each of
 #: their records names the checkpoint.
-TRAINED_ARMS = ("learned-64x16", "window-512+learned-64x16", "window-512+learned-64x16-8k")
+TRAINED_ARMS = (
+    "learned-64x16",
+    "window-512+learned-64x16",
+    "window-512+learned-64x16-8k",
+    "window-512+learned-64x16-8k-max",
+)
 #: Arms whose selector is dense attention itself (the block mass each query gives each key
 #: block, per KV group or per query head): the ceiling of any selector at that budget,
 #: not a model anyone could run faster than dense.

@@ -2,14 +2,18 @@
 
 For a query token ``t`` of KV group ``g`` and a complete key block ``j``::
 
-    score[g, t, j] = query_map(q[heads of g, t]) . key_map([max, min, mean] of k[g, block j])
+    score[g, t, j] = max over the heads h of g of
+                     (q[h, t] @ query_map[h]) . key_map([max, min, mean] of k[g, block j])
                      / sqrt(dim)
 
-The query side reads the concatenated queries of the group's heads; the key side reads the
-block's keys pooled three ways (after RoPE, as attention sees them). Both inputs are
-detached: the gate learns only from its distillation loss, never from the LM loss.
-Initialisation makes it MoBA: the query map averages the group's heads and the key map
-takes the mean key, so an untrained gate scores blocks by ``mean(q) . mean(k)``.
+Each query head has its own map; the key side reads the block's keys pooled three ways
+(after RoPE, as attention sees them). The group's score is the max over its heads, as the
+distillation target is (dense attention's block mass, max over the group's heads): a sum of
+the heads' products, a single map over the concatenated queries, cannot be a max. Both
+inputs are detached: the gate learns only from its distillation loss, never from the LM
+loss. Initialisation makes it MoBA's mean-pooled keys: each head's map is the identity and
+the key map takes the mean key, so an untrained gate scores a block by the best of the
+group's ``q_h . mean(k)``.
 """
 
 from __future__ import annotations
@@ -26,15 +30,15 @@ class BlockGate(nn.Module):
     def __init__(self, head_dim: int, group: int, block_size: int) -> None:
         super().__init__()
         self.head_dim, self.group, self.block_size = head_dim, group, block_size
-        self.query_map = nn.Linear(group * head_dim, head_dim, bias=False)
+        self.query_map = nn.Parameter(torch.empty(group, head_dim, head_dim))
         self.key_map = nn.Linear(3 * head_dim, head_dim, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """The MoBA start: mean of the group's queries against the block's mean key."""
+        """The MoBA start: each head's query against the block's mean key."""
         eye = torch.eye(self.head_dim)
-        self.query_map.weight.copy_(torch.cat([eye / self.group] * self.group, dim=1))
+        self.query_map.copy_(eye.expand(self.group, -1, -1))
         self.key_map.weight.copy_(torch.cat([torch.zeros_like(eye)] * 2 + [eye], dim=1))
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
@@ -64,8 +68,7 @@ class BlockGate(nn.Module):
                 f"this gate was built for {self.group} query heads per KV head of dim "
                 f"{self.head_dim}; got q {tuple(q.shape)} for {hkv} KV heads"
             )
-        queries = q.detach().to(self.query_map.weight.dtype)
-        queries = queries.reshape(batch, hkv, self.group, q_len, dim).permute(0, 1, 3, 2, 4)
-        queries = queries.reshape(batch, hkv, q_len, self.group * dim)
-        scores = self.query_map(queries) @ block_keys.transpose(-1, -2)
-        return scores / math.sqrt(self.head_dim)  # (B, Hkv, Lq, n)
+        queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
+        mapped = torch.einsum("bhgld,gde->bhgle", queries, self.query_map)  # (B, Hkv, g, Lq, D)
+        scores = mapped @ block_keys[:, :, None].transpose(-1, -2)  # (B, Hkv, g, Lq, n)
+        return scores.amax(2) / math.sqrt(self.head_dim)  # (B, Hkv, Lq, n)
