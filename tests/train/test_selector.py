@@ -38,6 +38,12 @@ def test_dense_block_mass_pools_the_oracle_in_chunks(q_len):
     p = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, Hkv, group, Lq, L)
     expected = p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2)
     torch.testing.assert_close(mass, expected, atol=1e-6, rtol=1e-6)
+    # Keys shown anyway (a window of 10 and 2 sinks) are left out of the blocks' mass.
+    shown = torch.ones(50, 50, dtype=torch.bool).tril().triu(-9)[50 - q_len :]
+    shown[:, :2] = True
+    mass = dense_block_mass(q, k, block_size=8, chunk=7, static=shown[None])
+    p = p.masked_fill(shown, 0)
+    torch.testing.assert_close(mass, p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2))
 
 
 def test_selector_kl_is_zero_at_the_target_and_counts_only_candidates():
@@ -71,7 +77,9 @@ def test_warm_up_distils_dense_attention_into_the_selectors():
     cached = student.teachers["train"](1)
     assert [t.layer for t in cached] == [c.layer for c in seen] == [0, 1]
     for t, call in zip(cached, seen, strict=True):
-        torch.testing.assert_close(t.target, dense_block_mass(call.query, call.key, 4, call.scale))
+        shown = call.pattern.dense_mask(48, 48)  # the own block's keys: no target
+        expected = dense_block_mass(call.query, call.key, 4, call.scale, static=shown)
+        torch.testing.assert_close(t.target, expected)
     # Steps: sequence-major (each sequence read once), rows from the seed and step alone.
     steps = list(RowSamples(3, 48, rows=16, reuse=20, steps=60, seed=0))
     assert [int(s["sequence"]) for s in steps] == [0] * 20 + [1] * 20 + [2] * 20

@@ -65,16 +65,21 @@ def dense_block_mass(
     scale: float | None = None,
     chunk: int = 256,
     softcap: float | None = None,
+    static: Tensor | None = None,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
     ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``; ``softcap``: the model's
-    logit cap)."""
+    logit cap). ``static (1 or Hq, Lq, Lk)`` bool: keys the query sees whatever is selected
+    (a union's window and sinks); their mass is left out, so that a block's target is what
+    selecting it adds (a sink's large mass would otherwise swamp every other block's)."""
     batch, hq, q_len, _ = q.shape
     hkv = k.shape[1]
     n = k.shape[2] // block_size
     out = torch.empty(batch, hkv, q_len, n, device=q.device)
     for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
+        if static is not None:
+            p = p.masked_fill(static[:, rows, : p.shape[-1]], 0)
         mass = _block_sums(p, block_size, n)  # (B, Hq, rows, n)
         out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out

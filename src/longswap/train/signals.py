@@ -52,6 +52,17 @@ class AttentionTransfer:
         return torch.stack([F.mse_loss(o.float(), d.float()) for o, d in self.pairs]).mean()
 
 
+def selection_target(call: AttentionCall) -> Tensor:
+    """``(B, Hkv, Lq, n)``: what a learned selector imitates in this call: dense attention's
+    mass on each complete key block, max over a KV group's heads, without the keys the
+    pattern shows anyway (own block, a union's window and sinks)."""
+    q, k, pattern = call.query, call.key, call.pattern
+    static = pattern.dense_mask(q.shape[2], k.shape[2], device=q.device)
+    return dense_block_mass(
+        q, k, pattern.block_size, call.scale, softcap=call.softcap, static=static
+    )
+
+
 class SelectorDistillation:
     """Per layer with a learned selector, the KL divergence from dense attention's mass on
     each key block (max over the query heads of a KV group, computed chunk by chunk) to the
@@ -69,9 +80,7 @@ class SelectorDistillation:
         if scores is None:
             return
         pattern = call.pattern
-        target = dense_block_mass(
-            call.query, call.key, pattern.block_size, call.scale, softcap=call.softcap
-        )
+        target = selection_target(call)
         candidates = pattern.candidates(call.query.shape[2], call.key.shape[2], scores.device)
         selected = top_blocks(scores.detach(), candidates, pattern.top_k)
         self.terms.append((scores, target, candidates, selected))

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset
 
-from longswap.selectors import SELECTOR_ATTR, dense_block_mass, selector_kl
+from longswap.selectors import SELECTOR_ATTR, selector_kl
 from longswap.swap import AttentionCall, observe
 from longswap.swap.model import attention_modules
+from longswap.train.signals import selection_target
 
 #: Validation sequences the warm-up evaluates on (each costs a forward and dense targets).
 EVAL_SEQUENCES = 2
@@ -67,7 +68,7 @@ class Teacher:
             if not call.pattern.needs_selector:
                 return
             q, k, pattern = call.query.detach(), call.key.detach(), call.pattern
-            target = dense_block_mass(q, k, pattern.block_size, call.scale, softcap=call.softcap)
+            target = selection_target(call)
             candidates = pattern.candidates(q.shape[2], k.shape[2], q.device)
             layers.append(LayerTarget(call.layer, q, k, target, candidates))
 
