@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import longswap
@@ -57,6 +58,11 @@ def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="load checkpoints with learned selection through"):
         plain(tokens)
+    selectors = load_file(tmp_path / "m" / SELECTOR_FILE)  # as an earlier gate saved them
+    old = {k.replace(".query_map", ".query_map.weight"): v for k, v in selectors.items()}
+    save_file(old, tmp_path / "m" / SELECTOR_FILE)
+    with pytest.raises(ValueError, match="selectors of an earlier longswap"):
+        longswap.load(tmp_path / "m")
     (tmp_path / "m" / SELECTOR_FILE).unlink()
     with pytest.raises(ValueError, match="holds no weights for 4 selector tensors"):
         longswap.load(tmp_path / "m")

@@ -78,11 +78,20 @@ def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
         return
     attach_selectors(model, attention_modules(model), patterns)
     wanted = {k for k in model.state_dict() if f".{SELECTOR_ATTR}." in k}
-    found = {}
+    found, stored = {}, set()
     for file in sorted(path.glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as weights:
-            found |= {k: weights.get_tensor(k) for k in weights.keys() if k in wanted}  # noqa: SIM118
+            here = {k for k in weights.keys() if f".{SELECTOR_ATTR}." in k}  # noqa: SIM118
+            found |= {k: weights.get_tensor(k) for k in here & wanted}
+            stored |= here
     missing = sorted(wanted - set(found))
+    if missing and any(k.endswith(".query_map.weight") for k in stored):
+        raise ValueError(
+            f"{path} holds learned selectors of an earlier longswap (one query map over a KV "
+            "group's concatenated queries), which this version's gate (a map per query head) "
+            "cannot read; swap the base model again and rerun the warm-up "
+            "(longswap finetune --method selector)"
+        )
     if missing:
         raise ValueError(
             f"{path} records learned selection but holds no weights for {len(missing)} "
