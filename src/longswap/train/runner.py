@@ -128,12 +128,14 @@ class SignalTrainer(Trainer):
     """
 
     def __init__(
-        self, *args: Any, transfer_steps: int = 0, selectors: SelectorStage = "none", **kwargs: Any
+        self,
+        *args: Any,
+        transfer_steps: int = 0,
+        selectors: Literal["none", "joint"] = "none",
+        **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.transfer_steps, self.selectors = transfer_steps, selectors
-        if isinstance(selectors, WarmUp):  # the student's loss is the whole step
-            self.selectors = "none"
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """The loss of this step (see the class); evaluation always reports the LM loss."""
@@ -208,7 +210,7 @@ def train(
         )
     trainer = SignalTrainer(
         transfer_steps=transfer_steps,
-        selectors=selectors,
+        selectors="none" if trained is not model else selectors,  # a student's loss is whole
         model=trained,
         args=args,
         train_dataset=train_data,
