@@ -106,3 +106,6 @@ def test_an_untrained_gate_scores_like_moba_on_the_best_head_of_the_group():
     assert sum(p.numel() for p in gate.parameters()) == 3 * 16 * 16 + 3 * 16 * 16
     scores.sum().backward()  # the gate learns; its inputs are detached
     assert gate.query_map.grad is not None and q.grad is None
+    # Per head: the same parameters, each head's scores kept apart (MoBA's, at the start).
+    apart = BlockGate(head_dim=16, group=3, block_size=32, per_head=True)
+    torch.testing.assert_close(apart(q, k), moba / math.sqrt(16), atol=1e-5, rtol=1e-5)

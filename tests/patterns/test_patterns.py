@@ -158,6 +158,7 @@ def test_block_topk_picks_the_best_block():
         (lambda: block_topk(8) & full(), "block_topk selects keys from the data; it can only"),
         (lambda: block_topk(8) | learned_topk(), "a union holds at most one"),
         (lambda: shifted_groups(64) | block_topk(8), "differs between heads"),
+        (lambda: learned_topk(per_head=1), "per_head must be True or False, got 1"),
     ],
 )
 def test_bad_parameters_name_the_parameter(make, message):
@@ -212,9 +213,18 @@ def test_largest_parameters_still_run(backend):
     torch.testing.assert_close(sparse_attention(q, q, q, dilated(top, top), backend=backend), q)
 
 
-@pytest.mark.parametrize("pattern", [*STATIC, block_topk(64, 3)], ids=str)
+@pytest.mark.parametrize(
+    "pattern", [*STATIC, block_topk(64, 3), learned_topk(64, 3, per_head=True)], ids=str
+)
 def test_string_round_trip(pattern):
     assert parse_pattern(str(pattern)) == pattern
+
+
+@pytest.mark.parametrize("pattern", STATIC, ids=str)
+def test_a_piece_of_the_dense_mask_is_computed_alone(pattern):
+    whole = pattern.dense_mask(30, 45, num_heads=4)
+    piece = pattern.dense_mask(30, 45, num_heads=4, rows=slice(7, 19), keys=33)
+    torch.testing.assert_close(piece, whole[:, 7:19, :33])
 
 
 def test_parse_examples_and_errors():

@@ -13,6 +13,8 @@ from .conftest import assert_generate_equals_recomputation, make_model
 PATTERN = "learned_topk(block_size=8, top_k=2)"
 #: The typical use: a window, its sinks, and learned blocks beyond the window.
 UNION = "sliding_window(window=12, sinks=2) | learned_topk(block_size=4, top_k=2)"
+#: The same, each query head selecting its own blocks.
+PER_HEAD = UNION.replace("top_k=2)", "top_k=2, per_head=True)")
 
 
 def logits(model, ids):
@@ -43,7 +45,7 @@ def test_swap_adds_one_gate_per_layer_and_restore_removes_them(tokens):
     torch.testing.assert_close(logits(model, tokens), before)
 
 
-@pytest.mark.parametrize("pattern", [PATTERN, UNION])
+@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD])
 def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
     model = make_model("qwen3")
     longswap.swap_attention(model, pattern)
@@ -69,7 +71,8 @@ def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
 
 
 @pytest.mark.parametrize(
-    ("family", "pattern"), [("llama", PATTERN), ("gpt2", PATTERN), ("llama", UNION)]
+    ("family", "pattern"),
+    [("llama", PATTERN), ("gpt2", PATTERN), ("llama", UNION), ("llama", PER_HEAD)],
 )
 def test_generate_with_cache_equals_recomputation(family, pattern):
     model = make_model(family)
@@ -79,7 +82,7 @@ def test_generate_with_cache_equals_recomputation(family, pattern):
     assert_generate_equals_recomputation(model, prompt, 25)
 
 
-@pytest.mark.parametrize("pattern", [PATTERN, UNION])
+@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD])
 def test_backends_agree_inside_a_model(tokens, pattern):
     model = make_model("llama")
     longswap.swap_attention(model, pattern, backend="blocks")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import longswap
-from longswap.patterns import learned_topk
+from longswap.patterns import learned_topk, sliding_window
 from longswap.selectors import (
     SELECTOR_ATTR,
     BlockGate,
@@ -38,10 +38,13 @@ def test_dense_block_mass_pools_the_oracle_in_chunks(q_len):
     p = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (B, Hkv, group, Lq, L)
     expected = p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2)
     torch.testing.assert_close(mass, expected, atol=1e-6, rtol=1e-6)
+    per_head = dense_block_mass(q, k, block_size=8, chunk=7, per_head=True)
+    torch.testing.assert_close(per_head, p[..., :48].unflatten(-1, (6, 8)).sum(-1).flatten(1, 2))
     # Keys shown anyway (a window of 10 and 2 sinks) are left out of the blocks' mass.
     shown = torch.ones(50, 50, dtype=torch.bool).tril().triu(-9)[50 - q_len :]
     shown[:, :2] = True
-    mass = dense_block_mass(q, k, block_size=8, chunk=7, static=shown[None])
+    static = sliding_window(window=10, sinks=2)
+    mass = dense_block_mass(q, k, block_size=8, chunk=7, static=static)
     p = p.masked_fill(shown, 0)
     torch.testing.assert_close(mass, p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2))
 
@@ -58,9 +61,11 @@ def test_selector_kl_is_zero_at_the_target_and_counts_only_candidates():
     assert flat.grad[..., 2:].abs().max() == 0  # non-candidates get no gradient
 
 
-def test_warm_up_distils_dense_attention_into_the_selectors():
+@pytest.mark.parametrize("per_head", [False, True])
+def test_warm_up_distils_dense_attention_into_the_selectors(per_head):
     model = make_model("llama")
-    longswap.swap_attention(model, "learned_topk(block_size=4, top_k=2)", backend="blocks")
+    pattern = f"learned_topk(block_size=4, top_k=2, per_head={per_head})"
+    longswap.swap_attention(model, pattern, backend="blocks")
     model.requires_grad_(False)
     ids = torch.randint(1, 97, (3, 48), generator=torch.Generator().manual_seed(0))
     sequences = PackedDataset(ids)
@@ -77,8 +82,11 @@ def test_warm_up_distils_dense_attention_into_the_selectors():
     cached = student.teachers["train"](1)
     assert [t.layer for t in cached] == [c.layer for c in seen] == [0, 1]
     for t, call in zip(cached, seen, strict=True):
-        shown = call.pattern.dense_mask(48, 48)  # the own block's keys: no target
-        expected = dense_block_mass(call.query, call.key, 4, call.scale, static=shown)
+        # The own block's keys get no target; per head, each head has its own.
+        expected = dense_block_mass(
+            call.query, call.key, 4, call.scale, static=call.pattern, per_head=per_head
+        )
+        assert expected.shape[1] == call.query.shape[1] if per_head else call.key.shape[1]
         torch.testing.assert_close(t.target, expected)
     # Steps: sequence-major (each sequence read once), rows from the seed and step alone.
     steps = list(RowSamples(3, 48, rows=16, reuse=20, steps=60, seed=0))
@@ -114,12 +122,12 @@ def test_distillation_finds_the_blocks_mean_pooling_misses():
     q = 4.0 * torch.nn.functional.one_hot(which, dim).float()[None, None]
     q = q + 0.1 * torch.randn(1, 1, length, dim, generator=g)
     pattern = learned_topk(block, 1)
-    candidates, own = pattern.candidates(length, length), pattern.dense_mask(length, length)
+    candidates = pattern.candidates(length, length)
     target = dense_block_mass(q, k, block)
     gate = BlockGate(dim, 1, block)
 
     def share(scores):
-        return captured_mass(q, k, own, top_blocks(scores, candidates, 1), block)[0]
+        return captured_mass(q, k, pattern, top_blocks(scores, candidates, 1), block)[0]
 
     oracle = share(target)
     with torch.no_grad():

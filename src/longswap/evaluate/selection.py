@@ -30,15 +30,14 @@ def _layer_shares(call: AttentionCall) -> dict[str, Any] | None:
     q, k, bs = call.query, call.key, pattern.block_size
     q_len, kv_len = q.shape[2], k.shape[2]
     candidates = pattern.candidates(q_len, kv_len, q.device)
-    if call.block_scores is not None:  # learned: one selection per KV group
+    if call.block_scores is not None:  # learned: one selection per KV group or per head
         selected = top_blocks(call.block_scores, candidates, pattern.top_k)
     else:  # MoBA: one per head
         selected = pattern.select(q, k)
-    own = pattern.dense_mask(q_len, kv_len, device=q.device)
     captured, oracle = captured_mass(
         q,
         k,
-        own,
+        pattern,
         selected,
         bs,
         call.scale,

@@ -233,15 +233,23 @@ class Pattern:
         return mask_mod
 
     def dense_mask(
-        self, q_len: int, kv_len: int, num_heads: int = 1, device: torch.device | str = "cpu"
+        self,
+        q_len: int,
+        kv_len: int,
+        num_heads: int = 1,
+        device: torch.device | str = "cpu",
+        rows: slice = slice(None),
+        keys: int | None = None,
     ) -> Tensor:
-        """Boolean ``(Hs, q_len, kv_len)`` mask; ``Hs`` is 1 unless the pattern is per head."""
+        """Boolean ``(Hs, q_len, kv_len)`` mask; ``Hs`` is 1 unless the pattern is per head.
+        ``rows`` (of the ``q_len`` query rows) and ``keys`` (the first ``keys`` keys) cut a
+        piece of it, computed alone: what a loop over chunks of queries needs."""
         device = torch.device(device)
-        q = torch.arange(kv_len - q_len, kv_len, device=device)[None, :, None]
-        kv = torch.arange(kv_len, device=device)[None, None, :]
+        q = torch.arange(kv_len - q_len, kv_len, device=device)[rows][None, :, None]
+        kv = torch.arange(kv_len if keys is None else keys, device=device)[None, None, :]
         heads = torch.arange(self.mask_heads(num_heads), device=device)[:, None, None]
         out = self.mask_fn(kv_len, num_heads, device)(q, kv, heads)
-        return out.expand(heads.shape[0], q_len, kv_len)
+        return out.expand(heads.shape[0], q.shape[1], kv.shape[2])
 
     def mask_heads(self, num_heads: int) -> int:
         """How many distinct head masks the pattern has: 1, or ``num_heads``."""

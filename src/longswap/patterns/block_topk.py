@@ -36,6 +36,9 @@ class Selection(Pattern):
     data_dependent = True
     block_size: int
     top_k: int
+    #: Whether each query head selects its own blocks (MoBA); False: the query heads of a
+    #: KV group share one selection (NSA, InfLLM-V2).
+    per_head: bool = True
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Scores ``(B, Hq or Hkv, Lq, n)`` of the ``n`` complete key blocks."""

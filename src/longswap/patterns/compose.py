@@ -146,6 +146,11 @@ class SelectionUnion(Selection):
         return self.selection.top_k
 
     @property
+    def per_head(self) -> bool:  # type: ignore[override]
+        """Whether the selection is made per query head."""
+        return self.selection.per_head
+
+    @property
     def needs_selector(self) -> bool:  # type: ignore[override]
         """Whether the selection's scores come from a learned selector."""
         return self.selection.needs_selector

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longswap.kernels.reference import capped
+from longswap.patterns import Pattern
 
 
 def _dense_chunks(
@@ -65,23 +66,26 @@ def dense_block_mass(
     scale: float | None = None,
     chunk: int = 256,
     softcap: float | None = None,
-    static: Tensor | None = None,
+    static: Pattern | None = None,
+    per_head: bool = False,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
-    key block, the max over the query heads of its KV group (q ``(B, Hq, Lq, D)``, k
-    ``(B, Hkv, Lk, D)``; query ``i`` at position ``Lk - Lq + i``; ``softcap``: the model's
-    logit cap). ``static (1 or Hq, Lq, Lk)`` bool: keys the query sees whatever is selected
-    (a union's window and sinks); their mass is left out, so that a block's target is what
-    selecting it adds (a sink's large mass would otherwise swamp every other block's)."""
+    key block, the max over the query heads of its KV group (``per_head``: ``(B, Hq, Lq,
+    n)``, each head's own). q is ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)``; query ``i`` sits
+    at position ``Lk - Lq + i``; ``softcap``: the model's logit cap. ``static``: a
+    head-independent pattern of keys the query sees whatever is selected (a union's window,
+    sinks and own block); their mass is left out, so that a block's target is what selecting
+    it adds (a sink's large mass would otherwise swamp every other block's)."""
     batch, hq, q_len, _ = q.shape
-    hkv = k.shape[1]
-    n = k.shape[2] // block_size
-    out = torch.empty(batch, hkv, q_len, n, device=q.device)
+    kv_len, hkv = k.shape[2], k.shape[1]
+    n = kv_len // block_size
+    out = torch.empty(batch, hq if per_head else hkv, q_len, n, device=q.device)
     for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
         if static is not None:
-            p = p.masked_fill(static[:, rows, : p.shape[-1]], 0)
+            shown = static.dense_mask(q_len, kv_len, device=q.device, rows=rows, keys=p.shape[-1])
+            p = p.masked_fill(shown, 0)
         mass = _block_sums(p, block_size, n)  # (B, Hq, rows, n)
-        out[:, :, rows] = mass.unflatten(1, (hkv, hq // hkv)).amax(2)
+        out[:, :, rows] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
 
@@ -112,7 +116,7 @@ def selector_kl(
 def captured_mass(
     q: Tensor,
     k: Tensor,
-    static: Tensor,
+    static: Pattern,
     selected: Tensor,
     block_size: int,
     scale: float | None = None,
@@ -125,16 +129,16 @@ def captured_mass(
     and, with ``oracle_top_k``, the share the best selection of that budget keeps (each
     head's ``oracle_top_k`` ``candidates`` blocks with the most mass), in the same pass.
 
-    ``static (1 or Hq, Lq, Lk)`` bool: the keys visible whatever is selected (own block,
-    window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
+    ``static``: a head-independent pattern of the keys visible whatever is selected (own
+    block, window, sinks); ``selected (B, Hkv or Hq, Lq, n)`` bool: the complete key blocks each
     query of a KV group (or of a head) selected; a block's keys that ``static`` shows count
     once, with ``static``. ``softcap``: the model's logit cap.
     """
-    hq, hkv = q.shape[1], k.shape[1]
+    hq, q_len, hkv, kv_len = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
     kept, best, rows_seen = 0.0, 0.0, 0
-    n = k.shape[2] // block_size
+    n = kv_len // block_size
     for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
-        shown = static[:, rows, : p.shape[-1]]
+        shown = static.dense_mask(q_len, kv_len, device=q.device, rows=rows, keys=p.shape[-1])
         always = (p * shown).sum(-1)  # (B, Hq, rows)
         mass = _block_sums(p.masked_fill(shown, 0), block_size, n)  # (B, Hq, rows, n)
         chosen = selected[:, :, rows]

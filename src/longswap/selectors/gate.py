@@ -1,4 +1,4 @@
-"""``BlockGate``: a small scorer of key blocks, per KV group (SeerAttention-R's gate).
+"""``BlockGate``: a small scorer of key blocks (SeerAttention-R's gate), per KV group or head.
 
 For a query token ``t`` of KV group ``g`` and a complete key block ``j``::
 
@@ -9,7 +9,9 @@ For a query token ``t`` of KV group ``g`` and a complete key block ``j``::
 Each query head has its own map; the key side reads the block's keys pooled three ways
 (after RoPE, as attention sees them). The group's score is the max over its heads, as the
 distillation target is (dense attention's block mass, max over the group's heads): a sum of
-the heads' products, a single map over the concatenated queries, cannot be a max. Both
+the heads' products, a single map over the concatenated queries, cannot be a max. With
+``per_head`` the heads' scores are kept apart (``(B, Hq, Lq, n)``): each head selects for
+itself, against its own block mass. Both
 inputs are detached: the gate learns only from its distillation loss, never from the LM
 loss. Initialisation makes it MoBA's mean-pooled keys: each head's map is the identity and
 the key map takes the mean key, so an untrained gate scores a block by the best of the
@@ -25,11 +27,13 @@ from torch import Tensor, nn
 
 
 class BlockGate(nn.Module):
-    """Scores ``(B, Hkv, Lq, n)`` of the ``n`` complete key blocks for every query token."""
+    """Scores ``(B, Hkv, Lq, n)`` (``per_head``: ``(B, Hq, Lq, n)``) of the ``n`` complete key
+    blocks for every query token."""
 
-    def __init__(self, head_dim: int, group: int, block_size: int) -> None:
+    def __init__(self, head_dim: int, group: int, block_size: int, per_head: bool = False) -> None:
         super().__init__()
         self.head_dim, self.group, self.block_size = head_dim, group, block_size
+        self.per_head = per_head
         self.query_map = nn.Parameter(torch.empty(group, head_dim, head_dim))
         self.key_map = nn.Linear(3 * head_dim, head_dim, bias=False)
         self.reset_parameters()
@@ -42,7 +46,8 @@ class BlockGate(nn.Module):
         self.key_map.weight.copy_(torch.cat([torch.zeros_like(eye)] * 2 + [eye], dim=1))
 
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
-        """q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)`` -> scores ``(B, Hkv, Lq, Lk // block)``."""
+        """q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)`` -> scores ``(B, Hkv or Hq, Lq, Lk //
+        block)``."""
         return self.score(q, self.block_keys(k))
 
     def block_keys(self, k: Tensor) -> Tensor:
@@ -60,7 +65,7 @@ class BlockGate(nn.Module):
         return self.key_map(pooled)
 
     def score(self, q: Tensor, block_keys: Tensor) -> Tensor:
-        """Scores ``(B, Hkv, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
+        """Scores ``(B, Hkv or Hq, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
         batch, hq, q_len, dim = q.shape
         hkv = block_keys.shape[1]
         if dim != self.head_dim or hq != hkv * self.group:
@@ -71,4 +76,5 @@ class BlockGate(nn.Module):
         queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
         mapped = torch.einsum("bhgld,gde->bhgle", queries, self.query_map)  # (B, Hkv, g, Lq, D)
         scores = mapped @ block_keys[:, :, None].transpose(-1, -2)  # (B, Hkv, g, Lq, n)
-        return scores.amax(2) / math.sqrt(self.head_dim)  # (B, Hkv, Lq, n)
+        pooled = scores.flatten(1, 2) if self.per_head else scores.amax(2)  # (B, Hq or Hkv, ..)
+        return pooled / math.sqrt(self.head_dim)

@@ -54,12 +54,18 @@ class AttentionTransfer:
 
 def selection_target(call: AttentionCall) -> Tensor:
     """``(B, Hkv, Lq, n)``: what a learned selector imitates in this call: dense attention's
-    mass on each complete key block, max over a KV group's heads, without the keys the
-    pattern shows anyway (own block, a union's window and sinks)."""
-    q, k, pattern = call.query, call.key, call.pattern
-    static = pattern.dense_mask(q.shape[2], k.shape[2], device=q.device)
+    mass on each complete key block, max over a KV group's heads (``(B, Hq, Lq, n)``, each
+    head's own, when the pattern selects per head), without the keys the pattern shows
+    anyway (own block, a union's window and sinks)."""
+    pattern = call.pattern
     return dense_block_mass(
-        q, k, pattern.block_size, call.scale, softcap=call.softcap, static=static
+        call.query,
+        call.key,
+        pattern.block_size,
+        call.scale,
+        softcap=call.softcap,
+        static=pattern,
+        per_head=pattern.per_head,
     )
 
 
