@@ -4,9 +4,10 @@ The pattern of DeepSeek's sparse attention and SeerAttention-R at block granular
 small selector scores every complete earlier key block for every query token, per KV group
 (the group's query heads share one selection, as in NSA and InfLLM-V2; ``per_head=True``:
 each query head selects its own, as MoBA does), and the query attends to its own block
-(causally) plus the ``top_k`` best blocks; ties go to the more recent block. The pattern itself stays a pure definition: it declares that it needs a
-selector (``needs_selector``), and the swap gives each layer one
-(``longswap.selectors.BlockGate``), whose scores reach the kernels as ``block_scores``.
+(causally) plus the ``top_k`` best blocks; ties go to the more recent block. The pattern
+itself stays a pure definition: it declares that it needs a selector (``needs_selector``),
+and the swap gives each layer one (``longswap.selectors.BlockGate``), whose scores reach the
+kernels as ``block_scores``.
 Selection is strictly causal and not differentiable: the selector learns from its
 distillation loss only.
 """
@@ -37,9 +38,7 @@ class LearnedTopK(BlockTopK):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.per_head, bool):
-            raise ValueError(
-                f"learned_topk: per_head must be True or False, got {self.per_head!r}"
-            )
+            raise ValueError(f"learned_topk: per_head must be True or False, got {self.per_head!r}")
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Never computed by the pattern: its learned selector provides them."""
