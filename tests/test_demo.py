@@ -5,11 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from longswap.cli import main
 from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
 from longswap.patterns import parse_pattern
+from longswap.selectors import SELECTOR_FILE
 
 
 def test_embedded_model_is_small_and_documented():
@@ -70,6 +72,23 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     # The same folder again: refused, then replaced with --overwrite.
     assert main(["demo", "--quick", "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, capsys):
+    out = tmp_path / "demo"
+    pattern = "sliding_window(window=64) | learned_topk(block_size=32, top_k=2)"
+    assert main(["demo", "--quick", "--out", str(out), "--pattern", pattern]) == 0
+    results = json.loads((out / "demo.json").read_text())
+    for arm in ARMS[2:4]:  # the sparse arms: warm-up, then fine-tuning from its output
+        warm_up, tune = results["cost"][arm]["command"].split("\n")
+        assert "--method selector" in warm_up and "--method full" in tune
+        assert f"--model {out}/{arm}-selectors" in tune
+    assert "\n" not in results["cost"][ARMS[4]]["command"]  # dense: no selectors
+    gates = [load_file(out / "arms" / arm / SELECTOR_FILE) for arm in ARMS[1:3]]
+    assert any(not torch.equal(gates[0][n], gates[1][n]) for n in gates[0])  # trained
+    assert "include their selectors' warm-up" in (out / "report.md").read_text()
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # warm-up folders removed
+    assert "3-swap-finetune-selectors: step 4/4" in capsys.readouterr().out
 
 
 def test_overwrite_keeps_the_old_demo_until_the_new_one_is_complete(tmp_path, monkeypatch):

@@ -9,6 +9,10 @@ from the embedded dense model (pre-trained at ``T`` tokens):
 4. the same sparse model initialised at random, fine-tuned with the identical budget;
 5. the base fine-tuned with dense attention at ``factor * T`` (the dense baseline).
 
+A pattern with learned selection (``learned_topk``) gets its selectors warmed up first in
+arms 3 and 4 (``--method selector``: distilled from that arm's own dense attention, model
+frozen, as many steps as the fine-tuning), and the warm-up's cost counts in the arm's.
+
 Every arm is evaluated by ``longswap eval`` (perplexity vs length, passkey, speed). The
 report states five expectations and, for each, whether the measurements agree.
 """
@@ -49,6 +53,8 @@ DEFAULT_PATTERN = "block_topk(block_size=128, top_k=4)"
 _BAR = re.compile(r"(\d+)/(\d+) \[")
 #: Seconds between two progress lines of a fine-tuning arm on the console.
 PROGRESS_EVERY = 15.0
+#: Peak learning rate of a selector warm-up (the small gates take a large one).
+SELECTOR_LEARNING_RATE = 5e-3
 
 
 @dataclass
@@ -104,18 +110,25 @@ def _say(message: str) -> None:
 
 
 def finetune_command(
-    config: DemoConfig, start: Path, out: Path, pattern: str, steps: int
+    config: DemoConfig,
+    start: Path,
+    out: Path,
+    pattern: str,
+    steps: int,
+    method: str = "full",
 ) -> list[str]:
-    """The ``longswap finetune`` command of one trained arm (printed in the report)."""
+    """The ``longswap finetune`` command of one trained arm (printed in the report);
+    ``method="selector"``: the warm-up of its learned selectors."""
     length = config.factor * AutoConfig.from_pretrained(start).max_position_embeddings
     command = ["longswap", "finetune", "--model", str(start), "--out", str(out)]
     command += ["--pattern", pattern] if pattern else []
+    rate = SELECTOR_LEARNING_RATE if method == "selector" else config.learning_rate
     for flag, value in (
-        ("--method", "full"),
+        ("--method", method),
         ("--seq-len", length),
         ("--steps", steps),
         ("--batch-size", 1),
-        ("--learning-rate", config.learning_rate),
+        ("--learning-rate", rate),
         ("--warmup-steps", max(1, steps // 10)),
         ("--eval-steps", steps),
         ("--synthetic-ratio", config.synthetic_ratio),
@@ -244,18 +257,26 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     random_init.save_pretrained(staging / "random-init")
     tokenizer_for(base).save_pretrained(staging / "random-init")
     cost = {}
+    learned = parse_pattern(pattern).needs_selector
     for arm, start, arm_pattern in (
         (ARMS[2], base, pattern),
         (ARMS[3], staging / "random-init", pattern),
         (ARMS[4], base, ""),
     ):
-        run = finetune_command(config, start, arms / arm, arm_pattern, steps)
-        shown = [_moved(part, staging, out) for part in run]
-        _say(f"{arm}: {shlex.join(shown)}")
-        failed_log = out.with_name(f"{out.name}-{arm}-failed.log")
-        cost[arm] = _finetune(run, shown, staging / f"{arm}.log", steps, failed_log)
+        stages = [(arm, arms / arm, "full")]
+        if learned and arm_pattern:  # the selectors' warm-up comes first
+            stages.insert(0, (f"{arm}-selectors", staging / f"{arm}-selectors", "selector"))
+        spent = []
+        for name, folder, method in stages:
+            run = finetune_command(config, start, folder, arm_pattern, steps, method)
+            shown = [_moved(part, staging, out) for part in run]
+            _say(f"{name}: {shlex.join(shown)}")
+            failed_log = out.with_name(f"{out.name}-{name}-failed.log")
+            spent.append(_finetune(run, shown, staging / f"{name}.log", steps, failed_log))
+            start = folder
         shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
-        c = cost[arm]
+        shutil.rmtree(staging / f"{arm}-selectors", ignore_errors=True)  # arm 3 or 4 holds them
+        c = cost[arm] = _combined(spent)
         _say(
             f"{arm}: {c['wall_seconds']:.1f} s wall, {c['cpu_seconds']:.1f} s CPU, "
             f"{c['tokens_per_second']:.0f} tok/s"
@@ -286,6 +307,20 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         "environment": environment(),
     }
     return results, records
+
+
+def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's cost from its stages' (a selector warm-up, then the fine-tuning): times
+    added, the largest peak memory, the last stage's speed and validation loss."""
+    last = stages[-1]
+    return last | {
+        "command": "\n".join(s["command"] for s in stages),
+        "cpu_seconds": sum(s["cpu_seconds"] for s in stages),
+        "wall_seconds": sum(s["wall_seconds"] for s in stages),
+        "train_seconds": sum(s["train_seconds"] for s in stages),
+        "peak_memory_mb": max(s["peak_memory_mb"] for s in stages),
+        "notes": [n for s in stages for n in s["notes"]],
+    }
 
 
 def _moved(text: str, staging: Path, out: Path) -> str:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longswap.evaluate.report import table
-from longswap.patterns import Pattern
+from longswap.patterns import Pattern, parse_pattern
 
 #: Arm folder names, in study order.
 ARMS = ("1-dense", "2-swapped", "3-swap-finetune", "4-random-finetune", "5-dense-finetune")
@@ -281,6 +281,11 @@ def _cost_section(results: dict[str, Any]) -> list[str]:
         "loop's seconds and tokens/s are the Trainer's own (wall time).",
         "",
     ]
+    if parse_pattern(results["pattern"]).needs_selector:
+        lines[-1:-1] = [
+            "Arms 3 and 4 include their selectors' warm-up (`--method selector`, the first of "
+            "their commands below): its seconds are added, its memory counts in the peak.",
+        ]
     if wall_times_unreliable(cost):
         lines += [
             "**Wall times are unreliable in this run:** the arms got different shares of the "
