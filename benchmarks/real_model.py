@@ -97,6 +97,9 @@ ARMS = {
     "window-512+learned-head-64x16-8k": (
         "sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True)"
     ),
+    "window-512+learned-value-64x16-8k": (
+        "sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True)"
+    ),
     "window-512+oracle-64x16": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
@@ -113,6 +116,7 @@ TRAINED_ARMS = (
     "window-512+learned-64x16-8k-max",
     "window-512+learned-64x16-8k-max-beyond",
     "window-512+learned-head-64x16-8k",
+    "window-512+learned-value-64x16-8k",
 )
 #: Arms whose selector is dense attention itself (the block mass each query gives each key
 #: block, per KV group or per query head): the ceiling of any selector at that budget,
