@@ -82,6 +82,8 @@ def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, c
     for arm in ARMS[2:4]:  # the sparse arms: warm-up, then fine-tuning from its output
         warm_up, tune = results["cost"][arm]["command"].split("\n")
         assert "--method selector" in warm_up and "--method full" in tune
+        long = f"--seq-len {results['long_length']} "  # the warm-up's model is extended
+        assert long in warm_up and long in tune
         assert f"--model {out}/{arm}-selectors" in tune
     assert "\n" not in results["cost"][ARMS[4]]["command"]  # dense: no selectors
     gates = [load_file(out / "arms" / arm / SELECTOR_FILE) for arm in ARMS[1:3]]

@@ -114,12 +114,12 @@ def finetune_command(
     start: Path,
     out: Path,
     pattern: str,
+    length: int,
     steps: int,
     method: str = "full",
 ) -> list[str]:
-    """The ``longswap finetune`` command of one trained arm (printed in the report);
-    ``method="selector"``: the warm-up of its learned selectors."""
-    length = config.factor * AutoConfig.from_pretrained(start).max_position_embeddings
+    """The ``longswap finetune`` command of one trained arm at ``length`` tokens (printed
+    in the report); ``method="selector"``: the warm-up of its learned selectors."""
     command = ["longswap", "finetune", "--model", str(start), "--out", str(out)]
     command += ["--pattern", pattern] if pattern else []
     rate = SELECTOR_LEARNING_RATE if method == "selector" else config.learning_rate
@@ -268,7 +268,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
             stages.insert(0, (f"{arm}-selectors", staging / f"{arm}-selectors", "selector"))
         spent = []
         for name, folder, method in stages:
-            run = finetune_command(config, start, folder, arm_pattern, steps, method)
+            run = finetune_command(config, start, folder, arm_pattern, long, steps, method)
             shown = [_moved(part, staging, out) for part in run]
             _say(f"{name}: {shlex.join(shown)}")
             failed_log = out.with_name(f"{out.name}-{name}-failed.log")
