@@ -58,25 +58,6 @@ def _block_sums(p: Tensor, block_size: int, n: int) -> Tensor:
     return F.pad(sums, (0, n - held))
 
 
-def _block_shifts(p: Tensor, shown: Tensor | None, v: Tensor, block_size: int, n: int) -> Tensor:
-    """``(B, Hq, rows, n)``: how far each complete key block moves the dense output, ``|c_b -
-    m_b o|`` for the block's value sum ``c_b = sum_s p_s v_s``, its mass ``m_b`` and the
-    output ``o`` of all keys (dropping the block moves ``o`` by that over ``1 - m_b``); keys
-    ``shown`` anyway are not the block's to give."""
-    batch, hq, rows, reach = p.shape
-    hkv, dim = v.shape[1], v.shape[-1]
-    held = min(n, reach // block_size)
-    values = v[:, :, :reach].float()  # (B, Hkv, reach, D)
-    out = p.reshape(batch, hkv, -1, reach) @ values  # (B, Hkv, G * rows, D)
-    if shown is not None:
-        p = p.masked_fill(shown, 0)
-    blocks = p[..., : held * block_size].reshape(batch, hkv, -1, held, block_size)
-    parts = values[:, :, : held * block_size].reshape(batch, hkv, held, block_size, dim)
-    sums = torch.einsum("bhrnk,bhnkd->bhrnd", blocks, parts)  # (B, Hkv, G * rows, held, D)
-    shift = (sums - blocks.sum(-1, keepdim=True) * out[:, :, :, None]).norm(dim=-1)
-    return F.pad(shift.reshape(batch, hq, rows, held), (0, n - held))
-
-
 @torch.no_grad()
 def dense_block_mass(
     q: Tensor,
@@ -87,7 +68,6 @@ def dense_block_mass(
     softcap: float | None = None,
     static: Pattern | None = None,
     per_head: bool = False,
-    values: Tensor | None = None,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (``per_head``: ``(B, Hq, Lq,
@@ -95,22 +75,16 @@ def dense_block_mass(
     at position ``Lk - Lq + i``; ``softcap``: the model's logit cap. ``static``: a
     head-independent pattern of keys the query sees whatever is selected (a union's window,
     sinks and own block); their mass is left out, so that a block's target is what selecting
-    it adds (a sink's large mass would otherwise swamp every other block's). ``values`` v
-    ``(B, Hkv, Lk, D)``: each block is weighed by how far it moves the dense output instead
-    of by its mass (``_block_shifts``): heads park mass on keys whose values add little,
-    and a selector that learns mass learns to find those."""
+    it adds (a sink's large mass would otherwise swamp every other block's)."""
     batch, hq, q_len, _ = q.shape
     kv_len, hkv = k.shape[2], k.shape[1]
     n = kv_len // block_size
     out = torch.empty(batch, hq if per_head else hkv, q_len, n, device=q.device)
     for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
-        shown = None
         if static is not None:
             shown = static.dense_mask(q_len, kv_len, device=q.device, rows=rows, keys=p.shape[-1])
-        if values is not None:
-            mass = _block_shifts(p, shown, values, block_size, n)  # (B, Hq, rows, n)
-        else:
-            mass = _block_sums(p if shown is None else p.masked_fill(shown, 0), block_size, n)
+            p = p.masked_fill(shown, 0)
+        mass = _block_sums(p, block_size, n)  # (B, Hq, rows, n)
         out[:, :, rows] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
@@ -118,15 +92,12 @@ def dense_block_mass(
 def selector_kl(
     scores: Tensor, target: Tensor, candidates: Tensor, selected: Tensor | None = None
 ) -> Tensor:
-    """Mean over query rows of ``KL(target || softmax(scores))`` over the candidate blocks,
-    each row weighted by the target's mass on those blocks.
+    """Mean over query rows of ``KL(target || softmax(scores))`` over the candidate blocks.
 
-    ``scores`` and ``target`` are ``(B, Hkv or Hq, Lq, n)``; ``candidates`` (broadcastable
-    bool) marks the blocks a query may select; ``selected`` restricts both distributions
-    further (DSA's sparse stage: the selected set only). The weight is what a row can lose
-    to a bad selection: a query whose attention stays in its window has almost no mass
-    beyond it, and its normalised target there is mostly noise. Rows without a candidate,
-    or on which the target puts no mass, do not count. Differentiable in ``scores`` only.
+    ``scores`` and ``target`` are ``(B, Hkv or Hq, Lq, n)``; ``candidates`` (broadcastable bool)
+    marks the blocks a query may select; ``selected`` restricts both distributions further
+    (DSA's sparse stage: the selected set only). Rows without a candidate, or on which the
+    target puts no mass, do not count. Differentiable in ``scores`` only.
     """
     keep = candidates.expand_as(scores)
     if selected is not None:
@@ -137,10 +108,8 @@ def selector_kl(
     p = target / total.clamp_min(1e-30)
     log_q = F.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
     terms = torch.where(keep & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0)
-    if not bool(rows.any()):
-        return scores.sum() * 0.0
-    weight = total[..., 0][rows]
-    return (terms.sum(-1)[rows] * weight).sum() / weight.sum()
+    per_row = terms.sum(-1)
+    return per_row[rows].mean() if bool(rows.any()) else scores.sum() * 0.0
 
 
 @torch.no_grad()

@@ -53,11 +53,10 @@ class AttentionTransfer:
 
 
 def selection_target(call: AttentionCall) -> Tensor:
-    """``(B, Hkv, Lq, n)``: what a learned selector imitates in this call: how far each
-    complete key block moves dense attention's output (its value-weighted share, not its
-    bare mass; see ``dense_block_mass``), max over a KV group's heads (``(B, Hq, Lq, n)``,
-    each head's own, when the pattern selects per head), without the keys the pattern
-    shows anyway (own block, a union's window and sinks)."""
+    """``(B, Hkv, Lq, n)``: what a learned selector imitates in this call: dense attention's
+    mass on each complete key block, max over a KV group's heads (``(B, Hq, Lq, n)``, each
+    head's own, when the pattern selects per head), without the keys the pattern shows
+    anyway (own block, a union's window and sinks)."""
     pattern = call.pattern
     return dense_block_mass(
         call.query,
@@ -67,7 +66,6 @@ def selection_target(call: AttentionCall) -> Tensor:
         softcap=call.softcap,
         static=pattern,
         per_head=pattern.per_head,
-        values=call.value,
     )
 
 
