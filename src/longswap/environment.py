@@ -32,9 +32,30 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "python": platform.python_version(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "threads": torch.get_num_threads(),
+        "cpu_bfloat16": cpu_runs_bfloat16(),
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def cpu_runs_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's test: AVX-512 or
+    AMX). Without it (an AVX2-only CPU) bfloat16 products are emulated and run several
+    times slower than float32."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bfloat16_warning(dtype: torch.dtype | str, device: torch.device | str = "cpu") -> str | None:
+    """A warning for bfloat16 work on a CPU without native bfloat16, else None."""
+    if str(dtype).removeprefix("torch.") != "bfloat16" or torch.device(device).type != "cpu":
+        return None
+    if cpu_runs_bfloat16():
+        return None
+    return (
+        "this CPU has no native bfloat16 (no AVX-512/AMX): bfloat16 matrix products are "
+        "emulated and run several times slower than float32 here; pass --dtype float32 "
+        "(twice the weights' memory) unless memory is what you are short of"
+    )
 
 
 def reset_peak_rss() -> None:

@@ -8,6 +8,7 @@ positions extended when the length needs it.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from transformers import TrainerCallback
 
 from longswap.checkpoint import model_problem
 from longswap.data.tokenizer import tokenizer_for
+from longswap.environment import bfloat16_warning
 from longswap.io import TOKENIZER_FILES, overlap_problems, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
@@ -146,6 +148,8 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     ``extra`` overrides TrainingArguments fields (e.g. ``disable_tqdm=True``).
     """
     refuse(problems(config), "fine-tuning")
+    if hint := bfloat16_warning(config.dtype, "cuda" if torch.cuda.is_available() else "cpu"):
+        warnings.warn(hint, stacklevel=2)
     model_dir = Path(config.model)
     model = load(model_dir, dtype=getattr(torch, config.dtype))
     refuse(_model_problems(model, config), "fine-tuning")
