@@ -67,6 +67,8 @@ PATTERNS: dict[str, Pattern] = {
     "block_topk": block_topk(block_size=128, top_k=4),
     # The same budget, selected by a learned gate (its scores are part of every timed call).
     "learned_topk": learned_topk(block_size=128, top_k=4),
+    # Its gate scoring each block from pieces of 16 keys (8 scores per block, log-sum-exp).
+    "learned_topk_pieces": learned_topk(block_size=128, top_k=4, sub_block=16),
 }
 
 
@@ -143,7 +145,7 @@ def scores(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor |
     trained one's); None for patterns that score blocks themselves."""
     if not pattern.needs_selector:
         return None
-    gate = BlockGate(q.shape[-1], q.shape[1] // k.shape[1], pattern.block_size).to(q.device)
+    gate = BlockGate.for_pattern(pattern, q.shape[-1], q.shape[1] // k.shape[1]).to(q.device)
     return gate(q, k)
 
 

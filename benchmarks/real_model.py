@@ -100,6 +100,18 @@ ARMS = {
     "window-512+learned-value-64x16-8k": (
         "sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True)"
     ),
+    "window-512+pieces-16-64x16-untrained": (
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(64, top_k=16, per_head=True, sub_block=16)"
+    ),
+    "window-512+pieces-4-64x16-untrained": (
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(64, top_k=16, per_head=True, sub_block=4)"
+    ),
+    "window-512+learned-pieces-16-64x16-8k": (
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(64, top_k=16, per_head=True, sub_block=16)"
+    ),
     "window-512+oracle-64x16": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
@@ -117,6 +129,7 @@ TRAINED_ARMS = (
     "window-512+learned-64x16-8k-max-beyond",
     "window-512+learned-head-64x16-8k",
     "window-512+learned-value-64x16-8k",
+    "window-512+learned-pieces-16-64x16-8k",
 )
 #: Arms whose selector is dense attention itself (the block mass each query gives each key
 #: block, per KV group or per query head): the ceiling of any selector at that budget,
@@ -287,8 +300,14 @@ def tables(record: dict) -> str:
         cells = [cell(arm, "passkey", n, lambda r: f"{r['correct']}/{r['trials']}") for n in keys]
         out.append(f"| {arm} | " + " | ".join(cells) + " |")
     chosen = sorted({r["length"] for r in rows if r["task"] == "selection"})
-    out += ["", "| arm | " + " | ".join(f"dense mass kept at {n} (oracle)" for n in chosen) + " |"]
-    out.append("|---|" + "---:|" * len(chosen))
+    heads = [f"dense mass kept at {n} (oracle)" for n in chosen]
+    heads += [f"-log mass kept at {n}, nats (oracle)" for n in chosen]
+    out += ["", "| arm | " + " | ".join(heads) + " |"]
+    out.append("|---|" + "---:|" * len(heads))
+
+    def nats(r: dict) -> str:  # records before session 10 lack it
+        return f"{r['kept_nats']:.3f} ({r['oracle_nats']:.3f})" if "kept_nats" in r else "n/a"
+
     for arm in arms:
         cells = [
             cell(
@@ -296,6 +315,7 @@ def tables(record: dict) -> str:
             )
             for n in chosen
         ]
+        cells += [cell(arm, "selection", n, nats) for n in chosen]
         if any(cells):
             out.append(f"| {arm} | " + " | ".join(cells) + " |")
     out += ["", "| arm | " + " | ".join(f"prefill s / MB at {n}" for n in lengths) + " |"]

@@ -20,6 +20,7 @@ ATTENTION_PATTERNS = [
     "shifted_groups",
     "block_topk",
     "learned_topk",
+    "learned_topk_pieces",
 ]
 
 

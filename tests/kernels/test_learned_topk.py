@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from longswap.kernels import sparse_attention
-from longswap.patterns import BlockTopK, learned_topk, sliding_window
-from longswap.selectors import BlockGate
+from longswap.patterns import BlockTopK, learned_topk, parse_pattern, sliding_window
+from longswap.selectors import BlockGate, dense_block_mass
+from longswap.selectors import gate as gate_module
 from tests.kernels.test_band import inputs
 
 
@@ -109,3 +110,59 @@ def test_an_untrained_gate_scores_like_moba_on_the_best_head_of_the_group():
     # Per head: the same parameters, each head's scores kept apart (MoBA's, at the start).
     apart = BlockGate(head_dim=16, group=3, block_size=32, per_head=True)
     torch.testing.assert_close(apart(q, k), moba / math.sqrt(16), atol=1e-5, rtol=1e-5)
+
+
+def test_a_gate_with_one_token_pieces_starts_as_dense_attentions_block_mass():
+    """At ``sub_block=1`` an untrained gate's log-sum-exp over a block's keys is the log of
+    dense attention's (unnormalised) mass on it: over the blocks wholly before a query, its
+    softmax is the dense block mass, renormalised."""
+    q, k, _ = (t.detach() for t in inputs(1, 4, 2, 96, 96, dim=16))
+    block = 16
+    gate = BlockGate(head_dim=16, group=2, block_size=block, per_head=True, sub_block=1)
+    scores = gate(q, k)  # (B, Hq, Lq, n)
+    mass = dense_block_mass(q, k, block, per_head=True)
+    before = torch.arange(96)[:, None] // block > torch.arange(96 // block)[None]  # (Lq, n)
+    rows = before.any(-1)
+    expected = mass / mass.masked_fill(~before, 0).sum(-1, keepdim=True)
+    got = scores.masked_fill(~before, float("-inf")).softmax(-1)
+    torch.testing.assert_close(got[:, :, rows] * before[rows], expected[:, :, rows] * before[rows])
+    # Pieces of 4: each piece's mean key, the block's score their log-sum-exp, max over heads.
+    shared = BlockGate(head_dim=16, group=2, block_size=block, sub_block=4)
+    pieces = k.unflatten(2, (-1, 4)).mean(3)  # (B, Hkv, 24, D)
+    per_piece = q.unflatten(1, (2, 2)) @ pieces[:, :, None].transpose(-1, -2) / 4.0
+    expected = per_piece.unflatten(-1, (-1, 4)).logsumexp(-1).amax(2)
+    torch.testing.assert_close(shared(q, k), expected, atol=1e-5, rtol=1e-5)
+    assert shared.block_keys(k).shape == (1, 2, 6, 4, 16)
+    # The same parameters whatever the pieces: a trained gate keeps its size.
+    assert sum(p.numel() for p in shared.parameters()) == sum(
+        p.numel() for p in BlockGate(16, 2, block).parameters()
+    )
+
+
+def test_scoring_in_row_chunks_and_in_place_changes_nothing(monkeypatch):
+    q, k, _ = (t.detach() for t in inputs(1, 4, 2, 70, 70, dim=16))
+    gate = BlockGate(head_dim=16, group=2, block_size=16, sub_block=4)
+    whole = gate(q, k)  # with gradients: logsumexp
+    assert whole.requires_grad
+    monkeypatch.setattr(gate_module, "SCORE_CHUNK", 4 * 4 * 4 * 3)  # 3 rows per chunk
+    torch.testing.assert_close(gate(q, k), whole)
+    with torch.no_grad():  # in place, block by block
+        torch.testing.assert_close(gate(q, k), whole)
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        ("learned_topk(64, 8, sub_block=24)", "must divide block_size"),
+        ("learned_topk(64, 8, sub_block=0)", "sub_block must be an integer >= 1"),
+        ("learned_topk(64, 8, sub_block=2.0)", "sub_block must be an integer"),
+    ],
+)
+def test_bad_sub_blocks_are_refused(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_pattern(text)
+
+
+def test_sub_block_survives_the_string_form():
+    pattern = parse_pattern("sliding_window(window=64) | learned_topk(16, 2, sub_block=4)")
+    assert parse_pattern(str(pattern)) == pattern and pattern.sub_block == 4

@@ -15,11 +15,17 @@ PATTERN = "learned_topk(block_size=8, top_k=2)"
 UNION = "sliding_window(window=12, sinks=2) | learned_topk(block_size=4, top_k=2)"
 #: The same, each query head selecting its own blocks.
 PER_HEAD = UNION.replace("top_k=2)", "top_k=2, per_head=True)")
+#: Blocks scored from pieces of two keys (log-sum-exp of the pieces' scores).
+PIECES = UNION.replace("top_k=2)", "top_k=2, sub_block=2)")
 
 
 def logits(model, ids):
     with torch.no_grad():
         return model(ids).logits
+
+
+def gates_of(model):
+    return [m for m in model.modules() if isinstance(m, BlockGate)]
 
 
 def perturb_selectors(model, seed=0):
@@ -45,7 +51,7 @@ def test_swap_adds_one_gate_per_layer_and_restore_removes_them(tokens):
     torch.testing.assert_close(logits(model, tokens), before)
 
 
-@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD])
+@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD, PIECES])
 def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
     model = make_model("qwen3")
     longswap.swap_attention(model, pattern)
@@ -57,6 +63,13 @@ def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
     torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
     longswap.swap_attention(loaded, pattern)  # a re-swap keeps the trained gates
     torch.testing.assert_close(logits(loaded, tokens), expected, atol=1e-6, rtol=1e-6)
+    trained = gates_of(loaded)
+    other = PIECES.replace("sub_block=2", "sub_block=1") if pattern == PIECES else PIECES
+    longswap.swap_attention(loaded, other)  # other pieces score otherwise: fresh gates
+    assert all(g.sub_block == (1 if pattern == PIECES else 2) for g in gates_of(loaded))
+    assert not {id(g) for g in gates_of(loaded)} & {id(g) for g in trained}
+    longswap.restore(loaded)
+    loaded = longswap.load(tmp_path / "m").eval()
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
     with pytest.raises(ValueError, match="load checkpoints with learned selection through"):
         plain(tokens)
@@ -72,7 +85,13 @@ def test_save_and_load_round_trip_trained_selectors(tmp_path, tokens, pattern):
 
 @pytest.mark.parametrize(
     ("family", "pattern"),
-    [("llama", PATTERN), ("gpt2", PATTERN), ("llama", UNION), ("llama", PER_HEAD)],
+    [
+        ("llama", PATTERN),
+        ("gpt2", PATTERN),
+        ("llama", UNION),
+        ("llama", PER_HEAD),
+        ("llama", PIECES),
+    ],
 )
 def test_generate_with_cache_equals_recomputation(family, pattern):
     model = make_model(family)
@@ -82,7 +101,7 @@ def test_generate_with_cache_equals_recomputation(family, pattern):
     assert_generate_equals_recomputation(model, prompt, 25)
 
 
-@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD])
+@pytest.mark.parametrize("pattern", [PATTERN, UNION, PER_HEAD, PIECES])
 def test_backends_agree_inside_a_model(tokens, pattern):
     model = make_model("llama")
     longswap.swap_attention(model, pattern, backend="blocks")

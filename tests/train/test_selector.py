@@ -49,6 +49,26 @@ def test_dense_block_mass_pools_the_oracle_in_chunks(q_len):
     torch.testing.assert_close(mass, p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2))
 
 
+def test_captured_mass_and_its_log_equal_the_dense_attention_on_the_keys_seen():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 4, 40, 8, generator=g) * 2, torch.randn(1, 2, 40, 8, generator=g)
+    pattern = sliding_window(window=6, sinks=1) | learned_topk(8, 1)
+    selected = torch.rand(1, 2, 40, 5, generator=g) > 0.5
+    shares = captured_mass(q, k, pattern, selected, 8, chunk=7, oracle_top_k=1)
+    scores = q @ k.repeat_interleave(2, 1).transpose(-1, -2) / 8**0.5
+    causal = torch.ones(40, 40, dtype=torch.bool).tril()
+    p = scores.masked_fill(~causal, float("-inf")).softmax(-1)  # (1, 4, 40, 40)
+    seen = pattern.dense_mask(40, 40)[None, None] | (
+        selected.repeat_interleave(2, 1).repeat_interleave(8, -1) & causal
+    )
+    kept = (p * seen).sum(-1)  # (1, 4, 40)
+    assert shares.kept == pytest.approx(float(kept.mean()), abs=1e-6)
+    assert shares.kept_nats == pytest.approx(float(-kept.log().mean()), abs=1e-5)
+    # The oracle keeps at least as much in every row, so its mean -log is no larger.
+    assert shares.oracle >= shares.kept and shares.oracle_nats <= shares.kept_nats
+    assert captured_mass(q, k, pattern, selected, 8).oracle is None
+
+
 def test_selector_kl_is_zero_at_the_target_and_counts_only_candidates():
     target = torch.tensor([[[[0.5, 0.3, 0.2, 0.0]]]])
     candidates = torch.tensor([[True, True, False, False]])

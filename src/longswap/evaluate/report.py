@@ -19,6 +19,8 @@ COLUMNS: dict[str, list[tuple[str, str, str]]] = {
         ("captured_mass", "dense mass kept", "{:.3f}"),
         ("oracle_mass", "oracle, same budget", "{:.3f}"),
         ("share_of_oracle", "share of oracle", "{:.1%}"),
+        ("kept_nats", "-log mass kept (nats)", "{:.3f}"),
+        ("oracle_nats", "oracle -log mass kept", "{:.3f}"),
     ],
     "speed": [
         ("prefill_tokens_per_s", "prefill tokens/s", "{:.0f}"),

@@ -39,6 +39,8 @@ class Selection(Pattern):
     #: Whether each query head selects its own blocks (MoBA); False: the query heads of a
     #: KV group share one selection (NSA, InfLLM-V2).
     per_head: bool = True
+    #: Tokens per key summary of a learned selector (``learned_topk``); None: one per block.
+    sub_block: int | None = None
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Scores ``(B, Hq or Hkv, Lq, n)`` of the ``n`` complete key blocks."""

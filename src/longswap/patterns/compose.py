@@ -151,6 +151,11 @@ class SelectionUnion(Selection):
         return self.selection.per_head
 
     @property
+    def sub_block(self) -> int | None:  # type: ignore[override]
+        """Tokens per key summary of the selection's learned selector."""
+        return self.selection.sub_block
+
+    @property
     def needs_selector(self) -> bool:  # type: ignore[override]
         """Whether the selection's scores come from a learned selector."""
         return self.selection.needs_selector

@@ -4,7 +4,10 @@ The pattern of DeepSeek's sparse attention and SeerAttention-R at block granular
 small selector scores every complete earlier key block for every query token, per KV group
 (the group's query heads share one selection, as in NSA and InfLLM-V2; ``per_head=True``:
 each query head selects its own, as MoBA does), and the query attends to its own block
-(causally) plus the ``top_k`` best blocks; ties go to the more recent block. The pattern
+(causally) plus the ``top_k`` best blocks; ties go to the more recent block.
+``sub_block``: the selector summarises keys in pieces of this many tokens and scores a block
+by the log-sum-exp of its pieces' scores (default: one summary per block), so that one
+strongly matching key is not averaged away by its block (see ``BlockGate``). The pattern
 itself stays a pure definition: it declares that it needs a selector (``needs_selector``),
 and the swap gives each layer one (``longswap.selectors.BlockGate``), whose scores reach the
 kernels as ``block_scores``.
@@ -19,6 +22,7 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from longswap.patterns.base import check_int
 from longswap.patterns.block_topk import BlockTopK
 from longswap.patterns.registry import register
 
@@ -31,6 +35,7 @@ class LearnedTopK(BlockTopK):
     block_size: int = 64
     top_k: int = 16
     per_head: bool = False
+    sub_block: int | None = None
 
     name = "learned_topk"
     needs_selector: ClassVar[bool] = True
@@ -39,6 +44,13 @@ class LearnedTopK(BlockTopK):
         super().__post_init__()
         if not isinstance(self.per_head, bool):
             raise ValueError(f"learned_topk: per_head must be True or False, got {self.per_head!r}")
+        if self.sub_block is not None:
+            check_int("learned_topk", "sub_block", self.sub_block, minimum=1)
+            if self.block_size % self.sub_block:
+                raise ValueError(
+                    f"learned_topk: sub_block ({self.sub_block}) must divide block_size "
+                    f"({self.block_size}), e.g. sub_block=16 with block_size=64"
+                )
 
     def block_scores(self, q: Tensor, k: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:
         """Never computed by the pattern: its learned selector provides them."""

@@ -1,21 +1,28 @@
 """``BlockGate``: a small scorer of key blocks (SeerAttention-R's gate), per KV group or head.
 
-For a query token ``t`` of KV group ``g`` and a complete key block ``j``::
+Keys are summarised in pieces of ``sub_block`` tokens (by default one piece per block). For
+a query token ``t`` of KV group ``g`` and a complete key block ``j`` made of pieces ``p``::
 
-    score[g, t, j] = max over the heads h of g of
-                     (q[h, t] @ query_map[h]) . key_map([max, min, mean] of k[g, block j])
+    piece[h, t, p] = (q[h, t] @ query_map[h]) . key_map([max, min, mean] of k[g, piece p])
                      / sqrt(dim)
+    score[g, t, j] = max over the heads h of g of  logsumexp over the pieces p of j of
+                     piece[h, t, p]
 
-Each query head has its own map; the key side reads the block's keys pooled three ways
-(after RoPE, as attention sees them). The group's score is the max over its heads, as the
-distillation target is (dense attention's block mass, max over the group's heads): a sum of
-the heads' products, a single map over the concatenated queries, cannot be a max. With
-``per_head`` the heads' scores are kept apart (``(B, Hq, Lq, n)``): each head selects for
-itself, against its own block mass. Both
-inputs are detached: the gate learns only from its distillation loss, never from the LM
-loss. Initialisation makes it MoBA's mean-pooled keys: each head's map is the identity and
-the key map takes the mean key, so an untrained gate scores a block by the best of the
-group's ``q_h . mean(k)``.
+Each query head has its own map; the key side reads each piece's keys pooled three ways
+(after RoPE, as attention sees them). With one piece per block the log-sum-exp is the
+piece's own score (SeerAttention-R's gate); with pieces smaller than the block, the score
+is the log of an attention over piece summaries summed over the block, so a block holding
+one key that matches the query strongly stands out, which a summary of the whole block
+averages away (at ``sub_block=1`` and an untrained gate it is the log of the head's dense
+attention mass on the block, before normalisation). The group's score is the max over its
+heads, as the distillation target is (dense attention's block mass, max over the group's
+heads): a sum of the heads' products, a single map over the concatenated queries, cannot
+be a max. With ``per_head`` the heads' scores are kept apart (``(B, Hq, Lq, n)``): each
+head selects for itself, against its own block mass. Both inputs are detached: the gate
+learns only from its distillation loss, never from the LM loss. Initialisation makes it
+MoBA's mean-pooled keys (piece by piece): each head's map is the identity and the key map
+takes the mean key, so an untrained gate with one piece per block scores a block by the
+best of the group's ``q_h . mean(k)``.
 """
 
 from __future__ import annotations
@@ -25,15 +32,30 @@ import math
 import torch
 from torch import Tensor, nn
 
+from longswap.patterns import Selection
+
+#: Piece scores held at once while scoring (elements): the rows per chunk follow from it.
+SCORE_CHUNK = 2**21
+
 
 class BlockGate(nn.Module):
     """Scores ``(B, Hkv, Lq, n)`` (``per_head``: ``(B, Hq, Lq, n)``) of the ``n`` complete key
     blocks for every query token."""
 
-    def __init__(self, head_dim: int, group: int, block_size: int, per_head: bool = False) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        group: int,
+        block_size: int,
+        per_head: bool = False,
+        sub_block: int | None = None,
+    ) -> None:
         super().__init__()
+        sub_block = sub_block or block_size
+        if block_size % sub_block:
+            raise ValueError(f"sub_block {sub_block} must divide the block size {block_size}")
         self.head_dim, self.group, self.block_size = head_dim, group, block_size
-        self.per_head = per_head
+        self.per_head, self.sub_block = per_head, sub_block
         self.query_map = nn.Parameter(torch.empty(group, head_dim, head_dim))
         self.key_map = nn.Linear(3 * head_dim, head_dim, bias=False)
         self.reset_parameters()
@@ -50,9 +72,20 @@ class BlockGate(nn.Module):
         block)``."""
         return self.score(q, self.block_keys(k))
 
+    @classmethod
+    def for_pattern(cls, pattern: Selection, head_dim: int, group: int) -> BlockGate:
+        """The gate ``pattern`` (a selection that ``needs_selector``) scores with."""
+        return cls(head_dim, group, pattern.block_size, pattern.per_head, pattern.sub_block)
+
+    @property
+    def shape(self) -> tuple[int, int, int, bool, int]:
+        """What fixes the gate's parameters and meaning: ``(head_dim, group, block_size,
+        per_head, sub_block)``; a re-swap keeps a trained gate only if its shape matches."""
+        return self.head_dim, self.group, self.block_size, self.per_head, self.sub_block
+
     def block_keys(self, k: Tensor) -> Tensor:
-        """The key side ``(B, Hkv, n, D)`` of each complete block of k ``(B, Hkv, Lk, D)``,
-        each block on its own: a cache computes them once, as blocks complete."""
+        """The key side ``(B, Hkv, n, pieces, D)`` of each complete block of k ``(B, Hkv,
+        Lk, D)``, each block on its own: a cache computes them once, as blocks complete."""
         batch, hkv, kv_len, dim = k.shape
         if dim != self.head_dim:
             raise ValueError(
@@ -60,14 +93,14 @@ class BlockGate(nn.Module):
             )
         n = kv_len // self.block_size
         keys = k.detach()[:, :, : n * self.block_size].to(self.key_map.weight.dtype)
-        keys = keys.reshape(batch, hkv, n, self.block_size, dim)  # (B, Hkv, n, bs, D)
-        pooled = torch.cat([keys.amax(3), keys.amin(3), keys.mean(3)], dim=-1)  # (B, Hkv, n, 3D)
+        keys = keys.reshape(batch, hkv, n, -1, self.sub_block, dim)  # (B, Hkv, n, m, s, D)
+        pooled = torch.cat([keys.amax(4), keys.amin(4), keys.mean(4)], dim=-1)  # (.., m, 3D)
         return self.key_map(pooled)
 
     def score(self, q: Tensor, block_keys: Tensor) -> Tensor:
         """Scores ``(B, Hkv or Hq, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
         batch, hq, q_len, dim = q.shape
-        hkv = block_keys.shape[1]
+        hkv, n, pieces = block_keys.shape[1:4]
         if dim != self.head_dim or hq != hkv * self.group:
             raise ValueError(
                 f"this gate was built for {self.group} query heads per KV head of dim "
@@ -75,6 +108,26 @@ class BlockGate(nn.Module):
             )
         queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
         mapped = torch.einsum("bhgld,gde->bhgle", queries, self.query_map)  # (B, Hkv, g, Lq, D)
-        scores = mapped @ block_keys[:, :, None].transpose(-1, -2)  # (B, Hkv, g, Lq, n)
-        pooled = scores.flatten(1, 2) if self.per_head else scores.amax(2)  # (B, Hq or Hkv, ..)
-        return pooled / math.sqrt(self.head_dim)
+        keys = block_keys.flatten(2, 3)[:, :, None].transpose(-1, -2)  # (B, Hkv, 1, D, n * m)
+        # Rows in chunks: with pieces, one layer's piece scores at 8k tokens are hundreds
+        # of MB, and the log-sum-exp's passes over them run faster from cache.
+        rows = max(1, SCORE_CHUNK // max(1, hq * n * pieces))
+        out = []
+        for start in range(0, q_len, rows):
+            scores = mapped[:, :, :, start : start + rows] @ keys  # (B, Hkv, g, r, n * m)
+            blocks = _log_sum_exp(scores.unflatten(-1, (n, pieces)), 1 / math.sqrt(dim))
+            out.append(blocks.flatten(1, 2) if self.per_head else blocks.amax(2))
+        return torch.cat(out, 2) if len(out) > 1 else out[0]  # (B, Hq or Hkv, Lq, n)
+
+
+def _log_sum_exp(scores: Tensor, scale: float) -> Tensor:
+    """``(..., n)``: the log-sum-exp over the last dim of ``scale * scores (..., n, m)``;
+    without gradients in place, block by block (less than half the time of ``logsumexp``
+    on 8k tokens of SmolLM2's pieces, and as exact)."""
+    if scores.shape[-1] == 1:
+        return scores[..., 0] * scale
+    if torch.is_grad_enabled() and scores.requires_grad:
+        return (scores * scale).logsumexp(-1)
+    scores.mul_(scale)
+    top = scores.amax(-1, keepdim=True)
+    return scores.sub_(top).exp_().sum(-1).log_().add_(top[..., 0])

@@ -290,13 +290,10 @@ def attach_selectors(
         if not pattern.needs_selector:
             continue
         gate = (kept or {}).get(i)
-        shape = (head_dim, group, pattern.block_size, pattern.per_head)
-        if not (
-            isinstance(gate, BlockGate)
-            and (gate.head_dim, gate.group, gate.block_size, gate.per_head) == shape
-        ):
+        wanted = BlockGate.for_pattern(pattern, head_dim, group)
+        if not (isinstance(gate, BlockGate) and gate.shape == wanted.shape):
             device = next(modules[i].parameters()).device  # float32 whatever the model's dtype
-            gate = BlockGate(*shape).to(device)
+            gate = wanted.to(device)
         modules[i].add_module(SELECTOR_ATTR, gate)
         added += sum(p.numel() for p in gate.parameters())
     return added
