@@ -38,18 +38,21 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
 
 
-def cpu_runs_bfloat16() -> bool:
+def cpu_runs_bfloat16() -> bool | None:
     """Whether this CPU multiplies bfloat16 matrices natively (oneDNN's test: AVX-512 or
-    AMX). Without it (an AVX2-only CPU) bfloat16 products are emulated and run several
-    times slower than float32."""
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    AMX); None when this build of torch cannot tell (no oneDNN). Without it (an AVX2-only
+    CPU) bfloat16 products are emulated and run several times slower than float32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def bfloat16_warning(dtype: torch.dtype | str, device: torch.device | str = "cpu") -> str | None:
     """A warning for bfloat16 work on a CPU without native bfloat16, else None."""
     if str(dtype).removeprefix("torch.") != "bfloat16" or torch.device(device).type != "cpu":
         return None
-    if cpu_runs_bfloat16():
+    if cpu_runs_bfloat16() is not False:
         return None
     return (
         "this CPU has no native bfloat16 (no AVX-512/AMX): bfloat16 matrix products are "

@@ -148,6 +148,10 @@ def test_scoring_in_row_chunks_and_in_place_changes_nothing(monkeypatch):
     torch.testing.assert_close(gate(q, k), whole)
     with torch.no_grad():  # in place, block by block
         torch.testing.assert_close(gate(q, k), whole)
+    # Fewer keys than a block (a short prompt): no block to score, in either path.
+    assert gate(q[:, :, :5], k[:, :, :5]).shape == (1, 2, 5, 0)
+    with torch.no_grad():
+        assert gate(q[:, :, :5], k[:, :, :5]).shape == (1, 2, 5, 0)
 
 
 @pytest.mark.parametrize(

@@ -93,7 +93,8 @@ class BlockGate(nn.Module):
             )
         n = kv_len // self.block_size
         keys = k.detach()[:, :, : n * self.block_size].to(self.key_map.weight.dtype)
-        keys = keys.reshape(batch, hkv, n, -1, self.sub_block, dim)  # (B, Hkv, n, m, s, D)
+        pieces = self.block_size // self.sub_block
+        keys = keys.reshape(batch, hkv, n, pieces, self.sub_block, dim)  # (B, Hkv, n, m, s, D)
         pooled = torch.cat([keys.amax(4), keys.amin(4), keys.mean(4)], dim=-1)  # (.., m, 3D)
         return self.key_map(pooled)
 
