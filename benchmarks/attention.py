@@ -145,8 +145,8 @@ def scores(pattern: Pattern, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor |
     trained one's); None for patterns that score blocks themselves."""
     if not pattern.needs_selector:
         return None
-    gate = BlockGate.for_pattern(pattern, q.shape[-1], q.shape[1] // k.shape[1]).to(q.device)
-    return gate(q, k)
+    shape = BlockGate.shape_for(pattern, q.shape[-1], q.shape[1] // k.shape[1])
+    return BlockGate(*shape).to(q.device)(q, k)
 
 
 def build_times(length: int, heads: int, device: torch.device) -> list[dict]:

@@ -172,9 +172,8 @@ def captured_mass(
             sums[2 + i] += float(-share.clamp_min(1e-30).log().sum())
         rows_seen += always.numel()
     kept, best, kept_nats, best_nats = (sums / max(rows_seen, 1)).tolist()
-    if oracle_top_k is None:
-        return Shares(kept, None, kept_nats, None)
-    return Shares(kept, best, kept_nats, best_nats)
+    asked = oracle_top_k is not None
+    return Shares(kept, best if asked else None, kept_nats, best_nats if asked else None)
 
 
 def top_blocks(scores: Tensor, candidates: Tensor, places: int) -> Tensor:

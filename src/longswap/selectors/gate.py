@@ -72,10 +72,12 @@ class BlockGate(nn.Module):
         block)``."""
         return self.score(q, self.block_keys(k))
 
-    @classmethod
-    def for_pattern(cls, pattern: Selection, head_dim: int, group: int) -> BlockGate:
-        """The gate ``pattern`` (a selection that ``needs_selector``) scores with."""
-        return cls(head_dim, group, pattern.block_size, pattern.per_head, pattern.sub_block)
+    @staticmethod
+    def shape_for(pattern: Selection, head_dim: int, group: int) -> tuple[int, int, int, bool, int]:
+        """The :attr:`shape` of the gate ``pattern`` (a selection that ``needs_selector``)
+        scores with; ``BlockGate(*shape)`` builds it."""
+        sub_block = pattern.sub_block or pattern.block_size
+        return head_dim, group, pattern.block_size, pattern.per_head, sub_block
 
     @property
     def shape(self) -> tuple[int, int, int, bool, int]:
@@ -123,8 +125,8 @@ class BlockGate(nn.Module):
 
 def _log_sum_exp(scores: Tensor, scale: float) -> Tensor:
     """``(..., n)``: the log-sum-exp over the last dim of ``scale * scores (..., n, m)``;
-    without gradients in place, block by block (less than half the time of ``logsumexp``
-    on 8k tokens of SmolLM2's pieces, and as exact)."""
+    without gradients in place, block by block (fewer passes over memory than
+    ``logsumexp``, and as exact)."""
     if scores.shape[-1] == 1:
         return scores[..., 0] * scale
     if torch.is_grad_enabled() and scores.requires_grad:

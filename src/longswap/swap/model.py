@@ -290,10 +290,10 @@ def attach_selectors(
         if not pattern.needs_selector:
             continue
         gate = (kept or {}).get(i)
-        wanted = BlockGate.for_pattern(pattern, head_dim, group)
-        if not (isinstance(gate, BlockGate) and gate.shape == wanted.shape):
+        shape = BlockGate.shape_for(pattern, head_dim, group)
+        if not (isinstance(gate, BlockGate) and gate.shape == shape):
             device = next(modules[i].parameters()).device  # float32 whatever the model's dtype
-            gate = wanted.to(device)
+            gate = BlockGate(*shape).to(device)
         modules[i].add_module(SELECTOR_ATTR, gate)
         added += sum(p.numel() for p in gate.parameters())
     return added
