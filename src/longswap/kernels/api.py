@@ -15,6 +15,7 @@ from torch import Tensor
 
 from longswap.kernels.band import band_applies
 from longswap.kernels.blocks import blocks_attention
+from longswap.kernels.cpp import compiled
 from longswap.kernels.decode import DECODE_ROWS
 from longswap.kernels.flex import flex_attention_backend
 from longswap.kernels.reference import reference_attention
@@ -103,7 +104,8 @@ def check_documents(k: Tensor, document_ids: Tensor | None) -> None:
 #: softmax costs less than the sparse kernels' set-up (benchmarks/small_calls.py; its
 #: decoding rows grow the keys by one per call, as a decoding loop does):
 #: never for a sliding or dilated window that the C++ kernel serves (it reads only the
-#: window: faster from one query over 512 keys on; not with padding or documents); otherwise
+#: window: faster from one query over 512 keys on; not with padding or documents), nor for
+#: one query row of a selection pattern that the C++ decoding step serves; otherwise
 #: decoding steps (up to ``DECODE_ROWS`` queries) over up to this many keys: 2k for the
 #: band patterns (their plan is cheap and they read only their reach), 2k for selection
 #: patterns without padding (their decoding path gathers only the selected blocks), 32k for the
@@ -130,6 +132,8 @@ def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool 
     if plain and pattern is not None and window_kernel_applies(pattern, q):
         return False
     selecting = pattern is not None and pattern.data_dependent
+    if selecting and plain and q_len == 1 and compiled("selection_decode") is not None:
+        return False  # the C++ decoding step reads only what the query sees
     if q_len <= DECODE_ROWS:
         band = pattern is not None and band_applies(pattern, q.shape[1])
         kind = "band" if band else "selecting" if selecting and plain else "other"

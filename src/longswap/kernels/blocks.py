@@ -225,7 +225,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
     of SDPA is the block kernel (no tiles, no L x L mask; grouped heads are not expanded)."""
     q_len, kv_len = q.shape[2], k.shape[2]
     mask = None
-    if q_len != kv_len:  # queries sit at the end of the keys: causal from the bottom right
+    if 1 < q_len != kv_len:  # queries sit at the end of the keys: causal from the bottom right
         position = torch.arange(kv_len, device=q.device)
         mask = position[None] <= position[kv_len - q_len :, None]
     return F.scaled_dot_product_attention(
@@ -233,7 +233,7 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
         k,
         v,
         attn_mask=mask,
-        is_causal=mask is None,
+        is_causal=mask is None and q_len > 1,  # one query row sees every key
         scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
     )

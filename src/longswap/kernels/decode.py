@@ -16,6 +16,7 @@ import functools
 import torch
 from torch import Tensor
 
+from longswap.kernels.cpp import compiled
 from longswap.kernels.reference import masked_attention
 from longswap.patterns import Selection
 from longswap.patterns.base import compact
@@ -87,6 +88,70 @@ def selection_decode(
     return masked_attention(q, _gather(k, index), _gather(v, index), visible, scale, *extras)
 
 
+@functools.lru_cache(maxsize=8)
+def _in_sight(pattern: Selection, kv_len: int, device: torch.device) -> tuple[Tensor, ...]:
+    """What the query at position ``kv_len - 1`` sees whatever the data: its static row
+    ``(L,)`` bool, its static keys ``(S,)`` and its candidate blocks ``(n,)`` bool. The same
+    for every layer of a decoding step with this pattern: computed once (read-only)."""
+    static = pattern.dense_mask(1, kv_len, device=device)[0, 0]
+    return static, torch.nonzero(static).squeeze(1), pattern.candidates(1, kv_len, device)[0]
+
+
+def _compiled_one_query(
+    kernel,  # noqa: ANN001 (the compiled module)
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pattern: Selection,
+    scale: float,
+    scores: Tensor | None,
+    static_keys: Tensor,
+    candidates: Tensor,
+) -> Tensor:
+    """:func:`selection_decode` for one query row through ``csrc/selection_decode.cpp``:
+    selection, gathering and softmax in one call, reading the cache in place."""
+    batch, hkv, kv_len = q.shape[0], k.shape[1], k.shape[2]
+    n = kv_len // pattern.block_size
+    if min(pattern.top_k, n) == 0:  # nothing to select: any scores will do
+        scores = q.new_zeros(batch, hkv, 1, n, dtype=torch.float32)
+    elif scores is None:
+        scores = pattern.block_scores(q, k)
+    pattern.check_scores(scores, q, kv_len)
+    step = kernel.selection_decode(
+        q[:, :, 0].float().contiguous(),
+        k,
+        v,
+        scores[:, :, 0].float().contiguous(),  # (B, Hq or Hkv, n)
+        static_keys,
+        candidates,
+        pattern.top_k,
+        pattern.block_size,
+        scale,
+    )  # (B, Hq, Dv)
+    return step[:, :, None].to(q.dtype)
+
+
+def _compiled_step(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scores: Tensor | None,
+    extras: tuple[float | None, Tensor | None],
+):  # noqa: ANN202 (a compiled module, or None)
+    """The C++ decoding step (``csrc/selection_decode.cpp``) when it serves this call: on
+    CPU, without soft-capping, sinks or gradients, key rows contiguous; else None."""
+    tensors = (q, k, v) if scores is None else (q, k, v, scores)
+    if (
+        q.device.type != "cpu"
+        or any(x is not None for x in extras)
+        or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+        or k.stride(-1) != 1
+        or v.stride(-1) != 1
+    ):
+        return None
+    return compiled("selection_decode")
+
+
 def _one_query(
     q: Tensor,
     k: Tensor,
@@ -102,8 +167,10 @@ def _one_query(
     batch, hq = q.shape[:2]
     hkv, kv_len = k.shape[1], k.shape[2]
     group, size, device = hq // hkv, pattern.block_size, q.device
-    static = pattern.dense_mask(1, kv_len, device=device)[0, 0]  # (L,)
-    static_keys = torch.nonzero(static).squeeze(1)  # (S,): all seen by the query
+    static, static_keys, may = _in_sight(pattern, kv_len, device)
+    kernel = _compiled_step(q, k, v, scores, extras)
+    if kernel is not None:
+        return _compiled_one_query(kernel, q, k, v, pattern, scale, scores, static_keys, may)
     blocks, chosen = pattern.select_blocks(q, k, block_scores=scores)  # (B, Hq, 1, P)
     places = blocks.shape[-1]
     if scores is not None and scores.shape[1] == hkv:  # one selection per KV group

@@ -10,83 +10,25 @@ band slices compute ``window + 192`` and skip nothing inside a slice.
 positions ``r, r + dilation, ...`` see exactly the keys at those positions, ``window`` of
 them back. Each residue ``r`` is one kernel call on strided views of q, k and v.
 
-The extension is compiled by ``torch.utils.cpp_extension`` the first time it is needed
-(cached under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``, under a
-name that carries the CPU's instruction set and the torch version: a new torch builds
-its own copy instead of loading one compiled against another ABI). It is compiled
-without ``-ffast-math``: NaN and infinities follow IEEE, so a NaN input gives NaN
-outputs as in the dense oracle; its exponentials are vectorized through ATen's
-``Vectorized<float>`` instead. Where it cannot be built (no C++ compiler), ``blocks``
-warns once and keeps to its pure-PyTorch paths: same pattern, same results, slower.
-``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without trying.
+The kernel is built on first use (``kernels.cpp``: without a C++ compiler, ``blocks``
+warns once and keeps to its pure-PyTorch paths).
 """
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
+from longswap.kernels.cpp import compiled
 from longswap.patterns import Dilated, Pattern, SlidingWindow
 
 #: Query rows per block: the kernel computes ``window + BLOCK - 1`` keys for each block.
 BLOCK = 64
-#: Environment variable: "0" keeps ``blocks`` in pure PyTorch on CPU (no C++ kernel).
-SWITCH = "LONGSWAP_CPU_KERNEL"
-_SOURCE = Path(__file__).with_name("csrc") / "window_attention.cpp"
-#: Compiler flags per CPU capability: the instruction set, and the macro that makes ATen's
-#: ``Vectorized<float>`` use it.
-_ISA_FLAGS = {
-    "AVX512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mavx2",
-        "-mfma",
-        "-DCPU_CAPABILITY_AVX512",
-    ],
-    "AVX2": ["-mavx2", "-mfma", "-DCPU_CAPABILITY_AVX2"],
-}
 
 
-def extension_name(isa: str, torch_version: str) -> str:
-    """The build's name, and so its cache folder: one per instruction set and torch version."""
-    version = "".join(c if c.isalnum() else "_" for c in torch_version)
-    return f"longswap_window_{isa.lower()}_torch{version}"
-
-
-@functools.cache
 def extension():  # noqa: ANN201 (a compiled module)
-    """The compiled kernel module; None when switched off, or (with one warning) when it
-    cannot be built."""
-    from torch.utils import cpp_extension
-
-    if os.environ.get(SWITCH, "1") == "0":
-        return None
-    isa = torch.backends.cpu.get_cpu_capability()
-    try:
-        return cpp_extension.load(
-            name=extension_name(isa, torch.__version__),
-            sources=[str(_SOURCE)],
-            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as error:  # noqa: BLE001 (any build failure: report it and go on)
-        warnings.warn(
-            f"longswap could not build its CPU window kernel ({error}); sliding_window and "
-            "dilated run through the pure-PyTorch paths of `blocks` instead (same results, "
-            f"slower). Install a C++ compiler (g++) to get the kernel, or set {SWITCH}=0 "
-            "to silence this.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+    """The compiled window kernel, or None (see ``kernels.cpp``)."""
+    return compiled("window_attention")
 
 
 def window_kernel_applies(pattern: Pattern, q: Tensor) -> bool:

@@ -96,11 +96,7 @@ class Selection(Pattern):
             empty = torch.zeros(batch, hq, q_len, 0, dtype=torch.long, device=q.device)
             return empty, empty.bool()
         scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
-        if scores.shape[0] != batch or scores.shape[2:] != (q_len, n) or hq % scores.shape[1]:
-            raise ValueError(
-                f"{self.name}: block scores must be (B, Hq or Hkv, Lq, n) = ({batch}, {hq} or a "
-                f"divisor, {q_len}, {n}), got {tuple(scores.shape)}"
-            )
+        self.check_scores(scores, q, kv_len)
         valid = self.candidates(q_len, kv_len, q.device)[None, None]
         if key_padding_mask is not None:
             usable = key_padding_mask[:, : n * self.block_size].reshape(batch, n, -1).any(-1)
@@ -110,6 +106,17 @@ class Selection(Pattern):
         if share > 1:
             blocks, chosen = (x.repeat_interleave(share, dim=1) for x in (blocks, chosen))
         return blocks, chosen
+
+    def check_scores(self, scores: Tensor, q: Tensor, kv_len: int) -> None:
+        """Raise ValueError unless ``scores`` is ``(B, Hq or a divisor, Lq, n)`` for q
+        ``(B, Hq, Lq, D)`` over ``kv_len`` keys (``n`` complete blocks)."""
+        batch, hq, q_len = q.shape[:3]
+        n = self.num_candidate_blocks(kv_len)
+        if scores.shape[0] != batch or scores.shape[2:] != (q_len, n) or hq % scores.shape[1]:
+            raise ValueError(
+                f"{self.name}: block scores must be (B, Hq or Hkv, Lq, n) = ({batch}, {hq} or a "
+                f"divisor, {q_len}, {n}), got {tuple(scores.shape)}"
+            )
 
     def select(
         self,

@@ -110,7 +110,8 @@ class BlockGate(nn.Module):
                 f"{self.head_dim}; got q {tuple(q.shape)} for {hkv} KV heads"
             )
         queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
-        mapped = torch.einsum("bhgld,gde->bhgle", queries, self.query_map)  # (B, Hkv, g, Lq, D)
+        # (B, Hkv, g, Lq, D) @ (g, D, D), scaled here: on Lq x D numbers, not Lq x n x m
+        mapped = (queries @ self.query_map) * (1 / math.sqrt(dim))  # (B, Hkv, g, Lq, D)
         keys = block_keys.flatten(2, 3)[:, :, None].transpose(-1, -2)  # (B, Hkv, 1, D, n * m)
         # Rows in chunks: with pieces, one layer's piece scores at 8k tokens are hundreds
         # of MB, and the log-sum-exp's passes over them run faster from cache.
@@ -118,19 +119,21 @@ class BlockGate(nn.Module):
         out = []
         for start in range(0, q_len, rows):
             scores = mapped[:, :, :, start : start + rows] @ keys  # (B, Hkv, g, r, n * m)
-            blocks = _log_sum_exp(scores.unflatten(-1, (n, pieces)), 1 / math.sqrt(dim))
-            out.append(blocks.flatten(1, 2) if self.per_head else blocks.amax(2))
+            blocks = _log_sum_exp(scores.unflatten(-1, (n, pieces)))  # (B, Hkv, g, r, n)
+            if self.per_head:
+                out.append(blocks.flatten(1, 2))
+            else:
+                out.append(blocks.amax(2) if self.group > 1 else blocks[:, :, 0])
         return torch.cat(out, 2) if len(out) > 1 else out[0]  # (B, Hq or Hkv, Lq, n)
 
 
-def _log_sum_exp(scores: Tensor, scale: float) -> Tensor:
-    """``(..., n)``: the log-sum-exp over the last dim of ``scale * scores (..., n, m)``;
-    without gradients in place, block by block (fewer passes over memory than
-    ``logsumexp``, and as exact)."""
+def _log_sum_exp(scores: Tensor) -> Tensor:
+    """``(..., n)``: the log-sum-exp over the last dim of ``scores (..., n, m)``; without
+    gradients in place, block by block (fewer passes over memory than ``logsumexp``, and as
+    exact)."""
     if scores.shape[-1] == 1:
-        return scores[..., 0] * scale
+        return scores[..., 0]
     if torch.is_grad_enabled() and scores.requires_grad:
-        return (scores * scale).logsumexp(-1)
-    scores.mul_(scale)
+        return scores.logsumexp(-1)
     top = scores.amax(-1, keepdim=True)
     return scores.sub_(top).exp_().sum(-1).log_().add_(top[..., 0])

@@ -190,6 +190,9 @@ def longswap_attention(
         key, value, padding = _at_absolute_positions(key, value, dropped)
     cached = module.__dict__.pop(CACHE_LAYER_ATTR, None)  # a summarising cache layer
     observer, dense = getattr(module, OBSERVER_ATTR, None) or (None, False)
+    # Where the pattern shows every causal pair (a short context), it is dense attention: no
+    # selector runs (an observer still sees the scores of a learned selector).
+    dense = dense or (observer is None and pattern.covers(key.shape[2]))
     scores = None
     if isinstance(pattern, Selection) and not dense:
         scores = _block_scores(module, pattern, query, key, None if padding is not None else cached)
