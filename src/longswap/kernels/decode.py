@@ -93,8 +93,21 @@ def _in_sight(pattern: Selection, kv_len: int, device: torch.device) -> tuple[Te
     """What the query at position ``kv_len - 1`` sees whatever the data: its static row
     ``(L,)`` bool, its static keys ``(S,)`` and its candidate blocks ``(n,)`` bool. The same
     for every layer of a decoding step with this pattern: computed once (read-only)."""
-    static = pattern.dense_mask(1, kv_len, device=device)[0, 0]
-    return static, torch.nonzero(static).squeeze(1), pattern.candidates(1, kv_len, device)[0]
+    size = pattern.block_size
+    first = (kv_len - 1) // size * size  # the first position of the query's block
+    static, candidates = _block_in_sight(pattern, first, device)
+    row = static[kv_len - 1 - first, :kv_len]
+    return row, torch.nonzero(row).squeeze(1), candidates[kv_len - 1 - first, : kv_len // size]
+
+
+@functools.lru_cache(maxsize=2)
+def _block_in_sight(pattern: Selection, first: int, device: torch.device) -> tuple[Tensor, ...]:
+    """:func:`_in_sight` for the ``block_size`` query positions from ``first`` at once:
+    static rows ``(block, first + block)`` and candidate rows ``(block, n)`` (a query sees
+    no key after itself, so its row does not depend on the keys that follow)."""
+    size = pattern.block_size
+    static = pattern.dense_mask(size, first + size, device=device)[0]
+    return static, pattern.candidates(size, first + size, device)
 
 
 def _compiled_one_query(
