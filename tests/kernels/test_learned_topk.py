@@ -100,7 +100,7 @@ def test_flex_forward_equals_the_oracle_given_the_same_scores():
 def test_an_untrained_gate_scores_like_moba_on_the_best_head_of_the_group():
     q, k, _ = (t.detach() for t in inputs(2, 6, 2, 200, 200, dim=16))
     gate = BlockGate(head_dim=16, group=3, block_size=32)
-    scores = gate(q, k)  # (B, Hkv, Lq, n)
+    scores = gate.score(q, gate.block_keys(k))  # (B, Hkv, Lq, n), every block
     moba = BlockTopK.block_scores(BlockTopK(32, 1), q, k)  # (B, Hq, Lq, n), per head
     expected = moba.unflatten(1, (2, 3)).amax(2) / math.sqrt(16)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
@@ -109,7 +109,8 @@ def test_an_untrained_gate_scores_like_moba_on_the_best_head_of_the_group():
     assert gate.query_map.grad is not None and q.grad is None
     # Per head: the same parameters, each head's scores kept apart (MoBA's, at the start).
     apart = BlockGate(head_dim=16, group=3, block_size=32, per_head=True)
-    torch.testing.assert_close(apart(q, k), moba / math.sqrt(16), atol=1e-5, rtol=1e-5)
+    every = apart.score(q, apart.block_keys(k))
+    torch.testing.assert_close(every, moba / math.sqrt(16), atol=1e-5, rtol=1e-5)
 
 
 def test_a_gate_with_one_token_pieces_starts_as_dense_attentions_block_mass():
@@ -131,7 +132,8 @@ def test_a_gate_with_one_token_pieces_starts_as_dense_attentions_block_mass():
     pieces = k.unflatten(2, (-1, 4)).mean(3)  # (B, Hkv, 24, D)
     per_piece = q.unflatten(1, (2, 2)) @ pieces[:, :, None].transpose(-1, -2) / 4.0
     expected = per_piece.unflatten(-1, (-1, 4)).logsumexp(-1).amax(2)
-    torch.testing.assert_close(shared(q, k), expected, atol=1e-5, rtol=1e-5)
+    every = shared.score(q, shared.block_keys(k))
+    torch.testing.assert_close(every, expected, atol=1e-5, rtol=1e-5)
     assert shared.block_keys(k).shape == (1, 2, 6, 4, 16)
     # The same parameters whatever the pieces: a trained gate keeps its size.
     assert sum(p.numel() for p in shared.parameters()) == sum(
@@ -142,16 +144,47 @@ def test_a_gate_with_one_token_pieces_starts_as_dense_attentions_block_mass():
 def test_scoring_in_row_chunks_and_in_place_changes_nothing(monkeypatch):
     q, k, _ = (t.detach() for t in inputs(1, 4, 2, 70, 70, dim=16))
     gate = BlockGate(head_dim=16, group=2, block_size=16, sub_block=4)
-    whole = gate(q, k)  # with gradients: logsumexp
+
+    def every(q, k):
+        return gate.score(q, gate.block_keys(k))
+
+    whole = every(q, k)  # with gradients: logsumexp
     assert whole.requires_grad
     monkeypatch.setattr(gate_module, "SCORE_CHUNK", 4 * 4 * 4 * 3)  # 3 rows per chunk
-    torch.testing.assert_close(gate(q, k), whole)
+    torch.testing.assert_close(every(q, k), whole)
     with torch.no_grad():  # in place, block by block
-        torch.testing.assert_close(gate(q, k), whole)
+        torch.testing.assert_close(every(q, k), whole)
     # Fewer keys than a block (a short prompt): no block to score, in either path.
     assert gate(q[:, :, :5], k[:, :, :5]).shape == (1, 2, 5, 0)
     with torch.no_grad():
         assert gate(q[:, :, :5], k[:, :, :5]).shape == (1, 2, 5, 0)
+
+
+@pytest.mark.parametrize("sub_block", [None, 4])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_queries_at_the_end_of_the_keys_skip_the_blocks_they_cannot_select(
+    monkeypatch, sub_block, per_head
+):
+    """With the rows' positions (an attention call), each chunk of rows scores only the
+    blocks before its last row's own block; those scores and their gradients are the ones
+    of scoring every block, the rest -inf."""
+    q, k, _ = (t.detach() for t in inputs(1, 4, 2, 50, 90, dim=16))
+    gate = BlockGate(16, 2, 16, per_head, sub_block or 16)
+    every = gate.score(q, gate.block_keys(k))  # (B, H, 50, 5)
+    monkeypatch.setattr(gate_module, "SCORE_CHUNK", 4 * 5 * 4 * 7)  # 7 or more rows a chunk
+    skipping = gate(q, k)  # rows at positions 40..89
+    assert skipping.shape == every.shape
+    own = (torch.arange(40, 90) // 16)[:, None]  # (Lq, 1)
+    before = torch.arange(5)[None] < own  # what each row may select
+    torch.testing.assert_close(skipping[..., before], every[..., before])
+    assert (skipping[..., ~before].isinf() | (every[..., ~before] == skipping[..., ~before])).all()
+    assert skipping[..., 0, 4].isinf().all()  # after the chunk's last row's own block
+    weights = torch.randn_like(every).masked_fill(~before, 0)
+    (grad_every,) = torch.autograd.grad((every * weights).sum(), gate.query_map)
+    (grad_skip,) = torch.autograd.grad(
+        (skipping.masked_fill(~before, 0) * weights).sum(), gate.query_map
+    )
+    torch.testing.assert_close(grad_skip, grad_every)
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from longswap.patterns import Selection
@@ -70,7 +71,7 @@ class BlockGate(nn.Module):
     def forward(self, q: Tensor, k: Tensor) -> Tensor:
         """q ``(B, Hq, Lq, D)``, k ``(B, Hkv, Lk, D)`` -> scores ``(B, Hkv or Hq, Lq, Lk //
         block)``."""
-        return self.score(q, self.block_keys(k))
+        return self.score(q, self.block_keys(k), offset=k.shape[2] - q.shape[2])
 
     @staticmethod
     def shape_for(pattern: Selection, head_dim: int, group: int) -> tuple[int, int, int, bool, int]:
@@ -100,8 +101,14 @@ class BlockGate(nn.Module):
         pooled = torch.cat([keys.amax(4), keys.amin(4), keys.mean(4)], dim=-1)  # (.., m, 3D)
         return self.key_map(pooled)
 
-    def score(self, q: Tensor, block_keys: Tensor) -> Tensor:
-        """Scores ``(B, Hkv or Hq, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`."""
+    def score(self, q: Tensor, block_keys: Tensor, offset: int | None = None) -> Tensor:
+        """Scores ``(B, Hkv or Hq, Lq, n)`` of q ``(B, Hq, Lq, D)`` against :meth:`block_keys`.
+
+        ``offset``: the position of the first query row, rows consecutive after it (an
+        attention call's queries); blocks at or after a row's own block cannot be selected,
+        so only those before the last row's of each chunk of rows are scored, the others get
+        ``-inf``: half the work at full length. None (rows sampled anywhere): every block.
+        """
         batch, hq, q_len, dim = q.shape
         hkv, n, pieces = block_keys.shape[1:4]
         if dim != self.head_dim or hq != hkv * self.group:
@@ -118,12 +125,15 @@ class BlockGate(nn.Module):
         rows = max(1, SCORE_CHUNK // max(1, hq * n * pieces))
         out = []
         for start in range(0, q_len, rows):
-            scores = mapped[:, :, :, start : start + rows] @ keys  # (B, Hkv, g, r, n * m)
-            blocks = _log_sum_exp(scores.unflatten(-1, (n, pieces)))  # (B, Hkv, g, r, n)
+            stop = min(start + rows, q_len)
+            seen = n if offset is None else min(n, (offset + stop - 1) // self.block_size)
+            scores = mapped[:, :, :, start:stop] @ keys[..., : seen * pieces]  # (.., r, s * m)
+            blocks = _log_sum_exp(scores.unflatten(-1, (seen, pieces)))  # (B, Hkv, g, r, s)
             if self.per_head:
-                out.append(blocks.flatten(1, 2))
+                blocks = blocks.flatten(1, 2)
             else:
-                out.append(blocks.amax(2) if self.group > 1 else blocks[:, :, 0])
+                blocks = blocks.amax(2) if self.group > 1 else blocks[:, :, 0]
+            out.append(F.pad(blocks, (0, n - seen), value=float("-inf")) if seen < n else blocks)
         return torch.cat(out, 2) if len(out) > 1 else out[0]  # (B, Hq or Hkv, Lq, n)
 
 

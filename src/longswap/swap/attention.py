@@ -247,7 +247,9 @@ def _block_scores(
                 "longswap.load(path) (transformers' from_pretrained alone drops the selector's "
                 "weights)"
             )
-        summarize, score = selector.block_keys, selector.score
+        summarize = selector.block_keys
+        # The queries sit at the end of the keys: the gate skips blocks they cannot select.
+        score = functools.partial(selector.score, offset=key.shape[2] - query.shape[2])
     else:
         summarize, score = pattern.block_keys, pattern.score_blocks
     if cached is not None:
