@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from longswap.kernels import sparse_attention
+from longswap.kernels import cpp, sparse_attention
 from longswap.patterns import BlockTopK, learned_topk, parse_pattern, sliding_window
 from longswap.selectors import BlockGate, dense_block_mass
 from longswap.selectors import gate as gate_module
@@ -203,3 +203,28 @@ def test_bad_sub_blocks_are_refused(text, problem):
 def test_sub_block_survives_the_string_form():
     pattern = parse_pattern("sliding_window(window=64) | learned_topk(16, 2, sub_block=4)")
     assert parse_pattern(str(pattern)) == pattern and pattern.sub_block == 4
+
+
+@pytest.mark.parametrize("sub_block", [None, 4])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize(("hq", "hkv"), [(6, 2), (2, 2)])
+def test_a_decoding_steps_gate_scores_are_one_compiled_call(sub_block, per_head, hq, hkv):
+    """One query row without gradients: ``csrc/selection_decode.cpp`` scores the blocks,
+    as the tensor path does (which runs whenever gradients are on)."""
+    if cpp.compiled("selection_decode") is None:
+        pytest.skip("the C++ decoding kernel could not be built here")
+    q, k, _ = (t.detach() for t in inputs(2, hq, hkv, 1, 90, dim=16))
+    gate = BlockGate(16, hq // hkv, 16, per_head, sub_block or 16)
+    with torch.no_grad():
+        gate.query_map.add_(0.3 * torch.randn_like(gate.query_map))  # not the identity
+    keys = gate.block_keys(k)
+    for offset in (None, 89, 40):
+        expected = gate.score(q, keys, offset)  # gradients on: the tensor path
+        with torch.no_grad():
+            got = gate.score(q, keys, offset)
+        assert got.shape == expected.shape == (2, hq if per_head else hkv, 1, 5)
+        torch.testing.assert_close(got, expected.detach(), atol=1e-5, rtol=1e-5)
+    q[0, 0] = float("nan")  # a NaN query: its head's (or its group's) scores are NaN
+    with torch.no_grad():
+        got = gate.score(q, keys)
+    assert got[0, 0].isnan().all() and not got[1].isnan().any()

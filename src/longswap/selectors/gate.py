@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longswap.kernels.cpp import compiled
 from longswap.patterns import Selection
 
 #: Piece scores held at once while scoring (elements): the rows per chunk follow from it.
@@ -116,6 +117,14 @@ class BlockGate(nn.Module):
                 f"this gate was built for {self.group} query heads per KV head of dim "
                 f"{self.head_dim}; got q {tuple(q.shape)} for {hkv} KV heads"
             )
+        if q_len == 1 and q.device.type == "cpu" and not torch.is_grad_enabled():
+            kernel = compiled("selection_decode")  # a decoding step: one call, not ten
+            if kernel is not None:
+                seen = n if offset is None else min(n, offset // self.block_size)
+                args = (q[:, :, 0], block_keys, self.query_map)
+                args = tuple(x.detach().float().contiguous() for x in args)
+                step = kernel.gate_scores(*args, self.per_head, seen)  # (B, Hq or Hkv, n)
+                return step[:, :, None].to(self.query_map.dtype)
         queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
         # (B, Hkv, g, Lq, D) @ (g, D, D), scaled here: on Lq x D numbers, not Lq x n x m
         mapped = (queries @ self.query_map) * (1 / math.sqrt(dim))  # (B, Hkv, g, Lq, D)

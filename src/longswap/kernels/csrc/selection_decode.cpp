@@ -26,6 +26,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -51,6 +52,25 @@ template <>
 std::pair<const float*, int64_t> as_float<float>(const float* rows, int64_t, int64_t,
                                                  int64_t ld, std::vector<float>&) {
   return {rows, ld};
+}
+
+float dot(const float* a, const float* b, int64_t dim) {
+  Vec sum(0.f);
+  int64_t i = 0;
+  for (; i + Vec::size() <= dim; i += Vec::size())
+    sum = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), sum);
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum);
+  for (; i < dim; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// out[0, dim) += w * x[0, dim)
+void axpy(float w, const float* x, float* out, int64_t dim) {
+  Vec wv(w);
+  int64_t i = 0;
+  for (; i + Vec::size() <= dim; i += Vec::size())
+    at::vec::fmadd(wv, Vec::loadu(x + i), Vec::loadu(out + i)).store(out + i);
+  for (; i < dim; ++i) out[i] += w * x[i];
 }
 
 // x[0, n) = exp(x - max x); returns their sum (NaN anywhere makes it NaN).
@@ -243,7 +263,75 @@ at::Tensor selection_decode(const at::Tensor& q, const at::Tensor& k, const at::
   return out;
 }
 
+// A learned gate's block scores for one query row per head (`BlockGate.score`):
+// q (B, Hq, D) float32; block_keys (B, Hkv, n, m, D) float32, m piece keys per block;
+// query_map (G, D, D) float32 with Hq = G * Hkv. Head h's mapped query is q_h M_g / sqrt(D);
+// a block's score is the log-sum-exp of its pieces' scores; per head, or the largest over
+// the group's heads (NaN wins, as in torch.amax). Blocks from `seen` on are -inf.
+// Returns (B, Hq or Hkv, n) float32.
+at::Tensor gate_scores(const at::Tensor& q, const at::Tensor& block_keys,
+                       const at::Tensor& query_map, bool per_head, int64_t seen) {
+  TORCH_CHECK(q.device().is_cpu() && block_keys.device().is_cpu() && query_map.device().is_cpu(),
+              "gate_scores: every tensor must be on the CPU");
+  TORCH_CHECK(q.dim() == 3 && block_keys.dim() == 5 && query_map.dim() == 3 &&
+                  q.scalar_type() == at::kFloat && block_keys.scalar_type() == at::kFloat &&
+                  query_map.scalar_type() == at::kFloat && q.is_contiguous() &&
+                  block_keys.is_contiguous() && query_map.is_contiguous(),
+              "gate_scores: q (B, Hq, D), block_keys (B, Hkv, n, m, D) and query_map (G, D, D) "
+              "must be contiguous float32");
+  int64_t batch = q.size(0), hq = q.size(1), dim = q.size(2);
+  int64_t hkv = block_keys.size(1), n = block_keys.size(2), m = block_keys.size(3);
+  int64_t group = query_map.size(0);
+  TORCH_CHECK(block_keys.size(0) == batch && block_keys.size(4) == dim && m > 0 &&
+                  group * hkv == hq && query_map.size(1) == dim && query_map.size(2) == dim,
+              "gate_scores: q (B, Hq, D), block_keys (B, Hkv, n, m, D) and query_map (G, D, D) "
+              "disagree (Hq = G * Hkv)");
+  TORCH_CHECK(seen >= 0 && seen <= n, "gate_scores: seen must lie in [0, n]");
+  auto out = at::empty({batch, per_head ? hq : hkv, n}, q.options());
+  const float *q_data = q.data_ptr<float>(), *k_data = block_keys.data_ptr<float>();
+  const float* maps = query_map.data_ptr<float>();
+  float* o_data = out.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(float(dim)), inf = std::numeric_limits<float>::infinity();
+  at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> mapped(group * dim), pieces(m);
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b = task / hkv, g = task % hkv;
+      for (int64_t i = 0; i < group; ++i) {  // mapped query of head g * group + i
+        const float* qh = q_data + (b * hq + g * group + i) * dim;
+        float* row = mapped.data() + i * dim;
+        std::fill(row, row + dim, 0.f);
+        for (int64_t d = 0; d < dim; ++d) axpy(qh[d] * scale, maps + (i * dim + d) * dim, row, dim);
+      }
+      const float* keys = k_data + (b * hkv + g) * n * m * dim;
+      for (int64_t j = 0; j < n; ++j) {
+        float best = -inf;
+        for (int64_t i = 0; i < group; ++i) {
+          float score = -inf;
+          if (j < seen) {
+            for (int64_t p = 0; p < m; ++p)
+              pieces[p] = dot(mapped.data() + i * dim, keys + (j * m + p) * dim, dim);
+            score = pieces[0];
+            if (m > 1) {
+              float top = *std::max_element(pieces.begin(), pieces.end());
+              float total = 0.f;
+              for (int64_t p = 0; p < m; ++p) total += std::exp(pieces[p] - top);
+              score = std::log(total) + top;
+            }
+          }
+          if (per_head)
+            o_data[(b * hq + g * group + i) * n + j] = score;
+          else
+            best = (std::isnan(score) || std::isnan(best)) ? NAN : std::max(best, score);
+        }
+        if (!per_head) o_data[(b * hkv + g) * n + j] = best;
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("selection_decode", &selection_decode,
         "one decoding step of a block-selection pattern (CPU)");
+  m.def("gate_scores", &gate_scores, "a learned gate's block scores for one query row (CPU)");
 }
