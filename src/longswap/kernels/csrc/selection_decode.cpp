@@ -9,20 +9,18 @@
 // takes a place but is not attended (NaN ranks above every number, as in torch.topk).
 //
 // One task per (sequence, KV head): it selects the blocks of each of its score rows, then
-// its query heads read exactly the runs of keys they see (a selected block's keys that are
-// also static are read once, with the static ones): the scores of each run by one BLAS
-// product (all heads of a group at once when they share a selection), one softmax per
-// head, then the values of each run by one more. Keys and values may be float32 (read in
-// place from a growing cache's buffer; rows must be contiguous), bfloat16 or float16
-// (converted run by run); arithmetic is float32. No -ffast-math: NaN and infinities follow
-// IEEE.
+// each of its query heads reads exactly the runs of keys it sees (a selected block's keys
+// that are also static are read once, with the static ones), in two passes: scores and
+// their maximum, then the exponentials and the weighted sum of values. Keys and values may
+// be float32, bfloat16 or float16, read in place from a growing cache's buffer (rows must
+// be contiguous); arithmetic is float32. Products are vectorized loops (ATen's
+// Vectorized<float>): BLAS per run of 64 keys measured slower, its per-call cost dominating.
+// No -ffast-math: NaN and infinities follow IEEE.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-
-#include "blas.h"
 
 #include <algorithm>
 #include <cmath>
@@ -33,25 +31,18 @@
 
 namespace {
 
-using longswap_blas::matmul;
-using longswap_blas::SequentialBlas;
 using Vec = at::vec::Vectorized<float>;
 using Run = std::pair<int64_t, int64_t>;  // keys [first, second)
 
-// Rows [0, count) of a key or value run as float32 for BLAS: in place for float32 (row
-// stride `ld`), else converted into `scratch` (row stride `dim`). Returns (rows, stride).
+// One row of D values as float32: in place for float32 rows, else converted into `scratch`.
 template <typename T>
-std::pair<const float*, int64_t> as_float(const T* rows, int64_t count, int64_t dim, int64_t ld,
-                                          std::vector<float>& scratch) {
-  scratch.resize(count * dim);
-  for (int64_t r = 0; r < count; ++r)
-    for (int64_t i = 0; i < dim; ++i) scratch[r * dim + i] = static_cast<float>(rows[r * ld + i]);
-  return {scratch.data(), dim};
+const float* as_float(const T* row, int64_t dim, float* scratch) {
+  for (int64_t i = 0; i < dim; ++i) scratch[i] = static_cast<float>(row[i]);
+  return scratch;
 }
 template <>
-std::pair<const float*, int64_t> as_float<float>(const float* rows, int64_t, int64_t,
-                                                 int64_t ld, std::vector<float>&) {
-  return {rows, ld};
+const float* as_float<float>(const float* row, int64_t, float*) {
+  return row;
 }
 
 float dot(const float* a, const float* b, int64_t dim) {
@@ -71,18 +62,6 @@ void axpy(float w, const float* x, float* out, int64_t dim) {
   for (; i + Vec::size() <= dim; i += Vec::size())
     at::vec::fmadd(wv, Vec::loadu(x + i), Vec::loadu(out + i)).store(out + i);
   for (; i < dim; ++i) out[i] += w * x[i];
-}
-
-// x[0, n) = exp(x - max x); returns their sum (NaN anywhere makes it NaN).
-float softmax_numerators(float* x, int64_t n) {
-  Vec best(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + j));
-  float high =
-      at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) high = std::isnan(x[j]) ? x[j] : std::max(high, x[j]);
-  at::vec::map([high](Vec s) { return (s - Vec(high)).exp(); }, x, x, n);
-  return at::vec::reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x, n);
 }
 
 // The selected blocks of one score row: the `places` best-scoring `candidates` (ties: the
@@ -118,48 +97,34 @@ std::vector<Run> key_runs(const std::vector<Run>& fixed, const std::vector<int64
     }
     if (lo < hi) runs.emplace_back(lo, hi);
   }
-  std::sort(runs.begin(), runs.end());  // then touching runs merge: fewer, longer products
-  std::vector<Run> merged;
-  for (const Run& r : runs) {
-    if (!merged.empty() && merged.back().second == r.first)
-      merged.back().second = r.second;
-    else
-      merged.push_back(r);
-  }
-  return merged;
+  return runs;
 }
 
-// Attention of `count` query heads (rows of q, stride dim) over the same runs of keys:
-// scores by BLAS per run, one softmax per head, then the weighted values by BLAS per run.
 template <typename T>
-void attend(const float* q, int64_t count, const T* k, const T* v, int64_t k_row,
-            int64_t v_row, const std::vector<Run>& runs, int64_t dim, int64_t dim_v,
-            float scale, std::vector<float>& p, std::vector<float>& scratch, float* out) {
-  int64_t total = 0;
-  for (const Run& r : runs) total += r.second - r.first;
-  std::fill(out, out + count * dim_v, 0.f);
-  if (total == 0) return;
-  p.resize(count * total);
+void attend(const float* q, const T* k, const T* v, int64_t k_row, int64_t v_row,
+            const std::vector<Run>& runs, int64_t dim, int64_t dim_v, float scale,
+            std::vector<float>& p, std::vector<float>& scratch, float* out) {
+  int64_t count = 0;
+  for (const Run& r : runs) count += r.second - r.first;
+  p.resize(count);
+  float high = -std::numeric_limits<float>::infinity();
   int64_t at = 0;
-  for (const Run& r : runs) {
-    int64_t len = r.second - r.first;
-    auto keys = as_float(k + r.first * k_row, len, dim, k_row, scratch);
-    matmul(false, true, count, len, dim, scale, q, dim, keys.first, keys.second, 0.f,
-           p.data() + at, total);
-    at += len;
-  }
-  std::vector<float> sums(count);
-  for (int64_t h = 0; h < count; ++h) sums[h] = softmax_numerators(p.data() + h * total, total);
+  for (const Run& r : runs)
+    for (int64_t j = r.first; j < r.second; ++j, ++at) {
+      p[at] = scale * dot(q, as_float(k + j * k_row, dim, scratch.data()), dim);
+      high = std::max(high, p[at]);
+    }
+  std::fill(out, out + dim_v, 0.f);
+  if (count == 0) return;
+  at::vec::map([high](Vec x) { return (x - Vec(high)).exp(); }, p.data(), p.data(), count);
+  float total = 0.f;
   at = 0;
-  for (const Run& r : runs) {
-    int64_t len = r.second - r.first;
-    auto values = as_float(v + r.first * v_row, len, dim_v, v_row, scratch);
-    matmul(false, false, count, dim_v, len, 1.f, p.data() + at, total, values.first,
-           values.second, 1.f, out, dim_v);
-    at += len;
-  }
-  for (int64_t h = 0; h < count; ++h)
-    for (int64_t i = 0; i < dim_v; ++i) out[h * dim_v + i] /= sums[h];
+  for (const Run& r : runs)
+    for (int64_t j = r.first; j < r.second; ++j, ++at) {
+      total += p[at];
+      axpy(p[at], as_float(v + j * v_row, dim_v, scratch.data()), out, dim_v);
+    }
+  for (int64_t i = 0; i < dim_v; ++i) out[i] /= total;
 }
 
 template <typename T>
@@ -176,20 +141,19 @@ void decode(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
   const float* s_data = scores.data_ptr<float>();
   float* o_data = out.data_ptr<float>();
   at::parallel_for(0, batch * hkv, 1, [&](int64_t begin, int64_t end) {
-    SequentialBlas sequential;
-    std::vector<float> p, scratch;
+    std::vector<float> p, scratch(std::max(dim, dim_v));
     for (int64_t task = begin; task < end; ++task) {
       int64_t b = task / hkv, g = task % hkv;
       const T* kb = k_data + b * k.stride(0) + g * k.stride(1);
       const T* vb = v_data + b * v.stride(0) + g * v.stride(1);
-      // One selection per group: its heads attend together; per head: one at a time.
-      int64_t together = rows == hkv ? group : 1;
-      for (int64_t h = g * group; h < (g + 1) * group; h += together) {
-        int64_t row = rows == hkv ? g : h;
-        auto runs = key_runs(fixed, select(s_data + (b * rows + row) * n, candidates, top_k),
-                             block_size);
-        attend<T>(q_data + (b * hq + h) * dim, together, kb, vb, k.stride(2), v.stride(2), runs,
-                  dim, dim_v, scale, p, scratch, o_data + (b * hq + h) * dim_v);
+      std::vector<Run> runs;
+      for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+        int64_t row = rows == hkv ? g : h;  // one selection per group, or per head
+        if (h == g * group || rows != hkv)
+          runs = key_runs(fixed, select(s_data + (b * rows + row) * n, candidates, top_k),
+                          block_size);
+        attend<T>(q_data + (b * hq + h) * dim, kb, vb, k.stride(2), v.stride(2), runs, dim,
+                  dim_v, scale, p, scratch, o_data + (b * hq + h) * dim_v);
       }
     }
   });
