@@ -100,7 +100,7 @@ def _in_sight(pattern: Selection, kv_len: int, device: torch.device) -> tuple[Te
     return row, torch.nonzero(row).squeeze(1), candidates[kv_len - 1 - first, : kv_len // size]
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=8)  # a few patterns (models) decoding in turn keep theirs
 def _block_in_sight(pattern: Selection, first: int, device: torch.device) -> tuple[Tensor, ...]:
     """:func:`_in_sight` for the ``block_size`` query positions from ``first`` at once:
     static rows ``(block, first + block)`` and candidate rows ``(block, n)`` (a query sees
