@@ -2,8 +2,9 @@
 
 For a layer swapped to ``sliding_window(window, sinks)``, no future query can see a key
 that is neither a sink nor among the last ``window - 1``; :class:`SinkWindowLayer` drops
-every other key after each step, so memory per layer stops growing at
-``sinks + window - 1`` entries.
+every other key, so memory per layer stops growing at ``sinks + window - 1`` entries plus
+a little spare room (at least 64, a sixteenth of the window) that new keys are written
+into in place.
 
 For a layer that selects key blocks (``block_topk``, ``learned_topk``, and their unions
 with static patterns), :class:`BlockSummaryLayer` keeps every key (any block may be
@@ -33,14 +34,67 @@ from longswap.swap.attention import CACHE_LAYER_ATTR
 from longswap.swap.model import swap_spec
 
 
-class SinkWindowLayer(DynamicLayer):
-    """Keeps the first ``sinks`` and the last ``window - 1`` keys and values of one layer."""
+class _Buffered(DynamicLayer):
+    """A cache layer whose keys and values live in preallocated buffers: ``keys`` and
+    ``values`` are views of their filled part, so appending a token writes it in place
+    instead of copying the whole cache (transformers' ``DynamicLayer`` concatenates)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._buffers: tuple[Tensor, Tensor] | None = None
+
+    def _filled(self) -> int:
+        return self.keys.shape[-2] if self.keys.dim() == 4 else 0  # empty until the first
+
+    def _fits(self, new: Tensor, length: int) -> bool:
+        """Whether ``new`` states go into the buffers after ``length`` entries, which are
+        still the layer's (nothing reordered, cropped or replaced them)."""
+        buffers = self._buffers
+        return (
+            buffers is not None
+            and buffers[0].data_ptr() == self.keys.data_ptr()
+            and buffers[0].shape[:2] == new.shape[:2]
+            and buffers[0].shape[-2] >= length + new.shape[-2]
+        )
+
+    def _capacity(self, total: int) -> int:
+        """Entries to allocate for ``total`` filled ones: a quarter more, and 256."""
+        return total * 5 // 4 + 256
+
+    def _append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
+        """Views of the buffers after writing the new states at the end of the filled part;
+        new buffers (:meth:`_capacity`) when they do not fit."""
+        length, new = self._filled(), keys.shape[-2]
+        if not self._fits(keys, length):
+            grown = []
+            capacity = self._capacity(length + new)
+            for old, fresh in ((self.keys, keys), (self.values, values)):
+                buffer = fresh.new_empty(*fresh.shape[:2], capacity, fresh.shape[-1])
+                buffer[..., :length, :] = old[..., :length, :] if length else 0
+                grown.append(buffer)
+            self._buffers = (grown[0], grown[1])
+        buffers = self._buffers
+        for buffer, fresh in zip(buffers, (keys, values), strict=True):
+            buffer[..., length : length + new, :] = fresh
+        return buffers[0][..., : length + new, :], buffers[1][..., : length + new, :]
+
+
+class SinkWindowLayer(_Buffered):
+    """Keeps the first ``sinks`` and the last ``window - 1`` keys and values of one layer.
+
+    New entries go into spare room at the end of the buffers (``spare``: at least 64, a
+    sixteenth of the window); when it runs out, the last ``window - 1`` entries move down
+    behind the sinks, once per ``spare`` tokens, where concatenating would copy the whole
+    window at every step. Entries older than the window may stay in
+    between: the window rule masks them, since the recent entries stay consecutive.
+    """
 
     is_sliding = True
 
     def __init__(self, window: int, sinks: int = 0) -> None:
         super().__init__()
         self.window, self.sinks = window, sinks
+        self.spare = max(64, window // 16)
         self.cumulative_length = 0
 
     def update(
@@ -50,10 +104,37 @@ class SinkWindowLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
+        length = self._filled()
+        if not self._fits(key_states, length) and self._fits(key_states[..., :0, :], length):
+            length = self._compact(length)  # room again, in the same buffers
+        if self._fits(key_states, length) or key_states.shape[-2] <= self.spare:
+            self.keys, self.values = self._append(key_states, value_states)
+            return self.keys, self.values
+        # A long prompt: this step sees all of it; the buffers keep what later steps can.
         keys = torch.cat([self.keys, key_states], dim=-2)
         values = torch.cat([self.values, value_states], dim=-2)
-        self.keys, self.values = self._trim(keys), self._trim(values)
+        kept_keys, kept_values = self._trim(keys), self._trim(values)
+        self._buffers = None
+        self.keys, self.values = kept_keys[..., :0, :], kept_values[..., :0, :]
+        self.keys, self.values = self._append(kept_keys, kept_values)
         return keys, values
+
+    def _capacity(self, total: int) -> int:
+        """Room to grow by a quarter, up to the window's entries plus the spare room."""
+        bound = self.sinks + self.window - 1 + self.spare
+        return max(total, min(total * 5 // 4 + self.spare, bound))
+
+    def _compact(self, length: int) -> int:
+        """Move the last ``window - 1`` entries down behind the sinks; the new length."""
+        recent = self.window - 1
+        if length <= self.sinks + recent:
+            return length
+        for buffer in self._buffers:
+            buffer[..., self.sinks : self.sinks + recent, :] = buffer[
+                ..., length - recent : length, :
+            ].clone()
+        self.keys, self.values = (b[..., : self.sinks + recent, :] for b in self._buffers)
+        return self.sinks + recent
 
     def _trim(self, x: Tensor) -> Tensor:
         recent = self.window - 1
@@ -72,28 +153,25 @@ class SinkWindowLayer(DynamicLayer):
         return self.cumulative_length
 
     def get_max_length(self) -> int:
-        """Entries kept at most between steps."""
-        return self.sinks + self.window - 1
+        """Entries kept at most between steps (the spare room included)."""
+        return self.sinks + self.window - 1 + self.spare
 
     def crop(self, tokens_to_remove: int) -> None:
         """Rolling back is impossible once keys were dropped."""
         raise ValueError("a bounded longswap cache cannot be cropped (its old keys are gone)")
 
 
-class BlockSummaryLayer(DynamicLayer):
+class BlockSummaryLayer(_Buffered):
     """Keeps every key and value of one layer, and a summary of each complete key block.
 
-    Keys and values live in buffers that grow by a quarter (and 256 tokens) when full, and
-    ``keys``/``values`` are views of their filled part: appending a token costs O(1)
-    amortised, where concatenating (transformers' ``DynamicLayer``) copies the whole cache
-    at every step.
+    Keys and values live in buffers that grow by a quarter (and 256 tokens) when full:
+    appending a token costs O(1) amortised.
     """
 
     def __init__(self, module: nn.Module) -> None:
         super().__init__()
         self._module = weakref.ref(module)
         self._summaries: Tensor | None = None
-        self._buffers: tuple[Tensor, Tensor] | None = None
 
     def update(
         self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any
@@ -106,28 +184,6 @@ class BlockSummaryLayer(DynamicLayer):
         if module is not None:
             module.__dict__[CACHE_LAYER_ATTR] = self
         return self.keys, self.values
-
-    def _append(self, keys: Tensor, values: Tensor) -> tuple[Tensor, Tensor]:
-        """Views of the buffers after writing the new states at the end of the filled part."""
-        length = self.keys.shape[-2] if self.keys.dim() == 4 else 0  # empty until the first
-        new = keys.shape[-2]
-        buffers = self._buffers
-        if (
-            buffers is None
-            or buffers[0].data_ptr() != self.keys.data_ptr()  # replaced (reordered, cropped)
-            or buffers[0].shape[:2] != keys.shape[:2]
-            or buffers[0].shape[-2] < length + new
-        ):
-            capacity = (length + new) * 5 // 4 + 256
-            grown = []
-            for old, fresh in ((self.keys, keys), (self.values, values)):
-                buffer = fresh.new_empty(*fresh.shape[:2], capacity, fresh.shape[-1])
-                buffer[..., :length, :] = old[..., :length, :] if length else 0
-                grown.append(buffer)
-            buffers = self._buffers = (grown[0], grown[1])
-        for buffer, fresh in zip(buffers, (keys, values), strict=True):
-            buffer[..., length : length + new, :] = fresh
-        return buffers[0][..., : length + new, :], buffers[1][..., : length + new, :]
 
     def block_keys(
         self, keys: Tensor, summarize: Callable[[Tensor], Tensor], block_size: int
