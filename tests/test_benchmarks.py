@@ -52,7 +52,9 @@ def test_attention(tmp_path):
 
 
 def test_decode(tmp_path):
-    rows = smoke("decode", tmp_path / "decode.json")["results"]
+    record = smoke("decode", tmp_path / "decode.json")
+    assert record["complete"]  # written after every context, marked complete at the end
+    rows = record["results"]
     assert [r["arm"] for r in rows] == [
         "dense",
         "window-1024",

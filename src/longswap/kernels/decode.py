@@ -7,6 +7,12 @@ blocks. This path gathers exactly those keys, once per KV head (the union of its
 heads' selections, each head masked to its own), and attends over them: the work per
 step is O(static keys + top_k x block) instead of O(L). With a summarising cache
 (``longswap.swap.sparse_cache``), the scores it selects by are O(L / block) as well.
+
+One query row on CPU without gradients (a plain decoding step) is one call of a C++
+kernel (``csrc/selection_decode.cpp``, built on first use by ``kernels.cpp``): the top-k,
+then each head's scores and weighted values over exactly its keys, read in place. What a
+query sees whatever the data (its static keys, its candidate blocks) is the same for every
+layer of a step and is computed for a block of positions at once.
 """
 
 from __future__ import annotations
