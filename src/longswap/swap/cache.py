@@ -46,16 +46,19 @@ class _Buffered(DynamicLayer):
     def _filled(self) -> int:
         return self.keys.shape[-2] if self.keys.dim() == 4 else 0  # empty until the first
 
-    def _fits(self, new: Tensor, length: int) -> bool:
-        """Whether ``new`` states go into the buffers after ``length`` entries, which are
-        still the layer's (nothing reordered, cropped or replaced them)."""
+    def _owned(self, new: Tensor) -> bool:
+        """Whether the buffers still hold this layer's entries (nothing reordered, cropped
+        or replaced them) in ``new``'s batch and heads."""
         buffers = self._buffers
         return (
             buffers is not None
             and buffers[0].data_ptr() == self.keys.data_ptr()
             and buffers[0].shape[:2] == new.shape[:2]
-            and buffers[0].shape[-2] >= length + new.shape[-2]
         )
+
+    def _fits(self, new: Tensor, length: int) -> bool:
+        """Whether ``new`` states go into the buffers after ``length`` entries."""
+        return self._owned(new) and self._buffers[0].shape[-2] >= length + new.shape[-2]
 
     def _capacity(self, total: int) -> int:
         """Entries to allocate for ``total`` filled ones: a quarter more, and 256."""
@@ -105,7 +108,7 @@ class SinkWindowLayer(_Buffered):
             self.lazy_initialization(key_states, value_states)
         self.cumulative_length += key_states.shape[-2]
         length = self._filled()
-        if not self._fits(key_states, length) and self._fits(key_states[..., :0, :], length):
+        if self._owned(key_states) and not self._fits(key_states, length):
             length = self._compact(length)  # room again, in the same buffers
         if self._fits(key_states, length) or key_states.shape[-2] <= self.spare:
             self.keys, self.values = self._append(key_states, value_states)
