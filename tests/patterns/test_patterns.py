@@ -314,3 +314,41 @@ def test_a_pattern_covers_a_length_only_when_it_is_dense_there(pattern):
             visible = pattern.dense_mask(length, length)[0]
         if pattern.covers(length):
             assert torch.equal(visible, causal), length
+
+
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+@pytest.mark.parametrize(
+    "pattern", [shifted_groups(8), sliding_window(20) & shifted_groups(16), sliding_window(9)]
+)
+@pytest.mark.parametrize("start,heads", [(0, 2), (2, 2), (1, 3)])
+def test_head_slice_is_the_full_pattern_on_those_heads(pattern, start, heads, backend):
+    # Head-parallel attention (Ulysses) gives a process some of the heads: the slice must
+    # apply their rules, forward and backward, not those of heads 0..n-1.
+    from longswap.patterns.head_slice import HeadSlice
+
+    total = 4
+    g = torch.Generator().manual_seed(start)
+    q, k, v = (torch.randn(1, total, 45, 8, generator=g, requires_grad=True) for _ in range(3))
+    whole = sparse_attention(q, k, v, pattern, backend=backend, block_size=16)
+    part = [x.detach()[:, start : start + heads].requires_grad_() for x in (q, k, v)]
+    sliced = sparse_attention(
+        *part, HeadSlice(pattern, start, total), backend=backend, block_size=16
+    )
+    torch.testing.assert_close(sliced, whole[:, start : start + heads])
+    (whole[:, start : start + heads] ** 2).sum().backward()
+    (sliced**2).sum().backward()
+    for full_input, piece in zip((q, k, v), part, strict=True):
+        torch.testing.assert_close(piece.grad, full_input.grad[:, start : start + heads])
+    if pattern.head_dependent and start == 2:  # unsliced, head 2 would be run as head 0
+        plain = sparse_attention(*part, pattern, backend=backend, block_size=16)
+        assert not torch.allclose(plain, sliced)
+
+
+def test_head_slice_refuses_heads_beyond_the_model():
+    from longswap.patterns.head_slice import HeadSlice
+
+    q = torch.randn(1, 3, 10, 8)
+    with pytest.raises(ValueError, match="not all among the model's 4"):
+        sparse_attention(q, q, q, HeadSlice(shifted_groups(4), 2, 4))
+    with pytest.raises(ValueError, match="selects from the data"):
+        HeadSlice(block_topk(8, 2), 0, 4)

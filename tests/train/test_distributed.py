@@ -1,14 +1,18 @@
 """Fine-tuning spread over processes equals one process with the same global batch.
 
 On CPU: data parallelism (gloo) through ``accelerate launch``, which is also what an FSDP
-configuration gives there (accelerate runs FSDP on accelerators only; the run says so).
+configuration gives there (accelerate runs FSDP on accelerators only; the run says so);
+DeepSpeed ZeRO-3, parameters sharded; DeepSpeed Ulysses sequence parallelism, each
+sequence split over 2 processes, for every pattern kind.
 On a GPU: FSDP2 through the same launch, parameters sharded (skipped without CUDA).
 """
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,11 +61,14 @@ def base(corpus, tmp_path_factory):
     return out
 
 
-def finetune(base, corpus, out, method, batch, launch):
+WINDOW = "sliding_window(window=16, sinks=2)"
+
+
+def finetune(base, corpus, out, method, batch, launch, pattern=WINDOW, extra=()):
     longswap_cli(
         "finetune",
         *("--model", base, "--seq-len", 64, "--steps", 3, "--eval-steps", 3),
-        *("--pattern", "sliding_window(window=16, sinks=2)", "--method", method),
+        *("--pattern", pattern, "--method", method, *extra),
         *("--out", out, "--data", corpus, "--batch-size", batch, "--warmup-steps", 1),
         launch=launch,
     )
@@ -107,3 +114,114 @@ def test_fsdp2_on_gpus_shards_and_equals_one_process(base, corpus, tmp_path, met
     assert spread["parallelism"]["sharded_parameters"] > 0
     assert alone["parallelism"]["engine"] in ("NO", "MULTI_GPU")
     assert_same_model(tmp_path / "fsdp", tmp_path / "one", atol=1e-4)
+
+
+TORCHRUN = (sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2")
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed"
+)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("method", ["lora-plus"])  # full: the sequence-parallel test below
+def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path, method):
+    spread = finetune(
+        base, corpus, tmp_path / "zero3", method, 2, TORCHRUN, extra=("--deepspeed", "zero3")
+    )
+    alone = finetune(base, corpus, tmp_path / "one", method, 4, (sys.executable,))
+    assert spread["parallelism"]["engine"] == "DEEPSPEED" and spread["world_size"] == 2
+    assert spread["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-6)
+    assert spread["parallelism"]["zero_stage"] == 3 and spread["parallelism"]["processes"] == 2
+    assert spread["parallelism"]["sharded_parameters"] > 0
+    # Saved whole (gathered from the shards), it loads as the same swapped model.
+    assert_same_model(tmp_path / "zero3", tmp_path / "one", atol=1e-5)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize(
+    "method,pattern",
+    [
+        ("full", "shifted_groups(group_size=16)"),  # rules differ between heads
+        # learned selectors train along (LM loss + their distillation loss): DSA's stage 2
+        ("lora-plus", "sliding_window(window=16, sinks=2) | learned_topk(block_size=8, top_k=2)"),
+    ],
+)
+def test_sequence_parallel_fine_tune_equals_one_process(base, corpus, tmp_path, method, pattern):
+    split = ("--sequence-parallel", 2)
+    spread = finetune(base, corpus, tmp_path / "sp", method, 1, TORCHRUN, pattern, split)
+    alone = finetune(base, corpus, tmp_path / "one", method, 1, (sys.executable,), pattern)
+    assert spread["parallelism"]["sequence_parallel"] == 2
+    assert spread["parallelism"]["engine"] == "DEEPSPEED"
+    assert spread["parallelism"]["zero_stage"] == 3
+    assert spread["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-6)
+    assert_same_model(tmp_path / "sp", tmp_path / "one", atol=1e-5)
+
+
+@needs_deepspeed
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_ulysses_attention_equals_one_process_for_every_pattern_kind(kv_heads):
+    # Each process holds half of the sequence (two packed documents, told only by
+    # position_ids: Ulysses drops the mask) and attends with half of the heads.
+    script = Path(__file__).with_name("ulysses_check.py")
+    done = subprocess.run(
+        [*TORCHRUN, str(script), str(kv_heads)], capture_output=True, text=True, env=ENV
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    cases = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(cases) == (11 if kv_heads == 2 else 8)
+    for case in cases:
+        assert case["processes"] == 2
+        assert case["logits"] < 1e-5, case
+        assert case["grads"] < 1e-6 * max(1.0, case["scale"] * 100), case
+
+
+def test_a_head_dependent_pattern_refuses_a_share_of_heads_it_is_not_told_about():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from longswap.swap import shard_heads
+    from longswap.swap.attention import longswap_attention
+
+    config = LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config)
+    longswap.swap_attention(model, "shifted_groups(group_size=8)")
+    module = model.model.layers[0].self_attn
+    q, k = torch.randn(1, 2, 20, 8), torch.randn(1, 1, 20, 8)
+    with pytest.raises(ValueError, match="holds 2 of the model's 4 query heads"):
+        longswap_attention(module, q, k, k, None)
+    with shard_heads(model, 1, 2):  # heads 2 and 3: both shifted
+        shifted, _ = longswap_attention(module, q, k, k, None)
+    assert not hasattr(module, "longswap_head_shard")
+    # Of two heads, the second is the shifted one: both of this share's heads must be it.
+    for head in (0, 1):
+        pair = q[:, [head, head]]
+        expected = longswap.sparse_attention(pair, k, k, "shifted_groups(group_size=8)")
+        torch.testing.assert_close(shifted.transpose(1, 2)[:, head], expected[:, 1])
+        assert not torch.allclose(expected[:, 0], expected[:, 1])
+
+
+@pytest.mark.parametrize(
+    "extra,env,message",
+    [
+        (("--sequence-parallel", "2"), {}, "must divide the number of processes"),
+        (("--sequence-parallel", "2", "--deepspeed", "zero2"), {"WORLD_SIZE": "2"}, "stage 2"),
+        (("--sequence-parallel", "3"), {"WORLD_SIZE": "3"}, "multiple of --sequence-parallel 3"),
+        (("--deepspeed", "zero9"), {}, "neither a ZeRO stage"),
+        (("--deepspeed", "zero3", "--transfer-steps", "1"), {}, "--transfer-steps on ZeRO"),
+        (("--sequence-parallel", "2", "--method", "selector"), {"WORLD_SIZE": "2"}, "warm-up"),
+    ],
+)
+def test_distributed_settings_that_cannot_run_are_refused_first(
+    base, tmp_path, monkeypatch, capsys, extra, env, message
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    from longswap.cli import main
+
+    out = tmp_path / "out"
+    args = ["finetune", "--model", str(base), "--out", str(out), "--seq-len", "64", *extra]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
 from longswap.patterns import Pattern, Selection, SlidingWindow, full
+from longswap.patterns.head_slice import HeadSlice
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
@@ -30,6 +31,9 @@ OBSERVER_ATTR = "longswap_observer"
 #: The attribute through which a summarising cache layer hands itself to the attention call
 #: that follows its update (``swap.cache``); the call takes it back at once.
 CACHE_LAYER_ATTR = "longswap_cache_layer"
+#: The attribute under which :func:`sharding_heads` tells an attention module which share
+#: of the query heads its calls hold (head-parallel attention).
+HEAD_SHARD_ATTR = "longswap_head_shard"
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,44 @@ def observing(
     finally:
         for module in modules:
             delattr(module, OBSERVER_ATTR)
+
+
+@contextlib.contextmanager
+def sharding_heads(modules: Iterable[torch.nn.Module], rank: int, size: int) -> Iterator[None]:
+    """Within the context, each attention call of these modules holds the ``rank``-th of
+    ``size`` equal, consecutive shares of the query heads (DeepSpeed Ulysses sequence
+    parallelism: each process attends over the whole sequence with its share of the heads).
+    Patterns that differ between heads (``shifted_groups``) then apply the rules of those
+    heads; the others need nothing. Nothing is left on the modules afterwards."""
+    if not 0 <= rank < size:
+        raise ValueError(f"sharding_heads: rank {rank} is not one of {size} shares")
+    modules = list(modules)
+    for module in modules:
+        setattr(module, HEAD_SHARD_ATTR, (rank, size))
+    try:
+        yield
+    finally:
+        for module in modules:
+            delattr(module, HEAD_SHARD_ATTR)
+
+
+def _for_heads(module: nn.Module, pattern: Pattern, heads: int) -> Pattern:
+    """``pattern`` for the query heads this call holds (see :func:`sharding_heads`)."""
+    if not pattern.head_dependent:
+        return pattern
+    total = getattr(module.config, "num_attention_heads", heads)
+    shard = getattr(module, HEAD_SHARD_ATTR, None)
+    if shard is None:
+        if heads != total:
+            raise ValueError(
+                f"layer {module.layer_idx}: {pattern} differs between heads, and this call "
+                f"holds {heads} of the model's {total} query heads (head-parallel attention?) "
+                "without saying which: run it inside longswap.swap.sharding_heads(...), as "
+                "longswap finetune --sequence-parallel does"
+            )
+        return pattern
+    rank, size = shard
+    return HeadSlice(pattern, rank * heads, size * heads)
 
 
 @dataclass(frozen=True)
@@ -168,7 +210,7 @@ def longswap_attention(
     """Attention interface: q ``(B, Hq, L, D)``, k/v ``(B, Hkv, S, D)`` -> ``(B, L, Hq, D)``."""
     spec = spec_of(module.config)
     layer = module.layer_idx
-    pattern = spec.pattern(layer)
+    pattern = _for_heads(module, spec.pattern(layer), query.shape[1])
     if dropout:
         raise ValueError(
             f"layer {layer}: attention dropout {dropout} is not implemented by the sparse "

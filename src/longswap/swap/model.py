@@ -23,7 +23,7 @@ from longswap.kernels import BACKENDS
 from longswap.patterns import Intersection, Pattern, full, parse_pattern, sliding_window
 from longswap.positions import ROPE_KINDS, apply_positions, plan_positions, undo_positions
 from longswap.selectors import SELECTOR_ATTR, BlockGate
-from longswap.swap.attention import Observer, observing
+from longswap.swap.attention import Observer, observing, sharding_heads
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 
 PatternSpec = Pattern | str | Sequence[Pattern | str] | Mapping[int, Pattern | str]
@@ -312,6 +312,13 @@ def observe(
             "observed; swap it with longswap.swap_attention first"
         )
     return observing(attention_modules(inner).values(), observer, dense)
+
+
+def shard_heads(model: Any, rank: int, size: int) -> contextlib.AbstractContextManager[None]:
+    """A context in which ``model``'s attention calls (PEFT-wrapped or not) each hold the
+    ``rank``-th of ``size`` shares of the query heads, as under DeepSpeed Ulysses sequence
+    parallelism (see ``swap.attention.sharding_heads``)."""
+    return sharding_heads(attention_modules(_base_model(model)).values(), rank, size)
 
 
 def restore(model: Any) -> None:

@@ -119,3 +119,15 @@ class FinetuneConfig(TrainingFields):
         "takes over (MoBA's hybrid schedule)",
         default=0.0,
     )
+    deepspeed: str = help_field(
+        "run on DeepSpeed: zero1 (optimizer state sharded over the processes), zero2 (and "
+        "gradients), zero3 (and parameters), zero0, or a DeepSpeed JSON config file; launch "
+        "with torchrun or accelerate launch. Empty: no DeepSpeed",
+        default="",
+    )
+    sequence_parallel: int = help_field(
+        "split every sequence over this many processes (DeepSpeed Ulysses: each holds "
+        "seq_len/N tokens, and attends over the whole sequence with 1/N of the heads); runs "
+        "on DeepSpeed ZeRO stage 3",
+        default=1,
+    )

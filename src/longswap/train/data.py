@@ -35,6 +35,14 @@ class PackedDataset(Dataset):
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def with_positions(self) -> PackedDataset:
+        """The same sequences, each item with its ``position_ids`` (counting from 0 where
+        documents are not separated): what sequence parallelism needs in every batch."""
+        if self.position_ids is not None:
+            return self
+        count, length = self.input_ids.shape
+        return PackedDataset(self.input_ids, torch.arange(length).expand(count, length))
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         ids = self.input_ids[i]
         item = {"input_ids": ids, "labels": ids}

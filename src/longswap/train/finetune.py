@@ -8,6 +8,7 @@ positions extended when the length needs it.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from pathlib import Path
 from typing import Any
@@ -23,12 +24,20 @@ from longswap.kernels import BACKENDS
 from longswap.patterns import parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
 from longswap.selectors import SELECTOR_ATTR
-from longswap.swap import extend_positions, load, save, swap_attention
+from longswap.swap import extend_positions, load, save, shard_heads, swap_attention
 from longswap.swap.model import attention_modules
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import FinetuneConfig
 from longswap.train.data import datasets
+from longswap.train.distributed import (
+    deepspeed_arguments,
+    deepspeed_problems,
+    gathered,
+    head_share,
+    heads_problems,
+    zero_stage,
+)
 from longswap.train.runner import SelectorStage, WarmUp, train, write_record
 from longswap.train.trainable import apply_method, projection_names
 
@@ -62,6 +71,16 @@ def problems(config: FinetuneConfig) -> list[str]:
         )
     if config.dense_fraction and not config.pattern:
         found.append("dense_fraction needs --pattern: a hybrid schedule switches to a pattern")
+    found += deepspeed_problems(config.deepspeed, config.sequence_parallel)
+    if config.transfer_steps and zero_stage(config.deepspeed, config.sequence_parallel) == 3:
+        found.append(
+            "--transfer-steps on ZeRO stage 3 (which --sequence-parallel runs on too): attention "
+            "transfer's loss comes from the attention outputs alone, and ZeRO-3 fails when a "
+            "forward's later layers get no backward ('active_backward_submodules is empty'); "
+            "warm up without it, then fine-tune from the warmed-up model"
+        )
+    if config.sequence_parallel != 1:
+        found += _sequence_parallel_problems(config)
     for name in ("lora_rank", "selector_rows", "selector_reuse"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -78,6 +97,27 @@ def problems(config: FinetuneConfig) -> list[str]:
                     f"length {config.seq_len}: it would be dense attention; shorten the window "
                     "or lengthen --seq-len"
                 )
+    return found
+
+
+def _sequence_parallel_problems(config: FinetuneConfig) -> list[str]:
+    """What cannot run with the sequence split over processes."""
+    found = []
+    if isinstance(config.seq_len, int) and config.seq_len % config.sequence_parallel:
+        found.append(
+            f"seq_len {config.seq_len} must be a multiple of --sequence-parallel "
+            f"{config.sequence_parallel}: each process holds an equal share of every sequence"
+        )
+    if config.method == "selector":
+        found.append(
+            "the selector warm-up (--method selector) reads whole sequences without gradients "
+            "through the frozen model; run it without --sequence-parallel"
+        )
+    if config.dense_fraction:
+        found.append(
+            "--dense-fraction switches to the model's own attention, which sequence "
+            "parallelism does not wrap (it wraps longswap's): drop one of the two"
+        )
     return found
 
 
@@ -101,9 +141,17 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
             "method 'selector' trains learned selectors, which this run has none of: pass "
             '--pattern "learned_topk(block_size=64, top_k=16)" or a model swapped to it'
         )
+    learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
+    learned = learned or any(parse_pattern(p).needs_selector for p in layers)
+    found += heads_problems(model.config.get_text_config(), config.sequence_parallel, learned)
     if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
     swapped = getattr(model.config, CONFIG_KEY, None) is not None or bool(config.pattern)
+    if config.sequence_parallel > 1 and config.separate_documents and not swapped:
+        found.append(
+            "--separate-documents with --sequence-parallel needs a swapped model: the dense "
+            "attention that sequence parallelism wraps ignores where documents start"
+        )
     if (
         config.method == "lora-plus"
         and not config.merge
@@ -155,6 +203,8 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     refuse(_model_problems(model, config), "fine-tuning")
     tokenizer = tokenizer_for(model_dir)
     train_set, val_set = datasets(config, tokenizer)
+    if config.sequence_parallel > 1:  # Ulysses needs every batch's positions
+        train_set = train_set.with_positions()
     # New parameters (learned selectors, LoRA adapters) start from --seed, so that a run
     # is repeatable and every process of a distributed run starts from the same ones.
     torch.manual_seed(config.seed)
@@ -188,33 +238,46 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
         notes.append(f"steps 0-{switch - 1} use full attention, then the pattern")
     if config.transfer_steps:
         notes.append(f"steps 0-{config.transfer_steps - 1} train attention transfer")
+    if config.deepspeed or config.sequence_parallel > 1:
+        attention = model.config._attn_implementation  # what Ulysses wraps
+        extra = deepspeed_arguments(config.deepspeed, config.sequence_parallel, attention) | extra
+    heads = contextlib.nullcontext()
+    if config.sequence_parallel > 1:
+        heads = shard_heads(model, *head_share(config.sequence_parallel))
     with run_folder(config) as out:
-        _, run = train(
-            model,
-            train_set,
-            val_set,
-            config,
-            out,
-            callbacks=callbacks,
-            transfer_steps=config.transfer_steps,
-            selectors=selector_stage,
-            **extra,
-        )
+        with heads:
+            _, run = train(
+                model,
+                train_set,
+                val_set,
+                config,
+                out,
+                callbacks=callbacks,
+                transfer_steps=config.transfer_steps,
+                selectors=selector_stage,
+                **extra,
+            )
         run["notes"] = notes + [n for n in [run["parallelism"].get("note")] if n]
-        if config.method == "lora-plus" and config.merge:
-            model = model.merge_and_unload()
-
-        def write(folder: Path) -> None:
-            if hasattr(model, "peft_config"):
-                save(model, folder / "model")
-            else:
-                save_checkpoint(model, folder / "model")
-            for item in (folder / "model").iterdir():
-                item.rename(folder / item.name)
-            (folder / "model").rmdir()
-            if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
-                tokenizer.save_pretrained(folder)
-            write_record(folder, run)
-
-        publish_into(out, write)
+        with gathered(model):  # ZeRO-3: whole parameters to save
+            _publish(model, config, out, tokenizer, run)
     return run
+
+
+def _publish(model: Any, config: FinetuneConfig, out: Path, tokenizer: Any, run: dict) -> None:
+    """Write the trained model, its tokenizer and the run record into ``out``."""
+    if config.method == "lora-plus" and config.merge:
+        model = model.merge_and_unload()
+
+    def write(folder: Path) -> None:
+        if hasattr(model, "peft_config"):
+            save(model, folder / "model")
+        else:
+            save_checkpoint(model, folder / "model")
+        for item in (folder / "model").iterdir():
+            item.rename(folder / item.name)
+        (folder / "model").rmdir()
+        if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
+            tokenizer.save_pretrained(folder)
+        write_record(folder, run)
+
+    publish_into(out, write)

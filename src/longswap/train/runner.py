@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import shutil
 import sys
 import warnings
@@ -24,6 +23,7 @@ from longswap.swap import observe
 from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
+from longswap.train.distributed import parallelism, sharded
 from longswap.train.signals import AttentionTransfer, SelectorDistillation
 from longswap.train.teacher import SelectorStudent, warm_up_samples
 
@@ -144,8 +144,9 @@ class SignalTrainer(Trainer):
             return super().compute_loss(model, inputs, *args, **kwargs)
         if transfer:
             signal = AttentionTransfer()
-            with observe(model, signal):
-                model(input_ids=inputs["input_ids"], logits_to_keep=1)
+            with observe(model, signal):  # positions too: sequence parallelism needs them
+                kept = {k: inputs[k] for k in ("input_ids", "position_ids") if k in inputs}
+                model(**kept, logits_to_keep=1)
             loss = signal.loss()
             return (loss, None) if kwargs.get("return_outputs") else loss
         distill = SelectorDistillation()
@@ -220,8 +221,10 @@ def train(
     start = last_good_checkpoint(out / "checkpoints") if config.resume else None
     if config.resume and start is None:
         raise ValueError(f"--resume: no readable checkpoint in {out / 'checkpoints'}")
-    planned = None  # the warm-up's step is a forward without gradients: no probe needed
-    if trained is model:
+    # No probe for the warm-up (a forward without gradients), nor on DeepSpeed (its engine
+    # and sequence-parallel groups exist only once training starts).
+    planned = None
+    if trained is model and not args.deepspeed:
         planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
     spread = parallelism(trainer)
     if spread.get("note"):
@@ -256,7 +259,7 @@ def train(
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_sequences": len(train_set),
         "world_size": trainer.args.world_size,
-        "parallelism": spread | {"sharded_parameters": _sharded(trainer.model_wrapped)},
+        "parallelism": spread | {"sharded_parameters": sharded(trainer.model_wrapped)},
         "train_seconds": result.metrics["train_runtime"],
         "train_tokens_per_second": read_per_second * config.seq_len,
         "first_loss": losses[0] if losses else None,
@@ -267,33 +270,6 @@ def train(
         "environment": environment(trainer.args.device),
     }
     return trainer, record
-
-
-def parallelism(trainer: Trainer) -> dict[str, Any]:
-    """How the run is spread over processes: accelerate's engine (``NO``, ``MULTI_CPU`` or
-    ``MULTI_GPU`` for data parallelism, ``FSDP``, ``DEEPSPEED``), the number of processes,
-    the FSDP version, and a note when an FSDP configuration was given but is not in force
-    (accelerate runs FSDP on accelerators only; on CPU the same launch is data-parallel)."""
-    state = trainer.accelerator.state
-    plugin = getattr(state, "fsdp_plugin", None)
-    found: dict[str, Any] = {
-        "engine": str(state.distributed_type.value),
-        "processes": state.num_processes,
-        "fsdp_version": getattr(plugin, "fsdp_version", None),
-    }
-    asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
-    if asked and found["engine"] != "FSDP":
-        found["note"] = (
-            f"an FSDP configuration was given, but accelerate runs FSDP on GPUs (and other "
-            f"accelerators) only: this run is {found['engine']} (data parallel), each process "
-            "holding the whole model"
-        )
-    return found
-
-
-def _sharded(model: Any) -> int:
-    """How many of ``model``'s parameters are sharded across processes (DTensors)."""
-    return sum(type(p).__name__ == "DTensor" for p in model.parameters())
 
 
 def _remove_damaged(folder: Path, err: BaseException) -> NoReturn:
