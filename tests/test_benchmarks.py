@@ -76,6 +76,19 @@ def test_finetune(tmp_path):
     assert rows[0]["speedup"] == 1.0
 
 
+def test_memory(tmp_path):
+    record = smoke("memory", tmp_path / "memory.json")
+    rows = {r["arm"]: r for r in record["results"]}
+    assert list(rows)[0] == "dense (SDPA)" and len(rows) == 4
+    for row in rows.values():
+        small, large = row["saved_bytes"]
+        assert 0 < small < large and row["per_token"] == (large - small) / 1024
+    estimate = record["estimate_7b"]["gib_per_gpu"]
+    one, eight = estimate["dense (SDPA) on 1"], estimate["dense (SDPA) on 8"]
+    assert one["layer checkpoints"] == 65536 * 4096 * 2 * 32 / 2**30  # 16 GiB
+    assert eight["full fine-tune states"] == pytest.approx(one["full fine-tune states"] / 8)
+
+
 def test_small_calls(tmp_path):
     rows = smoke("small_calls", tmp_path / "small_calls.json")["results"]
     assert [(r["q_len"], r["kv_len"]) for r in rows] == [(1, 512)] * 4 + [(64, 64)] * 4

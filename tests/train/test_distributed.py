@@ -35,14 +35,15 @@ fsdp_config:
   fsdp_cpu_ram_efficient_loading: false
 """
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+CPU_ENV = {**ENV, "CUDA_VISIBLE_DEVICES": ""}  # the gloo runs, also on a machine with a GPU
 
 
-def longswap_cli(*args, launch=(), timeout=300):
+def longswap_cli(*args, launch=(), timeout=300, env=ENV):
     done = subprocess.run(
         [*launch, "-m", "longswap", *map(str, args)],
         capture_output=True,
         text=True,
-        env=ENV,
+        env=env,
         timeout=timeout,
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -64,13 +65,14 @@ def base(corpus, tmp_path_factory):
 WINDOW = "sliding_window(window=16, sinks=2)"
 
 
-def finetune(base, corpus, out, method, batch, launch, pattern=WINDOW, extra=()):
+def finetune(base, corpus, out, method, batch, launch, pattern=WINDOW, extra=(), env=ENV):
     longswap_cli(
         "finetune",
         *("--model", base, "--seq-len", 64, "--steps", 3, "--eval-steps", 3),
         *("--pattern", pattern, "--method", method, *extra),
         *("--out", out, "--data", corpus, "--batch-size", batch, "--warmup-steps", 1),
         launch=launch,
+        env=env,
     )
     return json.loads((out / "longswap_train.json").read_text())
 
@@ -125,10 +127,11 @@ needs_deepspeed = pytest.mark.skipif(
 @needs_deepspeed
 @pytest.mark.parametrize("method", ["lora-plus"])  # full: the sequence-parallel test below
 def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path, method):
+    zero3 = ("--deepspeed", "zero3")
     spread = finetune(
-        base, corpus, tmp_path / "zero3", method, 2, TORCHRUN, extra=("--deepspeed", "zero3")
+        base, corpus, tmp_path / "zero3", method, 2, TORCHRUN, extra=zero3, env=CPU_ENV
     )
-    alone = finetune(base, corpus, tmp_path / "one", method, 4, (sys.executable,))
+    alone = finetune(base, corpus, tmp_path / "one", method, 4, (sys.executable,), env=CPU_ENV)
     assert spread["parallelism"]["engine"] == "DEEPSPEED" and spread["world_size"] == 2
     assert spread["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-6)
     assert spread["parallelism"]["zero_stage"] == 3 and spread["parallelism"]["processes"] == 2
@@ -148,8 +151,10 @@ def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path
 )
 def test_sequence_parallel_fine_tune_equals_one_process(base, corpus, tmp_path, method, pattern):
     split = ("--sequence-parallel", 2)
-    spread = finetune(base, corpus, tmp_path / "sp", method, 1, TORCHRUN, pattern, split)
-    alone = finetune(base, corpus, tmp_path / "one", method, 1, (sys.executable,), pattern)
+    spread = finetune(base, corpus, tmp_path / "sp", method, 1, TORCHRUN, pattern, split, CPU_ENV)
+    alone = finetune(
+        base, corpus, tmp_path / "one", method, 1, (sys.executable,), pattern, env=CPU_ENV
+    )
     assert spread["parallelism"]["sequence_parallel"] == 2
     assert spread["parallelism"]["engine"] == "DEEPSPEED"
     assert spread["parallelism"]["zero_stage"] == 3
@@ -164,7 +169,7 @@ def test_ulysses_attention_equals_one_process_for_every_pattern_kind(kv_heads):
     # position_ids: Ulysses drops the mask) and attends with half of the heads.
     script = Path(__file__).with_name("ulysses_check.py")
     done = subprocess.run(
-        [*TORCHRUN, str(script), str(kv_heads)], capture_output=True, text=True, env=ENV
+        [*TORCHRUN, str(script), str(kv_heads)], capture_output=True, text=True, env=CPU_ENV
     )
     assert done.returncode == 0, done.stderr[-3000:]
     cases = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
