@@ -112,6 +112,10 @@ ARMS = {
         "sliding_window(window=512, sinks=4) | "
         "learned_topk(64, top_k=16, per_head=True, sub_block=16)"
     ),
+    "window-512+learned-pieces-4-64x16-8k": (
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(64, top_k=16, per_head=True, sub_block=4)"
+    ),
     "window-512+oracle-64x16": (
         "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16)"
     ),
@@ -130,6 +134,7 @@ TRAINED_ARMS = (
     "window-512+learned-head-64x16-8k",
     "window-512+learned-value-64x16-8k",
     "window-512+learned-pieces-16-64x16-8k",
+    "window-512+learned-pieces-4-64x16-8k",
 )
 #: Arms whose selector is dense attention itself (the block mass each query gives each key
 #: block, per KV group or per query head): the ceiling of any selector at that budget,
