@@ -158,6 +158,7 @@ def test_sequence_parallel_fine_tune_equals_one_process(base, corpus, tmp_path, 
     assert spread["parallelism"]["sequence_parallel"] == 2
     assert spread["parallelism"]["engine"] == "DEEPSPEED"
     assert spread["parallelism"]["zero_stage"] == 3
+    assert spread["parallelism"]["sharded_parameters"] > 0
     assert spread["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-6)
     assert_same_model(tmp_path / "sp", tmp_path / "one", atol=1e-5)
 

@@ -77,15 +77,10 @@ def observing(
     layer's pattern, and no block scores.
     """
     modules = list(modules)
-    for module in modules:
-        if getattr(module, OBSERVER_ATTR, None) is not None:
-            raise RuntimeError(f"{type(module).__name__} is already observed; nest no observers")
-        setattr(module, OBSERVER_ATTR, (observer, dense))
-    try:
+    if any(getattr(module, OBSERVER_ATTR, None) is not None for module in modules):
+        raise RuntimeError("a module is already observed; nest no observers")
+    with _attached(modules, OBSERVER_ATTR, (observer, dense)):
         yield
-    finally:
-        for module in modules:
-            delattr(module, OBSERVER_ATTR)
 
 
 @contextlib.contextmanager
@@ -97,14 +92,21 @@ def sharding_heads(modules: Iterable[torch.nn.Module], rank: int, size: int) -> 
     heads; the others need nothing. Nothing is left on the modules afterwards."""
     if not 0 <= rank < size:
         raise ValueError(f"sharding_heads: rank {rank} is not one of {size} shares")
+    with _attached(modules, HEAD_SHARD_ATTR, (rank, size)):
+        yield
+
+
+@contextlib.contextmanager
+def _attached(modules: Iterable[torch.nn.Module], name: str, value: Any) -> Iterator[None]:
+    """``value`` as attribute ``name`` of every module, removed on leaving."""
     modules = list(modules)
     for module in modules:
-        setattr(module, HEAD_SHARD_ATTR, (rank, size))
+        setattr(module, name, value)
     try:
         yield
     finally:
         for module in modules:
-            delattr(module, HEAD_SHARD_ATTR)
+            delattr(module, name)
 
 
 def _for_heads(module: nn.Module, pattern: Pattern, heads: int) -> Pattern:

@@ -85,7 +85,8 @@ def heads_problems(config: Any, sequence_parallel: int, learned: bool) -> list[s
     whole KV groups, so it needs the KV heads themselves to split evenly."""
     if sequence_parallel == 1:
         return []
-    hq, hkv = config.num_attention_heads, config.num_key_value_heads
+    hq = config.num_attention_heads
+    hkv = getattr(config, "num_key_value_heads", None) or hq  # GPT-2: one KV head per head
     found = []
     if hq % sequence_parallel or (hkv % sequence_parallel and sequence_parallel % hkv):
         found.append(

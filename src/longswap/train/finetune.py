@@ -79,7 +79,7 @@ def problems(config: FinetuneConfig) -> list[str]:
             "forward's later layers get no backward ('active_backward_submodules is empty'); "
             "warm up without it, then fine-tune from the warmed-up model"
         )
-    if config.sequence_parallel != 1:
+    if isinstance(config.sequence_parallel, int) and config.sequence_parallel > 1:
         found += _sequence_parallel_problems(config)
     for name in ("lora_rank", "selector_rows", "selector_reuse"):
         value = getattr(config, name)
