@@ -215,6 +215,7 @@ def test_a_head_dependent_pattern_refuses_a_share_of_heads_it_is_not_told_about(
         (("--sequence-parallel", "2", "--deepspeed", "zero2"), {"WORLD_SIZE": "2"}, "stage 2"),
         (("--sequence-parallel", "3"), {"WORLD_SIZE": "3"}, "multiple of --sequence-parallel 3"),
         (("--deepspeed", "zero9"), {}, "neither a ZeRO stage"),
+        (("--deepspeed", __file__), {}, "the config file is unreadable"),
         (("--deepspeed", "zero3", "--transfer-steps", "1"), {}, "--transfer-steps on ZeRO"),
         (("--sequence-parallel", "2", "--method", "selector"), {"WORLD_SIZE": "2"}, "warm-up"),
     ],

@@ -120,8 +120,8 @@ def _for_heads(module: nn.Module, pattern: Pattern, heads: int) -> Pattern:
             raise ValueError(
                 f"layer {module.layer_idx}: {pattern} differs between heads, and this call "
                 f"holds {heads} of the model's {total} query heads (head-parallel attention?) "
-                "without saying which: run it inside longswap.swap.sharding_heads(...), as "
-                "longswap finetune --sequence-parallel does"
+                "without saying which: run it inside longswap.swap.shard_heads(model, rank, "
+                "size), as longswap finetune --sequence-parallel does"
             )
         return pattern
     rank, size = shard

@@ -39,12 +39,14 @@ def deepspeed_problems(choice: str, sequence_parallel: Any) -> list[str]:
             f"--deepspeed {choice!r} is neither a ZeRO stage ({', '.join(ZERO_STAGES)}) nor "
             "a DeepSpeed JSON config file"
         )
-    elif sequence_parallel > 1 and (stage := zero_stage(choice, sequence_parallel)) != 3:
+    elif isinstance(stage := zero_stage(choice, sequence_parallel), str):
+        found.append(f"--deepspeed {choice}: the config file is {stage}")
+    elif sequence_parallel > 1 and stage != 3:
         found.append(
             f"--sequence-parallel runs on ZeRO stage 3 only (this run: stage {stage}): under "
             "stages 0 to 2, DeepSpeed sums the gradients of a sequence's shards where stage 3 "
-            "averages them, so they come out --sequence-parallel times too large (measured: "
-            "not the single-process run); pass --deepspeed zero3, or leave it out"
+            "averages them, so they come out --sequence-parallel times too large; pass "
+            "--deepspeed zero3, or leave it out"
         )
     try:
         import deepspeed  # noqa: F401
@@ -74,7 +76,7 @@ def zero_stage(choice: str, sequence_parallel: int) -> int | str | None:
         return int(
             json.loads(Path(choice).read_text()).get("zero_optimization", {}).get("stage", 0)
         )
-    except (OSError, ValueError, AttributeError) as err:
+    except (OSError, ValueError, AttributeError, TypeError) as err:
         return f"unreadable ({err})"
 
 
