@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from longswap.cli import main
 from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
-from longswap.patterns import parse_pattern
+from longswap.patterns import learned_topk, parse_pattern
 from longswap.selectors import SELECTOR_FILE
 
 
@@ -25,7 +25,7 @@ def test_embedded_model_is_small_and_documented():
 
 def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out)]) == 0
+    assert main(["demo", "--quick", "--learned", "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
     records = json.loads((out / "eval" / "results.json").read_text())["records"]
     assert {r["model"] for r in records} == {str(out / "arms" / arm) for arm in ARMS}
@@ -42,6 +42,17 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     assert all(
         v["holds"] in (True, False, None) and "nan" not in v["measured"] for v in results["verdict"]
     )
+    # Arm 6: block_topk's budget chosen by a learned selector, warmed up, then trained along.
+    assert parse_pattern(results["learned_pattern"]) == learned_topk(block_size=128, top_k=4)
+    warm_up, tune = results["cost"][ARMS[5]]["command"].split("\n")
+    assert "--method selector" in warm_up and results["learned_pattern"] in warm_up
+    assert "--method full" in tune and f"--model {out}/{ARMS[5]}-selectors" in tune
+    kept = {
+        Path(r["model"]).name: r["captured_mass"] for r in records if r["task"] == "selection"
+    }
+    assert set(kept) == {ARMS[2], ARMS[5]} and all(0 < m <= 1 for m in kept.values())
+    learned_row = results["verdict"][3]["measured"]
+    assert f"arm 6 {kept[ARMS[5]]:.3f}, arm 3 {kept[ARMS[2]]:.3f}" in learned_row
     # Cost: every trained arm, judged by CPU seconds, wall seconds beside them.
     assert set(results["cost"]) == set(ARMS[2:])
     for c in results["cost"].values():
@@ -59,12 +70,14 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         assert f"## {heading}" in report
     assert "| arm | CPU seconds | wall seconds |" in report
     assert "| arm | prefill tokens/s | decode tokens/s (median step) | KV cache (MB) |" in report
-    for arm in ARMS:  # a row per arm in the perplexity, passkey and speed tables
-        assert report.count(f"| {arm} |") == 3 + (arm in results["cost"])
+    for arm in ARMS:  # a row per arm in the perplexity, passkey, speed, cost, selection tables
+        assert report.count(f"| {arm} |") == 3 + (arm in results["cost"]) + (arm in kept)
+    assert "## What the selections keep of dense attention" in report
     assert "smoke run" in report and (out / "eval" / "perplexity.png").is_file()
     assert "longswap finetune --model" in report
     printed = capsys.readouterr().out
     assert "Arm 3 beats arm 4" in printed
+    assert f"{ARMS[5]}-selectors: step 4/4" in printed
     # Each arm's progress on the console while it trains, with its log.
     for arm in ARMS[2:]:
         assert f"{arm}: step 0/4, starting (log: " in printed
@@ -155,12 +168,12 @@ def test_long_range_reach(pattern, expected):
 
 
 def _records(ppl, keys):
-    """Eval records for the five arms: perplexity at 512/4096 and passkey at 4096."""
+    """Eval records for the first arms: perplexity at 512/4096 and passkey at 4096."""
     rows = []
-    for arm, (short, long) in zip(ARMS, ppl, strict=True):
+    for arm, (short, long) in zip(ARMS, ppl, strict=False):
         for length, value in ((512, short), (4096, long)):
             rows.append({"model": f"x/{arm}", "task": "ppl", "length": length, "perplexity": value})
-    for arm, accuracy in zip(ARMS, keys, strict=True):
+    for arm, accuracy in zip(ARMS, keys, strict=False):
         rows.append({"model": f"x/{arm}", "task": "passkey", "length": 4096, "accuracy": accuracy})
     return rows
 
@@ -207,3 +220,45 @@ def test_verdict_judges_perplexity_with_intervals_and_cost_with_cpu_time():
     rows = verdict(records, cost, pattern, 512, 4096)
     assert rows[2]["holds"] is None and "within noise" in rows[2]["measured"]
     assert rows[0]["holds"] is True  # arm 4 at 20 vs arm 3 at 5.5 at most: still wide
+
+
+def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
+    ppl = [(6, 300), (6, 7), (5, 5), (5, 20), (5, 4.8), (5, 5.1)]
+    records = _records(ppl, [0, 0, 0.2, 0, 0.3, 0.4])
+    records.append({"model": f"x/{ARMS[2]}", "task": "passkey", "length": 512, "accuracy": 2 / 3})
+    for arm, kept in ((ARMS[2], 0.8), (ARMS[5], 0.88)):
+        records.append(
+            {
+                "model": f"x/{arm}",
+                "task": "selection",
+                "length": 4096,
+                "captured_mass": kept,
+                "oracle_mass": 0.9,
+            }
+        )
+    cost = {arm: {"cpu_seconds": 50, "wall_seconds": 25} for arm in (ARMS[2], ARMS[5])}
+    cost[ARMS[4]] = {"cpu_seconds": 100, "wall_seconds": 50}
+    pattern = parse_pattern("block_topk(128, 4)")
+    rows = verdict(records, cost, pattern, 512, 4096)
+    assert len(rows) == 6 and rows[3]["holds"] is True  # keeps more, perplexity x1.02
+    assert "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900)" in (
+        rows[3]["measured"]
+    )
+    passkey = rows[5]
+    assert passkey["holds"] is False and "arm 3 20%, arm 6 40%" in passkey["measured"]
+    assert "arm 5) retrieves 30% at 4096 with the same budget, so the budget falls short" in (
+        passkey["measured"]
+    )
+    assert "arm 3 retrieves 67% at 512" in passkey["measured"]
+    # Dense attention retrieves with the same budget: the pattern is what loses the keys.
+    dense = next(r for r in records if r["model"] == f"x/{ARMS[4]}" and r["task"] == "passkey")
+    dense["accuracy"] = 1.0
+    rows = verdict(records, cost, pattern, 512, 4096)
+    assert "so the sparse pattern loses what dense attention finds" in rows[5]["measured"]
+    # The learned arm keeps less, or is worse: the expectation fails.
+    records[-1]["captured_mass"] = 0.7
+    assert verdict(records, cost, pattern, 512, 4096)[3]["holds"] is False
+    records[-1]["captured_mass"] = 0.95
+    worse = [r for r in records if r["model"] == f"x/{ARMS[5]}" and r["task"] == "ppl"]
+    worse[-1]["perplexity"] = 6.0  # at 4096
+    assert verdict(records, cost, pattern, 512, 4096)[3]["holds"] is False

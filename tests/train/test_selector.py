@@ -20,6 +20,7 @@ from longswap.selectors.distill import top_blocks
 from longswap.swap import observe
 from longswap.train import FinetuneConfig, finetune
 from longswap.train.data import PackedDataset
+from longswap.train.signals import SelectorDistillation, step_generator
 from longswap.train.teacher import RowSamples, SelectorStudent
 
 from ..swap.conftest import make_model
@@ -47,6 +48,12 @@ def test_dense_block_mass_pools_the_oracle_in_chunks(q_len):
     mass = dense_block_mass(q, k, block_size=8, chunk=7, static=static)
     p = p.masked_fill(shown, 0)
     torch.testing.assert_close(mass, p[..., :48].unflatten(-1, (6, 8)).sum(-1).amax(2))
+    # Some rows only (the joint stage's sample): those rows of the whole, per group and head.
+    picked = torch.tensor([0, 3, 4, 11, q_len - 1])
+    for per_head in (False, True):
+        whole = dense_block_mass(q, k, 8, chunk=7, static=static, per_head=per_head)
+        some = dense_block_mass(q, k, 8, chunk=2, static=static, per_head=per_head, picked=picked)
+        torch.testing.assert_close(some, whole[:, :, picked], atol=1e-6, rtol=1e-6)
 
 
 def test_captured_mass_and_its_log_equal_the_dense_attention_on_the_keys_seen():
@@ -127,6 +134,39 @@ def test_warm_up_distils_dense_attention_into_the_selectors(per_head):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
     student(torch.tensor([2]), rows[None])
     assert list(student.teachers["train"].kept) == [1, 2]  # the last two sequences are kept
+
+
+@pytest.mark.parametrize("rows", [6, 48])  # a sample of the rows; all of them
+def test_joint_distillation_scores_the_selected_blocks_of_sampled_rows(rows):
+    model = make_model("llama")
+    pattern = sliding_window(window=6, sinks=1) | learned_topk(4, 2)
+    longswap.swap_attention(model, pattern, backend="blocks")
+    ids = torch.randint(1, 97, (2, 48), generator=torch.Generator().manual_seed(0))
+    seen = []
+    distill = SelectorDistillation(rows, step_generator(seed=3, step=7))
+    with observe(model, lambda call: (seen.append(call), distill(call))):
+        model(ids)
+    picked_by_layer = []
+    sampler = step_generator(seed=3, step=7)  # the same draws, layer after layer
+    expected = []
+    for call in seen:
+        picked = torch.arange(48)
+        if rows < 48:
+            picked = torch.randperm(48, generator=sampler)[:rows].sort().values
+        picked_by_layer.append(picked)
+        scores = call.block_scores[:, :, picked]
+        candidates = pattern.candidates(48, 48)[picked]
+        target = dense_block_mass(call.query, call.key, 4, call.scale, static=pattern)
+        selected = top_blocks(scores.detach(), candidates, 2)
+        expected.append(selector_kl(scores, target[:, :, picked], candidates, selected))
+    assert len(seen) == 2 and len(picked_by_layer[0]) == rows
+    if rows < 48:  # each layer draws its own rows
+        assert not torch.equal(picked_by_layer[0], picked_by_layer[1])
+    loss = distill.loss()
+    torch.testing.assert_close(loss, torch.stack(expected).mean())
+    loss.backward()
+    gates = [p for n, p in model.named_parameters() if SELECTOR_ATTR in n]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gates)
 
 
 def test_distillation_finds_the_blocks_mean_pooling_misses():

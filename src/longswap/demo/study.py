@@ -1,20 +1,24 @@
 """``longswap demo``: does swap-then-fine-tune work, and why start from pre-trained weights?
 
-Five arms share one data stream and one budget (steps, tokens, sequence length), starting
-from the embedded dense model (pre-trained at ``T`` tokens):
+Up to six arms share one data stream and one budget (steps, tokens, sequence length),
+starting from the embedded dense model (pre-trained at ``T`` tokens):
 
 1. the dense base, evaluated at ``T`` and at ``factor * T``;
 2. the base swapped to the sparse pattern, not trained;
 3. the swapped model fine-tuned at ``factor * T``, initialised from the base (the method);
 4. the same sparse model initialised at random, fine-tuned with the identical budget;
-5. the base fine-tuned with dense attention at ``factor * T`` (the dense baseline).
+5. the base fine-tuned with dense attention at ``factor * T`` (the dense baseline);
+6. with ``--learned``, when the pattern selects blocks by MoBA's mean keys (``block_topk``):
+   arm 3 with a learned selector in their place, same block size and budget
+   (``learned_topk``), what distilling the selector from dense attention adds.
 
-A pattern with learned selection (``learned_topk``) gets its selectors warmed up first in
-arms 3 and 4 (``--method selector``: distilled from that arm's own dense attention, model
-frozen, as many steps as the fine-tuning), and the warm-up's cost counts in the arm's.
+A pattern with learned selection (``learned_topk``) gets its selectors warmed up first
+(``--method selector``: distilled from that arm's own dense attention, model frozen, as
+many steps as the fine-tuning), and the warm-up's cost counts in the arm's.
 
-Every arm is evaluated by ``longswap eval`` (perplexity vs length, passkey, speed). The
-report states five expectations and, for each, whether the measurements agree.
+Every arm is evaluated by ``longswap eval`` (perplexity vs length, passkey, speed; the
+share of dense attention each selection keeps, for arms 3 and 6). The report states the
+expectations and, for each, whether the measurements agree.
 """
 
 from __future__ import annotations
@@ -42,7 +46,14 @@ from longswap.demo.verdict import ARMS, report, verdict
 from longswap.environment import environment
 from longswap.evaluate.run import EvalConfig, evaluate
 from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
-from longswap.patterns import format_pattern, parse_pattern
+from longswap.patterns import (
+    BlockTopK,
+    LearnedTopK,
+    Pattern,
+    SelectionUnion,
+    format_pattern,
+    parse_pattern,
+)
 from longswap.swap import load, save, swap_attention
 
 #: The dense model shipped with longswap (see assets/base/MODEL.md).
@@ -72,6 +83,11 @@ class DemoConfig:
     learning_rate: float = help_field("peak learning rate of arms 3-5", default=5e-4)
     synthetic_ratio: float = help_field(
         "share of fine-tuning sequences that are synthetic passkey / recall tasks", default=0.25
+    )
+    learned: bool = help_field(
+        "add arm 6: arm 3 with a selector distilled from dense attention in place of "
+        "block_topk's mean keys (learned_topk, same budget; about 4 minutes more)",
+        default=False,
     )
     seed: int = help_field("seed of data order, random init and evaluation", default=0)
     overwrite: bool = help_field("replace an earlier demo's --out", default=False)
@@ -257,14 +273,17 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     random_init.save_pretrained(staging / "random-init")
     tokenizer_for(base).save_pretrained(staging / "random-init")
     cost = {}
-    learned = parse_pattern(pattern).needs_selector
-    for arm, start, arm_pattern in (
+    trained_arms = [
         (ARMS[2], base, pattern),
         (ARMS[3], staging / "random-init", pattern),
         (ARMS[4], base, ""),
-    ):
+    ]
+    learned = learned_counterpart(parse_pattern(pattern)) if config.learned else None
+    if learned is not None:
+        trained_arms.append((ARMS[5], base, format_pattern(learned)))
+    for arm, start, arm_pattern in trained_arms:
         stages = [(arm, arms / arm, "full")]
-        if learned and arm_pattern:  # the selectors' warm-up comes first
+        if arm_pattern and parse_pattern(arm_pattern).needs_selector:  # warm-up first
             stages.insert(0, (f"{arm}-selectors", staging / f"{arm}-selectors", "selector"))
         spent = []
         for name, folder, method in stages:
@@ -286,19 +305,27 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     lengths = [trained, long]
     while not config.quick and lengths[-2] * 2 < long:  # the doublings in between
         lengths.insert(-1, lengths[-2] * 2)
-    common = dict(model=[str(arms / a) for a in ARMS], out=str(staging / "eval"), trials=3)
+    built = [a for a in ARMS if (arms / a).is_dir()]
+    common = dict(model=[str(arms / a) for a in built], out=str(staging / "eval"), trials=3)
     if config.quick:
         common.update(trials=1, depths=[0.5], targets=1024, spread=4)
-    _say(f"evaluating 5 arms: perplexity and speed at {lengths}, passkey at {[trained, long]}")
+    _say(
+        f"evaluating {len(built)} arms: perplexity and speed at {lengths}, passkey at "
+        f"{[trained, long]}"
+    )
     evaluate(EvalConfig(**common, tasks=["ppl", "speed"], lengths=lengths))
     records = evaluate(
         EvalConfig(**common, tasks=["passkey"], lengths=[trained, long], resume=True)
     )
+    if parse_pattern(pattern).data_dependent:  # how much of dense attention each selection keeps
+        common["model"] = [str(arms / a) for a in (ARMS[2], ARMS[5]) if a in built]
+        records = evaluate(EvalConfig(**common, tasks=["selection"], lengths=[long], resume=True))
     records = _relocated(records, staging, out)
     (staging / "eval" / "results.json").write_text(json.dumps({"records": records}, indent=1))
     results = {
         "config": asdict(config),
         "pattern": pattern,
+        "learned_pattern": format_pattern(learned) if learned is not None else None,
         "trained_length": trained,
         "long_length": long,
         "steps": steps,
@@ -307,6 +334,18 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         "environment": environment(),
     }
     return results, records
+
+
+def learned_counterpart(pattern: Pattern) -> Pattern | None:
+    """Arm 6's pattern: ``pattern`` with its mean-key selection (``block_topk``, alone or in
+    a union) replaced by a learned selector of the same block size and ``top_k``; None when
+    it has no such selection (a static pattern, or one whose selection is learned)."""
+    if isinstance(pattern, SelectionUnion):
+        learned = learned_counterpart(pattern.selection)
+        return None if learned is None else pattern.static | learned
+    if isinstance(pattern, BlockTopK) and not pattern.needs_selector:
+        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k)
+    return None
 
 
 def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:

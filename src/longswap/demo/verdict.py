@@ -1,4 +1,4 @@
-"""The demo's verdict and report: five expectations checked against the measured records.
+"""The demo's verdict and report: its expectations checked against the measured records.
 
 Perplexities are compared with their bootstrap intervals: an expectation holds when the
 whole interval is on its side of the threshold, fails when the whole interval is on the other
@@ -18,8 +18,15 @@ import torch
 from longswap.evaluate.report import table
 from longswap.patterns import Pattern, parse_pattern
 
-#: Arm folder names, in study order.
-ARMS = ("1-dense", "2-swapped", "3-swap-finetune", "4-random-finetune", "5-dense-finetune")
+#: Arm folder names, in study order (the sixth only with ``--learned``).
+ARMS = (
+    "1-dense",
+    "2-swapped",
+    "3-swap-finetune",
+    "4-random-finetune",
+    "5-dense-finetune",
+    "6-learned-finetune",
+)
 #: How much worse than a comparison a result may be and still count as "no worse" / "close".
 NO_WORSE, CLOSE, WIDE, DEGRADES = 1.05, 1.10, 1.5, 1.10
 #: "A fraction of the cost": arm 3's CPU seconds at most this share of arm 5's.
@@ -120,10 +127,73 @@ def _why(holds: bool | None) -> str:
     return " (within noise: the threshold lies inside the intervals)" if holds is None else ""
 
 
+def arms_in(records: list[dict]) -> list[str]:
+    """The arms that ``records`` measure, in study order."""
+    names = {Path(r["model"]).name for r in records}
+    return [arm for arm in ARMS if arm in names]
+
+
+def _passkey_row(
+    records: list[dict], pattern: Pattern, trained: int, long: int
+) -> tuple[str, str, bool | None]:
+    """Retrieval at the long length by the sparse fine-tuned arms (3, and 6 if run); when it
+    fails, why, from the dense fine-tune's (arm 5) retrieval with the same budget."""
+    found = {
+        arm: _metric(records, arm, "passkey", long, "accuracy")
+        for arm in (ARMS[2], ARMS[5])
+        if arm in arms_in(records)
+    }
+    reach = sees_every_depth(pattern, long)
+    works = min(found.values()) >= RETRIEVES if reach else None
+    measured = (
+        f"passkey accuracy at {long}: "
+        + ", ".join(f"arm {arm[0]} {value:.0%}" for arm, value in found.items())
+        + f" (works: >= {RETRIEVES:.0%}); the last query "
+        + ("can" if reach else "cannot (not applicable)")
+        + " attend to keys at every depth"
+    )
+    if works is False:
+        dense = _metric(records, ARMS[4], "passkey", long, "accuracy")
+        short = _metric(records, ARMS[2], "passkey", trained, "accuracy")
+        if dense < RETRIEVES:
+            measured += (
+                f". Why not: the dense fine-tune (arm 5) retrieves {dense:.0%} at {long} with "
+                "the same budget, so the budget falls short, not the pattern: these steps do "
+                f"not teach this model retrieval across {long} tokens (arm 3 retrieves "
+                f"{short:.0%} at {trained}); --steps buys more"
+            )
+        else:
+            measured += (
+                f". Why not: the dense fine-tune (arm 5) retrieves {dense:.0%} at {long} with "
+                "the same budget, so the sparse pattern loses what dense attention finds"
+            )
+    return f"Passkey retrieval at {long} works for patterns with long-range reach", measured, works
+
+
+def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, bool | None]:
+    """Arm 6 against arm 3: the share of dense attention each selection keeps (the
+    ``selection`` task), perplexity, and cost."""
+    a3, a6 = (perplexity_of(records, arm, long) for arm in (ARMS[2], ARMS[5]))
+    kept = [_metric(records, arm, "selection", long, "captured_mass") for arm in (ARMS[2], ARMS[5])]
+    best = [_metric(records, arm, "selection", long, "oracle_mass") for arm in (ARMS[2], ARMS[5])]
+    better = None if math.isnan(kept[0] + kept[1]) else kept[1] > kept[0]
+    no_worse = at_most(a6, a3, NO_WORSE)
+    c3, c6 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[5]]["cpu_seconds"]
+    return (
+        "A selector distilled from dense attention (arm 6) keeps more of it than MoBA's mean "
+        "keys (arm 3), at no loss of quality",
+        f"share of dense attention on the keys seen at {long}: arm 6 {kept[1]:.3f}, arm 3 "
+        f"{kept[0]:.3f} (the best selection of the budget: {best[1]:.3f}, {best[0]:.3f}); "
+        f"perplexity at {long}: arm 6 {a6}, arm 3 {a3} (no worse: up to x{NO_WORSE})"
+        f"{_why(no_worse)}; CPU time {c6:.1f} s vs {c3:.1f} s",
+        _all(better, no_worse),
+    )
+
+
 def verdict(
     records: list[dict], cost: dict, pattern: Pattern, trained: int, long: int
 ) -> list[dict[str, Any]]:
-    """The five expectations of the study, each with its measured numbers and outcome.
+    """The expectations of the study, each with its measured numbers and outcome.
 
     Perplexities are given as ``value [interval]`` and judged with the intervals (see the
     module's docstring); the cost, by CPU seconds.
@@ -132,11 +202,9 @@ def verdict(
         perplexity_of(records, ARMS[0], trained),
         perplexity_of(records, ARMS[0], long),
     )
-    a3, a4, a5 = (perplexity_of(records, arm, long) for arm in ARMS[2:])
+    a3, a4, a5 = (perplexity_of(records, arm, long) for arm in ARMS[2:5])
     c3, c5 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[4]]["cpu_seconds"]
     w3, w5 = cost[ARMS[2]]["wall_seconds"], cost[ARMS[4]]["wall_seconds"]
-    key3 = _metric(records, ARMS[2], "passkey", long, "accuracy")
-    long_reach = sees_every_depth(pattern, long)
     wide, no_worse = at_least(a4, a3, WIDE), at_most(a3, a1_short, NO_WORSE)
     close, degrades = at_most(a3, a5, CLOSE), at_least(a1_long, a1_short, DEGRADES)
     unreliable = (
@@ -162,20 +230,14 @@ def verdict(
             f"{FRACTION}); wall time {w3:.1f} s vs {w5:.1f} s{unreliable}",
             _all(close, c3 <= FRACTION * c5),
         ),
+        *([_learned_row(records, cost, long)] if ARMS[5] in cost else []),
         (
             f"Arm 1 degrades at {long} compared with {trained}",
             f"perplexity: {a1_short} at {trained}, {a1_long} at {long} "
             f"(degrades: > x{DEGRADES}){_why(degrades)}",
             degrades,
         ),
-        (
-            f"Passkey retrieval at {long} works for patterns with long-range reach",
-            f"arm 3 passkey accuracy at {long}: {key3:.0%} (works: >= {RETRIEVES:.0%}); the "
-            "last query "
-            + ("can" if long_reach else "cannot (not applicable)")
-            + " attend to keys at every depth",
-            (key3 >= RETRIEVES) if long_reach else None,
-        ),
+        _passkey_row(records, pattern, trained, long),
     ]
     return [{"claim": c, "measured": m, "holds": h} for c, m, h in rows]
 
@@ -199,6 +261,12 @@ def _intro(results: dict[str, Any]) -> list[str]:
         f"on {env['device']} ({env['threads']} threads).",
         "",
     ]
+    if results.get("learned_pattern"):
+        lines[-1:-1] = [
+            f"Arm 6: arm 3 with `{results['learned_pattern']}`, the same budget of keys chosen "
+            "by a selector distilled from the model's dense attention (warm-up with the model "
+            "frozen, then trained along with it) instead of MoBA's mean keys.",
+        ]
     if results["config"]["quick"]:
         lines += [
             f"**A `--quick` smoke run** ({results['steps']} steps, two lengths): it checks "
@@ -228,7 +296,7 @@ def _verdict_section(results: dict[str, Any]) -> list[str]:
 def _perplexity_section(records: list[dict]) -> list[str]:
     lengths = sorted({r["length"] for r in records if r["task"] == "ppl"})
     rows = []
-    for arm in ARMS:
+    for arm in arms_in(records):
         cells = []
         for n in lengths:
             p = perplexity_of(records, arm, n)
@@ -246,14 +314,14 @@ def _perplexity_section(records: list[dict]) -> list[str]:
 def _passkey_section(records: list[dict]) -> list[str]:
     cells = sorted({(r["length"], r["depth"]) for r in records if r["task"] == "passkey"})
     rows = []
-    for arm in ARMS:
+    for arm in arms_in(records):
         found = [_metric(records, arm, "passkey", n, "accuracy", depth=d) for n, d in cells]
         rows.append([arm, *("skipped" if math.isnan(a) else f"{a:.0%}" for a in found)])
     return [
         "## Passkey retrieval (accuracy by length and depth)",
         "",
         *table(["arm", *(f"{n} @ {d:g}" for n, d in cells)], rows),
-        *(f"![](eval/passkey-{arm}.png)" for arm in ARMS),
+        *(f"![](eval/passkey-{arm}.png)" for arm in arms_in(records)),
         "",
     ]
 
@@ -281,10 +349,14 @@ def _cost_section(results: dict[str, Any]) -> list[str]:
         "loop's seconds and tokens/s are the Trainer's own (wall time).",
         "",
     ]
-    if parse_pattern(results["pattern"]).needs_selector:
+    warmed = [arm[0] for arm in cost if arm in ARMS[2:4]] if _learned(results["pattern"]) else []
+    warmed += [arm[0] for arm in cost if arm == ARMS[5]]
+    if warmed:
+        arms, verb = ("Arms", "include their") if len(warmed) > 1 else ("Arm", "includes its")
         lines[-1:-1] = [
-            "Arms 3 and 4 include their selectors' warm-up (`--method selector`, the first of "
-            "their commands below): its seconds are added, its memory counts in the peak.",
+            f"{arms} {' and '.join(warmed)} {verb} selectors' warm-up (`--method selector`, "
+            "the first of the arm's commands below): its seconds are added, its memory counts "
+            "in the peak.",
         ]
     if wall_times_unreliable(cost):
         lines += [
@@ -296,6 +368,35 @@ def _cost_section(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _learned(pattern: str) -> bool:
+    return parse_pattern(pattern).needs_selector
+
+
+def _selection_section(records: list[dict], long: int) -> list[str]:
+    """What each selecting arm keeps of its own dense attention (the ``selection`` task)."""
+    fields = ("captured_mass", "oracle_mass", "kept_nats", "oracle_nats")
+    rows = [
+        [arm, *(f"{_metric(records, arm, 'selection', long, f):.3f}" for f in fields)]
+        for arm in arms_in(records)
+        if _matching(records, arm, "selection", long, "captured_mass")
+    ]
+    if not rows:
+        return []
+    return [
+        f"## What the selections keep of dense attention at {long} tokens",
+        "",
+        *table(
+            ["arm", "mass kept", "best of the budget", "-log kept (nats)", "best (nats)"], rows
+        ),
+        "The share of each arm's own dense attention that falls on the keys its queries see "
+        "(own block and selected blocks), averaged over layers, heads and queries of one "
+        "held-out text; the best selection of the same budget takes each head's blocks with "
+        "the most dense mass. -log kept: the mean over queries of -log(share kept), which a "
+        "few queries that lose most of their mass raise where the mean share hides them.",
+        "",
+    ]
+
+
 def _speed_section(records: list[dict], long: int) -> list[str]:
     rows = [
         [
@@ -304,7 +405,7 @@ def _speed_section(records: list[dict], long: int) -> list[str]:
             f"{_metric(records, arm, 'speed', long, 'decode_tokens_per_s'):.1f}",
             f"{_metric(records, arm, 'speed', long, 'cache_mb'):.2f}",
         ]
-        for arm in ARMS
+        for arm in arms_in(records)
     ]
     return [
         f"## Inference speed at {long} tokens",
@@ -323,6 +424,7 @@ def report(results: dict[str, Any], records: list[dict]) -> str:
         *_perplexity_section(records),
         *_passkey_section(records),
         *_cost_section(results),
+        *_selection_section(records, results["long_length"]),
         *_speed_section(records, results["long_length"]),
         "All records: `eval/results.json`; the full evaluation report: `eval/report.md`.",
         "",

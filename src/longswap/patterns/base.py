@@ -238,12 +238,13 @@ class Pattern:
         kv_len: int,
         num_heads: int = 1,
         device: torch.device | str = "cpu",
-        rows: slice = slice(None),
+        rows: slice | Tensor = slice(None),
         keys: int | None = None,
     ) -> Tensor:
         """Boolean ``(Hs, q_len, kv_len)`` mask; ``Hs`` is 1 unless the pattern is per head.
-        ``rows`` (of the ``q_len`` query rows) and ``keys`` (the first ``keys`` keys) cut a
-        piece of it, computed alone: what a loop over chunks of queries needs."""
+        ``rows`` (of the ``q_len`` query rows: a slice or indices) and ``keys`` (the first
+        ``keys`` keys) cut a piece of it, computed alone: what a loop over chunks of queries
+        needs."""
         device = torch.device(device)
         q = torch.arange(kv_len - q_len, kv_len, device=device)[rows][None, :, None]
         kv = torch.arange(kv_len if keys is None else keys, device=device)[None, None, :]

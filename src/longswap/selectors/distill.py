@@ -28,27 +28,32 @@ def _dense_chunks(
     chunk: int,
     softcap: float | None = None,
     align: int = 1,
-) -> Iterator[tuple[slice, Tensor]]:
-    """``(rows, p)``: causal dense attention ``p (B, Hq, rows, reach)``, by chunks: scores in
-    the inputs' precision (a bfloat16 model's products run at its speed), soft-capped when
-    the model caps them, softmax in float32. ``reach`` stops after the chunk's last row's
-    own key, rounded up to a multiple of ``align`` (within ``Lk``): the keys after it have
-    no mass, and skipping them halves the work. A model's learned sinks are left out: the
-    targets are distributions over keys."""
+    picked: Tensor | None = None,
+) -> Iterator[tuple[slice, slice | Tensor, Tensor]]:
+    """``(slots, rows, p)``: causal dense attention ``p (B, Hq, rows, reach)``, by chunks of
+    the query rows (``picked``, sorted indices: only those rows; ``slots``: the chunk's
+    places among them, ``rows`` its rows of q): scores in the inputs' precision (a bfloat16
+    model's products run at its speed), soft-capped when the model caps them, softmax in
+    float32. ``reach`` stops after the chunk's last row's own key, rounded up to a multiple
+    of ``align`` (within ``Lk``): the keys after it have no mass, and skipping them halves
+    the work. A model's learned sinks are left out: the targets are distributions over
+    keys."""
     batch, hq, q_len, dim = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
     group = hq // hkv
     scale = scale if scale is not None else 1 / math.sqrt(dim)
     positions = torch.arange(kv_len, device=q.device)
-    for start in range(0, q_len, chunk):
-        rows = slice(start, min(start + chunk, q_len))
-        own = positions[kv_len - q_len + rows.start : kv_len - q_len + rows.stop]
+    total = q_len if picked is None else picked.numel()
+    for start in range(0, total, chunk):
+        slots = slice(start, min(start + chunk, total))
+        rows = slots if picked is None else picked[slots].to(q.device)
+        own = positions[kv_len - q_len :][rows]
         reach = min(kv_len, -(-(int(own[-1]) + 1) // align) * align)
         qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
         keys = k.detach()[:, :, :reach]
         scores = capped(torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale, softcap)
         scores.masked_fill_(positions[None, :reach] > own[:, None], float("-inf"))
-        yield rows, scores.softmax(-1).reshape(batch, hq, -1, reach)
+        yield slots, rows, scores.softmax(-1).reshape(batch, hq, -1, reach)
 
 
 def _block_sums(p: Tensor, block_size: int, n: int) -> Tensor:
@@ -69,6 +74,7 @@ def dense_block_mass(
     softcap: float | None = None,
     static: Pattern | None = None,
     per_head: bool = False,
+    picked: Tensor | None = None,
 ) -> Tensor:
     """``(B, Hkv, Lq, n)``: for each query, dense causal attention's mass on each complete
     key block, the max over the query heads of its KV group (``per_head``: ``(B, Hq, Lq,
@@ -76,17 +82,20 @@ def dense_block_mass(
     at position ``Lk - Lq + i``; ``softcap``: the model's logit cap. ``static``: a
     head-independent pattern of keys the query sees whatever is selected (a union's window,
     sinks and own block); their mass is left out, so that a block's target is what selecting
-    it adds (a sink's large mass would otherwise swamp every other block's)."""
+    it adds (a sink's large mass would otherwise swamp every other block's). ``picked``
+    (sorted indices of query rows): only those rows, ``(B, H, len(picked), n)``, at the cost
+    of those rows alone."""
     batch, hq, q_len, _ = q.shape
     kv_len, hkv = k.shape[2], k.shape[1]
     n = kv_len // block_size
-    out = torch.empty(batch, hq if per_head else hkv, q_len, n, device=q.device)
-    for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
+    rows_out = q_len if picked is None else picked.numel()
+    out = torch.empty(batch, hq if per_head else hkv, rows_out, n, device=q.device)
+    for slots, rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size, picked):
         if static is not None:
             shown = static.dense_mask(q_len, kv_len, device=q.device, rows=rows, keys=p.shape[-1])
             p = p.masked_fill(shown, 0)
         mass = _block_sums(p, block_size, n)  # (B, Hq, rows, n)
-        out[:, :, rows] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
+        out[:, :, slots] = mass if per_head else mass.unflatten(1, (hkv, hq // hkv)).amax(2)
     return out
 
 
@@ -155,7 +164,7 @@ def captured_mass(
     sums = torch.zeros(4, dtype=torch.float64)  # kept, best, and their -log
     rows_seen = 0
     n = kv_len // block_size
-    for rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
+    for _, rows, p in _dense_chunks(q, k, scale, chunk, softcap, block_size):
         shown = static.dense_mask(q_len, kv_len, device=q.device, rows=rows, keys=p.shape[-1])
         always = (p * shown).sum(-1)  # (B, Hq, rows)
         mass = _block_sums(p.masked_fill(shown, 0), block_size, n)  # (B, Hq, rows, n)

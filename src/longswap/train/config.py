@@ -88,7 +88,9 @@ class FinetuneConfig(TrainingFields):
         default="lora-plus",
     )
     selector_rows: int = help_field(
-        "selector warm-up (--method selector): query rows scored per sequence in a step",
+        "query rows per sequence whose dense targets train the learned selectors in a step: "
+        "drawn from targets computed once per sequence in the warm-up (--method selector), "
+        "computed for those rows alone when the selectors train along with the model",
         default=1024,
     )
     selector_reuse: int = help_field(

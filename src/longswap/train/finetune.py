@@ -38,7 +38,7 @@ from longswap.train.distributed import (
     heads_problems,
     zero_stage,
 )
-from longswap.train.runner import SelectorStage, WarmUp, train, write_record
+from longswap.train.runner import Joint, SelectorStage, WarmUp, train, write_record
 from longswap.train.trainable import apply_method, projection_names
 
 METHODS = ("lora-plus", "full", "attention", "selector")
@@ -227,7 +227,7 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
         model.activation_checkpointing_enable()
         model.enable_input_require_grads()
     learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
-    selector_stage: SelectorStage = "joint" if learned else "none"
+    selector_stage: SelectorStage = Joint(config.selector_rows) if learned else "none"
     if config.method == "selector":
         selector_stage = WarmUp(config.selector_rows, config.selector_reuse)
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)

@@ -24,7 +24,7 @@ from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
 from longswap.train.distributed import parallelism, sharded
-from longswap.train.signals import AttentionTransfer, SelectorDistillation
+from longswap.train.signals import AttentionTransfer, SelectorDistillation, step_generator
 from longswap.train.teacher import SelectorStudent, warm_up_samples
 
 
@@ -113,17 +113,25 @@ class WarmUp:
     reuse: int
 
 
+@dataclasses.dataclass(frozen=True)
+class Joint:
+    """Selectors trained along with the model (DSA's sparse stage): each step's dense
+    targets on ``rows`` query rows per layer (see ``train.signals.SelectorDistillation``)."""
+
+    rows: int
+
+
 #: How learned selectors train: not at all, along with the model, or alone (the warm-up).
-SelectorStage = Literal["none", "joint"] | WarmUp
+SelectorStage = Literal["none"] | Joint | WarmUp
 
 
 class SignalTrainer(Trainer):
     """A Trainer whose loss can come from signals inside attention (``swap.observe``).
 
     The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
-    learned selectors, ``"joint"`` adds their distillation loss to the LM loss, over the
+    learned selectors, :class:`Joint` adds their distillation loss to the LM loss, over the
     selected blocks only (the selectors' inputs are detached, so each loss trains only its
-    own parameters). The selector warm-up trains a ``SelectorStudent`` (``train.teacher``),
+    own parameters); its sampled rows derive from the seed and the step. The selector warm-up trains a ``SelectorStudent`` (``train.teacher``),
     whose own loss the Trainer takes as it is.
     """
 
@@ -131,7 +139,7 @@ class SignalTrainer(Trainer):
         self,
         *args: Any,
         transfer_steps: int = 0,
-        selectors: Literal["none", "joint"] = "none",
+        selectors: Literal["none"] | Joint = "none",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -149,7 +157,8 @@ class SignalTrainer(Trainer):
                 model(**kept, logits_to_keep=1)
             loss = signal.loss()
             return (loss, None) if kwargs.get("return_outputs") else loss
-        distill = SelectorDistillation()
+        sampler = step_generator(self.args.seed, self.state.global_step)
+        distill = SelectorDistillation(self.selectors.rows, sampler)
         with observe(model, distill):
             result = super().compute_loss(model, inputs, *args, **kwargs)
         lm_loss = result[0] if isinstance(result, tuple) else result

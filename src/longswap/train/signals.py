@@ -52,11 +52,17 @@ class AttentionTransfer:
         return torch.stack([F.mse_loss(o.float(), d.float()) for o, d in self.pairs]).mean()
 
 
-def selection_target(call: AttentionCall) -> Tensor:
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator for what step ``step`` samples, from the run's seed and the step alone
+    (so that a resumed run samples as the uninterrupted one did)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def selection_target(call: AttentionCall, picked: Tensor | None = None) -> Tensor:
     """``(B, Hkv, Lq, n)``: what a learned selector imitates in this call: dense attention's
     mass on each complete key block, max over a KV group's heads (``(B, Hq, Lq, n)``, each
     head's own, when the pattern selects per head), without the keys the pattern shows
-    anyway (own block, a union's window and sinks)."""
+    anyway (own block, a union's window and sinks). ``picked``: only those query rows."""
     pattern = call.pattern
     return dense_block_mass(
         call.query,
@@ -66,6 +72,7 @@ def selection_target(call: AttentionCall) -> Tensor:
         softcap=call.softcap,
         static=pattern,
         per_head=pattern.per_head,
+        picked=picked,
     )
 
 
@@ -75,9 +82,14 @@ class SelectorDistillation:
     softmax of the selector's scores, over the blocks the selector chose (DeepSeek's sparse
     stage, trained along with the model: the selector keeps ranking its blocks as dense
     attention would). The warm-up, over every candidate block, is ``train.teacher``.
+
+    The dense targets cost a dense attention per layer: on ``rows`` query rows of each
+    layer, drawn from ``generator`` (all rows when the sequence has no more), they cost that
+    share of it, and the loss is the mean over those rows.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, rows: int, generator: torch.Generator) -> None:
+        self.rows, self.generator = rows, generator
         self.terms: list[tuple[Tensor, Tensor, Tensor, Tensor | None]] = []
 
     def __call__(self, call: AttentionCall) -> None:
@@ -85,9 +97,14 @@ class SelectorDistillation:
         scores = call.block_scores
         if scores is None:
             return
-        pattern = call.pattern
-        target = selection_target(call)
-        candidates = pattern.candidates(call.query.shape[2], call.key.shape[2], scores.device)
+        pattern, q_len = call.pattern, call.query.shape[2]
+        candidates = pattern.candidates(q_len, call.key.shape[2], scores.device)
+        picked = None
+        if self.rows < q_len:
+            picked = torch.randperm(q_len, generator=self.generator)[: self.rows].sort().values
+            picked = picked.to(scores.device)
+            scores, candidates = scores[:, :, picked], candidates[picked]
+        target = selection_target(call, picked)
         selected = top_blocks(scores.detach(), candidates, pattern.top_k)
         self.terms.append((scores, target, candidates, selected))
 

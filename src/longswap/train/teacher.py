@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, IterableDataset
 from longswap.selectors import SELECTOR_ATTR, selector_kl
 from longswap.swap import AttentionCall, observe
 from longswap.swap.model import attention_modules
-from longswap.train.signals import selection_target
+from longswap.train.signals import selection_target, step_generator
 
 #: Validation sequences the warm-up evaluates on (each costs a forward and dense targets).
 EVAL_SEQUENCES = 2
@@ -97,7 +97,7 @@ class RowSamples(IterableDataset):
 
     def __iter__(self) -> Any:
         for step in range(self.steps):
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            g = step_generator(self.seed, step)
             rows = torch.randperm(self.length, generator=g)[: self.rows].sort().values
             yield {"sequence": torch.tensor((step // self.reuse) % self.sequences), "rows": rows}
 
