@@ -47,9 +47,7 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
     warm_up, tune = results["cost"][ARMS[5]]["command"].split("\n")
     assert "--method selector" in warm_up and results["learned_pattern"] in warm_up
     assert "--method full" in tune and f"--model {out}/{ARMS[5]}-selectors" in tune
-    kept = {
-        Path(r["model"]).name: r["captured_mass"] for r in records if r["task"] == "selection"
-    }
+    kept = {Path(r["model"]).name: r["captured_mass"] for r in records if r["task"] == "selection"}
     assert set(kept) == {ARMS[2], ARMS[5]} and all(0 < m <= 1 for m in kept.values())
     learned_row = results["verdict"][3]["measured"]
     assert f"arm 6 {kept[ARMS[5]]:.3f}, arm 3 {kept[ARMS[2]]:.3f}" in learned_row
@@ -241,13 +239,15 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
     pattern = parse_pattern("block_topk(128, 4)")
     rows = verdict(records, cost, pattern, 512, 4096)
     assert len(rows) == 6 and rows[3]["holds"] is True  # keeps more, perplexity x1.02
-    assert "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900)" in (
-        rows[3]["measured"]
+    assert (
+        "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900)"
+        in (rows[3]["measured"])
     )
     passkey = rows[5]
     assert passkey["holds"] is False and "arm 3 20%, arm 6 40%" in passkey["measured"]
-    assert "arm 5) retrieves 30% at 4096 with the same budget, so the budget falls short" in (
-        passkey["measured"]
+    assert (
+        "arm 5) retrieves 30% at 4096 with the same budget, so the budget falls short"
+        in (passkey["measured"])
     )
     assert "arm 3 retrieves 67% at 512" in passkey["measured"]
     # Dense attention retrieves with the same budget: the pattern is what loses the keys.

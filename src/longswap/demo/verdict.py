@@ -385,9 +385,7 @@ def _selection_section(records: list[dict], long: int) -> list[str]:
     return [
         f"## What the selections keep of dense attention at {long} tokens",
         "",
-        *table(
-            ["arm", "mass kept", "best of the budget", "-log kept (nats)", "best (nats)"], rows
-        ),
+        *table(["arm", "mass kept", "best of the budget", "-log kept (nats)", "best (nats)"], rows),
         "The share of each arm's own dense attention that falls on the keys its queries see "
         "(own block and selected blocks), averaged over layers, heads and queries of one "
         "held-out text; the best selection of the same budget takes each head's blocks with "

@@ -131,8 +131,9 @@ class SignalTrainer(Trainer):
     The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
     learned selectors, :class:`Joint` adds their distillation loss to the LM loss, over the
     selected blocks only (the selectors' inputs are detached, so each loss trains only its
-    own parameters); its sampled rows derive from the seed and the step. The selector warm-up trains a ``SelectorStudent`` (``train.teacher``),
-    whose own loss the Trainer takes as it is.
+    own parameters); its sampled rows derive from the seed and the step. The selector
+    warm-up trains a ``SelectorStudent`` (``train.teacher``), whose own loss the Trainer
+    takes as it is.
     """
 
     def __init__(
