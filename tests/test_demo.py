@@ -43,7 +43,9 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         v["holds"] in (True, False, None) and "nan" not in v["measured"] for v in results["verdict"]
     )
     # Arm 6: block_topk's budget chosen by a learned selector, warmed up, then trained along.
-    assert parse_pattern(results["learned_pattern"]) == learned_topk(block_size=128, top_k=4)
+    learned = learned_topk(block_size=128, top_k=4, per_head=True)
+    assert results["learned_pattern"] == "learned_topk(block_size=128, top_k=4, per_head=True)"
+    assert parse_pattern(results["learned_pattern"]) == learned
     warm_up, tune = results["cost"][ARMS[5]]["command"].split("\n")
     assert "--method selector" in warm_up and results["learned_pattern"] in warm_up
     assert "--method full" in tune and f"--model {out}/{ARMS[5]}-selectors" in tune
@@ -240,8 +242,8 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
     rows = verdict(records, cost, pattern, 512, 4096)
     assert len(rows) == 6 and rows[3]["holds"] is True  # keeps more, perplexity x1.02
     assert (
-        "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900)"
-        in (rows[3]["measured"])
+        "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900; mean keys keep "
+        "88.9% of what the best keeps" in (rows[3]["measured"])
     )
     passkey = rows[5]
     assert passkey["holds"] is False and "arm 3 20%, arm 6 40%" in passkey["measured"]

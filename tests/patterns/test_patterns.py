@@ -214,10 +214,22 @@ def test_largest_parameters_still_run(backend):
 
 
 @pytest.mark.parametrize(
-    "pattern", [*STATIC, block_topk(64, 3), learned_topk(64, 3, per_head=True)], ids=str
+    "pattern",
+    [
+        *STATIC,
+        block_topk(64, 3),
+        learned_topk(64, 3, per_head=True),
+        learned_topk(64, 3, sub_block=16),
+    ],
+    ids=str,
 )
 def test_string_round_trip(pattern):
     assert parse_pattern(str(pattern)) == pattern
+
+
+def test_an_unset_option_is_left_out_of_the_string():
+    assert str(learned_topk(64, 3)) == "learned_topk(block_size=64, top_k=3, per_head=False)"
+    assert "sub_block=16" in str(learned_topk(64, 3, sub_block=16))
 
 
 @pytest.mark.parametrize("pattern", STATIC, ids=str)
@@ -225,6 +237,9 @@ def test_a_piece_of_the_dense_mask_is_computed_alone(pattern):
     whole = pattern.dense_mask(30, 45, num_heads=4)
     piece = pattern.dense_mask(30, 45, num_heads=4, rows=slice(7, 19), keys=33)
     torch.testing.assert_close(piece, whole[:, 7:19, :33])
+    rows = torch.tensor([0, 5, 6, 29])  # some rows, by index
+    piece = pattern.dense_mask(30, 45, num_heads=4, rows=rows, keys=33)
+    torch.testing.assert_close(piece, whole[:, rows, :33])
 
 
 def test_parse_examples_and_errors():

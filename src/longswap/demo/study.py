@@ -338,13 +338,14 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
 
 def learned_counterpart(pattern: Pattern) -> Pattern | None:
     """Arm 6's pattern: ``pattern`` with its mean-key selection (``block_topk``, alone or in
-    a union) replaced by a learned selector of the same block size and ``top_k``; None when
-    it has no such selection (a static pattern, or one whose selection is learned)."""
+    a union) replaced by a learned selector of the same block size, ``top_k`` and
+    granularity (per head); None when it has no such selection (a static pattern, or one
+    whose selection is learned)."""
     if isinstance(pattern, SelectionUnion):
         learned = learned_counterpart(pattern.selection)
         return None if learned is None else pattern.static | learned
-    if isinstance(pattern, BlockTopK) and not pattern.needs_selector:
-        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k)
+    if isinstance(pattern, BlockTopK) and not pattern.needs_selector:  # MoBA selects per head
+        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k, per_head=True)
     return None
 
 

@@ -183,7 +183,9 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
         "A selector distilled from dense attention (arm 6) keeps more of it than MoBA's mean "
         "keys (arm 3), at no loss of quality",
         f"share of dense attention on the keys seen at {long}: arm 6 {kept[1]:.3f}, arm 3 "
-        f"{kept[0]:.3f} (the best selection of the budget: {best[1]:.3f}, {best[0]:.3f}); "
+        f"{kept[0]:.3f} (the best selection of the budget: {best[1]:.3f}, {best[0]:.3f}; mean "
+        f"keys keep {kept[0] / best[0]:.1%} of what the best keeps, the rest is what "
+        "distillation can add); "
         f"perplexity at {long}: arm 6 {a6}, arm 3 {a3} (no worse: up to x{NO_WORSE})"
         f"{_why(no_worse)}; CPU time {c6:.1f} s vs {c3:.1f} s",
         _all(better, no_worse),

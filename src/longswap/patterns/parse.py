@@ -80,5 +80,7 @@ def format_pattern(pattern: Pattern) -> str:
     args = []
     for f in fields:
         value = getattr(pattern, f.name)
+        if value is None and f.default is None:  # an option left unset reads as unset
+            continue
         args.append(f"{f.name}={list(value) if isinstance(value, tuple) else value!r}")
     return f"{pattern.name}({', '.join(args)})"
