@@ -101,7 +101,9 @@ def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, c
     assert "\n" not in results["cost"][ARMS[4]]["command"]  # dense: no selectors
     gates = [load_file(out / "arms" / arm / SELECTOR_FILE) for arm in ARMS[1:3]]
     assert any(not torch.equal(gates[0][n], gates[1][n]) for n in gates[0])  # trained
-    assert "include their selectors' warm-up" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "include their selectors' warm-up" in report
+    assert "--learned" not in report  # the selection is learned already: no arm 6 to offer
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # warm-up folders removed
     assert "3-swap-finetune-selectors: step 4/4" in capsys.readouterr().out
 
@@ -264,3 +266,27 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
     worse = [r for r in records if r["model"] == f"x/{ARMS[5]}" and r["task"] == "ppl"]
     worse[-1]["perplexity"] = 6.0  # at 4096
     assert verdict(records, cost, pattern, 512, 4096)[3]["holds"] is False
+
+
+@pytest.mark.parametrize(
+    ("pattern", "offered"),
+    [
+        ("block_topk(block_size=128, top_k=4)", True),
+        ("sliding_window(window=64) | block_topk(block_size=32, top_k=2)", True),
+        ("sliding_window(window=512)", False),  # nothing selects
+        ("learned_topk(block_size=128, top_k=4)", False),  # learned already
+    ],
+)
+def test_a_report_without_arm_6_says_how_to_add_it(pattern, offered):
+    from longswap.demo.verdict import _intro
+
+    results = {
+        "trained_length": 512,
+        "long_length": 4096,
+        "pattern": pattern,
+        "steps": 100,
+        "wall_seconds": 1.0,
+        "environment": {"device": "cpu", "threads": 2},
+        "config": {"quick": False, "learned": False},
+    }
+    assert ("`longswap demo --learned` adds arm 6" in "\n".join(_intro(results))) is offered

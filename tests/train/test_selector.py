@@ -247,6 +247,30 @@ def test_selector_warm_up_resumes_exactly(base, tmp_path):  # noqa: F811
         torch.testing.assert_close(resumed[name], p, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_joint_stage_resumes_exactly(base, tmp_path):  # noqa: F811
+    """Model and selectors trained together, the selectors' targets on 16 sampled rows of
+    128: a run killed after step 2's save and resumed ends where the whole run ends."""
+    import shutil
+
+    out = tmp_path / "joint"
+    settings = dict(pattern=PATTERN, method="full", steps=4, eval_steps=2, selector_rows=16)
+    run(base, out, **settings)
+    whole = dict(longswap.load(out).named_parameters())
+    shutil.rmtree(out / "checkpoints" / "checkpoint-4")
+    run(base, out, **settings, resume=True)
+    resumed = dict(longswap.load(out).named_parameters())
+    assert any(SELECTOR_ATTR in name for name in whole)
+    for name, p in whole.items():
+        torch.testing.assert_close(resumed[name], p, atol=1e-6, rtol=1e-5, msg=name)
+    with pytest.raises(ValueError, match="started with selector_rows=16, not 24"):
+        run(base, out, **(settings | {"selector_rows": 24}), resume=True)
+    # Other rows train the selectors to other values: the sample is what the steps used.
+    other = tmp_path / "other"
+    run(base, other, **(settings | {"selector_rows": 24}))
+    gates = dict(longswap.load(other).named_parameters())
+    assert any(not torch.equal(gates[n], p) for n, p in whole.items() if SELECTOR_ATTR in n)
+
+
 def test_resume_refuses_a_different_run(base, tmp_path):  # noqa: F811
     out = tmp_path / "run"
     run(base, out, pattern=PATTERN, method="selector", steps=2, eval_steps=2)

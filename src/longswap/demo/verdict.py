@@ -263,11 +263,17 @@ def _intro(results: dict[str, Any]) -> list[str]:
         f"on {env['device']} ({env['threads']} threads).",
         "",
     ]
+    pattern = parse_pattern(results["pattern"])
     if results.get("learned_pattern"):
         lines[-1:-1] = [
             f"Arm 6: arm 3 with `{results['learned_pattern']}`, the same budget of keys chosen "
             "by a selector distilled from the model's dense attention (warm-up with the model "
             "frozen, then trained along with it) instead of MoBA's mean keys.",
+        ]
+    elif pattern.data_dependent and not pattern.needs_selector:
+        lines[-1:-1] = [
+            "`longswap demo --learned` adds arm 6: the same budget of keys chosen by a "
+            "selector distilled from the model's dense attention instead of mean keys.",
         ]
     if results["config"]["quick"]:
         lines += [

@@ -52,7 +52,17 @@ def common_problems(config: TrainingFields) -> list[str]:
 #: What a run is, written beside its checkpoints: a resumed run must be the same run.
 RUN_FILE = "longswap_run.json"
 #: The fields that make a run: changing one of them and resuming would mix two runs.
-RUN_FIELDS = ("model", "pattern", "method", "seq_len", "size", "lora_rank", "full_layers", "dtype")
+RUN_FIELDS = (
+    "model",
+    "pattern",
+    "method",
+    "seq_len",
+    "size",
+    "lora_rank",
+    "full_layers",
+    "dtype",
+    "selector_rows",
+)
 
 
 def run_fields(config: TrainingFields) -> dict[str, Any]:
