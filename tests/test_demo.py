@@ -153,6 +153,12 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
     assert "does not exist" in err and "steps must be" in err
     assert "not an earlier demo's" in err
     assert (mine / "notes.txt").read_text() == "keep me"
+    for pattern in ("sliding_window(window=512)", "learned_topk(block_size=128, top_k=4)"):
+        assert (
+            main(["demo", "--out", str(tmp_path / "new"), "--learned", "--pattern", pattern]) == 2
+        )
+        assert "has no block_topk to compare with" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize(
