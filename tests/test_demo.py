@@ -1,4 +1,4 @@
-"""``longswap demo``: the five-arm study end to end (quick), and its refusals."""
+"""``longswap demo``: the study of five or six arms end to end (quick), and its refusals."""
 
 import json
 import shutil

@@ -146,20 +146,23 @@ def test_joint_distillation_scores_the_selected_blocks_of_sampled_rows(rows):
     distill = SelectorDistillation(rows, step_generator(seed=3, step=7))
     with observe(model, lambda call: (seen.append(call), distill(call))):
         model(ids)
+    candidates = pattern.candidates(48, 48)
+    eligible = candidates.any(-1).nonzero().flatten()  # rows with a block to select
+    assert 6 < len(eligible) < 48
     picked_by_layer = []
     sampler = step_generator(seed=3, step=7)  # the same draws, layer after layer
     expected = []
     for call in seen:
         picked = torch.arange(48)
-        if rows < 48:
-            picked = torch.randperm(48, generator=sampler)[:rows].sort().values
+        if rows < len(eligible):
+            picked = eligible[torch.randperm(len(eligible), generator=sampler)[:rows]].sort()[0]
+            assert candidates[picked].any(-1).all()
         picked_by_layer.append(picked)
         scores = call.block_scores[:, :, picked]
-        candidates = pattern.candidates(48, 48)[picked]
         target = dense_block_mass(call.query, call.key, 4, call.scale, static=pattern)
-        selected = top_blocks(scores.detach(), candidates, 2)
-        expected.append(selector_kl(scores, target[:, :, picked], candidates, selected))
-    assert len(seen) == 2 and len(picked_by_layer[0]) == rows
+        selected = top_blocks(scores.detach(), candidates[picked], 2)
+        expected.append(selector_kl(scores, target[:, :, picked], candidates[picked], selected))
+    assert len(seen) == 2 and len(picked_by_layer[0]) == min(rows, 48)
     if rows < 48:  # each layer draws its own rows
         assert not torch.equal(picked_by_layer[0], picked_by_layer[1])
     loss = distill.loss()
@@ -298,3 +301,36 @@ def test_training_signals_survive_activation_checkpointing(base, tmp_path, metho
         base, tmp_path / method, pattern=union, method=method, steps=2, gradient_checkpointing=True
     )
     assert math.isfinite(record["final_loss"])
+
+
+def test_each_accumulated_forward_draws_its_own_rows(tmp_path, monkeypatch):
+    """With gradient accumulation, the forwards of one step draw different rows, from the
+    seed, the step and the forward alone; forwards before training (the budget probe) do
+    not shift them."""
+    from longswap.train import runner
+
+    drawn = []
+
+    class Recording(runner.SelectorDistillation):
+        def __init__(self, rows, generator):
+            super().__init__(rows, generator)
+            drawn.append(generator.initial_seed())
+
+    monkeypatch.setattr(runner, "SelectorDistillation", Recording)
+    model = make_model("llama")
+    longswap.swap_attention(model, PATTERN, backend="blocks")
+    ids = torch.randint(1, 97, (8, 32), generator=torch.Generator().manual_seed(0))
+    sequences = PackedDataset(ids)
+    config = FinetuneConfig(seq_len=32, steps=2, batch_size=1, eval_steps=2, warmup_steps=1, seed=5)
+    runner.train(
+        model,
+        sequences,
+        sequences,
+        config,
+        tmp_path,
+        selectors=runner.Joint(8),
+        gradient_accumulation_steps=2,
+    )
+    seeds = [step_generator(5, step, micro).initial_seed() for step in (0, 1) for micro in (0, 1)]
+    assert drawn[-4:] == seeds and len(set(seeds)) == 4
+    assert len(drawn) > 4  # the probe drew before training

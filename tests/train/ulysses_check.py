@@ -105,6 +105,10 @@ def main():
         }
         if rank == 0:
             print(json.dumps(case), flush=True)
+    # Leave the process groups before exit: without it, gloo's threads are sometimes torn
+    # down mid-flight at interpreter exit ("terminate called without an active exception").
+    tdist.barrier()
+    tdist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -42,18 +42,11 @@ from transformers.utils import logging as hf_logging
 from longswap.checkpoint import is_gguf, model_problem
 from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
-from longswap.demo.verdict import ARMS, report, verdict
+from longswap.demo.verdict import ARMS, learned_counterpart, report, verdict
 from longswap.environment import environment
 from longswap.evaluate.run import EvalConfig, evaluate
 from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
-from longswap.patterns import (
-    BlockTopK,
-    LearnedTopK,
-    Pattern,
-    SelectionUnion,
-    format_pattern,
-    parse_pattern,
-)
+from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
 
 #: The dense model shipped with longswap (see assets/base/MODEL.md).
@@ -70,7 +63,7 @@ SELECTOR_LEARNING_RATE = 5e-3
 
 @dataclass
 class DemoConfig:
-    """Swap the embedded dense model to a sparse pattern, fine-tune, compare five arms."""
+    """Swap the embedded dense model to a sparse pattern, fine-tune, compare five or six arms."""
 
     out: str = help_field("folder for the arms, results and report", default="longswap-demo")
     pattern: str = help_field("sparse pattern of arms 2-4", default=DEFAULT_PATTERN)
@@ -78,9 +71,9 @@ class DemoConfig:
     quick: bool = help_field(
         "a smoke run (about 2 minutes): 4 steps, two lengths, one passkey depth", default=False
     )
-    steps: int = help_field("fine-tuning steps of arms 3-5 (0: 100, or 4 with --quick)", default=0)
+    steps: int = help_field("fine-tuning steps of arms 3-6 (0: 100, or 4 with --quick)", default=0)
     factor: int = help_field("long length = factor x the base's trained length", default=8)
-    learning_rate: float = help_field("peak learning rate of arms 3-5", default=5e-4)
+    learning_rate: float = help_field("peak learning rate of arms 3-6", default=5e-4)
     synthetic_ratio: float = help_field(
         "share of fine-tuning sequences that are synthetic passkey / recall tasks", default=0.25
     )
@@ -233,7 +226,7 @@ def _finetune(
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
-    """Build, train and evaluate the five arms; write ``report.md`` and ``demo.json``.
+    """Build, train and evaluate the arms; write ``report.md`` and ``demo.json``.
 
     Everything is built in a staging folder beside ``--out``, which replaces ``--out`` only
     once the demo is complete: a failure or an interruption leaves an earlier demo as it was.
@@ -255,7 +248,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 
 def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any], list[dict]]:
-    """The five arms built in ``staging``; results and records name ``out``, their final home."""
+    """The arms built in ``staging``; results and records name ``out``, their final home."""
     arms = staging / "arms"
     arms.mkdir()
     base = Path(config.model) if config.model else EMBEDDED_MODEL
@@ -302,7 +295,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
             spent.append(_finetune(run, shown, staging / f"{name}.log", steps, failed_log))
             start = folder
         shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
-        shutil.rmtree(staging / f"{arm}-selectors", ignore_errors=True)  # arm 3 or 4 holds them
+        shutil.rmtree(staging / f"{arm}-selectors", ignore_errors=True)  # the arm holds them
         c = cost[arm] = _combined(spent)
         _say(
             f"{arm}: {c['wall_seconds']:.1f} s wall, {c['cpu_seconds']:.1f} s CPU, "
@@ -342,19 +335,6 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         "environment": environment(),
     }
     return results, records
-
-
-def learned_counterpart(pattern: Pattern) -> Pattern | None:
-    """Arm 6's pattern: ``pattern`` with its mean-key selection (``block_topk``, alone or in
-    a union) replaced by a learned selector of the same block size, ``top_k`` and
-    granularity (per head); None when it has no such selection (a static pattern, or one
-    whose selection is learned)."""
-    if isinstance(pattern, SelectionUnion):
-        learned = learned_counterpart(pattern.selection)
-        return None if learned is None else pattern.static | learned
-    if isinstance(pattern, BlockTopK) and not pattern.needs_selector:  # MoBA selects per head
-        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k, per_head=True)
-    return None
 
 
 def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 
 from longswap.evaluate.report import table
-from longswap.patterns import Pattern, parse_pattern
+from longswap.patterns import BlockTopK, LearnedTopK, Pattern, SelectionUnion, parse_pattern
 
 #: Arm folder names, in study order (the sixth only with ``--learned``).
 ARMS = (
@@ -127,6 +127,19 @@ def _why(holds: bool | None) -> str:
     return " (within noise: the threshold lies inside the intervals)" if holds is None else ""
 
 
+def learned_counterpart(pattern: Pattern) -> Pattern | None:
+    """Arm 6's pattern: ``pattern`` with its mean-key selection (``block_topk``, alone or in
+    a union) replaced by a learned selector of the same block size, ``top_k`` and
+    granularity (per head); None when it has no such selection (a static pattern, or one
+    whose selection is learned)."""
+    if isinstance(pattern, SelectionUnion):
+        learned = learned_counterpart(pattern.selection)
+        return None if learned is None else pattern.static | learned
+    if isinstance(pattern, BlockTopK) and not pattern.needs_selector:  # MoBA selects per head
+        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k, per_head=True)
+    return None
+
+
 def arms_in(records: list[dict]) -> list[str]:
     """The arms that ``records`` measure, in study order."""
     names = {Path(r["model"]).name for r in records}
@@ -144,7 +157,8 @@ def _passkey_row(
         if arm in arms_in(records)
     }
     reach = sees_every_depth(pattern, long)
-    works = min(found.values()) >= RETRIEVES if reach else None
+    measured_arms = {arm: v for arm, v in found.items() if not math.isnan(v)}
+    works = all(v >= RETRIEVES for v in measured_arms.values()) if reach and measured_arms else None
     measured = (
         f"passkey accuracy at {long}: "
         + ", ".join(f"arm {arm[0]} {value:.0%}" for arm, value in found.items())
@@ -154,13 +168,17 @@ def _passkey_row(
     )
     if works is False:
         dense = _metric(records, ARMS[4], "passkey", long, "accuracy")
-        short = _metric(records, ARMS[2], "passkey", trained, "accuracy")
+        failing = [arm for arm, v in measured_arms.items() if v < RETRIEVES]
+        short = ", ".join(
+            f"arm {arm[0]} {_metric(records, arm, 'passkey', trained, 'accuracy'):.0%}"
+            for arm in failing
+        )
         if dense < RETRIEVES:
             measured += (
                 f". Why not: the dense fine-tune (arm 5) retrieves {dense:.0%} at {long} with "
                 "the same budget, so the budget falls short, not the pattern: these steps do "
-                f"not teach this model retrieval across {long} tokens (arm 3 retrieves "
-                f"{short:.0%} at {trained}); --steps buys more"
+                f"not teach this model retrieval across {long} tokens (at {trained}: {short}); "
+                "--steps buys more"
             )
         else:
             measured += (
@@ -177,6 +195,7 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
     kept = [_metric(records, arm, "selection", long, "captured_mass") for arm in (ARMS[2], ARMS[5])]
     best = [_metric(records, arm, "selection", long, "oracle_mass") for arm in (ARMS[2], ARMS[5])]
     better = None if math.isnan(kept[0] + kept[1]) else kept[1] > kept[0]
+    headroom = kept[0] / best[0] if best[0] > 0 else math.nan
     no_worse = at_most(a6, a3, NO_WORSE)
     c3, c6 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[5]]["cpu_seconds"]
     return (
@@ -184,7 +203,7 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
         "keys (arm 3), at no loss of quality",
         f"share of dense attention on the keys seen at {long}: arm 6 {kept[1]:.3f}, arm 3 "
         f"{kept[0]:.3f} (the best selection of the budget: {best[1]:.3f}, {best[0]:.3f}; mean "
-        f"keys keep {kept[0] / best[0]:.1%} of what the best keeps, the rest is what "
+        f"keys keep {headroom:.1%} of what the best keeps, the rest is what "
         "distillation can add); "
         f"perplexity at {long}: arm 6 {a6}, arm 3 {a3} (no worse: up to x{NO_WORSE})"
         f"{_why(no_worse)}; CPU time {c6:.1f} s vs {c3:.1f} s",
@@ -253,24 +272,23 @@ def outcome(holds: bool | None, emphasis: str = "**") -> str:
 
 def _intro(results: dict[str, Any]) -> list[str]:
     trained, long = results["trained_length"], results["long_length"]
-    env = results["environment"]
+    env, last = results["environment"], 6 if results.get("learned_pattern") else 5
     lines = [
         "# longswap demo",
         "",
         f"Base: a dense byte-level Llama trained at {trained} tokens. Pattern of arms 2-4: "
-        f"`{results['pattern']}`. Arms 3-5: {results['steps']} full fine-tuning steps of "
-        f"{long} tokens each, same data and seed. Wall time {results['wall_seconds']:.0f} s "
-        f"on {env['device']} ({env['threads']} threads).",
+        f"`{results['pattern']}`. Arms 3-{last}: {results['steps']} full fine-tuning steps "
+        f"of {long} tokens each, same data and seed. Wall time "
+        f"{results['wall_seconds']:.0f} s on {env['device']} ({env['threads']} threads).",
         "",
     ]
-    pattern = parse_pattern(results["pattern"])
     if results.get("learned_pattern"):
         lines[-1:-1] = [
             f"Arm 6: arm 3 with `{results['learned_pattern']}`, the same budget of keys chosen "
             "by a selector distilled from the model's dense attention (warm-up with the model "
             "frozen, then trained along with it) instead of MoBA's mean keys.",
         ]
-    elif pattern.data_dependent and not pattern.needs_selector:
+    elif learned_counterpart(parse_pattern(results["pattern"])) is not None:
         lines[-1:-1] = [
             "`longswap demo --learned` adds arm 6: the same budget of keys chosen by a "
             "selector distilled from the model's dense attention instead of mean keys.",
@@ -357,7 +375,8 @@ def _cost_section(results: dict[str, Any]) -> list[str]:
         "loop's seconds and tokens/s are the Trainer's own (wall time).",
         "",
     ]
-    warmed = [arm[0] for arm in cost if arm in ARMS[2:4]] if _learned(results["pattern"]) else []
+    learned = parse_pattern(results["pattern"]).needs_selector
+    warmed = [arm[0] for arm in cost if arm in ARMS[2:4]] if learned else []
     warmed += [arm[0] for arm in cost if arm == ARMS[5]]
     if warmed:
         arms, verb = ("Arms", "include their") if len(warmed) > 1 else ("Arm", "includes its")
@@ -374,10 +393,6 @@ def _cost_section(results: dict[str, Any]) -> list[str]:
             "",
         ]
     return lines
-
-
-def _learned(pattern: str) -> bool:
-    return parse_pattern(pattern).needs_selector
 
 
 def _selection_section(records: list[dict], long: int) -> list[str]:

@@ -48,7 +48,7 @@ def _dense_chunks(
         slots = slice(start, min(start + chunk, total))
         rows = slots if picked is None else picked[slots].to(q.device)
         own = positions[kv_len - q_len :][rows]
-        reach = min(kv_len, -(-(int(own[-1]) + 1) // align) * align)
+        reach = min(kv_len, -(-(int(own.max()) + 1) // align) * align)
         qc = q.detach()[:, :, rows].reshape(batch, hkv, group, -1, dim)
         keys = k.detach()[:, :, :reach]
         scores = capped(torch.einsum("bhgld,bhkd->bhglk", qc, keys).float() * scale, softcap)

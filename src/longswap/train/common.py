@@ -62,6 +62,7 @@ RUN_FIELDS = (
     "full_layers",
     "dtype",
     "selector_rows",
+    "selector_reuse",
 )
 
 

@@ -145,6 +145,13 @@ class SignalTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.transfer_steps, self.selectors = transfer_steps, selectors
+        self._forwards = (-1, 0)  # (step, its forwards so far): each micro-batch draws anew
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's training; forwards before it (the budget probe) draw no rows of its
+        steps."""
+        self._forwards = (-1, 0)
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """The loss of this step (see the class); evaluation always reports the LM loss."""
@@ -158,7 +165,10 @@ class SignalTrainer(Trainer):
                 model(**kept, logits_to_keep=1)
             loss = signal.loss()
             return (loss, None) if kwargs.get("return_outputs") else loss
-        sampler = step_generator(self.args.seed, self.state.global_step)
+        step = self.state.global_step
+        micro = self._forwards[1] + 1 if self._forwards[0] == step else 0
+        self._forwards = (step, micro)
+        sampler = step_generator(self.args.seed, step, micro)
         distill = SelectorDistillation(self.selectors.rows, sampler)
         with observe(model, distill):
             result = super().compute_loss(model, inputs, *args, **kwargs)

@@ -52,10 +52,11 @@ class AttentionTransfer:
         return torch.stack([F.mse_loss(o.float(), d.float()) for o, d in self.pairs]).mean()
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """A generator for what step ``step`` samples, from the run's seed and the step alone
-    (so that a resumed run samples as the uninterrupted one did)."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, micro: int = 0) -> torch.Generator:
+    """A CPU generator for what step ``step`` samples (its ``micro``-th forward when it
+    accumulates gradients), from the run's seed and those alone (so that a resumed run
+    samples as the uninterrupted one did)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + (micro << 32))
 
 
 def selection_target(call: AttentionCall, picked: Tensor | None = None) -> Tensor:
@@ -84,8 +85,9 @@ class SelectorDistillation:
     attention would). The warm-up, over every candidate block, is ``train.teacher``.
 
     The dense targets cost a dense attention per layer: on ``rows`` query rows of each
-    layer, drawn from ``generator`` (all rows when the sequence has no more), they cost that
-    share of it, and the loss is the mean over those rows.
+    layer, drawn from ``generator`` among the rows with a block to select (all rows when
+    there are no more), they cost that share of it, and the loss is the mean over those
+    rows.
     """
 
     def __init__(self, rows: int, generator: torch.Generator) -> None:
@@ -99,10 +101,11 @@ class SelectorDistillation:
             return
         pattern, q_len = call.pattern, call.query.shape[2]
         candidates = pattern.candidates(q_len, call.key.shape[2], scores.device)
+        eligible = candidates.any(-1).nonzero().flatten().cpu()  # rows with a block to select
         picked = None
-        if self.rows < q_len:
-            picked = torch.randperm(q_len, generator=self.generator)[: self.rows].sort().values
-            picked = picked.to(scores.device)
+        if self.rows < eligible.numel():
+            draw = torch.randperm(eligible.numel(), generator=self.generator, device="cpu")
+            picked = eligible[draw[: self.rows]].sort().values.to(scores.device)
             scores, candidates = scores[:, :, picked], candidates[picked]
         target = selection_target(call, picked)
         selected = top_blocks(scores.detach(), candidates, pattern.top_k)

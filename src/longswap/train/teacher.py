@@ -98,7 +98,7 @@ class RowSamples(IterableDataset):
     def __iter__(self) -> Any:
         for step in range(self.steps):
             g = step_generator(self.seed, step)
-            rows = torch.randperm(self.length, generator=g)[: self.rows].sort().values
+            rows = torch.randperm(self.length, generator=g, device="cpu")[: self.rows].sort().values
             yield {"sequence": torch.tensor((step // self.reuse) % self.sequences), "rows": rows}
 
 
