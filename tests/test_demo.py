@@ -259,7 +259,7 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
         "arm 5) retrieves 30% at 4096 with the same budget, so the budget falls short"
         in (passkey["measured"])
     )
-    assert "arm 3 retrieves 67% at 512" in passkey["measured"]
+    assert "(at 512: arm 3 67%); --steps buys more" in passkey["measured"]
     # Dense attention retrieves with the same budget: the pattern is what loses the keys.
     dense = next(r for r in records if r["model"] == f"x/{ARMS[4]}" and r["task"] == "passkey")
     dense["accuracy"] = 1.0

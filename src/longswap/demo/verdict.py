@@ -169,16 +169,17 @@ def _passkey_row(
     if works is False:
         dense = _metric(records, ARMS[4], "passkey", long, "accuracy")
         failing = [arm for arm, v in measured_arms.items() if v < RETRIEVES]
+        at_trained = {arm: _metric(records, arm, "passkey", trained, "accuracy") for arm in failing}
         short = ", ".join(
-            f"arm {arm[0]} {_metric(records, arm, 'passkey', trained, 'accuracy'):.0%}"
-            for arm in failing
+            f"arm {arm[0]} {v:.0%}" for arm, v in at_trained.items() if not math.isnan(v)
         )
         if dense < RETRIEVES:
             measured += (
                 f". Why not: the dense fine-tune (arm 5) retrieves {dense:.0%} at {long} with "
                 "the same budget, so the budget falls short, not the pattern: these steps do "
-                f"not teach this model retrieval across {long} tokens (at {trained}: {short}); "
-                "--steps buys more"
+                f"not teach this model retrieval across {long} tokens"
+                + (f" (at {trained}: {short})" if short else "")
+                + "; --steps buys more"
             )
         else:
             measured += (
