@@ -79,7 +79,7 @@ class DemoConfig:
     )
     learned: bool = help_field(
         "add arm 6: arm 3 with a selector distilled from dense attention in place of "
-        "block_topk's mean keys (learned_topk, same budget; about 3.5 minutes more on 2 cores)",
+        "block_topk's mean keys (learned_topk, same budget; about 3 minutes more on 2 cores)",
         default=False,
     )
     seed: int = help_field("seed of data order, random init and evaluation", default=0)
