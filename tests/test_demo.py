@@ -284,7 +284,7 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
     ],
 )
 def test_a_report_without_arm_6_says_how_to_add_it(pattern, offered):
-    from longswap.demo.verdict import _intro
+    from longswap.demo.report import _intro
 
     results = {
         "trained_length": 512,

@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     evaluate, report."""
     from longswap.config import from_arguments
     from longswap.demo import DemoConfig, run_demo
-    from longswap.demo.verdict import outcome
+    from longswap.demo.report import outcome
 
     results = run_demo(from_arguments(DemoConfig, args))
     for v in results["verdict"]:

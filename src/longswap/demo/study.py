@@ -42,7 +42,8 @@ from transformers.utils import logging as hf_logging
 from longswap.checkpoint import is_gguf, model_problem
 from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
-from longswap.demo.verdict import ARMS, learned_counterpart, report, verdict
+from longswap.demo.report import report
+from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
 from longswap.evaluate.run import EvalConfig, evaluate
 from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder

@@ -1,4 +1,4 @@
-"""The demo's verdict and report: its expectations checked against the measured records.
+"""The demo's verdict: its expectations checked against the measured records.
 
 Perplexities are compared with their bootstrap intervals: an expectation holds when the
 whole interval is on its side of the threshold, fails when the whole interval is on the other
@@ -15,8 +15,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from longswap.evaluate.report import table
-from longswap.patterns import BlockTopK, LearnedTopK, Pattern, SelectionUnion, parse_pattern
+from longswap.patterns import BlockTopK, LearnedTopK, Pattern, SelectionUnion
 
 #: Arm folder names, in study order (the sixth only with ``--learned``).
 ARMS = (
@@ -89,9 +88,10 @@ def sees_every_depth(pattern: Pattern, length: int) -> bool:
     return bool(pattern.mask_fn(length, 2)(last, depths, torch.zeros_like(depths)).all())
 
 
-def _matching(
+def matching(
     records: list[dict], arm: str, task: str, length: int, field: str, depth: float | None = None
 ) -> list[dict]:
+    """The records of one arm, task and length (and depth) that hold ``field``."""
     return [
         r
         for r in records
@@ -100,17 +100,17 @@ def _matching(
     ]
 
 
-def _metric(
+def metric(
     records: list[dict], arm: str, task: str, length: int, field: str, depth: float | None = None
 ) -> float:
     """Mean of ``field`` over the records of one arm, task, length (and depth); NaN if none."""
-    values = [r[field] for r in _matching(records, arm, task, length, field, depth)]
+    values = [r[field] for r in matching(records, arm, task, length, field, depth)]
     return sum(values) / len(values) if values else math.nan
 
 
 def perplexity_of(records: list[dict], arm: str, length: int) -> Estimate:
     """The perplexity of one arm at one length with its interval; NaN if not measured."""
-    found = _matching(records, arm, "ppl", length, "perplexity")
+    found = matching(records, arm, "ppl", length, "perplexity")
     if not found:
         return Estimate(math.nan, math.nan, math.nan)
     value = found[0]["perplexity"]
@@ -151,10 +151,11 @@ def _passkey_row(
 ) -> tuple[str, str, bool | None]:
     """Retrieval at the long length by the sparse fine-tuned arms (3, and 6 if run); when it
     fails, why, from the dense fine-tune's (arm 5) retrieval with the same budget."""
+    measured_here = arms_in(records)
     found = {
-        arm: _metric(records, arm, "passkey", long, "accuracy")
+        arm: metric(records, arm, "passkey", long, "accuracy")
         for arm in (ARMS[2], ARMS[5])
-        if arm in arms_in(records)
+        if arm in measured_here
     }
     reach = sees_every_depth(pattern, long)
     measured_arms = {arm: v for arm, v in found.items() if not math.isnan(v)}
@@ -167,9 +168,9 @@ def _passkey_row(
         + " attend to keys at every depth"
     )
     if works is False:
-        dense = _metric(records, ARMS[4], "passkey", long, "accuracy")
+        dense = metric(records, ARMS[4], "passkey", long, "accuracy")
         failing = [arm for arm, v in measured_arms.items() if v < RETRIEVES]
-        at_trained = {arm: _metric(records, arm, "passkey", trained, "accuracy") for arm in failing}
+        at_trained = {arm: metric(records, arm, "passkey", trained, "accuracy") for arm in failing}
         short = ", ".join(
             f"arm {arm[0]} {v:.0%}" for arm, v in at_trained.items() if not math.isnan(v)
         )
@@ -193,8 +194,8 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
     """Arm 6 against arm 3: the share of dense attention each selection keeps (the
     ``selection`` task), perplexity, and cost."""
     a3, a6 = (perplexity_of(records, arm, long) for arm in (ARMS[2], ARMS[5]))
-    kept = [_metric(records, arm, "selection", long, "captured_mass") for arm in (ARMS[2], ARMS[5])]
-    best = [_metric(records, arm, "selection", long, "oracle_mass") for arm in (ARMS[2], ARMS[5])]
+    kept = [metric(records, arm, "selection", long, "captured_mass") for arm in (ARMS[2], ARMS[5])]
+    best = [metric(records, arm, "selection", long, "oracle_mass") for arm in (ARMS[2], ARMS[5])]
     better = None if math.isnan(kept[0] + kept[1]) else kept[1] > kept[0]
     headroom = kept[0] / best[0] if best[0] > 0 else math.nan
     no_worse = at_most(a6, a3, NO_WORSE)
@@ -262,199 +263,3 @@ def verdict(
         _passkey_row(records, pattern, trained, long),
     ]
     return [{"claim": c, "measured": m, "holds": h} for c, m, h in rows]
-
-
-def outcome(holds: bool | None, emphasis: str = "**") -> str:
-    """An expectation's outcome in words; a failure stands out (``emphasis`` around it)."""
-    if holds is None:
-        return "not decided (the measured column says why)"
-    return "holds" if holds else f"{emphasis}does not hold{emphasis}"
-
-
-def _intro(results: dict[str, Any]) -> list[str]:
-    trained, long = results["trained_length"], results["long_length"]
-    env, last = results["environment"], 6 if results.get("learned_pattern") else 5
-    lines = [
-        "# longswap demo",
-        "",
-        f"Base: a dense byte-level Llama trained at {trained} tokens. Pattern of arms 2-4: "
-        f"`{results['pattern']}`. Arms 3-{last}: {results['steps']} full fine-tuning steps "
-        f"of {long} tokens each, same data and seed. Wall time "
-        f"{results['wall_seconds']:.0f} s on {env['device']} ({env['threads']} threads).",
-        "",
-    ]
-    if results.get("learned_pattern"):
-        lines[-1:-1] = [
-            f"Arm 6: arm 3 with `{results['learned_pattern']}`, the same budget of keys chosen "
-            "by a selector distilled from the model's dense attention (warm-up with the model "
-            "frozen, then trained along with it) instead of MoBA's mean keys.",
-        ]
-    elif learned_counterpart(parse_pattern(results["pattern"])) is not None:
-        lines[-1:-1] = [
-            "`longswap demo --learned` adds arm 6: the same budget of keys chosen by a "
-            "selector distilled from the model's dense attention instead of mean keys.",
-        ]
-    if results["config"]["quick"]:
-        lines += [
-            f"**A `--quick` smoke run** ({results['steps']} steps, two lengths): it checks "
-            "that every part works, and its verdict says little about the method; "
-            "`longswap demo` runs the real study.",
-            "",
-        ]
-    return lines
-
-
-def _verdict_section(results: dict[str, Any]) -> list[str]:
-    rows = [[v["claim"], v["measured"], outcome(v["holds"])] for v in results["verdict"]]
-    return [
-        "## Verdict",
-        "",
-        *table(["expectation", "measured", "outcome"], rows, right=3),
-        "Each outcome is computed from the numbers below with the thresholds shown; one that "
-        "does not hold is reported as measured (the README's demo section discusses the "
-        "default run). Perplexities carry their 95% bootstrap intervals in brackets; an "
-        "expectation about them is decided only when the intervals lie wholly on one side of "
-        "its threshold, and is otherwise reported as within noise. Cost is judged by CPU "
-        "seconds, which the machine's load barely moves.",
-        "",
-    ]
-
-
-def _perplexity_section(records: list[dict]) -> list[str]:
-    lengths = sorted({r["length"] for r in records if r["task"] == "ppl"})
-    rows = []
-    for arm in arms_in(records):
-        cells = []
-        for n in lengths:
-            p = perplexity_of(records, arm, n)
-            cells.append("skipped" if math.isnan(p.value) else f"{p} ({math.log2(p.value):.2f})")
-        rows.append([arm, *cells])
-    return [
-        "## Perplexity vs length (held-out text; 95% interval; bits per byte in brackets)",
-        "",
-        "![](eval/perplexity.png)",
-        "",
-        *table(["arm", *map(str, lengths)], rows),
-    ]
-
-
-def _passkey_section(records: list[dict]) -> list[str]:
-    cells = sorted({(r["length"], r["depth"]) for r in records if r["task"] == "passkey"})
-    rows = []
-    for arm in arms_in(records):
-        found = [_metric(records, arm, "passkey", n, "accuracy", depth=d) for n, d in cells]
-        rows.append([arm, *("skipped" if math.isnan(a) else f"{a:.0%}" for a in found)])
-    return [
-        "## Passkey retrieval (accuracy by length and depth)",
-        "",
-        *table(["arm", *(f"{n} @ {d:g}" for n, d in cells)], rows),
-        *(f"![](eval/passkey-{arm}.png)" for arm in arms_in(records)),
-        "",
-    ]
-
-
-def _cost_section(results: dict[str, Any]) -> list[str]:
-    cost = results["cost"]
-    rows = [
-        [
-            arm,
-            f"{c['cpu_seconds']:.1f}",
-            f"{c['wall_seconds']:.1f}",
-            f"{c['train_seconds']:.1f}",
-            f"{c['tokens_per_second']:.0f}",
-            f"{c['peak_memory_mb']:.0f}",
-            f"{c['validation_loss']:.3f}",
-        ]
-        for arm, c in cost.items()
-    ]
-    headers = ["arm", "CPU seconds", "wall seconds", "training loop seconds", "tokens/s"]
-    lines = [
-        f"## Cost of fine-tuning at {results['long_length']} tokens",
-        "",
-        *table([*headers, "peak memory (MB)", "validation loss"], rows),
-        "CPU and wall seconds cover each arm's whole `longswap finetune` process; the training "
-        "loop's seconds and tokens/s are the Trainer's own (wall time).",
-        "",
-    ]
-    learned = parse_pattern(results["pattern"]).needs_selector
-    warmed = [arm[0] for arm in cost if arm in ARMS[2:4]] if learned else []
-    warmed += [arm[0] for arm in cost if arm == ARMS[5]]
-    if warmed:
-        arms, verb = ("Arms", "include their") if len(warmed) > 1 else ("Arm", "includes its")
-        lines[-1:-1] = [
-            f"{arms} {' and '.join(warmed)} {verb} selectors' warm-up (`--method selector`, "
-            "the first of the arm's commands below): its seconds are added, its memory counts "
-            "in the peak.",
-        ]
-    if wall_times_unreliable(cost):
-        lines += [
-            "**Wall times are unreliable in this run:** the arms got different shares of the "
-            f"CPU (CPU seconds per wall second differ by more than x{UNRELIABLE}), so another "
-            "load shared the machine. The cost verdict uses CPU seconds.",
-            "",
-        ]
-    return lines
-
-
-def _selection_section(records: list[dict], long: int) -> list[str]:
-    """What each selecting arm keeps of its own dense attention (the ``selection`` task)."""
-    fields = ("captured_mass", "oracle_mass", "kept_nats", "oracle_nats")
-    rows = [
-        [arm, *(f"{_metric(records, arm, 'selection', long, f):.3f}" for f in fields)]
-        for arm in arms_in(records)
-        if _matching(records, arm, "selection", long, "captured_mass")
-    ]
-    if not rows:
-        return []
-    return [
-        f"## What the selections keep of dense attention at {long} tokens",
-        "",
-        *table(["arm", "mass kept", "best of the budget", "-log kept (nats)", "best (nats)"], rows),
-        "The share of each arm's own dense attention that falls on the keys its queries see "
-        "(own block and selected blocks), averaged over layers, heads and queries of one "
-        "held-out text; the best selection of the same budget takes each head's blocks with "
-        "the most dense mass. -log kept: the mean over queries of -log(share kept), which a "
-        "few queries that lose most of their mass raise where the mean share hides them.",
-        "",
-    ]
-
-
-def _speed_section(records: list[dict], long: int) -> list[str]:
-    rows = [
-        [
-            arm,
-            f"{_metric(records, arm, 'speed', long, 'prefill_tokens_per_s'):.0f}",
-            f"{_metric(records, arm, 'speed', long, 'decode_tokens_per_s'):.1f}",
-            f"{_metric(records, arm, 'speed', long, 'cache_mb'):.2f}",
-        ]
-        for arm in arms_in(records)
-    ]
-    return [
-        f"## Inference speed at {long} tokens",
-        "",
-        *table(["arm", "prefill tokens/s", "decode tokens/s (median step)", "KV cache (MB)"], rows),
-        "![](eval/speed.png) ![](eval/speed-decode_tokens_per_s.png)",
-        "",
-    ]
-
-
-def report(results: dict[str, Any], records: list[dict]) -> str:
-    """``report.md``: verdict, perplexity table and plot, passkey, cost, speed, commands."""
-    lines = [
-        *_intro(results),
-        *_verdict_section(results),
-        *_perplexity_section(records),
-        *_passkey_section(records),
-        *_cost_section(results),
-        *_selection_section(records, results["long_length"]),
-        *_speed_section(records, results["long_length"]),
-        "All records: `eval/results.json`; the full evaluation report: `eval/report.md`.",
-        "",
-        "## Commands of the trained arms",
-        "",
-        "```",
-        *(c["command"] for c in results["cost"].values()),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
