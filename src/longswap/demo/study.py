@@ -258,7 +258,8 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         base = arms / ARMS[0]
     else:
         shutil.copytree(base, arms / ARMS[0], ignore=shutil.ignore_patterns("*.md"))
-    pattern = format_pattern(parse_pattern(config.pattern))
+    parsed = parse_pattern(config.pattern)
+    pattern = format_pattern(parsed)
     trained = AutoConfig.from_pretrained(base).max_position_embeddings
     long = config.factor * trained
     steps = config.steps or (4 if config.quick else 100)
@@ -280,7 +281,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         (ARMS[3], staging / "random-init", pattern),
         (ARMS[4], base, ""),
     ]
-    learned = learned_counterpart(parse_pattern(pattern)) if config.learned else None
+    learned = learned_counterpart(parsed) if config.learned else None
     if learned is not None:
         trained_arms.append((ARMS[5], base, format_pattern(learned)))
     for arm, start, arm_pattern in trained_arms:
@@ -319,7 +320,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     records = evaluate(
         EvalConfig(**common, tasks=["passkey"], lengths=[trained, long], resume=True)
     )
-    if parse_pattern(pattern).data_dependent:  # how much of dense attention each selection keeps
+    if parsed.data_dependent:  # how much of dense attention each selection keeps
         common["model"] = [str(arms / a) for a in (ARMS[2], ARMS[5]) if a in built]
         records = evaluate(EvalConfig(**common, tasks=["selection"], lengths=[long], resume=True))
     records = _relocated(records, staging, out)
@@ -332,7 +333,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         "long_length": long,
         "steps": steps,
         "cost": cost,
-        "verdict": verdict(records, cost, parse_pattern(pattern), trained, long),
+        "verdict": verdict(records, cost, parsed, trained, long),
         "environment": environment(),
     }
     return results, records
