@@ -140,3 +140,33 @@ def test_a_window_within_the_trained_length_serves_max_length_without_warnings()
     assert model.config.longswap["positions"]["kind"] == "none"
     longswap.restore(model)
     assert model.config.max_position_embeddings == 64
+
+
+def test_a_failed_re_swap_leaves_the_swap_and_its_selectors_as_they_were():
+    model = make_model("gpt2")
+    longswap.swap_attention(model, "learned_topk(block_size=8, top_k=2)", max_length=150)
+    record = dict(model.config.longswap)
+    gate = model.transformer.h[0].attn.longswap_selector
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.fill_(0.5)  # stands for trained selector weights
+    with pytest.raises(ValueError, match="rope='linear' does not apply"):
+        longswap.swap_attention(model, full(), max_length=200, rope="linear")
+    assert model.config.longswap == record
+    assert model.config._attn_implementation == "longswap"
+    assert model.transformer.wpe.weight.shape[0] == 150
+    assert model.transformer.h[0].attn.longswap_selector is gate
+
+
+def test_a_re_swap_plans_positions_from_the_trained_ones():
+    model = make_model("llama")
+    longswap.swap_attention(model, full(), max_length=256)  # YaRN in the config
+    report = longswap.swap_attention(model, full(), max_length=128, rope="linear")
+    assert report.positions["original_rope_parameters"]["rope_type"] == "default"
+    assert model.config.rope_parameters == {
+        "rope_theta": 10000.0,
+        "rope_type": "linear",
+        "factor": 2.0,
+    }
+    longswap.restore(model)
+    assert model.config.rope_parameters["rope_type"] == "default"

@@ -18,11 +18,14 @@ def plan_positions(
     max_length: int | None,
     rope: str,
     trained: int,
+    trained_rope: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Decide how to reach ``max_length`` (nothing changes here); returns a JSON record.
 
     ``rope="auto"`` keeps RoPE when every pattern in ``patterns`` reaches back less than
     the trained length, and uses YaRN otherwise; learned tables are tiled.
+    ``trained_rope``: the RoPE parameters the model was trained with, when its config
+    holds scaled ones (planning a new swap of a swapped model).
     """
     if max_length is None or max_length <= trained:
         return {
@@ -32,6 +35,9 @@ def plan_positions(
         }
     config = model.config
     if rotary_modules(model):
+        if trained_rope is not None:
+            config = copy.deepcopy(config)
+            config.rope_parameters = dict(trained_rope)
         kind = rope
         if rope == "auto":
             reaches = [p.reach() for p in patterns]

@@ -233,13 +233,15 @@ def swap_attention(
     previous = getattr(config, CONFIG_KEY, None)
     old_spec = SwapSpec.from_dict(previous) if previous is not None else None
     trained = old_spec.positions["trained_length"] if old_spec else config.max_position_embeddings
+    # A swapped model is planned from its trained positions, before anything is undone.
+    trained_rope = old_spec.positions.get("original_rope_parameters") if old_spec else None
+    positions = plan_positions(inner, chosen, max_length, rope, trained, trained_rope)
+
+    # Validated: from here on the model changes.
     # Trained selectors survive a re-swap (restore removes them): matching ones are reused.
     kept = {i: getattr(m, SELECTOR_ATTR) for i, m in modules.items() if hasattr(m, SELECTOR_ATTR)}
     if old_spec is not None:
         restore(inner)
-    positions = plan_positions(inner, chosen, max_length, rope, trained)
-
-    # Validated: from here on the model changes.
     added = apply_positions(inner, positions)
     added += attach_selectors(inner, modules, chosen, kept)
     dropout = _zero_dropout(inner, modules)
