@@ -35,6 +35,10 @@ def base(tmp_path_factory, corpus):
     return root
 
 
+WINDOW = "sliding_window(window=16)"
+LEARNED = "learned_topk(block_size=16, top_k=2)"
+
+
 def run(base, out, **kwargs):
     fields = dict(
         model=str(base / "base"),
@@ -209,6 +213,32 @@ def test_synthetic_mix_and_hybrid_schedule(base, tmp_path):
     schedule.on_train_end(None, None, None)
     assert seen == ["sdpa", "sdpa", "longswap", "longswap"]
     assert model.config._attn_implementation == "longswap"
+
+
+def test_hybrid_schedule_with_joint_selectors_and_on_a_swapped_model(base, tmp_path):
+    union = "sliding_window(window=16, sinks=2) | learned_topk(block_size=16, top_k=2)"
+    record = run(base, tmp_path / "joint", pattern=union, method="full", dense_fraction=0.5)
+    assert any("steps 0-2 use full attention" in n for n in record["notes"])
+    # A swapped model carries its pattern: the schedule needs no --pattern.
+    swapped = str(tmp_path / "joint")
+    again = run(base, tmp_path / "again", model=swapped, method="full", dense_fraction=0.5)
+    assert again["final_loss"] is not None
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(dense_fraction=0.5, transfer_steps=1, pattern=WINDOW), "pass one of the two"),
+        (dict(dense_fraction=0.5, method="selector", pattern=LEARNED), "warm-up"),
+        (dict(transfer_steps=1, method="selector", pattern=LEARNED), "warm-up"),
+        (dict(transfer_steps=1, method="full"), "this model is dense: pass --pattern"),
+        (dict(dense_fraction=0.5, method="full"), "this model is dense: pass --pattern"),
+    ],
+)
+def test_schedules_that_cannot_run_are_refused_before_any_work(base, tmp_path, settings, message):
+    with pytest.raises(ValueError, match=message):
+        run(base, tmp_path / "out", **settings)
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

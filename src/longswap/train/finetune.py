@@ -69,8 +69,11 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append(
             f"transfer_steps ({config.transfer_steps}) must be fewer than steps ({config.steps})"
         )
-    if config.dense_fraction and not config.pattern:
-        found.append("dense_fraction needs --pattern: a hybrid schedule switches to a pattern")
+    if config.dense_fraction and config.transfer_steps:
+        found.append(
+            "--dense-fraction and --transfer-steps both claim the first steps (full attention; "
+            "sparse layers taught dense attention's outputs): pass one of the two"
+        )
     found += deepspeed_problems(config.deepspeed, config.sequence_parallel)
     if config.transfer_steps and zero_stage(config.deepspeed, config.sequence_parallel) == 3:
         found.append(
@@ -147,6 +150,18 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
     swapped = getattr(model.config, CONFIG_KEY, None) is not None or bool(config.pattern)
+    for flag, what in (("dense_fraction", "switches to"), ("transfer_steps", "trains")):
+        if getattr(config, flag) and not swapped:
+            found.append(
+                f"--{flag.replace('_', '-')} {what} sparse attention, and this model is dense: "
+                "pass --pattern, or a model swapped with `longswap swap`"
+            )
+        if getattr(config, flag) and config.method == "selector":
+            found.append(
+                f"--{flag.replace('_', '-')} shapes the model's first steps, and the selector "
+                "warm-up (--method selector) trains only the selectors, base frozen: warm up "
+                "without it, then fine-tune the warmed-up model with it"
+            )
     if config.sequence_parallel > 1 and config.separate_documents and not swapped:
         found.append(
             "--separate-documents with --sequence-parallel needs a swapped model: the dense "
@@ -232,8 +247,8 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
         selector_stage = WarmUp(config.selector_rows, config.selector_reuse)
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
     callbacks = []
+    switch = round(config.dense_fraction * config.steps)
     if config.dense_fraction:
-        switch = round(config.dense_fraction * config.steps)
         callbacks.append(DenseFirst(model, switch))
         notes.append(f"steps 0-{switch - 1} use full attention, then the pattern")
     if config.transfer_steps:
@@ -254,6 +269,7 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
                 out,
                 callbacks=callbacks,
                 transfer_steps=config.transfer_steps,
+                dense_steps=switch,
                 selectors=selector_stage,
                 **extra,
             )

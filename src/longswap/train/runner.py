@@ -129,7 +129,8 @@ class SignalTrainer(Trainer):
     """A Trainer whose loss can come from signals inside attention (``swap.observe``).
 
     The first ``transfer_steps`` optimise attention transfer instead of the LM loss. With
-    learned selectors, :class:`Joint` adds their distillation loss to the LM loss, over the
+    learned selectors, :class:`Joint` adds their distillation loss to the LM loss (after
+    the first ``dense_steps``, which run full attention: no selector scores), over the
     selected blocks only (the selectors' inputs are detached, so each loss trains only its
     own parameters); its sampled rows derive from the seed and the step. The selector
     warm-up trains a ``SelectorStudent`` (``train.teacher``), whose own loss the Trainer
@@ -140,11 +141,13 @@ class SignalTrainer(Trainer):
         self,
         *args: Any,
         transfer_steps: int = 0,
+        dense_steps: int = 0,
         selectors: Literal["none"] | Joint = "none",
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        self.transfer_steps, self.selectors = transfer_steps, selectors
+        self.transfer_steps, self.dense_steps = transfer_steps, dense_steps
+        self.selectors = selectors
         self._forwards = (-1, 0)  # (step, its forwards so far): each micro-batch draws anew
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -156,7 +159,8 @@ class SignalTrainer(Trainer):
     def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
         """The loss of this step (see the class); evaluation always reports the LM loss."""
         transfer = model.training and self.state.global_step < self.transfer_steps
-        if not model.training or (self.selectors == "none" and not transfer):
+        selecting = self.selectors != "none" and self.state.global_step >= self.dense_steps
+        if not model.training or not (selecting or transfer):
             return super().compute_loss(model, inputs, *args, **kwargs)
         if transfer:
             signal = AttentionTransfer()
@@ -186,12 +190,15 @@ def train(
     callbacks: list[TrainerCallback] | None = None,
     transfer_steps: int = 0,
     selectors: SelectorStage = "none",
+    dense_steps: int = 0,
     **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Run the Trainer; returns it and a record of the run (config, command, metrics).
 
-    Checkpoints go to ``out/checkpoints``. ``extra`` overrides TrainingArguments fields. A
-    NaN or inf loss raises RuntimeError naming the step and the last good checkpoint.
+    Checkpoints go to ``out/checkpoints``. ``dense_steps``: the first steps that run full
+    attention (a callback switches it), in which joint selectors have nothing to learn.
+    ``extra`` overrides TrainingArguments fields. A NaN or inf loss raises RuntimeError
+    naming the step and the last good checkpoint.
     """
     settings = dict(
         output_dir=str(out / "checkpoints"),
@@ -231,6 +238,7 @@ def train(
         )
     trainer = SignalTrainer(
         transfer_steps=transfer_steps,
+        dense_steps=dense_steps,
         selectors="none" if trained is not model else selectors,  # a student's loss is whole
         model=trained,
         args=args,
