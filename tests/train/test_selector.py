@@ -88,6 +88,22 @@ def test_selector_kl_is_zero_at_the_target_and_counts_only_candidates():
     assert flat.grad[..., 2:].abs().max() == 0  # non-candidates get no gradient
 
 
+def test_selector_kl_without_a_candidate_is_a_finite_zero_with_a_gradient():
+    scores = torch.tensor([[[[float("-inf"), 0.3, float("-inf"), 1.0]]]], requires_grad=True)
+    loss = selector_kl(scores, torch.rand(1, 1, 1, 4), torch.zeros(1, 4, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert bool(torch.isfinite(scores.grad).all())
+
+
+@pytest.mark.parametrize("method", ["selector", "full"])
+def test_a_selector_with_no_block_to_select_is_refused_first(base, tmp_path, method):  # noqa: F811
+    union = "sliding_window(window=128, sinks=4) | learned_topk(block_size=16, top_k=2)"
+    with pytest.raises(ValueError, match="leaves no block to select at --seq-len 128"):
+        run(base, tmp_path / "out", pattern=union, method=method)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("per_head", [False, True])
 def test_warm_up_distils_dense_attention_into_the_selectors(per_head):
     model = make_model("llama")

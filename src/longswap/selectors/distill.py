@@ -119,7 +119,10 @@ def selector_kl(
     log_q = F.log_softmax(scores.float().masked_fill(~keep, float("-inf")), dim=-1)
     terms = torch.where(keep & (p > 0), p * (p.clamp_min(1e-30).log() - log_q), 0.0)
     per_row = terms.sum(-1)
-    return per_row[rows].mean() if bool(rows.any()) else scores.sum() * 0.0
+    if bool(rows.any()):
+        return per_row[rows].mean()
+    # Nothing to learn: a zero that keeps the graph (masked scores may hold -inf).
+    return scores.float().nan_to_num(0.0, posinf=0.0, neginf=0.0).sum() * 0.0
 
 
 class Shares(NamedTuple):

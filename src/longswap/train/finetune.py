@@ -146,6 +146,7 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
         )
     learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
     learned = learned or any(parse_pattern(p).needs_selector for p in layers)
+    found += _selection_problems(layers, config.seq_len)
     found += heads_problems(model.config.get_text_config(), config.sequence_parallel, learned)
     if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
@@ -177,6 +178,22 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
             "a dense model fine-tuned beyond its trained length changes its positions, "
             "which a LoRA adapter alone cannot carry: pass --merge"
         )
+    return found
+
+
+def _selection_problems(layers: list[str], seq_len: int) -> list[str]:
+    """Learned selectors that would have no block to select at ``seq_len`` (the static part
+    of the pattern already shows every complete block): they would train on nothing."""
+    found = []
+    for text in dict.fromkeys(layers):
+        pattern = parse_pattern(text)
+        if pattern.needs_selector and not bool(pattern.candidates(seq_len, seq_len).any()):
+            found.append(
+                f"{pattern} leaves no block to select at --seq-len {seq_len}: the rest of the "
+                "pattern (window, sinks, own block) already shows every complete key block, "
+                "so its learned selector would train on nothing; lengthen --seq-len, or "
+                "shorten the window or the block size"
+            )
     return found
 
 
