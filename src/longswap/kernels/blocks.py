@@ -16,7 +16,10 @@ per query), never O(L^2) for a sparse pattern. The pattern becomes tiles (see ``
   query head instead. Tiles are built once per shape and cached.
 * decoding steps (a few queries) of selection patterns: their static keys and selected
   blocks gathered per key head (``decode``).
-* ``block_topk``: the own block is a static tile set; every (query, selected block) pair
+* block selections in float32 on CPU (``block_topk``, ``learned_topk``, and their unions
+  with a sliding window and sinks): two C++ kernels, the static part through the window
+  kernel and the selected blocks grouped by key block (``selection_cpu``).
+* ``block_topk`` elsewhere: the own block is a static tile set; every (query, selected block) pair
   is grouped by key block, so that each key block is one tile holding the queries that
   chose it. The sets merge per query row through their log-sum-exp.
 """
@@ -31,6 +34,11 @@ from torch import Tensor
 
 from longswap.kernels.band import band_applies, band_attention, band_plan
 from longswap.kernels.decode import DECODE_ROWS, selection_decode
+from longswap.kernels.selection_cpu import (
+    selection_attention,
+    selection_kernel_applies,
+    top_blocks,
+)
 from longswap.kernels.tile_attention import TileSet, tile_attention
 from longswap.kernels.topk import group_by_block, own_block_plan, topk_attention
 from longswap.kernels.window_cpu import window_attention, window_kernel_applies
@@ -275,6 +283,9 @@ def blocks_attention(
             return band_attention(q, k, v, plan, scale, force_math)
     if plain and isinstance(pattern, Selection) and q_len <= DECODE_ROWS:
         return selection_decode(q, k, v, pattern, scale, block_scores, softcap, sinks)
+    if fast and not force_math and selection_kernel_applies(pattern, q):
+        selection = pattern.select_blocks(q, k, block_scores=block_scores, top=top_blocks)
+        return selection_attention(q, k, v, pattern, selection, scale)
     if fast and isinstance(pattern, BlockTopK):
         own = own_block_plan(pattern.block_size, hq, hkv, q_len, kv_len, q.device)
         if own is not None:

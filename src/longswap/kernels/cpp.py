@@ -3,10 +3,12 @@
 Each kernel is one source file under ``csrc/``, compiled by ``torch.utils.cpp_extension``
 the first time it is needed (cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, under a name that carries the kernel, the CPU's instruction
-set and the torch version: a new torch builds its own copy instead of loading one compiled
-against another ABI). Sources are compiled without ``-ffast-math``: NaN and infinities
-follow IEEE, so a NaN input gives NaN outputs as in the dense oracle; exponentials are
-vectorized through ATen's ``Vectorized<float>`` instead. Where a kernel cannot be built (no
+set, the torch version and a digest of the sources: a new torch builds its own copy instead
+of loading one compiled against another ABI, and two checkouts of the same sources share one
+build). Kernels share the helpers of ``csrc/attention_rows.h``. Sources are compiled
+without ``-ffast-math``: NaN and infinities follow IEEE, so a NaN input gives NaN outputs as
+in the dense oracle; exponentials are vectorized through ATen's ``Vectorized<float>``
+instead. Where a kernel cannot be built (no
 C++ compiler), longswap warns once and keeps to its pure-PyTorch paths: same pattern, same
 results, slower. ``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without
 trying.
@@ -15,7 +17,9 @@ trying.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 
@@ -29,6 +33,8 @@ KERNELS = {
     "`blocks` instead",
     "selection_decode": "decoding steps of block selections run through their pure-PyTorch "
     "path instead",
+    "selection_attention": "block selections (block_topk, learned_topk and their unions with "
+    "a window) run through the pure-PyTorch tiles of `blocks` instead",
 }
 _SOURCES = Path(__file__).with_name("csrc")
 #: Compiler flags per CPU capability: the instruction set, and the macro that makes ATen's
@@ -48,11 +54,19 @@ _ISA_FLAGS = {
 }
 
 
+def source_digest(kernel: str) -> str:
+    """Eight hex digits of the kernel's source and the shared header."""
+    digest = hashlib.sha256()
+    for path in (_SOURCES / f"{kernel}.cpp", _SOURCES / "attention_rows.h"):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
 def extension_name(kernel: str, isa: str, torch_version: str) -> str:
-    """A build's name, and so its cache folder: one per kernel, instruction set and torch
-    version."""
+    """A build's name, and so its cache folder: one per kernel, instruction set, torch
+    version and source digest."""
     version = "".join(c if c.isalnum() else "_" for c in torch_version)
-    return f"longswap_{kernel}_{isa.lower()}_torch{version}"
+    return f"longswap_{kernel}_{isa.lower()}_torch{version}_{source_digest(kernel)}"
 
 
 @functools.cache
@@ -70,6 +84,7 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
         return cpp_extension.load(
             name=extension_name(kernel, isa, torch.__version__),
             sources=[str(_SOURCES / f"{kernel}.cpp")],
+            extra_include_paths=[str(_SOURCES)],
             extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
             verbose=False,
@@ -83,3 +98,35 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
             stacklevel=3,
         )
         return None
+
+
+def kernel_status() -> dict[str, str]:
+    """Each kernel's state, found without building anything: ``off`` (switched off by
+    ``LONGSWAP_CPU_KERNEL=0``), ``cached`` (built before: loads without compiling),
+    ``builds on first use``, or ``unavailable`` (no C++ compiler or no ninja: the
+    pure-PyTorch paths run)."""
+    from torch.utils import cpp_extension
+
+    if os.environ.get(SWITCH, "1") == "0":
+        return dict.fromkeys(KERNELS, f"off ({SWITCH}=0)")
+    isa = torch.backends.cpu.get_cpu_capability()
+    missing = [
+        tool
+        for tool, found in [
+            ("C++ compiler", shutil.which(os.environ.get("CXX", "c++"))),
+            ("ninja", cpp_extension.is_ninja_available()),
+        ]
+        if not found
+    ]
+    status = {}
+    for kernel in KERNELS:
+        name = extension_name(kernel, isa, torch.__version__)
+        # torch's own rule for where a build named ``name`` lives
+        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
+        if (folder / f"{name}.so").is_file():
+            status[kernel] = "cached"
+        elif missing:
+            status[kernel] = f"unavailable (no {' and no '.join(missing)})"
+        else:
+            status[kernel] = "builds on first use"
+    return status

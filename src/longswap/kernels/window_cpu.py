@@ -41,7 +41,7 @@ def window_kernel_applies(pattern: Pattern, q: Tensor) -> bool:
     )
 
 
-def _rows_contiguous(x: Tensor) -> Tensor:
+def rows_contiguous(x: Tensor) -> Tensor:
     """``x``, or a copy, with each row of D contiguous and apart from the next (BLAS reads)."""
     apart = x.shape[-2] <= 1 or x.stride(-2) >= x.shape[-1]
     return x if x.stride(-1) == 1 and apart else x.contiguous()
@@ -83,12 +83,12 @@ class WindowAttention(torch.autograd.Function):
         pattern: SlidingWindow | Dilated,
         scale: float,
     ) -> Tensor:
-        q, k, v = (_rows_contiguous(x) for x in (q, k, v))
+        q, k, v = (rows_contiguous(x) for x in (q, k, v))
         sinks = min(pattern.sinks, k.shape[2]) if isinstance(pattern, SlidingWindow) else 0
         parts = _residues(pattern, q.shape[2], k.shape[2])
         results = [
             extension().forward(
-                q[:, :, rows], k[:, :, keys], v[:, :, keys], pattern.window, sinks, scale, BLOCK
+                q[:, :, rows], k[:, :, keys], v[:, :, keys], pattern.window, sinks, scale, BLOCK, 1
             )
             for rows, keys in parts
         ]
@@ -105,13 +105,14 @@ class WindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple:  # noqa: ANN001
         q, k, v, out, *lses = ctx.saved_tensors
-        grad = _rows_contiguous(grad)
-        sinks, hkv = ctx.sinks, k.shape[1]
-        whole = ctx.parts == _WHOLE
-        if not whole:  # rows of several windows; keys no query sees keep zeros
-            dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        grad = rows_contiguous(grad)
+        if ctx.parts == _WHOLE:
+            grads = window_backward(grad, q, k, v, out, lses[0], ctx.window, ctx.sinks, ctx.scale)
+            return *grads, None, None
+        # rows of several windows; keys no query sees keep zeros
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for (rows, keys), lse in zip(ctx.parts, lses, strict=True):
-            dq_p, dk_p, dv_p, dk_sink, dv_sink = extension().backward(
+            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = window_backward(
                 grad[:, :, rows],
                 q[:, :, rows],
                 k[:, :, keys],
@@ -119,18 +120,34 @@ class WindowAttention(torch.autograd.Function):
                 out[:, :, rows],
                 lse,
                 ctx.window,
-                sinks,
+                ctx.sinks,
                 ctx.scale,
-                BLOCK,
             )
-            if sinks:
-                dk_p[:, :, :sinks] += dk_sink.sum(2)
-                dv_p[:, :, :sinks] += dv_sink.sum(2)
-            dk_p, dv_p = _per_key_head(dk_p, hkv), _per_key_head(dv_p, hkv)
-            if whole:
-                return dq_p, dk_p, dv_p, None, None
-            dq[:, :, rows], dk[:, :, keys], dv[:, :, keys] = dq_p, dk_p, dv_p
         return dq, dk, dv, None, None
+
+
+def window_backward(
+    grad: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    window: int,
+    sinks: int,
+    scale: float,
+    own_block: int = 1,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv)`` of the window kernel's keys (window, own block and ``sinks``, see
+    ``csrc/window_attention.cpp``) from ``out`` and ``lse``: the window's own, or those of a
+    whole pattern the window is part of (the window's share of its gradients)."""
+    dq, dk, dv, dk_sink, dv_sink = extension().backward(
+        grad, q, k, v, out, lse, window, sinks, scale, BLOCK, own_block
+    )
+    if sinks:
+        dk[:, :, :sinks] += dk_sink.sum(2)
+        dv[:, :, :sinks] += dv_sink.sum(2)
+    return dq, _per_key_head(dk, k.shape[1]), _per_key_head(dv, k.shape[1])
 
 
 def window_attention(

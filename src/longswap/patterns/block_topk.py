@@ -15,6 +15,7 @@ one selection, ``sliding_window(window=512, sinks=4) | block_topk(...)``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +23,11 @@ from torch import Tensor
 
 from longswap.patterns.base import MaskFn, Pattern, TileGrid, check_int
 from longswap.patterns.registry import register
+
+#: ``top(scores (..., Lq, n) float32, valid (Lq, n) bool, places) -> (blocks, chosen)``:
+#: the ``places`` best valid blocks of each row, best first, ties to the more recent block;
+#: blocks scored NaN or -inf are never chosen (their places stay empty).
+TopPlaces = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
 
 class Selection(Pattern):
@@ -77,6 +83,7 @@ class Selection(Pattern):
         k: Tensor,
         key_padding_mask: Tensor | None = None,
         block_scores: Tensor | None = None,
+        top: TopPlaces | None = None,
     ) -> tuple[Tensor, Tensor]:
         """``(blocks, chosen)``, each ``(B, Hq, Lq, P)``: the complete key blocks each query
         token selects, ``P = min(top_k, complete blocks)`` places per token.
@@ -86,7 +93,8 @@ class Selection(Pattern):
         pattern's own scores (:meth:`block_scores`); scored per KV group, a selection is
         shared by the group's query heads. ``chosen`` is False for places left empty (a
         token with fewer earlier blocks than ``top_k``). Key blocks whose keys are all
-        padding are never selected.
+        padding are never selected. ``top`` picks the places without padding (a compiled
+        kernel's: same blocks, faster; see :data:`TopPlaces`); None: pure PyTorch.
         """
         batch, hq, q_len, _ = q.shape
         kv_len = k.shape[2]
@@ -97,11 +105,15 @@ class Selection(Pattern):
             return empty, empty.bool()
         scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
         self.check_scores(scores, q, kv_len)
-        valid = self.candidates(q_len, kv_len, q.device)[None, None]
-        if key_padding_mask is not None:
-            usable = key_padding_mask[:, : n * self.block_size].reshape(batch, n, -1).any(-1)
-            valid = valid & usable[:, None, None, :]
-        blocks, chosen = _top_places(scores.float(), valid, places)
+        valid = self.candidates(q_len, kv_len, q.device)
+        if key_padding_mask is None and top is not None:
+            blocks, chosen = top(scores.float().contiguous(), valid, places)
+        else:
+            valid = valid[None, None]
+            if key_padding_mask is not None:
+                usable = key_padding_mask[:, : n * self.block_size].reshape(batch, n, -1).any(-1)
+                valid = valid & usable[:, None, None, :]
+            blocks, chosen = _top_places(scores.float(), valid, places)
         share = hq // scores.shape[1]  # query heads per row of scores
         if share > 1:
             blocks, chosen = (x.repeat_interleave(share, dim=1) for x in (blocks, chosen))

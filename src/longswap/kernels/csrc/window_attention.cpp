@@ -1,7 +1,9 @@
 // Sliding-window attention (with optional attention sinks) on CPU, float32.
 //
 // Query row t sits at absolute position p = offset + t and sees the keys j with
-// p - window < j <= p, plus the keys j < sinks. A block of `block` query rows needs one
+// start(p) <= j <= p, plus the keys j < sinks, where start(p) = min(p - window + 1,
+// p - p % own_block): the window, united with the query's aligned block of own_block keys
+// (the own block of a block selection; own_block = 1 adds nothing). A block of `block` query rows needs one
 // contiguous key range [lo, hi) and the sinks before it, [0, ns): its scores are one
 // (rows x (ns + hi - lo)) matrix, computed by BLAS and masked by two intervals per row, so
 // no pair beyond the block's own corner triangles is ever computed and no mask is stored.
@@ -16,89 +18,25 @@
 // point follows IEEE (no -ffast-math): a NaN among the scores a query row sees makes that
 // row's output and log-sum-exp NaN, as in the dense oracle. The exponentials are
 // vectorized through ATen's Vectorized<float> (SLEEF), which keeps NaN and infinities.
-#include <torch/extension.h>
-
-#include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
-
-#include <algorithm>
-#include <climits>
-#include <cmath>
-#include <functional>
-#include <vector>
-
-// BLAS's single-precision matrix product (column-major), exported by torch's MKL.
-extern "C" void sgemm_(const char* trans_a, const char* trans_b, const int* m, const int* n,
-                       const int* k, const float* alpha, const float* a, const int* lda,
-                       const float* b, const int* ldb, const float* beta, float* c,
-                       const int* ldc);
-// MKL's thread count for the calling thread; weak: absent where torch's BLAS is not MKL.
-extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+#include "attention_rows.h"
 
 namespace {
 
-// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
-void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-            int64_t ldc) {
-  if (m == 0 || n == 0 || k == 0) return;  // callers never rely on beta alone
-  // Row-major C is column-major C^T = op(B)^T op(A)^T.
-  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
-  const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
-  sgemm_(&tb, &ta, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
-}
-
-// While alive, MKL calls made by this thread stay on this thread: each task is already one
-// thread's share of the work.
-struct SequentialBlas {
-  int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
-  ~SequentialBlas() {
-    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
-  }
-};
-
-// A (B, H, L, D) tensor read through its strides; rows must be contiguous. A single row's
-// stride along L is never followed: BLAS gets D instead, whatever torch recorded.
-struct View {
-  float* data;
-  int64_t sb, sh, sl;
-  explicit View(const at::Tensor& x)
-      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)),
-        sl(x.size(2) > 1 ? x.stride(2) : std::max<int64_t>(x.size(3), 1)) {}
-  float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
-};
-
-using Vec = at::vec::Vectorized<float>;
+using namespace longswap_rows;
 
 // Largest query block the caller may ask for: its score buffer is block x (sinks + window
 // + block) floats per thread.
 constexpr int64_t kMaxBlock = 4096;
 
-// A (B, H, L, D) float32 CPU tensor whose rows BLAS can read: unit stride along D, a row
-// stride of at least D (rows do not overlap), every stride and size within BLAS's int.
-void check_rows(const at::Tensor& x, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
-              "window kernel: ", name, " must be a 4-D float32 CPU tensor (B, H, L, D), got ",
-              x.scalar_type(), " on ", x.device(), " with shape ", x.sizes());
-  bool rows = x.size(2) > 1;
-  TORCH_CHECK(x.numel() == 0 || (x.stride(3) == 1 && (!rows || x.stride(2) >= x.size(3))),
-              "window kernel: ", name, " must hold each row contiguously and apart from the "
-              "next (stride 1 along D, stride >= D along L), got shape ", x.sizes(),
-              " with strides ", x.strides(), "; pass x.contiguous()");
-  TORCH_CHECK(x.size(3) <= INT_MAX && (!rows || x.stride(2) <= INT_MAX), "window kernel: ",
-              name, " has rows too long for BLAS (D ", x.size(3), ", row stride ", x.stride(2),
-              "; at most ", INT_MAX, ")");
-}
-
 struct Geometry {
-  int64_t batch, heads, groups, q_len, kv_len, dim, dim_v, window, sinks, offset, block;
+  int64_t batch, heads, groups, q_len, kv_len, dim, dim_v, window, own_block, reach, sinks,
+      offset, block;
   // Checks q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) and the arguments.
   Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_,
-           int64_t sinks_, double scale, int64_t block_) {
-    check_rows(q, "q");
-    check_rows(k, "k");
-    check_rows(v, "v");
+           int64_t sinks_, double scale, int64_t block_, int64_t own_block_) {
+    check_rows(q, "window kernel", "q");
+    check_rows(k, "window kernel", "k");
+    check_rows(v, "window kernel", "v");
     TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0),
                 "window kernel: q, k and v must share the batch size, got q ", q.sizes(),
                 ", k ", k.sizes(), ", v ", v.sizes());
@@ -113,6 +51,8 @@ struct Geometry {
     TORCH_CHECK(q.size(2) <= k.size(2), "window kernel: Lq (", q.size(2), ") must not exceed "
                 "Lk (", k.size(2), "): query i sits at key position Lk - Lq + i");
     TORCH_CHECK(window_ >= 1, "window kernel: window must be >= 1, got ", window_);
+    TORCH_CHECK(own_block_ >= 1, "window kernel: own_block must be >= 1 (1: none), got ",
+                own_block_);
     TORCH_CHECK(sinks_ >= 0 && sinks_ <= k.size(2), "window kernel: sinks must lie in [0, Lk = ",
                 k.size(2), "], got ", sinks_, " (clip it to the key length)");
     TORCH_CHECK(std::isfinite(scale) && scale > 0, "window kernel: scale must be a finite "
@@ -127,13 +67,17 @@ struct Geometry {
     dim = q.size(3);
     dim_v = v.size(3);
     window = std::min(window_, std::max<int64_t>(kv_len, 1));  // wider sees the same keys
+    own_block = std::min(own_block_, std::max<int64_t>(kv_len, 1));
+    reach = std::max(window, own_block);  // a row sees at most reach - 1 keys before itself
     sinks = sinks_;
     offset = kv_len - q_len;
     block = block_;
   }
   int64_t blocks() const { return (q_len + block - 1) / block; }
   // Most score columns a block needs: its sinks, its window and its own rows.
-  int64_t columns() const { return std::min(sinks, kv_len) + std::min(window - 1, kv_len) + block; }
+  int64_t columns() const { return std::min(sinks, kv_len) + std::min(reach - 1, kv_len) + block; }
+  // First key of the window and own block of the query at absolute position p.
+  int64_t start(int64_t p) const { return std::max<int64_t>(0, std::min(p - window + 1, p - p % own_block)); }
 };
 
 // The keys of the query block starting at row t0: window range [lo, hi), sinks [0, ns).
@@ -142,7 +86,7 @@ struct BlockKeys {
   BlockKeys(const Geometry& g, int64_t index) {
     t0 = index * g.block;
     rows = std::min(g.block, g.q_len - t0);
-    lo = std::max<int64_t>(0, g.offset + t0 - g.window + 1);
+    lo = g.start(g.offset + t0);
     hi = g.offset + t0 + rows;
     ns = std::min(g.sinks, lo);
   }
@@ -150,7 +94,7 @@ struct BlockKeys {
   // Visible columns of block row r: [0, e) and [s, f) (sink columns come first).
   void intervals(const Geometry& g, int64_t r, int64_t* e, int64_t* s, int64_t* f) const {
     int64_t p = g.offset + t0 + r;
-    int64_t a = std::max(lo, p - g.window + 1);
+    int64_t a = std::max(lo, g.start(p));
     int64_t sink_end = std::min(std::max(g.sinks, lo), a);
     *e = ns + sink_end - lo;
     *s = ns + a - lo;
@@ -188,55 +132,13 @@ void add_to_keys(const BlockKeys& bk, int64_t n, float alpha, const float* weigh
          keys.row(b, h, bk.lo), keys.sl);
 }
 
-// Largest of m and x[0, n). NaN may or may not survive here: the exponentials below turn
-// any NaN score into a NaN row anyway.
-float max_of(const float* x, int64_t n, float m) {
-  Vec best(m);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + j));
-  m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) m = std::max(m, x[j]);
-  return m;
-}
-
-// x[j] = exp(x[j] - shift) over [0, n); returns their sum.
-float exp_in_place(float* x, int64_t n, float shift) {
-  const Vec s(shift);
-  Vec sum(0.f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(x + j) - s).exp();
-    e.store(x + j);
-    sum = sum + e;
-  }
-  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum);
-  for (; j < n; ++j) total += (x[j] = std::exp(x[j] - shift));
-  return total;
-}
-
-// Softmax weights and their score gradients over [0, n): p[j] = exp(p[j] - lse) and
-// d[j] = p[j] (d[j] - dot), where p holds scores and d the products dO . v_j on entry.
-void weights_and_grads(float* p, float* d, int64_t n, float lse, float dot) {
-  const Vec l(lse), o(dot);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec e = (Vec::loadu(p + j) - l).exp();
-    e.store(p + j);
-    (e * (Vec::loadu(d + j) - o)).store(d + j);
-  }
-  for (; j < n; ++j) {
-    p[j] = std::exp(p[j] - lse);
-    d[j] = p[j] * (d[j] - dot);
-  }
-}
-
 }  // namespace
 
 // out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, *).
 std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, int64_t window, int64_t sinks,
-                                       double scale, int64_t block) {
-  Geometry g(q, k, v, window, sinks, scale, block);
+                                       double scale, int64_t block, int64_t own_block) {
+  Geometry g(q, k, v, window, sinks, scale, block, own_block);
   int64_t batch = g.batch, hq = g.heads;
   auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options());
   auto lse = at::empty({batch, hq, g.q_len}, q.options());
@@ -276,11 +178,11 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
                                         const at::Tensor& k, const at::Tensor& v,
                                         const at::Tensor& out, const at::Tensor& lse,
                                         int64_t window, int64_t sinks, double scale,
-                                        int64_t block) {
-  Geometry g(q, k, v, window, sinks, scale, block);
+                                        int64_t block, int64_t own_block) {
+  Geometry g(q, k, v, window, sinks, scale, block, own_block);
   int64_t batch = g.batch, hq = g.heads;
   for (auto [x, name] : {std::pair{&grad, "grad"}, {&out, "out"}}) {
-    check_rows(*x, name);
+    check_rows(*x, "window kernel", name);
     TORCH_CHECK(x->sizes() == at::IntArrayRef({batch, hq, g.q_len, g.dim_v}),
                 "window kernel: ", name, " must be (B, Hq, Lq, Dv) = (", batch, ", ", hq, ", ",
                 g.q_len, ", ", g.dim_v, "), got ", x->sizes());
@@ -290,9 +192,9 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
               "window kernel: lse must be a contiguous float32 CPU tensor (B, Hq, Lq) = (", batch,
               ", ", hq, ", ", g.q_len, "), got ", lse.scalar_type(), " ", lse.sizes());
   int64_t n_blocks = g.blocks();
-  // A segment's keys reach window - 1 before its first row: segments of at least that many
+  // A segment's keys reach reach - 1 before its first row: segments of at least that many
   // rows overlap only their neighbours. Aim for several segments per thread.
-  int64_t min_blocks = (g.window - 1 + block - 1) / block + 1;
+  int64_t min_blocks = (g.reach - 1 + block - 1) / block + 1;
   int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, batch * hq));
   int64_t per_segment = std::max(min_blocks, (n_blocks + 2 * want - 1) / (2 * want));
   int64_t segments = (n_blocks + per_segment - 1) / per_segment;

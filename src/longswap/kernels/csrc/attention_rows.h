@@ -1,0 +1,118 @@
+// Helpers shared by longswap's CPU attention kernels: BLAS products over rows of
+// (B, H, L, D) tensors, and vectorized softmax pieces that keep NaN and infinities (IEEE,
+// no -ffast-math; exponentials through ATen's Vectorized<float>, i.e. SLEEF).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <functional>
+#include <vector>
+
+// BLAS's single-precision matrix product (column-major), exported by torch's MKL.
+extern "C" void sgemm_(const char* trans_a, const char* trans_b, const int* m, const int* n,
+                       const int* k, const float* alpha, const float* a, const int* lda,
+                       const float* b, const int* ldb, const float* beta, float* c,
+                       const int* ldc);
+// MKL's thread count for the calling thread; weak: absent where torch's BLAS is not MKL.
+extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
+
+namespace longswap_rows {
+
+// Row-major C (m x n) = alpha * op(A) (m x k) * op(B) (k x n) + beta * C.
+inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+            const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+            int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;  // callers never rely on beta alone
+  // Row-major C is column-major C^T = op(B)^T op(A)^T.
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  sgemm_(&tb, &ta, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// While alive, MKL calls made by this thread stay on this thread: each task is already one
+// thread's share of the work.
+struct SequentialBlas {
+  int previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;
+  ~SequentialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+// A (B, H, L, D) tensor read through its strides; rows must be contiguous. A single row's
+// stride along L is never followed: BLAS gets D instead, whatever torch recorded.
+struct View {
+  float* data;
+  int64_t sb, sh, sl;
+  explicit View(const at::Tensor& x)
+      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)),
+        sl(x.size(2) > 1 ? x.stride(2) : std::max<int64_t>(x.size(3), 1)) {}
+  float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
+};
+
+using Vec = at::vec::Vectorized<float>;
+
+// A (B, H, L, D) float32 CPU tensor whose rows BLAS can read: unit stride along D, a row
+// stride of at least D (rows do not overlap), every stride and size within BLAS's int.
+inline void check_rows(const at::Tensor& x, const char* kernel, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
+              kernel, ": ", name, " must be a 4-D float32 CPU tensor (B, H, L, D), got ",
+              x.scalar_type(), " on ", x.device(), " with shape ", x.sizes());
+  bool rows = x.size(2) > 1;
+  TORCH_CHECK(x.numel() == 0 || (x.stride(3) == 1 && (!rows || x.stride(2) >= x.size(3))),
+              kernel, ": ", name, " must hold each row contiguously and apart from the "
+              "next (stride 1 along D, stride >= D along L), got shape ", x.sizes(),
+              " with strides ", x.strides(), "; pass x.contiguous()");
+  TORCH_CHECK(x.size(3) <= INT_MAX && (!rows || x.stride(2) <= INT_MAX), kernel, ": ", name, " has rows too long for BLAS (D ", x.size(3), ", row stride ", x.stride(2),
+              "; at most ", INT_MAX, ")");
+}
+
+// Largest of m and x[0, n). NaN may or may not survive here: the exponentials below turn
+// any NaN score into a NaN row anyway.
+inline float max_of(const float* x, int64_t n, float m) {
+  Vec best(m);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + j));
+  m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - shift) over [0, n); returns their sum.
+inline float exp_in_place(float* x, int64_t n, float shift) {
+  const Vec s(shift);
+  Vec sum(0.f);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(x + j) - s).exp();
+    e.store(x + j);
+    sum = sum + e;
+  }
+  float total = at::vec::vec_reduce_all<float>(std::plus<Vec>(), sum);
+  for (; j < n; ++j) total += (x[j] = std::exp(x[j] - shift));
+  return total;
+}
+
+// Softmax weights and their score gradients over [0, n): p[j] = exp(p[j] - lse) and
+// d[j] = p[j] (d[j] - dot), where p holds scores and d the products dO . v_j on entry.
+inline void weights_and_grads(float* p, float* d, int64_t n, float lse, float dot) {
+  const Vec l(lse), o(dot);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec e = (Vec::loadu(p + j) - l).exp();
+    e.store(p + j);
+    (e * (Vec::loadu(d + j) - o)).store(d + j);
+  }
+  for (; j < n; ++j) {
+    p[j] = std::exp(p[j] - lse);
+    d[j] = p[j] * (d[j] - dot);
+  }
+}
+
+}  // namespace longswap_rows
