@@ -1,0 +1,144 @@
+"""The C++ block-selection kernels of ``blocks`` (float32 on CPU): the static part through
+the window kernel (its own-block argument), the selected blocks grouped by key block, and
+the compiled top-k."""
+
+import pytest
+import torch
+
+from longswap.kernels import blocks, selection_cpu, window_cpu
+from longswap.kernels.reference import reference_attention
+from longswap.patterns import parse_pattern
+from longswap.patterns.block_topk import _top_places
+from tests.kernels.test_band import inputs
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts the calls ``blocks`` makes to the selection kernels."""
+    calls = []
+
+    def counted(*args):
+        calls.append(args[3])
+        return selection_cpu.selection_attention(*args)
+
+    monkeypatch.setattr(blocks, "selection_attention", counted)
+    return calls
+
+
+def _scores(pattern, q, k, seed=1):
+    """Block scores for a learned selection (its selector's place), None otherwise."""
+    if not getattr(pattern, "needs_selector", False):
+        return None
+    heads = q.shape[1] if pattern.per_head else k.shape[1]
+    n = pattern.num_candidate_blocks(k.shape[2])
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(q.shape[0], heads, q.shape[2], n, generator=g)
+
+
+def _outputs_and_grads(fn, q, k, v, w):
+    out = fn(q, k, v)
+    return (out.detach(), *torch.autograd.grad((out * w).sum(), (q, k, v)))
+
+
+@pytest.mark.parametrize(
+    ("batch", "heads", "q_len", "kv_len", "pattern"),
+    [
+        (2, (4, 2), 1000, 1000, "block_topk(block_size=64, top_k=4)"),
+        (1, (4, 1), 300, 700, "block_topk(block_size=32, top_k=3)"),  # cached keys first
+        (2, (2, 2), 129, 129, "block_topk(block_size=16, top_k=2)"),  # short last block
+        (2, (4, 2), 777, 777, "sliding_window(window=128, sinks=4) | block_topk(32, 3)"),
+        (1, (6, 2), 500, 900, "sliding_window(window=100, sinks=40) | block_topk(32, 5)"),
+        (1, (4, 2), 600, 600, "sliding_window(window=1, sinks=0) | block_topk(16, 40)"),
+        (1, (4, 2), 600, 600, "sliding_window(64, sinks=4) | learned_topk(16, 4, per_head=True)"),
+        (1, (4, 2), 600, 611, "sliding_window(64, sinks=4) | learned_topk(16, 4)"),
+        (2, (2, 2), 333, 333, "learned_topk(block_size=16, top_k=4)"),
+        (1, (2, 1), 400, 400, "sliding_window(window=600, sinks=4) | block_topk(32, 3)"),
+    ],
+    ids=str,
+)
+def test_kernel_equals_reference(batch, heads, q_len, kv_len, pattern, kernel_calls):
+    """Outputs and gradients of q, k and v equal the dense oracle's, per head and per group,
+    with GQA, sinks inside and beyond blocks, cached keys and lengths off the block grid."""
+    pattern = parse_pattern(pattern)
+    q, k, v = inputs(batch, *heads, q_len, kv_len, dim=16)
+    scores = _scores(pattern, q, k)
+    scale = q.shape[-1] ** -0.5
+    w = torch.randn(batch, heads[0], q_len, 16)
+    ref = _outputs_and_grads(
+        lambda *x: reference_attention(*x, pattern, scale, block_scores=scores), q, k, v, w
+    )
+    got = _outputs_and_grads(
+        lambda *x: blocks.blocks_attention(*x, pattern, scale, block_scores=scores), q, k, v, w
+    )
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5, msg=lambda m, n=name: f"{n}: {m}")
+    assert kernel_calls == ([] if pattern.covers(kv_len) else [pattern])
+
+
+def test_nan_stays_in_its_row():
+    """A NaN query makes its own row NaN and no other (IEEE, as the oracle)."""
+    pattern = parse_pattern("sliding_window(window=32, sinks=2) | block_topk(16, 2)")
+    q, k, v = (x.detach().clone() for x in inputs(1, 2, 1, 200, 200))
+    q[0, 0, 150, 0] = float("nan")
+    out = blocks.blocks_attention(q, k, v, pattern, 0.25)
+    assert torch.isnan(out[0, 0, 150]).all()
+    assert not torch.isnan(out[0, 0, :150]).any() and not torch.isnan(out[0, 1]).any()
+
+
+def test_window_kernel_own_block():
+    """The window kernel's own block: keys from min(p - window + 1, p - p % own_block)."""
+    q, k, v = inputs(1, 4, 2, 300, 300, dim=16)
+    ext = window_cpu.extension()
+    qc, kc, vc = (x.contiguous() for x in (q, k, v))
+    out, _ = ext.forward(qc, kc, vc, 8, 3, 0.25, window_cpu.BLOCK, 64)
+    p = torch.arange(300)
+    start = torch.minimum(p - 8 + 1, p - p % 64)[:, None]
+    visible = ((p[None] >= start) | (p[None] < 3)) & (p[None] <= p[:, None])
+    scores = (qc @ kc.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
+    expected = scores.masked_fill(~visible, -torch.inf).softmax(-1) @ vc.repeat_interleave(2, 1)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("quantised", [False, True], ids=["distinct", "ties"])
+def test_top_blocks_equals_pure_pytorch(quantised):
+    """Same blocks as the pure-PyTorch top-k, ties (to the more recent block) included;
+    a row's places name distinct blocks, so ``chosen`` can be scattered by ``blocks``."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(2, 3, 200, 30, generator=g)
+    if quantised:
+        scores = scores.round()
+    valid = torch.rand(200, 30, generator=g) < 0.5
+    ours = selection_cpu.top_blocks(scores, valid, 6)
+    theirs = _top_places(scores, valid[None, None], 6)
+    as_sets = [
+        torch.zeros(scores.shape, dtype=torch.int).scatter_add_(-1, b, c.int())
+        for b, c in (ours, theirs)
+    ]
+    assert torch.equal(as_sets[0], as_sets[1])
+    assert (as_sets[0] <= 1).all()
+    distinct = ours[0].sort(-1).values
+    assert (distinct[..., 1:] != distinct[..., :-1]).all()
+
+
+def test_top_blocks_skips_nan_and_minus_inf():
+    scores = torch.tensor([[[float("nan"), 1.0, -float("inf"), 0.5, 2.0]]])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    blocks_, chosen = selection_cpu.top_blocks(scores, valid, 3)
+    assert blocks_[0, 0, :2].tolist() == [4, 1] and chosen[0, 0].tolist() == [True, True, True]
+    blocks_, chosen = selection_cpu.top_blocks(scores, valid, 4)
+    assert chosen[0, 0].tolist() == [True, True, True, False]
+
+
+def test_other_patterns_keep_their_paths():
+    """Only block selections and their unions with one window take the kernels."""
+    q = torch.randn(1, 2, 100, 16)
+    for text in (
+        "sliding_window(64)",
+        "bigbird(16, 1, 1)",
+        "sliding_window(8) | dilated(4, 8) | block_topk(16, 2)",
+    ):
+        assert not selection_cpu.selection_kernel_applies(parse_pattern(text), q)
+    assert selection_cpu.selection_kernel_applies(parse_pattern("block_topk(16, 2)"), q)
+    assert not selection_cpu.selection_kernel_applies(
+        parse_pattern("block_topk(16, 2)"), q.double()
+    )
