@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 
 def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
@@ -130,6 +132,57 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(
+    model: Path,
+    prompt_file: Path | None,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> int:
+    """Continue a prompt (--prompt-file, else standard input) with a model folder, a LoRA
+    output of finetune or a .gguf file, streaming the text to stdout; a swapped model
+    decodes through its sparse cache. Speeds and the cache's size go to stderr."""
+    from longswap.generate import Sampling, generate, load_for_generation, read_prompt
+
+    sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
+    prompt = read_prompt(model, prompt_file, sampling)
+    loaded, tokenizer = load_for_generation(model, device, dtype)
+    result = generate(loaded, tokenizer, prompt, sampling, write=_write)
+    _write("" if result.text.endswith("\n") else "\n")
+    print(result.summary(), file=sys.stderr)
+    return 0
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_merge(model: Path, out: Path, overwrite: bool = False) -> int:
+    """Merge the LoRA(+) adapter of a finetune output into a plain checkpoint that
+    longswap.load reads as the same swapped model."""
+    from longswap.merge import merge
+
+    print(f"wrote {merge(model, out, overwrite)}")
+    return 0
+
+
+def cmd_env() -> int:
+    """Print what a bug report needs: versions, device, CPU capability, threads, and the
+    state of the C++ kernels."""
+    from longswap.environment import bug_report
+
+    report = bug_report()
+    width = max(map(len, report))
+    for name, value in report.items():
+        print(f"{name:{width}s}  {value}")
+    return 0
+
+
 def _plain(command: Callable[..., int]) -> str:
     """A command's docstring as help text: reStructuredText's double backticks dropped."""
     return (command.__doc__ or "").replace("``", "")
@@ -140,15 +193,92 @@ def _flat(lists: list[list[int]] | None) -> list[int] | None:
     return None if lists is None else [x for part in lists for x in part]
 
 
+class _Deferred(argparse.ArgumentParser):
+    """A subcommand's parser that adds its flags when it is used (``flags``), so that
+    ``longswap --help`` imports neither the stages nor torch."""
+
+    def __init__(
+        self,
+        *args: Any,
+        flags: Callable[[argparse.ArgumentParser], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._flags = flags
+
+    def _ready(self) -> None:
+        if self._flags is not None:
+            add, self._flags = self._flags, None
+            add(self)
+
+    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
+        """Parse, the flags added first."""
+        self._ready()
+        return super().parse_known_args(*args, **kwargs)
+
+    def format_help(self) -> str:
+        """The help text, the flags added first."""
+        self._ready()
+        return super().format_help()
+
+
+def _config_flags(module: str, name: str) -> Callable[[argparse.ArgumentParser], None]:
+    """Flags (and description) from the config dataclass ``module.name``, imported when its
+    command is used."""
+    from longswap.config import add_arguments
+
+    def add(parser: argparse.ArgumentParser) -> None:
+        config = getattr(importlib.import_module(module), name)
+        parser.description = config.__doc__
+        add_arguments(parser, config)
+
+    return add
+
+
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    from longswap.generate import Sampling
+
+    p.add_argument(
+        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
+    )
+    p.add_argument(
+        "--prompt-file", type=Path, metavar="FILE", help="the prompt (default: standard input)"
+    )
+    defaults = Sampling()
+    for flag, kind, text in (
+        ("--max-new-tokens", int, "tokens to generate at most"),
+        ("--temperature", float, "sampling temperature; 0 decodes greedily"),
+        ("--top-p", float, "sample from the smallest set of tokens holding this probability"),
+        ("--top-k", int, "sample among this many most likely tokens (0: no limit)"),
+        ("--seed", int, "random seed of the sampling"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="cpu, cuda, cuda:N, or auto: cuda when there is one (default: auto)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
-    from longswap.config import add_arguments, comma_list
-    from longswap.train.config import FinetuneConfig, PretrainConfig
+    from longswap import __version__
+    from longswap.config import comma_list
 
     parser = argparse.ArgumentParser(
         prog="longswap",
         description="Swap dense attention for sparse attention, fine-tune, and measure.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.add_argument("--version", action="version", version=f"longswap {__version__}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Deferred
+    )
     p = sub.add_parser("patterns", help=_plain(cmd_patterns), description=_plain(cmd_patterns))
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per pattern into DIR")
     p.add_argument("--length", type=int, default=2048, help="tokens shown in each picture")
@@ -193,24 +323,41 @@ def _parser() -> argparse.ArgumentParser:
         )
     )
 
-    p = sub.add_parser("pretrain", help=cmd_pretrain.__doc__, description=PretrainConfig.__doc__)
-    add_arguments(p, PretrainConfig)
-    p.set_defaults(run=cmd_pretrain)
-    p = sub.add_parser("finetune", help=cmd_finetune.__doc__, description=FinetuneConfig.__doc__)
-    add_arguments(p, FinetuneConfig)
-    p.set_defaults(run=cmd_finetune)
+    for name, command, module, config in (
+        ("pretrain", cmd_pretrain, "longswap.train.config", "PretrainConfig"),
+        ("finetune", cmd_finetune, "longswap.train.config", "FinetuneConfig"),
+        ("eval", cmd_eval, "longswap.evaluate.run", "EvalConfig"),
+        ("demo", cmd_demo, "longswap.demo", "DemoConfig"),
+    ):
+        p = sub.add_parser(name, help=command.__doc__, flags=_config_flags(module, config))
+        p.set_defaults(run=command)
 
-    from longswap.evaluate.run import EvalConfig
-
-    p = sub.add_parser("eval", help=cmd_eval.__doc__, description=EvalConfig.__doc__)
-    add_arguments(p, EvalConfig)
-    p.set_defaults(run=cmd_eval)
-
-    from longswap.demo import DemoConfig
-
-    p = sub.add_parser("demo", help=cmd_demo.__doc__, description=DemoConfig.__doc__)
-    add_arguments(p, DemoConfig)
-    p.set_defaults(run=cmd_demo)
+    p = sub.add_parser(
+        "generate",
+        help=_plain(cmd_generate),
+        description=_plain(cmd_generate),
+        flags=_generate_flags,
+    )
+    p.set_defaults(
+        run=lambda a: cmd_generate(
+            a.model,
+            a.prompt_file,
+            a.max_new_tokens,
+            a.temperature,
+            a.top_p,
+            a.top_k,
+            a.seed,
+            a.device,
+            a.dtype,
+        )
+    )
+    p = sub.add_parser("merge", help=_plain(cmd_merge), description=_plain(cmd_merge))
+    p.add_argument("--model", type=Path, required=True, help="output folder of a LoRA finetune")
+    p.add_argument("--out", type=Path, required=True, help="folder for the merged checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.set_defaults(run=lambda a: cmd_merge(a.model, a.out, a.overwrite))
+    p = sub.add_parser("env", help=_plain(cmd_env), description=_plain(cmd_env))
+    p.set_defaults(run=lambda a: cmd_env())
     return parser
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import importlib.metadata
 import platform
 import sys
 import time
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from longswap import __version__
+from longswap.kernels.cpp import kernel_status
 
 
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -36,6 +40,34 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+#: The libraries whose versions a bug report names (those not installed show as such).
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "deepspeed", "gguf")
+
+
+def bug_report() -> dict[str, str]:
+    """What a bug report needs, as ``name: value`` lines: versions of Python, longswap and
+    the libraries it builds on, the device, the CPU's capability, threads, and the state of
+    each C++ kernel (nothing is built to find it)."""
+    gpu = torch.cuda.is_available()
+    stamp = environment("cuda" if gpu else "cpu")
+    found = {"longswap": __version__, "python": stamp["python"]}
+    for name in LIBRARIES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    native = {True: "native", False: "emulated (no AVX-512/AMX)", None: "unknown"}
+    found |= {
+        "device": f"cuda: {stamp['device']}" if gpu else "cpu (no CUDA device)",
+        "cpu capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu bfloat16": native[stamp["cpu_bfloat16"]],
+        "threads": str(stamp["threads"]),
+        "platform": stamp["platform"],
+    }
+    found |= {f"kernel {name}": state for name, state in kernel_status().items()}
+    return found
 
 
 def cpu_runs_bfloat16() -> bool | None:

@@ -1,0 +1,47 @@
+"""Merging a LoRA(+) output of ``longswap finetune`` into a plain checkpoint.
+
+The merged folder holds the base model with the adapter's products added to its weights
+and its trained embeddings, norms and learned selectors in place, the swap in its
+``config.json`` and the tokenizer: ``longswap.load`` reads it as the same swapped model, and
+so does transformers' ``from_pretrained`` once ``longswap.swap`` is imported, for patterns
+without learned selectors.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from longswap.checkpoint import model_problem
+from longswap.io import check_output_dir, output_problem, overlap_problems, save_checkpoint
+from longswap.swap import load
+
+
+def merge_problems(model: Path, out: Path, overwrite: bool) -> list[str]:
+    """What stops merging the adapter in ``model`` into ``out`` (nothing is loaded)."""
+    found = [problem] if (problem := model_problem(model)) else []
+    if not found and not (model / "adapter_config.json").is_file():
+        found.append(
+            f"--model {model} holds no LoRA adapter (no adapter_config.json): there is nothing "
+            "to merge; give the output folder of `longswap finetune --method lora-plus`"
+        )
+    found += overlap_problems(out, [("--model", model)])
+    found += [problem] if (problem := output_problem(out)) else []
+    try:
+        check_output_dir(out, overwrite)
+    except ValueError as err:
+        found.append(str(err))
+    return found
+
+
+def merge(model: Path, out: Path, overwrite: bool = False) -> Path:
+    """Merge the LoRA(+) adapter in ``model`` into its base and save the result in ``out``.
+
+    An existing ``out`` (with ``overwrite``) is replaced only once the merged checkpoint is
+    completely written.
+    """
+    found = merge_problems(model, out, overwrite)
+    if found:
+        raise ValueError("cannot merge:\n- " + "\n- ".join(found))
+    merged = load(model).merge_and_unload()
+    save_checkpoint(merged, out, source=model, overwrite=overwrite)
+    return out
