@@ -88,8 +88,10 @@ def test_kernel_serves_only_float32_windows_on_cpu(kernel_calls, monkeypatch):
         cpp.compiled.cache_clear()
 
 
-def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
+def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch, tmp_path):
     from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build cached there
 
     def no_compiler(**kwargs):
         raise RuntimeError("no C++ compiler found")
@@ -105,6 +107,21 @@ def test_build_failure_warns_once_and_the_band_path_serves(monkeypatch):
             q, k, v = inputs(1, 2, 2, 300, 300)
             assert not window_cpu.window_kernel_applies(sliding_window(40), q)
             assert_matches_reference(sliding_window(40), q, k, v, None, 2e-5)
+    finally:
+        cpp.compiled.cache_clear()
+
+
+def test_a_cached_build_loads_without_building(monkeypatch):
+    """Another checkout or environment with the same sources loads the build as it is."""
+    from torch.utils import cpp_extension
+
+    if window_cpu.extension() is None:
+        pytest.skip("no C++ compiler here")
+    monkeypatch.setattr(cpp_extension, "load", pytest.fail)
+    cpp.compiled.cache_clear()
+    try:
+        assert cpp.compiled("window_attention") is not None
+        assert cpp.kernel_status()["window_attention"] == "cached"
     finally:
         cpp.compiled.cache_clear()
 
@@ -233,9 +250,11 @@ def test_kernel_fuzzed_against_the_oracle(s):
         torch.testing.assert_close(a, b, atol=5e-5, rtol=5e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
 
-def test_build_is_keyed_by_torch_version_and_keeps_ieee_math(monkeypatch):
+def test_build_is_keyed_by_torch_version_and_keeps_ieee_math(monkeypatch, tmp_path):
     """A new torch builds its own copy; NaN handling is not left to -ffast-math."""
     from torch.utils import cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # no build cached there
 
     seen = {}
 

@@ -3,12 +3,13 @@
 Each kernel is one source file under ``csrc/``, compiled by ``torch.utils.cpp_extension``
 the first time it is needed (cached under ``TORCH_EXTENSIONS_DIR``, by default
 ``~/.cache/torch_extensions``, under a name that carries the kernel, the CPU's instruction
-set, the torch version and a digest of the sources: a new torch builds its own copy instead
-of loading one compiled against another ABI, and two checkouts of the same sources share one
-build). Kernels share the helpers of ``csrc/attention_rows.h``. Sources are compiled
-without ``-ffast-math``: NaN and infinities follow IEEE, so a NaN input gives NaN outputs as
-in the dense oracle; exponentials are vectorized through ATen's ``Vectorized<float>``
-instead. Where a kernel cannot be built (no
+set, the torch version and a digest of the sources and compiler flags: a new torch builds
+its own copy instead of loading one compiled against another ABI, and a build found there is
+loaded as it is, so that checkouts and virtual environments with the same sources share it
+instead of compiling again from their own paths). Kernels share the helpers of
+``csrc/attention_rows.h``. Sources are compiled without ``-ffast-math``: NaN and infinities
+follow IEEE, so a NaN input gives NaN outputs as in the dense oracle; exponentials are
+vectorized through ATen's ``Vectorized<float>`` instead. Where a kernel cannot be built (no
 C++ compiler), longswap warns once and keeps to its pure-PyTorch paths: same pattern, same
 results, slower. ``LONGSWAP_CPU_KERNEL=0`` in the environment keeps them there without
 trying.
@@ -16,12 +17,15 @@ trying.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import shutil
 import warnings
 from pathlib import Path
+from types import ModuleType
 
 import torch
 
@@ -37,6 +41,8 @@ KERNELS = {
     "a window) run through the pure-PyTorch tiles of `blocks` instead",
 }
 _SOURCES = Path(__file__).with_name("csrc")
+#: Compiler flags of every build.
+_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 #: Compiler flags per CPU capability: the instruction set, and the macro that makes ATen's
 #: ``Vectorized<float>`` use it.
 _ISA_FLAGS = {
@@ -55,8 +61,9 @@ _ISA_FLAGS = {
 
 
 def source_digest(kernel: str) -> str:
-    """Eight hex digits of the kernel's source and the shared header."""
-    digest = hashlib.sha256()
+    """Eight hex digits of what a build reads: the kernel's source, the shared header and
+    the compiler flags."""
+    digest = hashlib.sha256(repr((_CFLAGS, _ISA_FLAGS)).encode())
     for path in (_SOURCES / f"{kernel}.cpp", _SOURCES / "attention_rows.h"):
         digest.update(path.read_bytes())
     return digest.hexdigest()[:8]
@@ -80,12 +87,17 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
     if os.environ.get(SWITCH, "1") == "0":
         return None
     isa = torch.backends.cpu.get_cpu_capability()
+    name = extension_name(kernel, isa, torch.__version__)
+    built = _module_path(name)
+    if built.is_file():  # built before, by any checkout or environment with these sources
+        with contextlib.suppress(ImportError):
+            return _import(name, built)
     try:
         return cpp_extension.load(
-            name=extension_name(kernel, isa, torch.__version__),
+            name=name,
             sources=[str(_SOURCES / f"{kernel}.cpp")],
             extra_include_paths=[str(_SOURCES)],
-            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *_ISA_FLAGS.get(isa, [])],
+            extra_cflags=[*_CFLAGS, *_ISA_FLAGS.get(isa, [])],
             extra_ldflags=["-fopenmp"],
             verbose=False,
         )
@@ -120,13 +132,30 @@ def kernel_status() -> dict[str, str]:
     ]
     status = {}
     for kernel in KERNELS:
-        name = extension_name(kernel, isa, torch.__version__)
-        # torch's own rule for where a build named ``name`` lives
-        folder = Path(cpp_extension._get_build_directory(name, verbose=False))
-        if (folder / f"{name}.so").is_file():
+        if _module_path(extension_name(kernel, isa, torch.__version__)).is_file():
             status[kernel] = "cached"
         elif missing:
             status[kernel] = f"unavailable (no {' and no '.join(missing)})"
         else:
             status[kernel] = "builds on first use"
     return status
+
+
+def _module_path(name: str) -> Path:
+    """Where the build named ``name`` leaves its module, by torch's own rule
+    (``TORCH_EXTENSIONS_DIR`` or torch's cache folder, a folder per Python version and
+    accelerator, then ``name``)."""
+    from torch.utils import cpp_extension
+
+    return Path(cpp_extension._get_build_directory(name, verbose=False)) / f"{name}.so"
+
+
+def _import(name: str, path: Path) -> ModuleType:
+    """Load a built module without running the build: its sources may sit in another
+    checkout, whose paths would make ninja compile everything again."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"{path} is not a loadable module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
