@@ -42,7 +42,13 @@ def cmd_swap(
 ) -> int:
     """Swap a checkpoint's attention and write the converted checkpoint to ``--out``."""
     from longswap.checkpoint import model_problem
-    from longswap.io import check_output_dir, output_problem, overlap_problems, save_checkpoint
+    from longswap.io import (
+        check_output_dir,
+        leftover_problems,
+        output_problem,
+        overlap_problems,
+        save_checkpoint,
+    )
     from longswap.patterns import parse_pattern
     from longswap.swap import load, swap_attention
 
@@ -50,6 +56,7 @@ def cmd_swap(
     found = [problem] if (problem := model_problem(model)) else []
     found += overlap_problems(out, [("--model", model)])
     found += [problem] if (problem := output_problem(out)) else []
+    found += leftover_problems(out)
     try:
         parse_pattern(pattern)
         check_output_dir(out, overwrite)

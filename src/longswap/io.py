@@ -102,28 +102,111 @@ def explain_disk_full(out: Path, after: str = "") -> Iterator[None]:
         ) from None
 
 
-@contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out`` to write into; move it into place on success.
+#: The file that marks a staging folder as longswap's own (safe for longswap to clear).
+STAGING_MARKER = "longswap-staging"
+#: The file a staging folder gets once its result is completely written.
+STAGING_COMPLETE = "complete"
+#: The staging folder :func:`publish_into` makes inside the folder it publishes into.
+INNER_STAGING = ".longswap-publish"
 
-    An interrupted or failed write leaves ``out`` as it was.
-    """
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+
+def staging_roots(out: Path) -> tuple[Path, Path]:
+    """The staging folders of a write to ``out``: beside it (:func:`staged_folder`) and
+    inside it (:func:`publish_into`). Each holds ``new/`` (the result being written) and,
+    while the result replaces ``out``, ``old/`` (the previous ``out``)."""
+    out = Path(os.path.abspath(out))
+    return out.with_name(f".{out.name}.longswap"), out / INNER_STAGING
+
+
+def leftover_problems(out: Path) -> list[str]:
+    """What an earlier write to ``out`` left that longswap may not clear by itself: a
+    folder in the way that longswap did not make, or a finished result that was never
+    moved into place (see :func:`clear_leftovers`)."""
+    found = []
+    for root in staging_roots(out):
+        if not root.exists():
+            continue
+        if not (root / STAGING_MARKER).is_file():
+            found.append(
+                f"{root} is in the way of writing --out {out} and was not made by longswap; "
+                "move or delete it"
+            )
+        elif (root / STAGING_COMPLETE).is_file() and (root / "new").exists():
+            old = root / "old"
+            kept = f" (the previous {out} is in {old})" if old.exists() else ""
+            found.append(
+                f"{root / 'new'} holds a finished result that an earlier run could not move "
+                f"to {out}{kept}; move it where it belongs, or delete {root}, then rerun"
+            )
+    return found
+
+
+def clear_leftovers(out: Path) -> None:
+    """Remove the staging folders an interrupted write to ``out`` left (longswap's own,
+    holding no finished result); raise ValueError on :func:`leftover_problems`."""
+    if found := leftover_problems(out):
+        raise ValueError("; ".join(found))
+    for root in staging_roots(out):
+        if root.exists():
+            shutil.rmtree(root)
+
+
+@contextlib.contextmanager
+def _written(root: Path, out: Path) -> Iterator[Path]:
+    """Yield ``root/new`` to write into, ``root`` marked as longswap's; a failed write
+    removes ``root``, a finished one is marked complete."""
+    (root / "new").mkdir(parents=True)
+    (root / STAGING_MARKER).write_text(f"longswap writes {out} here first\n")
     try:
         with explain_disk_full(out):
-            yield staging
+            yield root / "new"
+    except BaseException:
+        shutil.rmtree(root, ignore_errors=True)
+        raise
+    (root / STAGING_COMPLETE).touch()
+
+
+@contextlib.contextmanager
+def _moving(root: Path, out: Path) -> Iterator[None]:
+    """Around moving a finished result from ``root/new`` into ``out``: on success ``root``
+    goes; on failure the result stays where it is, and the error says so."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(
+            f"the finished result is in {root / 'new'}, but moving it to {out} failed "
+            f"({err}); nothing was deleted: move it there yourself"
+        ) from None
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path, overwrite: bool = False, main: bool = True) -> Iterator[Path]:
+    """Yield a staging folder beside ``out`` to write into; move it into place on success.
+
+    Leftovers of an interrupted earlier write are cleared first (or refused, see
+    :func:`clear_leftovers`). An interrupted or failed write leaves ``out`` as it was; a
+    finished result that cannot be moved into place stays in the staging folder, and the
+    error names it. Of a distributed run, only the ``main`` process touches the folders
+    (the others get the same path).
+    """
+    root, _ = staging_roots(out)
+    if not main:
+        yield root / "new"
+        return
+    check_output_dir(out, overwrite)
+    clear_leftovers(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _written(root, out) as staging:
+        yield staging
+    with _moving(root, out):
         if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            out.rename(trash)
+            out.rename(root / "old")
+        try:
             staging.rename(out)
-            shutil.rmtree(trash)
-        else:
-            staging.rename(out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        except OSError:
+            (root / "old").rename(out)  # the previous out back in its place
+            raise
 
 
 def save_checkpoint(
@@ -154,21 +237,23 @@ def save_weights(model: PreTrainedModel, folder: Path) -> None:
     save_file(selectors, str(folder / SELECTOR_FILE))
 
 
-def publish_into(out: Path, write: Callable[[Path], None]) -> None:
-    """Let ``write`` fill a temporary folder inside ``out``, then move its files into ``out``.
+def publish_into(out: Path, write: Callable[[Path], None], main: bool = True) -> None:
+    """Let ``write`` fill a staging folder inside ``out``, then move its files into ``out``.
 
     Used after training, where ``out`` already holds ``checkpoints/`` that must survive:
-    the final files appear only once completely written.
+    the final files appear only once completely written. Of a distributed run, only the
+    ``main`` process writes.
     """
+    if not main:
+        return
     out.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".staging.", dir=out))
-    try:
-        with explain_disk_full(out):
-            write(staging)
+    _, root = staging_roots(out)
+    clear_leftovers(out)
+    with _written(root, out) as staging:
+        write(staging)
+    with _moving(root, out):
         for item in staging.iterdir():
             target = out / item.name
             if target.is_dir() and not item.is_dir():
                 shutil.rmtree(target)
             os.replace(item, target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

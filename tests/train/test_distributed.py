@@ -124,6 +124,20 @@ needs_deepspeed = pytest.mark.skipif(
 )
 
 
+def test_two_processes_overwrite_their_out_once(base, corpus, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("old run")
+    record = finetune(base, corpus, out, "full", 2, TORCHRUN, extra=("--overwrite",), env=CPU_ENV)
+    assert record["world_size"] == 2
+    assert not (out / "precious.txt").exists()
+    # Both processes wrote into the one folder that became --out (each its random state).
+    saved = {p.name for p in (out / "checkpoints" / "checkpoint-3").iterdir()}
+    assert {"model.safetensors", "rng_state_0.pth", "rng_state_1.pth"} <= saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    assert longswap.load(out).config.longswap is not None
+
+
 @needs_deepspeed
 @pytest.mark.parametrize("method", ["lora-plus"])  # full: the sequence-parallel test below
 def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path, method):

@@ -1,11 +1,19 @@
-"""Resuming gives the same run."""
+"""Resuming gives the same run; an interrupted or failed run loses nothing."""
+
+import errno
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM, TrainerCallback
 
+from longswap.cli import main
 from longswap.data import byte_tokenizer
-from longswap.train import PretrainConfig
+from longswap.train import PretrainConfig, pretrain
 from longswap.train.data import datasets
 from longswap.train.pretrain import model_config
 from longswap.train.runner import train
@@ -53,3 +61,83 @@ def test_resume_ends_where_an_uninterrupted_run_ends(corpus, tmp_path):
     loss = [e["loss"] for e in whole_trainer.state.log_history if "loss" in e][-1]
     resumed_loss = [e["loss"] for e in resumed_trainer.state.log_history if "loss" in e][-1]
     assert resumed_loss == pytest.approx(loss, rel=1e-5)
+
+
+def pretrain_into(corpus, out, **fields):
+    settings = dict(data=[str(corpus)], seq_len=32, steps=2, batch_size=2, eval_steps=2)
+    settings["warmup_steps"] = 1
+    return pretrain(PretrainConfig(out=str(out), **(settings | fields)))
+
+
+def old_out(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("old run")
+    return out
+
+
+def test_a_stale_old_folder_of_an_interrupted_overwrite_loses_nothing(corpus, tmp_path):
+    out = old_out(tmp_path)
+    stale = tmp_path / ".out.old"  # what an overwrite interrupted by earlier versions left
+    stale.mkdir()
+    (stale / "model.safetensors").write_text("an earlier result")
+    pretrain_into(corpus, out, overwrite=True)
+    assert (out / "config.json").is_file() and (out / "checkpoints").is_dir()
+    assert (stale / "model.safetensors").read_text() == "an earlier result"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "out"]
+
+
+def test_the_staging_folder_of_a_killed_run_is_cleared_before_the_next(corpus, tmp_path):
+    out = old_out(tmp_path)
+    args = ["pretrain", "--out", out, "--data", corpus, "--seq-len", 32, "--steps", 10000]
+    args += ["--batch-size", 2, "--eval-steps", 5, "--warmup-steps", 1, "--overwrite"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen([sys.executable, "-m", "longswap", *map(str, args)], env=env)
+    staging = []
+    for _ in range(1200):
+        staging = [p for p in tmp_path.iterdir() if p.name != "out"]
+        if any(p.rglob("checkpoint-*") for p in staging) or run.poll() is not None:
+            break
+        time.sleep(0.1)
+    run.kill()  # kill -9: no clean-up runs
+    run.wait()
+    assert staging and (out / "precious.txt").is_file()
+    pretrain_into(corpus, out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert (out / "config.json").is_file()
+
+
+def test_a_folder_in_the_way_of_staging_is_refused_first(corpus, tmp_path, capsys):
+    out = old_out(tmp_path)
+    foreign = tmp_path / ".out.longswap"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not longswap's")
+    with pytest.raises(ValueError, match=r"\.out\.longswap is in the way .* not made by longswap"):
+        pretrain_into(corpus, out, overwrite=True)
+    assert (foreign / "notes.txt").is_file() and (out / "precious.txt").is_file()
+    model = tmp_path / "model"
+    pretrain_into(corpus, model)
+    args = ["swap", "--model", model, "--pattern", "full()", "--out", out, "--overwrite"]
+    assert main([str(a) for a in args]) == 2
+    assert "is in the way" in capsys.readouterr().err
+
+
+def test_a_finished_result_that_cannot_be_published_is_kept(corpus, tmp_path, monkeypatch):
+    out = old_out(tmp_path)
+    rename = Path.rename
+
+    def failing(self, target):
+        if Path(target) == out and self.name == "new":
+            raise OSError(errno.EACCES, "Permission denied")
+        return rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", failing)
+    with pytest.raises(ValueError, match=r"finished result is in .*new, but moving it to"):
+        pretrain_into(corpus, out, overwrite=True)
+    monkeypatch.undo()
+    result = tmp_path / ".out.longswap" / "new"
+    assert (result / "config.json").is_file() and (result / "checkpoints").is_dir()
+    assert (out / "precious.txt").read_text() == "old run"  # put back in its place
+    with pytest.raises(ValueError, match="holds a finished result"):  # never cleared
+        pretrain_into(corpus, out, overwrite=True)
+    assert (result / "config.json").is_file()

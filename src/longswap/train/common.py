@@ -10,8 +10,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from longswap.io import output_problem, overlap_problems, staged_folder
+from longswap.io import (
+    clear_leftovers,
+    leftover_problems,
+    output_problem,
+    overlap_problems,
+    staged_folder,
+)
 from longswap.train.config import TrainingFields
+from longswap.train.distributed import main_process, wait_for_everyone
 
 
 def common_problems(config: TrainingFields) -> list[str]:
@@ -27,6 +34,7 @@ def common_problems(config: TrainingFields) -> list[str]:
             found.append(problem)
         elif out.is_dir() and any(out.iterdir()) and not (config.overwrite or config.resume):
             found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
+        found += leftover_problems(out)
         if config.resume and not (out / "checkpoints").is_dir():
             found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
         elif config.resume:
@@ -97,11 +105,20 @@ def refuse(found: list[str], what: str) -> None:
 def run_folder(config: TrainingFields) -> Iterator[Path]:
     """The folder a run writes into: ``--out`` itself, or, when ``--overwrite`` replaces a
     non-empty ``--out``, a staging folder beside it that takes its place only once the run
-    has finished (a failed or interrupted run leaves the old ``--out`` untouched)."""
-    out = Path(config.out)
+    has finished (a failed or interrupted run leaves the old ``--out`` untouched).
+
+    Leftovers of an interrupted earlier run are cleared first. Of a distributed run, only
+    the main process creates, clears and moves folders; the others wait for it on the way
+    in and out."""
+    out, main = Path(config.out), main_process()
     if config.overwrite and not config.resume and out.is_dir() and any(out.iterdir()):
-        with staged_folder(out, overwrite=True) as staging:
-            yield staging
+        folder = staged_folder(out, overwrite=True, main=main)
     else:
-        out.mkdir(parents=True, exist_ok=True)
-        yield out
+        folder = contextlib.nullcontext(out)
+        if main:
+            out.mkdir(parents=True, exist_ok=True)
+            clear_leftovers(out)
+    with folder as path:
+        wait_for_everyone()
+        yield path
+    wait_for_everyone()

@@ -154,6 +154,19 @@ def _start_deepspeed() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
+def main_process() -> bool:
+    """Whether this process writes the run's files: rank 0 of a launch (``RANK``, which
+    torchrun, accelerate and DeepSpeed set before the process group exists), or the only
+    process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """Wait until every process of a distributed run gets here (nothing without one)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def head_share(sequence_parallel: int) -> tuple[int, int]:
     """``(rank, size)``: which share of the heads this process holds under Ulysses (its
     sequence-parallel groups are consecutive ranks)."""

@@ -36,6 +36,7 @@ from longswap.train.distributed import (
     gathered,
     head_share,
     heads_problems,
+    main_process,
     zero_stage,
 )
 from longswap.train.runner import Joint, SelectorStage, WarmUp, train, write_record
@@ -313,4 +314,4 @@ def _publish(model: Any, config: FinetuneConfig, out: Path, tokenizer: Any, run:
             tokenizer.save_pretrained(folder)
         write_record(folder, run)
 
-    publish_into(out, write)
+    publish_into(out, write, main_process())

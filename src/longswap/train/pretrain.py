@@ -19,6 +19,7 @@ from longswap.io import publish_into
 from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import PretrainConfig
 from longswap.train.data import datasets
+from longswap.train.distributed import main_process
 from longswap.train.runner import train, write_record
 
 #: Llama shapes by size name: hidden, layers, heads, key/value heads.
@@ -62,11 +63,12 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
     with run_folder(config) as out:
         trainer, record = train(model, train_set, val_set, config, out)
         record["eval_bits_per_byte"] = record["eval_bits_per_token"]  # one token per byte
+        state = trainer.accelerator.get_state_dict(trainer.model)  # every process: gathered
 
         def write(folder: Path) -> None:
-            trainer.save_model(str(folder))
+            model.save_pretrained(folder, state_dict=state)
             tokenizer.save_pretrained(folder)
             write_record(folder, record)
 
-        publish_into(out, write)
+        publish_into(out, write, main_process())
     return record
