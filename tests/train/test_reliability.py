@@ -141,3 +141,26 @@ def test_a_finished_result_that_cannot_be_published_is_kept(corpus, tmp_path, mo
     with pytest.raises(ValueError, match="holds a finished result"):  # never cleared
         pretrain_into(corpus, out, overwrite=True)
     assert (result / "config.json").is_file()
+
+
+class Poison(TrainerCallback):
+    """Makes the weights NaN after ``step``: the next loss is not finite."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def test_a_non_finite_loss_names_the_newest_good_checkpoint(corpus, tmp_path):
+    config = PretrainConfig(
+        out=str(tmp_path), data=[str(corpus)], seq_len=32, steps=14, batch_size=2, eval_steps=5
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config("tiny", 32, 257))
+    sets = datasets(config, byte_tokenizer())
+    with pytest.raises(RuntimeError, match=r"nan at step .*checkpoint: \S*checkpoint-10\. Lower"):
+        train(model, *sets, config, tmp_path, callbacks=[Poison(11)])

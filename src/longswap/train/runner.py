@@ -265,11 +265,11 @@ def train(
         _remove_damaged(out / "checkpoints", err)
     model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
     if guard.bad_step is not None:
-        kept = sorted((out / "checkpoints").glob("checkpoint-*"))
+        kept = last_good_checkpoint(out / "checkpoints")
         raise RuntimeError(
             f"the training loss became {guard.bad_value} at step {guard.bad_step}; training "
             f"stopped and nothing was saved after it. Last good checkpoint: "
-            f"{kept[-1] if kept else 'none yet'}. Lower the learning rate, or resume from it."
+            f"{kept or 'none yet'}. Lower the learning rate, or resume from it."
         )
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     if evals and evals[-1]["step"] == trainer.state.global_step:
