@@ -147,6 +147,15 @@ def test_invalid_configurations_are_listed_together(base, tmp_path):
     assert not (tmp_path / "dense-lora").exists()
 
 
+@pytest.mark.parametrize(
+    "pattern", ["sliding_window(window=128)", "block_topk(block_size=16, top_k=8)"]
+)
+def test_a_pattern_that_skips_nothing_at_the_length_is_refused(base, tmp_path, pattern):
+    with pytest.raises(ValueError, match="at --seq-len 128.*: it skips nothing there"):
+        run(base, tmp_path / "out", pattern=pattern)
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_finetune(base, tmp_path, capsys):
     from longswap.cli import main
 

@@ -21,7 +21,7 @@ from longswap.data.tokenizer import tokenizer_for
 from longswap.environment import bfloat16_warning
 from longswap.io import TOKENIZER_FILES, overlap_problems, publish_into, save_checkpoint
 from longswap.kernels import BACKENDS
-from longswap.patterns import parse_pattern
+from longswap.patterns import Pattern, parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap import extend_positions, load, save, shard_heads, swap_attention
@@ -91,17 +91,25 @@ def problems(config: FinetuneConfig) -> list[str]:
             found.append(f"{name} must be a positive integer, got {value!r}")
     if config.pattern:
         try:
-            reach = parse_pattern(config.pattern).reach()
+            pattern = parse_pattern(config.pattern)
         except ValueError as err:
             found.append(str(err))
         else:
-            if reach is not None and isinstance(config.seq_len, int) and reach >= config.seq_len:
-                found.append(
-                    f"the pattern reaches {reach} tokens back, as far as or beyond the sequence "
-                    f"length {config.seq_len}: it would be dense attention; shorten the window "
-                    "or lengthen --seq-len"
-                )
+            if isinstance(config.seq_len, int) and pattern.covers(config.seq_len):
+                found.append(dense_problem(pattern, config.seq_len, "--seq-len"))
     return found
+
+
+def dense_problem(pattern: Pattern, length: int, flag: str) -> str:
+    """Why ``pattern`` is pointless at ``length`` tokens, where it shows every query every
+    earlier token (dense attention, at a sparse pattern's cost)."""
+    reach = pattern.reach()
+    how = f" (it reaches {reach} tokens back)" if reach is not None else ""
+    return (
+        f"{pattern} shows every query every earlier token at {flag} {length}{how}: it skips "
+        f"nothing there (dense attention at a sparse pattern's cost); shorten the window, "
+        f"select fewer blocks, or lengthen {flag}"
+    )
 
 
 def _sequence_parallel_problems(config: FinetuneConfig) -> list[str]:
