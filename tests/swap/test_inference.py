@@ -95,6 +95,18 @@ def test_sparse_cache_gives_the_same_tokens_and_stays_bounded(family, pattern):
     assert cache.get_seq_length() == 9 + steps - 1
 
 
+@pytest.mark.parametrize("pattern", [sliding_window(6, sinks=2), block_topk(4, 2)], ids=str)
+def test_a_used_sparse_cache_refuses_a_batch_of_another_size(pattern):
+    model = make_model("llama")
+    longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
+    cache = longswap.swap.sparse_cache(model)
+    settings = dict(max_new_tokens=3, do_sample=False, pad_token_id=0, cache=cache)
+    with torch.no_grad():
+        model.generate(torch.randint(1, 97, (1, 9)), **settings)
+        with pytest.raises(ValueError, match="batch of 1 sequences and cannot continue a batch"):
+            model.generate(torch.randint(1, 97, (2, 9)), **settings)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_packed_documents_do_not_see_each_other(family):
     """Positions that restart mark documents: each one attends only inside itself."""

@@ -60,6 +60,16 @@ class _Buffered(DynamicLayer):
         """Whether ``new`` states go into the buffers after ``length`` entries."""
         return self._owned(new) and self._buffers[0].shape[-2] >= length + new.shape[-2]
 
+    def _check_batch(self, new: Tensor) -> None:
+        """Refuse states of a batch of another size than the entries held: generating on
+        top of another batch's entries would be silently wrong."""
+        if self._filled() and new.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"this sparse_cache holds {self._filled()} tokens of a batch of "
+                f"{self.keys.shape[0]} sequences and cannot continue a batch of {new.shape[0]}; "
+                "pass a new longswap.swap.sparse_cache(model) to each generate call"
+            )
+
     def _capacity(self, total: int) -> int:
         """Entries to allocate for ``total`` filled ones: a quarter more, and 256."""
         return total * 5 // 4 + 256
@@ -106,6 +116,7 @@ class SinkWindowLayer(_Buffered):
         """Return all states for this step's attention; keep only what later steps can see."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_batch(key_states)
         self.cumulative_length += key_states.shape[-2]
         length = self._filled()
         if self._owned(key_states) and not self._fits(key_states, length):
@@ -182,6 +193,7 @@ class BlockSummaryLayer(_Buffered):
         """Append the states and hand this layer to the attention call that follows."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._check_batch(key_states)
         self.keys, self.values = self._append(key_states, value_states)
         module = self._module()
         if module is not None:
