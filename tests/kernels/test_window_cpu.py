@@ -135,9 +135,9 @@ def kernel():
     return ext
 
 
-def _args(q=(1, 2, 16, 8), k=(1, 2, 16, 8), v=None, window=4, sinks=0, scale=0.5, block=8):
+def _args(q=(1, 2, 16, 8), k=(1, 2, 16, 8), v=None, window=4, sinks=0, scale=0.5, block=8, own=1):
     """The kernel's forward arguments: random q, k, v of these shapes, then the settings."""
-    return [*(torch.randn(*shape) for shape in (q, k, v or k)), window, sinks, scale, block]
+    return [*(torch.randn(*shape) for shape in (q, k, v or k)), window, sinks, scale, block, own]
 
 
 @pytest.mark.parametrize(
@@ -155,6 +155,7 @@ def _args(q=(1, 2, 16, 8), k=(1, 2, 16, 8), v=None, window=4, sinks=0, scale=0.5
         (_args(scale=float("inf")), "scale must be a finite positive number"),
         (_args(scale=0.0), "scale must be a finite positive number"),
         (_args(block=0), r"block must lie in \[1, 4096\]"),
+        (_args(own=0), r"own_block must be >= 1 \(1: none\), got 0"),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
@@ -175,9 +176,8 @@ def test_forward_checks_dtypes_and_layouts(kernel):
 
 
 def test_backward_checks_out_grad_and_lse(kernel):
-    q, k, v, window, sinks, scale, block = _args()
-    out, lse = kernel.forward(q, k, v, window, sinks, scale, block)
-    tail = (window, sinks, scale, block)
+    q, k, v, *tail = _args()
+    out, lse = kernel.forward(q, k, v, *tail)
     with pytest.raises(RuntimeError, match=r"grad must be \(B, Hq, Lq, Dv\) = \(1, 2, 16, 8\)"):
         kernel.backward(out[:, :, :8], q, k, v, out, lse, *tail)
     with pytest.raises(RuntimeError, match=r"out must be \(B, Hq, Lq, Dv\)"):
@@ -193,8 +193,8 @@ def test_backward_checks_out_grad_and_lse(kernel):
 def test_window_wider_than_the_keys_is_the_whole_causal_row(kernel):
     """A window beyond every length (2**31 - 1 on 16 keys) sees what a window of 16 sees."""
     q, k, v, *_ = _args()
-    wide, _ = kernel.forward(q, k, v, 2**31 - 1, 0, 0.5, 8)
-    exact, _ = kernel.forward(q, k, v, 16, 0, 0.5, 8)
+    wide, _ = kernel.forward(q, k, v, 2**31 - 1, 0, 0.5, 8, 1)
+    exact, _ = kernel.forward(q, k, v, 16, 0, 0.5, 8, 1)
     torch.testing.assert_close(wide, exact, rtol=0, atol=0)
 
 

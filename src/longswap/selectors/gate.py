@@ -128,6 +128,15 @@ class BlockGate(nn.Module):
         queries = q.detach().to(self.query_map.dtype).unflatten(1, (hkv, self.group))
         # (B, Hkv, g, Lq, D) @ (g, D, D), scaled here: on Lq x D numbers, not Lq x n x m
         mapped = (queries @ self.query_map) * (1 / math.sqrt(dim))  # (B, Hkv, g, Lq, D)
+        kernel = self._prompt_kernel(q, offset) if pieces > 1 else None
+        if kernel is not None:  # pieces of a prompt without gradients: one fused call
+            return kernel.gate_prompt_scores(
+                mapped.flatten(1, 2).contiguous(),
+                block_keys.contiguous(),
+                self.per_head,
+                offset,
+                self.block_size,
+            )
         keys = block_keys.flatten(2, 3)[:, :, None].transpose(-1, -2)  # (B, Hkv, 1, D, n * m)
         # Rows in chunks: with pieces, one layer's piece scores at 8k tokens are hundreds
         # of MB, and the log-sum-exp's passes over them run faster from cache.
@@ -144,6 +153,16 @@ class BlockGate(nn.Module):
                 blocks = blocks.amax(2) if self.group > 1 else blocks[:, :, 0]
             out.append(F.pad(blocks, (0, n - seen), value=float("-inf")) if seen < n else blocks)
         return torch.cat(out, 2) if len(out) > 1 else out[0]  # (B, Hq or Hkv, Lq, n)
+
+    def _prompt_kernel(self, q: Tensor, offset: int | None):  # noqa: ANN202 (a module)
+        """The compiled prompt scorer for an attention call's rows in float32 on CPU when
+        no gradient reaches the gate; else None."""
+        trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        if offset is None or trains or q.device.type != "cpu":
+            return None
+        if self.query_map.dtype != torch.float32:
+            return None
+        return compiled("selection_attention")
 
 
 def _log_sum_exp(scores: Tensor) -> Tensor:

@@ -374,7 +374,76 @@ std::vector<at::Tensor> top_blocks(const at::Tensor& scores, const at::Tensor& v
   return {blocks, chosen};
 }
 
+// A learned gate's block scores for the rows of a prompt (selectors/gate.py, without
+// gradients): mapped (B, Hq, Lq, D) holds each head's mapped queries, keys (B, Hkv, n, m, D)
+// each block's m piece summaries. A block's score for a row is the log-sum-exp of the row's
+// products with its pieces; per KV group (per_head false) the max over the group's heads.
+// Rows are taken in chunks of 64; a chunk scores the blocks before its last row's own block
+// (`offset`: the position of row 0; blocks of `block_size` keys), the others are -inf.
+// Returns (B, Hq or Hkv, Lq, n) float32.
+at::Tensor gate_prompt_scores(const at::Tensor& mapped, const at::Tensor& keys, bool per_head,
+                              int64_t offset, int64_t block_size) {
+  TORCH_CHECK(mapped.scalar_type() == at::kFloat && keys.scalar_type() == at::kFloat &&
+                  mapped.is_contiguous() && keys.is_contiguous() && mapped.dim() == 4 &&
+                  keys.dim() == 5 && mapped.size(0) == keys.size(0) &&
+                  mapped.size(3) == keys.size(4) && keys.size(1) >= 1 &&
+                  mapped.size(1) % keys.size(1) == 0 && offset >= 0 && block_size >= 1,
+              "gate_prompt_scores: mapped (B, Hq, Lq, D) and keys (B, Hkv, n, m, D), contiguous "
+              "float32, offset >= 0, block_size >= 1; got ", mapped.sizes(), ", ", keys.sizes());
+  int64_t batch = mapped.size(0), hq = mapped.size(1), q_len = mapped.size(2);
+  int64_t dim = mapped.size(3), hkv = keys.size(1), n = keys.size(2), m = keys.size(3);
+  int64_t groups = hq / hkv, heads = per_head ? hq : hkv, rows = 64;
+  int64_t chunks = (q_len + rows - 1) / rows;
+  auto out = at::full({batch, heads, q_len, n}, -INFINITY, mapped.options());
+  const float* mp = mapped.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch * hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    SequentialBlas sequential;
+    std::vector<float> s(rows * n * m);
+    for (int64_t task = begin; task < end; ++task) {
+      int64_t b = task / (hkv * chunks), hk = task / chunks % hkv;
+      int64_t t0 = task % chunks * rows, r_n = std::min(rows, q_len - t0);
+      int64_t seen = std::min(n, (offset + t0 + r_n - 1) / block_size), cols = seen * m;
+      if (seen == 0) continue;
+      const float* k_head = kp + (b * hkv + hk) * n * m * dim;
+      for (int64_t g = 0; g < groups; ++g) {
+        int64_t h = hk * groups + g;
+        matmul(false, true, r_n, cols, dim, 1.f, mp + ((b * hq + h) * q_len + t0) * dim, dim,
+               k_head, dim, 0.f, s.data(), cols);
+        for (int64_t r = 0; r < r_n; ++r) {
+          float* row = s.data() + r * cols;
+          float top = max_of(row, cols, -INFINITY);
+          float* dst = op + ((b * heads + (per_head ? h : hk)) * q_len + t0 + r) * n;
+          if (top == -INFINITY) continue;  // every piece -inf: every block stays -inf
+          exp_in_place(row, cols, top);  // one shift for the row: vectorized
+          for (int64_t j = 0; j < seen; ++j) {
+            float sum = 0.f;
+            for (int64_t i = 0; i < m; ++i) sum += row[j * m + i];
+            float score = top + std::log(sum);
+            if (sum == 0.f) {  // underflow: the block lies far below the row's best; exact
+              const float* raw = mp + ((b * hq + h) * q_len + t0 + r) * dim;
+              std::vector<float> piece(m);
+              for (int64_t i = 0; i < m; ++i) {
+                const float* key = k_head + (j * m + i) * dim;
+                float dot = 0.f;
+                for (int64_t d = 0; d < dim; ++d) dot += raw[d] * key[d];
+                piece[i] = dot;
+              }
+              float best = max_of(piece.data(), m, -INFINITY);
+              score = best == -INFINITY ? best : best + std::log(exp_in_place(piece.data(), m, best));
+            }
+            if (g == 0 || per_head || std::isnan(score) || score > dst[j]) dst[j] = score;
+          }
+        }
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("gate_prompt_scores", &gate_prompt_scores, "a learned gate's block scores (CPU)");
   m.def("top_blocks", &top_blocks, "the best valid blocks of each row of scores (CPU)");
   m.def("forward", &selection_forward, "selected key blocks, forward (CPU, float32)");
   m.def("backward", &selection_backward, "selected key blocks, backward (CPU, float32)");

