@@ -15,6 +15,7 @@ one selection, ``sliding_window(window=512, sinks=4) | block_topk(...)``).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ class Selection(Pattern):
             return empty, empty.bool()
         scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
         self.check_scores(scores, q, kv_len)
-        valid = self.candidates(q_len, kv_len, q.device)
+        valid = _candidates(self, q_len, kv_len, q.device)
         if key_padding_mask is None and top is not None:
             blocks, chosen = top(scores.float().contiguous(), valid, places)
         else:
@@ -204,6 +205,12 @@ class BlockTopK(Selection):
         hkv, n = block_keys.shape[1], block_keys.shape[2]
         qg = q.float().reshape(batch, hkv, (hq // hkv) * q_len, dim)
         return (qg @ block_keys.transpose(-1, -2)).reshape(batch, hq, q_len, n)
+
+
+@functools.lru_cache(maxsize=8)
+def _candidates(pattern: Selection, q_len: int, kv_len: int, device: torch.device) -> Tensor:
+    """``pattern.candidates``, kept for the next call of the same shape (the next layer's)."""
+    return pattern.candidates(q_len, kv_len, device)
 
 
 def _top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,8 @@
 // deterministic for a given thread count.
 #include "attention_rows.h"
 
+#include <cstring>
+
 namespace {
 
 using namespace longswap_rows;
@@ -345,25 +347,32 @@ std::vector<at::Tensor> top_blocks(const at::Tensor& scores, const at::Tensor& v
   int64_t* bl = blocks.data_ptr<int64_t>();
   bool* ch = chosen.data_ptr<bool>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    std::vector<std::pair<float, int64_t>> cand(n);
-    std::vector<bool> used(n);
-    auto better = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) {
-      return a.first > b.first || (a.first == b.first && a.second > b.second);
-    };
+    // (order-preserving bits of the score, block): one integer compare orders by score,
+    // then by block, so the largest keys are the best blocks, ties to the more recent.
+    std::vector<uint64_t> cand(n);
+    std::vector<char> used(n);
     for (int64_t r = begin; r < end; ++r) {
       const float* s = sc + r * n;
       const bool* v = ok + (r % q_len) * n;
       int64_t c = 0;
       for (int64_t j = 0; j < n; ++j) {
-        if (v[j] && s[j] > -INFINITY) cand[c++] = {s[j], j};  // NaN fails the test too
+        if (!v[j] || !(s[j] > -INFINITY)) continue;  // NaN fails the test too
+        float x = s[j] == 0.f ? 0.f : s[j];  // -0 ties with +0, as in torch.topk
+        uint32_t bits;
+        std::memcpy(&bits, &x, sizeof bits);
+        bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
+        cand[c++] = (uint64_t(bits) << 32) | uint64_t(j);
       }
       int64_t take = std::min(c, places);
-      std::partial_sort(cand.begin(), cand.begin() + take, cand.begin() + c, better);
-      std::fill(used.begin(), used.end(), false);
+      auto first = cand.begin(), nth = first + take, last = first + c;
+      if (take < c) std::nth_element(first, nth, last, std::greater<uint64_t>());
+      std::sort(first, nth, std::greater<uint64_t>());
+      std::fill(used.begin(), used.end(), 0);
       for (int64_t i = 0; i < take; ++i) {
-        bl[r * places + i] = cand[i].second;
+        int64_t j = int64_t(cand[i] & 0xffffffffu);
+        bl[r * places + i] = j;
         ch[r * places + i] = true;
-        used[cand[i].second] = true;
+        used[j] = 1;
       }
       for (int64_t i = take, j = 0; i < places; ++i, ++j) {
         while (used[j]) ++j;
