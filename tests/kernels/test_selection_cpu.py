@@ -142,3 +142,22 @@ def test_other_patterns_keep_their_paths():
     assert not selection_cpu.selection_kernel_applies(
         parse_pattern("block_topk(16, 2)"), q.double()
     )
+
+
+def test_selection_kernel_checks_its_arguments():
+    """Called directly, the kernel refuses what it cannot read, naming what was wrong."""
+    ext = selection_cpu.compiled("selection_attention")
+    q, k, v = torch.randn(1, 2, 64, 8), torch.randn(1, 1, 64, 8), torch.randn(1, 1, 64, 8)
+    blocks_, chosen = torch.zeros(1, 2, 64, 2, dtype=torch.long), torch.ones(1, 2, 64, 2).bool()
+    out, lse = torch.zeros(1, 2, 64, 8), torch.zeros(1, 2, 64)
+    settings = (8, 16, 0, 16, 0.5)  # window, own block, sinks, block size, scale
+    with pytest.raises(RuntimeError, match="blocks \\(int64\\) and chosen \\(bool\\)"):
+        ext.forward(q, k, v, blocks_.int(), chosen, out, lse, *settings)
+    with pytest.raises(RuntimeError, match="is not a complete key block"):
+        ext.forward(q, k, v, blocks_ + 4, chosen, out, lse, *settings)
+    with pytest.raises(RuntimeError, match="out_static"):
+        ext.forward(q, k, v, blocks_, chosen, out[:, :1], lse, *settings)
+    with pytest.raises(RuntimeError, match="scale must be a finite positive number"):
+        ext.forward(q, k, v, blocks_, chosen, out, lse, 8, 16, 0, 16, float("nan"))
+    with pytest.raises(RuntimeError, match="places \\(5\\) exceed the blocks \\(4\\)"):
+        ext.top_blocks(torch.zeros(1, 3, 4), torch.ones(3, 4).bool(), 5)
