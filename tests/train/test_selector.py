@@ -99,8 +99,15 @@ def test_selector_kl_without_a_candidate_is_a_finite_zero_with_a_gradient():
 @pytest.mark.parametrize("method", ["selector", "full"])
 def test_a_selector_with_no_block_to_select_is_refused_first(base, tmp_path, method):  # noqa: F811
     union = "sliding_window(window=128, sinks=4) | learned_topk(block_size=16, top_k=2)"
-    with pytest.raises(ValueError, match="leaves no block to select at --seq-len 128"):
+    with pytest.raises(ValueError, match=r"at 128 tokens \(--seq-len\).*: it skips nothing"):
         run(base, tmp_path / "out", pattern=union, method=method)
+    # A model swapped to it carries the pattern: refused the same, for its selector.
+    swapped = tmp_path / "swapped"
+    model = longswap.load(base / "base")
+    longswap.swap_attention(model, union)
+    longswap.save(model, swapped)
+    with pytest.raises(ValueError, match=r"at 128 tokens.*selector would train on nothing"):
+        run(base, tmp_path / "out", model=str(swapped), method=method)
     assert not (tmp_path / "out").exists()
 
 

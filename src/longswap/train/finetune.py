@@ -95,21 +95,25 @@ def problems(config: FinetuneConfig) -> list[str]:
         except ValueError as err:
             found.append(str(err))
         else:
-            if isinstance(config.seq_len, int) and pattern.covers(config.seq_len):
-                found.append(dense_problem(pattern, config.seq_len, "--seq-len"))
+            if isinstance(config.seq_len, int) and config.seq_len > 0:
+                found += length_problems(pattern, config.seq_len, "--seq-len")
     return found
 
 
-def dense_problem(pattern: Pattern, length: int, flag: str) -> str:
-    """Why ``pattern`` is pointless at ``length`` tokens, where it shows every query every
-    earlier token (dense attention, at a sparse pattern's cost)."""
+def length_problems(pattern: Pattern, length: int, flag: str) -> list[str]:
+    """Why ``pattern`` is pointless at ``length`` tokens (set by ``flag``): it shows every
+    query every earlier token (dense attention at a sparse pattern's cost; a learned
+    selector would have no block to select and train on nothing)."""
+    if not pattern.covers(length):
+        return []
     reach = pattern.reach()
     how = f" (it reaches {reach} tokens back)" if reach is not None else ""
-    return (
-        f"{pattern} shows every query every earlier token at {flag} {length}{how}: it skips "
-        f"nothing there (dense attention at a sparse pattern's cost); shorten the window, "
-        f"select fewer blocks, or lengthen {flag}"
-    )
+    idle = "; its learned selector would train on nothing" if pattern.needs_selector else ""
+    return [
+        f"{pattern} shows every query every earlier token at {length} tokens ({flag}){how}: "
+        f"it skips nothing there (dense attention at a sparse pattern's cost{idle}); shorten "
+        f"the window, select fewer blocks, or raise {flag}"
+    ]
 
 
 def _sequence_parallel_problems(config: FinetuneConfig) -> list[str]:
@@ -155,7 +159,9 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
         )
     learned = any(hasattr(m, SELECTOR_ATTR) for m in attention_modules(model).values())
     learned = learned or any(parse_pattern(p).needs_selector for p in layers)
-    found += _selection_problems(layers, config.seq_len)
+    if not config.pattern:  # a swapped model's own pattern (--pattern is checked first)
+        for text in dict.fromkeys(layers):
+            found += length_problems(parse_pattern(text), config.seq_len, "--seq-len")
     found += heads_problems(model.config.get_text_config(), config.sequence_parallel, learned)
     if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
@@ -187,22 +193,6 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
             "a dense model fine-tuned beyond its trained length changes its positions, "
             "which a LoRA adapter alone cannot carry: pass --merge"
         )
-    return found
-
-
-def _selection_problems(layers: list[str], seq_len: int) -> list[str]:
-    """Learned selectors that would have no block to select at ``seq_len`` (the static part
-    of the pattern already shows every complete block): they would train on nothing."""
-    found = []
-    for text in dict.fromkeys(layers):
-        pattern = parse_pattern(text)
-        if pattern.needs_selector and not bool(pattern.candidates(seq_len, seq_len).any()):
-            found.append(
-                f"{pattern} leaves no block to select at --seq-len {seq_len}: the rest of the "
-                "pattern (window, sinks, own block) already shows every complete key block, "
-                "so its learned selector would train on nothing; lengthen --seq-len, or "
-                "shorten the window or the block size"
-            )
     return found
 
 
