@@ -58,10 +58,14 @@ def output_problem(out: Path) -> str | None:
     return None
 
 
-def overlap_problems(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> list[str]:
+def overlap_problems(
+    out: Path, inputs: Iterable[tuple[str, str | Path]], adds_only: bool = False
+) -> list[str]:
     """Problems when ``out`` is, contains or lies inside one of the ``(flag, path)`` inputs.
 
     Writing there could overwrite or delete what the run reads (a base model, the data).
+    ``adds_only``: the command only adds its own files to ``out``, so inputs inside it
+    are safe.
     """
     found = []
     target = Path(out).resolve()
@@ -69,7 +73,7 @@ def overlap_problems(out: Path, inputs: Iterable[tuple[str, str | Path]]) -> lis
         source = Path(path).resolve()
         if target == source:
             found.append(f"--out {out} is the same path as {flag} {path}; pick another --out")
-        elif source.is_relative_to(target):
+        elif source.is_relative_to(target) and not adds_only:
             found.append(f"--out {out} contains {flag} {path}; pick a folder outside it")
         elif target.is_relative_to(source):
             found.append(f"--out {out} lies inside {flag} {path}; pick a folder outside it")

@@ -231,6 +231,24 @@ def test_eval_refuses_bad_settings_before_any_work(models, tmp_path, capsys, fla
     assert not out.exists()
 
 
+@pytest.mark.parametrize(
+    ("out", "message"), [("", "is the same path as --model"), ("eval", "lies inside --model")]
+)
+def test_eval_refuses_to_write_into_a_model_folder(models, capsys, out, message):
+    base, _ = models
+    before = sorted(p.name for p in base.iterdir())
+    assert main(["eval", "--model", str(base), "--tasks", "ppl", "--out", str(base / out)]) == 2
+    assert message in capsys.readouterr().err
+    assert sorted(p.name for p in base.iterdir()) == before
+
+
+def test_eval_writes_beside_the_models_it_holds(models, tmp_path):
+    base, _ = models
+    args = ["eval", "--model", str(base), "--tasks", "ppl", "--lengths", "64"]
+    assert main([*args, "--targets", "32", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "results.json").is_file()
+
+
 def test_eval_refuses_too_little_text_for_the_targets(models, tmp_path, capsys):
     base, _ = models
     (tmp_path / "small.txt").write_text("x = 1\n" * 300)

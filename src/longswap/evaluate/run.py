@@ -24,7 +24,7 @@ from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
 from longswap.evaluate.speed import decode_speed
 from longswap.evaluate.tasks import needles, passkey, recall
-from longswap.io import output_problem
+from longswap.io import output_problem, overlap_problems
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length
 
@@ -122,6 +122,9 @@ def _check(
         found.append("--out is required")
     elif problem := output_problem(Path(config.out)):
         found.append(problem)
+    else:
+        inputs = [("--model", m) for m in config.model] + [("--data", d) for d in config.data]
+        found += overlap_problems(Path(config.out), inputs, adds_only=True)
     if not config.model:
         found.append("at least one --model is required")
     records, problems = _earlier_records(config) if config.out else ([], [])
