@@ -7,6 +7,7 @@ Without them these tests are skipped, with the reason.
 
 import copy
 import importlib.util
+import json
 import math
 import shutil
 
@@ -136,6 +137,27 @@ def test_lora_plus_finetune_of_two_steps_at_512_tokens(smol, tmp_path):
     assert 0 < run["trainable_parameters"] < run["parameters"] / 2
     assert longswap.load(tmp_path / "tuned") is not None  # the adapter reloads on its base
     shutil.rmtree(base)
+
+
+def test_lora_plus_from_the_gguf_file_loads_and_evaluates(tmp_path):
+    from longswap.evaluate.run import EvalConfig, evaluate
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "text.txt").write_text(TEXT * 60)
+    out = tmp_path / "tuned"
+    settings = dict(seq_len=128, steps=1, batch_size=1, eval_steps=1, warmup_steps=0)
+    settings |= dict(learning_rate=1e-4, validation_share=0.5, data=[str(data)], out=str(out))
+    pattern = "sliding_window(window=64, sinks=4)"
+    finetune(FinetuneConfig(model=str(GGUF), pattern=pattern, **settings))
+    recorded = json.loads((out / "longswap.json").read_text())
+    assert recorded["base_model"] == str(GGUF) and recorded["swap"]["layers"][0] == pattern
+    records = evaluate(
+        EvalConfig(
+            model=[str(out)], out=str(tmp_path / "e"), tasks=["ppl"], lengths=[64], targets=32
+        )
+    )
+    assert 1 < records[0]["perplexity"] < 50
 
 
 def test_damaged_gguf_files_get_one_clear_error(tmp_path):

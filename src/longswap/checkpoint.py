@@ -89,7 +89,8 @@ def load_gguf(path: str | Path, **kwargs: Any) -> PreTrainedModel:
             f"{path} could not be read as a GGUF model ({type(err).__name__}: {err}); the file "
             "may be truncated or corrupt, or hold an architecture transformers cannot read"
         ) from err
-    model.config.name_or_path = str(path)
+    # The file, not its folder, is the model: a LoRA adapter records it as its base.
+    model.config.name_or_path = model.name_or_path = str(path)
     return model
 
 
