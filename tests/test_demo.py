@@ -142,6 +142,13 @@ def test_demo_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
     )
 
 
+def test_demo_refuses_a_pattern_that_skips_nothing_at_the_long_length(tmp_path, capsys):
+    args = ["demo", "--quick", "--out", str(tmp_path / "demo"), "--factor", "2"]
+    assert main([*args, "--pattern", "sliding_window(window=1024)"]) == 2
+    assert "at 1024 tokens (--factor)" in capsys.readouterr().err  # 2 x the trained 512
+    assert not (tmp_path / "demo").exists()
+
+
 def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -49,6 +49,7 @@ from longswap.evaluate.run import EvalConfig, evaluate
 from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
 from longswap.patterns import format_pattern, parse_pattern
 from longswap.swap import load, save, swap_attention
+from longswap.train.finetune import length_problems
 
 #: The dense model shipped with longswap (see assets/base/MODEL.md).
 EMBEDDED_MODEL = Path(__file__).parents[1] / "assets" / "base"
@@ -88,7 +89,7 @@ class DemoConfig:
 
 
 def _problems(config: DemoConfig) -> list[str]:
-    found = []
+    found, pattern = [], None
     try:
         pattern = parse_pattern(config.pattern)
     except ValueError as err:
@@ -108,6 +109,8 @@ def _problems(config: DemoConfig) -> list[str]:
         found.append(f"steps must be an integer >= 0, got {config.steps!r}")
     if not isinstance(config.factor, int) or config.factor < 2:
         found.append(f"factor must be an integer >= 2, got {config.factor!r}")
+    elif pattern is not None and not found:  # the arms fine-tune at the long length
+        found += length_problems(pattern, config.factor * _trained_length(model), "--factor")
     out = Path(config.out)
     found += overlap_problems(out, [("--model", model)])
     if problem := output_problem(out):
@@ -121,6 +124,15 @@ def _problems(config: DemoConfig) -> list[str]:
                 "replaces a demo folder, pick another --out"
             )
     return found
+
+
+def _trained_length(model: Path) -> int:
+    """The trained length of a base (a model folder or a .gguf file), from its config."""
+    if is_gguf(model):
+        config = AutoConfig.from_pretrained(model.parent, gguf_file=model.name)
+    else:
+        config = AutoConfig.from_pretrained(model)
+    return config.max_position_embeddings
 
 
 def _say(message: str) -> None:
@@ -260,7 +272,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         shutil.copytree(base, arms / ARMS[0], ignore=shutil.ignore_patterns("*.md"))
     parsed = parse_pattern(config.pattern)
     pattern = format_pattern(parsed)
-    trained = AutoConfig.from_pretrained(base).max_position_embeddings
+    trained = _trained_length(base)
     long = config.factor * trained
     steps = config.steps or (4 if config.quick else 100)
     _say(f"base {base} (trained at {trained} tokens); pattern {pattern}; long length {long}")
