@@ -161,3 +161,25 @@ def test_selection_kernel_checks_its_arguments():
         ext.forward(q, k, v, blocks_, chosen, out, lse, 8, 16, 0, 16, float("nan"))
     with pytest.raises(RuntimeError, match="places \\(5\\) exceed the blocks \\(4\\)"):
         ext.top_blocks(torch.zeros(1, 3, 4), torch.ones(3, 4).bool(), 5)
+
+
+@pytest.mark.parametrize("per_head", [True, False], ids=["per-head", "per-group"])
+@pytest.mark.parametrize("sub_block", [4, 16])
+def test_fused_gate_scores_equal_pure_pytorch(per_head, sub_block):
+    """A gate's fused prompt scorer gives the pure-PyTorch scores on every block a row can
+    select (cached keys before the queries included), and only runs without gradients."""
+    from longswap.selectors import BlockGate
+
+    gate = BlockGate(16, 2, 32, per_head=per_head, sub_block=sub_block)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    q, k = torch.randn(1, 4, 300, 16), torch.randn(1, 2, 400, 16)
+    own = (torch.arange(100, 400) // 32)[:, None]
+    can_select = torch.arange(400 // 32)[None] < own  # (Lq, n)
+    with torch.no_grad():
+        fused = gate(q, k)
+        assert gate._prompt_kernel(q, 100) is not None
+    assert gate._prompt_kernel(q, 100) is None  # the gate's parameters want gradients
+    expected = gate(q, k).detach()
+    torch.testing.assert_close(fused[..., can_select], expected[..., can_select])
