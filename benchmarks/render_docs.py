@@ -1,0 +1,733 @@
+"""Render the results tables of README.md and docs/ from the committed results files.
+
+    python benchmarks/render_docs.py            # rewrite every table in place
+    python benchmarks/render_docs.py --check    # exit 1 when a table differs from its source
+
+A table lives between two marker comments, ``<!-- render:NAME -->`` and
+``<!-- /render:NAME -->``; everything between them is replaced by what ``TABLES[NAME]``
+renders from ``benchmarks/results/*.json`` or ``docs/demo/``, followed by one line naming
+the machine, date, versions and command of the measurement (from the file's
+``environment`` and ``command``). A source file that does not exist yet renders as one
+line saying how to produce it. Nothing here imports torch: the script runs in a second.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path("benchmarks/results")
+DEMO = Path("docs/demo")
+#: The real-model arms that the study tables show (the others are superseded: history).
+STUDY_ARMS = (
+    "dense",
+    "window-1024",
+    "window-2048",
+    "moba-128x4",
+    "moba-128x8",
+    "shifted-2048",
+    "window-512+moba-64x16",
+    "window-512+oracle-64x16",
+    "window-512+oracle-head-64x16",
+)
+FLOAT32_ARMS = (
+    "dense",
+    "window-512+learned-head-64x16-8k",
+    "window-512+pieces-16-64x16-untrained",
+    "window-512+learned-pieces-16-64x16-8k",
+    "window-512+pieces-4-64x16-untrained",
+    "window-512+learned-pieces-4-64x16-8k",
+)
+HISTORY_ARMS = (
+    "learned-64x16",
+    "window-512+learned-64x16-untrained",
+    "window-512+learned-64x16",
+    "window-512+learned-64x16-8k",
+    "window-512+learned-64x16-8k-max",
+    "window-512+learned-64x16-8k-max-beyond",
+)
+STUDY_COMMANDS = {
+    "real_model.json": "python benchmarks/real_model.py",
+    "real_model-fp32.json": (
+        "python benchmarks/real_model.py --dtype float32 "
+        "--out benchmarks/results/real_model-fp32.json"
+    ),
+}
+#: README: one line per current arm (file, arm).
+SUMMARY_ARMS = (
+    ("real_model.json", "dense"),
+    ("real_model.json", "window-1024"),
+    ("real_model.json", "window-2048"),
+    ("real_model.json", "moba-128x8"),
+    ("real_model.json", "window-512+moba-64x16"),
+    ("real_model-fp32.json", "window-512+pieces-4-64x16-untrained"),
+    ("real_model-fp32.json", "window-512+learned-pieces-4-64x16-8k"),
+    ("real_model.json", "window-512+oracle-64x16"),
+)
+
+
+# ---------------------------------------------------------------- reading the sources
+
+
+def load(root: Path, path: Path) -> dict[str, Any] | None:
+    """The JSON file ``root / path``, or None when it does not exist."""
+    file = root / path
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+def arm_patterns(root: Path) -> dict[str, str]:
+    """``ARMS`` of ``benchmarks/real_model.py``, read without importing it (no torch)."""
+    tree = ast.parse((root / "benchmarks/real_model.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "ARMS":
+            return ast.literal_eval(node.value)
+    raise ValueError("benchmarks/real_model.py defines no ARMS")
+
+
+def stamp(env: dict[str, Any], command: str, extra: str = "") -> str:
+    """The line under a table: machine, date, versions, command."""
+    device = env.get("device", "unknown machine")
+    gpu = any(word in device for word in ("NVIDIA", "AMD Instinct", "Radeon"))
+    machine = f"{device}, {env.get('threads', '?')} CPU threads, " + ("GPU" if gpu else "no GPU")
+    if gpu:
+        machine = f"{device} GPU ({env.get('threads', '?')} CPU threads)"
+    date = str(env.get("time", "undated"))[:10]
+    versions = f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}"
+    versions += f", Python {env.get('python', '?')}"
+    if " (" in command:  # a note after the command line, e.g. how a run was stopped
+        command, note = command.split(" (", 1)
+        extra = (extra + "; " if extra else "") + note.rstrip(")").replace("`", "")
+    extra = f"; {extra}" if extra else ""
+    return f"_Measured on {machine}, {date}; {versions}{extra}. Command: `{command}`._"
+
+
+def cell(text: str) -> str:
+    """Text that may hold ``|``, made safe for a Markdown table cell."""
+    return text.replace("|", "\\|")
+
+
+def table(header: list[str], align: str, rows: list[list[str]]) -> str:
+    """A Markdown table; ``align`` holds ``l`` or ``r`` per column."""
+    rule = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(rule) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def missing(path: Path, command: str) -> str:
+    """What a table says before its source file exists."""
+    return f"_Not measured yet: `{command}` writes `{path}`._"
+
+
+# ---------------------------------------------------------------- the demo
+
+
+def demo_command(demo: dict[str, Any]) -> str:
+    """The ``longswap demo`` command line that the committed report came from."""
+    config = demo["config"]
+    words = ["longswap demo"]
+    if config.get("learned"):
+        words.append("--learned")
+    if config.get("quick"):
+        words.append("--quick")
+    return " ".join(words)
+
+
+def demo_stamp(root: Path) -> tuple[dict[str, Any], str]:
+    """The demo record and the line under each of its tables."""
+    demo = load(root, DEMO / "demo.json")
+    assert demo is not None, "docs/demo/demo.json is committed"
+    wall = f"the whole run {demo['wall_seconds'] / 60:.0f} min of wall time"
+    return demo, stamp(demo["environment"], demo_command(demo), wall)
+
+
+def render_demo_verdict(root: Path) -> str:
+    """The demo's verdict rows."""
+    demo, line = demo_stamp(root)
+    words = {True: "holds", False: "**does not hold**", None: "not decided"}
+    rows = [[cell(v["claim"]), cell(v["measured"]), words[v["holds"]]] for v in demo["verdict"]]
+    return table(["expectation", "measured", "outcome"], "lll", rows) + "\n\n" + line
+
+
+def demo_records(root: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """The demo's evaluation records by (arm, task)."""
+    records = load(root, DEMO / "eval/results.json")
+    assert records is not None, "docs/demo/eval/results.json is committed"
+    found: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for record in records["records"]:
+        found.setdefault((Path(record["model"]).name, record["task"]), []).append(record)
+    return found
+
+
+def render_demo_perplexity(root: Path) -> str:
+    """Perplexity against length per demo arm, 95% interval."""
+    _, line = demo_stamp(root)
+    found = demo_records(root)
+    arms = sorted({arm for arm, task in found if task == "ppl"})
+    lengths = sorted({r["length"] for (_, task), rs in found.items() if task == "ppl" for r in rs})
+    rows = []
+    for arm in arms:
+        by_length = {r["length"]: r for r in found[(arm, "ppl")]}
+        rows.append([arm] + [ppl(by_length.get(n), 2) for n in lengths])
+    return table(["arm", *map(str, lengths)], "l" + "r" * len(lengths), rows) + "\n\n" + line
+
+
+def render_demo_passkey(root: Path) -> str:
+    """Passkey accuracy per demo arm, length and depth."""
+    _, line = demo_stamp(root)
+    found = demo_records(root)
+    arms = sorted({arm for arm, task in found if task == "passkey"})
+    cells = sorted(
+        {(r["length"], r["depth"]) for (_, t), rs in found.items() if t == "passkey" for r in rs}
+    )
+    rows = []
+    for arm in arms:
+        by_cell = {(r["length"], r["depth"]): r["accuracy"] for r in found[(arm, "passkey")]}
+        rows.append([arm] + [f"{by_cell[c]:.0%}" if c in by_cell else "" for c in cells])
+    header = ["arm"] + [f"{n} @ {d:g}" for n, d in cells]
+    return table(header, "l" + "r" * len(cells), rows) + "\n\n" + line
+
+
+def render_demo_cost(root: Path) -> str:
+    """The cost of the demo's fine-tuning arms."""
+    demo, line = demo_stamp(root)
+    rows = [
+        [
+            arm,
+            f"{c['cpu_seconds']:.1f}",
+            f"{c['wall_seconds']:.1f}",
+            f"{c['tokens_per_second']:.0f}",
+            f"{c['peak_memory_mb']:.0f}",
+            f"{c['validation_loss']:.3f}",
+        ]
+        for arm, c in demo["cost"].items()
+    ]
+    header = ["arm", "CPU s", "wall s", "tokens/s", "peak memory (MB)", "validation loss"]
+    return table(header, "lrrrrr", rows) + "\n\n" + line
+
+
+def render_demo_speed(root: Path) -> str:
+    """Prefill and decode speed of the demo's arms at the longest length."""
+    _, line = demo_stamp(root)
+    found = demo_records(root)
+    rows = []
+    longest = 0
+    for arm in sorted({arm for arm, task in found if task == "speed"}):
+        record = max(found[(arm, "speed")], key=lambda r: r["length"])
+        longest = record["length"]
+        rows.append(
+            [
+                arm,
+                f"{record['prefill_tokens_per_s']:.0f}",
+                f"{record['decode_tokens_per_s']:.1f}",
+                f"{record['cache_mb']:.2f}",
+            ]
+        )
+    header = [f"arm (at {longest} tokens)", "prefill tokens/s", "decode tokens/s", "KV cache MB"]
+    return table(header, "lrrr", rows) + "\n\n" + line
+
+
+# ---------------------------------------------------------------- the real-model study
+
+
+def ppl(record: dict[str, Any] | None, digits: int = 3) -> str:
+    """A perplexity with its interval, or an empty cell."""
+    if record is None:
+        return ""
+    if "skipped" in record:
+        return "skipped"
+    low, high = record["perplexity_ci"]
+    return f"{record['perplexity']:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def study(root: Path, name: str) -> dict[str, Any] | None:
+    """A real-model study file, its records indexed as ``(arm, task, length)``."""
+    data = load(root, RESULTS / name)
+    if data is not None:
+        data["index"] = {(r["arm"], r["task"], r["length"]): r for r in data["records"]}
+    return data
+
+
+def study_stamp(data: dict[str, Any], name: str) -> str:
+    """The line under a study table: the study accumulates runs, so name them all."""
+    runs = len(data.get("commands", [])) or 1
+    what = f"{data['config']['dtype']}; {runs} runs that resume one another, their arguments "
+    what += f"under `commands` in `{RESULTS / name}`; date of the last"
+    return stamp(data["environment"], STUDY_COMMANDS[name], what)
+
+
+def passkey(record: dict[str, Any] | None) -> str:
+    """Keys found of those asked, or an empty cell."""
+    if record is None or "skipped" in record:
+        return "" if record is None else "skipped"
+    return f"{record['correct']}/{record['trials']}"
+
+
+def selection(record: dict[str, Any] | None) -> str:
+    """Dense attention mass kept, with the best selection of the same budget."""
+    if record is None:
+        return ""
+    return f"{record['captured_mass']:.3f} ({record['oracle_mass']:.3f})"
+
+
+def versus(record: dict[str, Any] | None, dense: dict[str, Any] | None) -> str:
+    """An arm's perplexity over dense's, as a signed percentage."""
+    if record is None or dense is None or "skipped" in record:
+        return ""
+    return f"{record['perplexity'] / dense['perplexity'] - 1:+.1%}"
+
+
+def render_real_model_summary(root: Path) -> str:
+    """README: the current arms at the trained length, from both study files."""
+    patterns = arm_patterns(root)
+    files = {name: study(root, name) for name in ("real_model.json", "real_model-fp32.json")}
+    rows = []
+    for name, arm in SUMMARY_ARMS:
+        data = files[name]
+        if data is None:
+            continue
+        at = data["index"]
+        record = at.get((arm, "ppl", 8192))
+        rows.append(
+            [
+                arm,
+                f"`{cell(patterns[arm])}`",
+                data["config"]["dtype"],
+                ppl(record),
+                versus(record, at.get(("dense", "ppl", 8192))),
+                passkey(at.get((arm, "passkey", 8192))),
+                selection(at.get((arm, "selection", 8192))),
+            ]
+        )
+    header = ["arm", "pattern", "dtype", "perplexity at 8192", "vs dense", "passkey 8192"]
+    header.append("mass kept (best)")
+    lines = [table(header, "lllrrrr", rows)]
+    lines += [study_stamp(data, name) for name, data in files.items() if data is not None]
+    return "\n\n".join(lines)
+
+
+def render_real_model_perplexity(root: Path) -> str:
+    """Perplexity against length for the current parameter-free arms (bfloat16 study)."""
+    data = study(root, "real_model.json")
+    if data is None:
+        return missing(RESULTS / "real_model.json", "python benchmarks/real_model.py")
+    patterns = arm_patterns(root)
+    at = data["index"]
+    lengths = (2048, 8192, 16384, 32768)
+    rows = []
+    for arm in STUDY_ARMS:
+        cells = [ppl(at.get((arm, "ppl", n))) for n in lengths]
+        gain = data["gain_kept_2k_to_8k"].get(arm)
+        rows.append(
+            [arm, f"`{cell(patterns[arm])}`", *cells, "" if gain is None else f"{gain:.0%}"]
+        )
+    header = ["arm", "pattern", *(f"ppl {n}" for n in lengths), "2k->8k gain kept"]
+    return table(header, "llrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
+
+
+def render_real_model_other(root: Path) -> str:
+    """Passkey, selection and prefill of the current parameter-free arms (bfloat16 study)."""
+    data = study(root, "real_model.json")
+    if data is None:
+        return missing(RESULTS / "real_model.json", "python benchmarks/real_model.py")
+    at = data["index"]
+    rows = []
+    for arm in STUDY_ARMS:
+        if "oracle" in arm:  # a ceiling for perplexity only: it computes dense attention
+            continue
+        keys = [passkey(at.get((arm, "passkey", n))) for n in (4096, 8192, 16384)]
+        cost = []
+        for n in (2048, 8192, 16384, 32768):
+            r = at.get((arm, "prefill", n))
+            if r is None or "skipped" in r:
+                cost.append("" if r is None else "skipped")
+            else:
+                cost.append(f"{r['prefill_seconds']:.1f} / {r['peak_memory_mb']:.0f}")
+        rows.append([arm, *keys, selection(at.get((arm, "selection", 8192))), *cost])
+    header = ["arm", "passkey 4096", "passkey 8192", "passkey 16384", "mass kept 8192 (best)"]
+    header += [f"prefill s / MB {n}" for n in (2048, 8192, 16384, 32768)]
+    return table(header, "lrrrrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
+
+
+def render_real_model_float32(root: Path) -> str:
+    """The learned and piece-scored unions against dense, float32 study."""
+    data = study(root, "real_model-fp32.json")
+    if data is None:
+        return missing(RESULTS / "real_model-fp32.json", "python benchmarks/real_model.py")
+    patterns = arm_patterns(root)
+    at = data["index"]
+    dense = at.get(("dense", "ppl", 8192))
+    rows = []
+    for arm in FLOAT32_ARMS:
+        record = at.get((arm, "ppl", 8192))
+        chosen = at.get((arm, "selection", 8192))
+        nats = "" if chosen is None else f"{chosen['kept_nats']:.3f} ({chosen['oracle_nats']:.3f})"
+        cost = at.get((arm, "prefill", 8192))
+        rows.append(
+            [
+                arm,
+                f"`{cell(patterns[arm])}`",
+                ppl(record),
+                versus(record, dense),
+                selection(chosen),
+                nats,
+                passkey(at.get((arm, "passkey", 8192))),
+                "" if cost is None else f"{cost['prefill_seconds']:.1f}",
+            ]
+        )
+    header = ["arm", "pattern", "ppl 8192", "vs dense", "mass kept (best)", "-log mass, nats"]
+    header += ["passkey 8192", "prefill 8192 s"]
+    return table(header, "llrrrrrr", rows) + "\n\n" + study_stamp(data, "real_model-fp32.json")
+
+
+def render_real_model_history(root: Path) -> str:
+    """Superseded learned arms of the bfloat16 study (gates that today's code cannot load)."""
+    data = study(root, "real_model.json")
+    if data is None:
+        return missing(RESULTS / "real_model.json", "python benchmarks/real_model.py")
+    at = data["index"]
+    dense = at.get(("dense", "ppl", 8192))
+    rows = []
+    for arm in HISTORY_ARMS:
+        record = at.get((arm, "ppl", 8192))
+        rows.append(
+            [
+                arm,
+                ppl(at.get((arm, "ppl", 2048))),
+                ppl(record),
+                versus(record, dense),
+                passkey(at.get((arm, "passkey", 8192))),
+                selection(at.get((arm, "selection", 8192))),
+            ]
+        )
+    header = ["arm", "ppl 2048", "ppl 8192", "vs dense", "passkey 8192", "mass kept (best)"]
+    return table(header, "lrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
+
+
+def render_real_model_speed(root: Path) -> str:
+    """Forward and forward+backward seconds of SmolLM2 per pattern, when measured."""
+    path = RESULTS / "real_model_speed.json"
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/real_model_speed.py")
+    rows_in = data["rows"]
+    dense = {(r["length"], r["pass"]): r["median_seconds"] for r in rows_in if r["arm"] == "dense"}
+    rows = []
+    for r in rows_in:
+        base = dense.get((r["length"], r["pass"]))
+        rows.append(
+            [
+                r["arm"],
+                f"`{cell(r['pattern'])}`",
+                str(r["length"]),
+                r["pass"],
+                f"{r['median_seconds']:.2f}",
+                "" if base is None else f"{base / r['median_seconds']:.2f}x",
+                f"{r['peak_memory_mb']:.0f}",
+            ]
+        )
+    header = ["arm", "pattern", "length", "pass", "seconds (median)", "speed-up vs dense"]
+    header.append("peak memory MB")
+    extra = f"{data.get('dtype', 'float32')}, median of the repeats"
+    return (
+        table(header, "llrlrrr", rows)
+        + "\n\n"
+        + stamp(
+            data["environment"], data.get("command", "python benchmarks/real_model_speed.py"), extra
+        )
+    )
+
+
+# ---------------------------------------------------------------- kernels and training
+
+
+def attention_rows(data: dict[str, Any], lengths: tuple[int, ...]) -> list[list[str]]:
+    """Rows of ``benchmarks/attention.py``'s table for ``lengths``; speed-ups against SDPA
+    ``is_causal=True`` at the same length, efficiency = speed-up x density."""
+    causal = {r["length"]: r for r in data["results"] if r["name"] == "sdpa_causal"}
+    rows = []
+    for r in data["results"]:
+        if r["length"] not in lengths:
+            continue
+        head = [r["name"], r.get("backend", "sdpa"), str(r["length"])]
+        if "skipped" in r:
+            rows.append(head + ["", "skipped: " + r["skipped"]] + [""] * 5)
+            continue
+        base = causal[r["length"]]
+        density = r.get("density")
+        fwd, both = r["fwd"]["s"], r.get("fwd_bwd")
+        speedup = None if both is None else base["fwd_bwd"]["s"] / both["s"]
+        rows.append(
+            head
+            + [
+                "all pairs" if density is None else f"{density:.3f}",
+                f"{fwd:.3f}",
+                f"{base['fwd']['s'] / fwd:.1f}x",
+                "n/a" if both is None else f"{both['s']:.3f}",
+                "n/a" if speedup is None else f"{speedup:.1f}x",
+                "" if speedup is None or density is None else f"{speedup * density:.0%}",
+                "n/a" if both is None else f"{both['peak_mb']:.0f}",
+            ]
+        )
+    return rows
+
+
+ATTENTION_HEADER = ["pattern", "backend", "L", "density", "fwd s", "fwd speed-up", "fwd+bwd s"]
+ATTENTION_HEADER += ["fwd+bwd speed-up", "efficiency", "peak MB"]
+
+
+def attention_table(root: Path, name: str, lengths: tuple[int, ...]) -> str:
+    """One of ``benchmarks/attention.py``'s result files as a table."""
+    path = RESULTS / name
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/attention.py --out " + str(path))
+    rows = attention_rows(data, lengths)
+    c = data["config"]
+    extra = f"B={c['batch']}, H={c['heads']}, D={c['dim']}, median of {c['repeats']}"
+    return (
+        table(ATTENTION_HEADER, "llrrrrrrrr", rows)
+        + "\n\n"
+        + stamp(data["environment"], data["command"], extra)
+    )
+
+
+def render_attention_cpu(root: Path) -> str:
+    """Attention kernels on the CPU at 16k and 32k tokens."""
+    return attention_table(root, "attention.json", (16384, 32768))
+
+
+def render_attention_h200(root: Path) -> str:
+    """Attention kernels on one H200 at 16k tokens."""
+    return attention_table(root, "attention-h200.json", (16384,))
+
+
+def render_attention_learned(root: Path) -> str:
+    """The learned gate's cost against MoBA's mean keys at 16k tokens."""
+    return attention_table(root, "attention-learned.json", (16384,))
+
+
+def render_attention_pure_pytorch(root: Path) -> str:
+    """Windows without the C++ kernel (``LONGSWAP_CPU_KERNEL=0``)."""
+    text = attention_table(root, "attention-pure-pytorch.json", (16384,))
+    return text.replace("Command: `", "Command: `LONGSWAP_CPU_KERNEL=0 ")
+
+
+def render_attention_terms(root: Path) -> str:
+    """Soft-capped logits and learned sinks: what they cost on CPU at 4k tokens."""
+    path = RESULTS / "attention-terms.json"
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/attention.py --terms plain,softcap,sinks")
+    rows = [
+        [
+            cell(r["pattern"]),
+            r["terms"],
+            f"{r['fwd']['s']:.3f}",
+            f"{r['fwd_bwd']['s']:.3f}" if "fwd_bwd" in r else "n/a",
+        ]
+        for r in data["results"]
+        if "terms" in r
+    ]
+    header = ["pattern", "terms", "fwd s", "fwd+bwd s"]
+    return table(header, "llrr", rows) + "\n\n" + stamp(data["environment"], data["command"])
+
+
+def render_attention_build(root: Path) -> str:
+    """Building the block structure and FlexAttention's BlockMask at 64k tokens."""
+    data = load(root, RESULTS / "attention.json")
+    if data is None:
+        return missing(RESULTS / "attention.json", "python benchmarks/attention.py")
+    rows = [
+        [b["pattern"], str(b["length"]), f"{b['structure_ms']:.1f}", f"{b['blockmask_ms']:.1f}"]
+        for b in data["build"]
+    ]
+    header = ["pattern", "L", "block structure ms", "BlockMask ms"]
+    return table(header, "lrrr", rows) + "\n\n" + stamp(data["environment"], data["command"])
+
+
+def decode_table(root: Path, name: str) -> str:
+    """One of ``benchmarks/decode.py``'s result files as a table."""
+    path = RESULTS / name
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/decode.py --out " + str(path))
+    rows = [
+        [
+            r["arm"],
+            str(r["context"]),
+            f"{r['decode_tokens_per_s']:.2f}",
+            f"{r['speedup_vs_dense']:.2f}",
+            f"{r['prefill_seconds']:.1f}",
+            f"{r['cache_mb']:.1f}",
+        ]
+        for r in data["results"]
+    ]
+    header = ["arm", "context", "decode tokens/s", "x dense", "prefill s", "KV cache MB"]
+    extra = f"{data['config'].get('dtype', 'bfloat16')}, median of {data['config']['steps']} steps"
+    return (
+        table(header, "lrrrrr", rows) + "\n\n" + stamp(data["environment"], data["command"], extra)
+    )
+
+
+def render_decode_smollm2(root: Path) -> str:
+    """Decoding SmolLM2-135M per pattern."""
+    return decode_table(root, "decode-smollm2-fp32.json")
+
+
+def render_decode_bench(root: Path) -> str:
+    """Decoding a small Llama-shaped model per pattern, to 32k tokens."""
+    return decode_table(root, "decode-bench.json")
+
+
+def render_finetune_throughput(root: Path) -> str:
+    """Training steps of the embedded model's architecture, dense against sparse."""
+    path = RESULTS / "finetune.json"
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/finetune.py")
+    rows = [
+        [
+            r["arm"],
+            str(r["length"]),
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['step_s']:.2f}",
+            f"{r['peak_rss_growth_mb']:.0f}",
+        ]
+        for r in data["results"]
+    ]
+    header = ["arm", "L", "training tokens/s", "vs dense", "step s", "peak memory growth MB"]
+    return table(header, "lrrrrr", rows) + "\n\n" + stamp(data["environment"], data["command"])
+
+
+def render_memory_per_token(root: Path) -> str:
+    """Bytes autograd saves per token in one Llama-2-7B-shaped layer."""
+    path = RESULTS / "memory.json"
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/memory.py")
+    rows = [[cell(r["arm"]), f"{r['per_token'] / 1024:.1f} KiB"] for r in data["results"]]
+    header = ["arm", "saved per token, one layer, float32"]
+    return table(header, "lr", rows) + "\n\n" + stamp(data["environment"], data["command"])
+
+
+def render_memory_7b(root: Path) -> str:
+    """The worked estimate: GiB per GPU for a 7B Llama at 64k tokens."""
+    path = RESULTS / "memory.json"
+    data = load(root, path)
+    if data is None:
+        return missing(path, "python benchmarks/memory.py")
+    estimate = data["estimate_7b"]
+    parts = ["full fine-tune states", "LoRA states", "layer checkpoints", "one layer recomputed"]
+    parts.append("logits and their gradient")
+    rows = []
+    for setting, gib in estimate["gib_per_gpu"].items():
+        shared = sum(gib[p] for p in parts[2:])
+        full, lora = gib[parts[0]] + shared, gib[parts[1]] + shared
+        rows.append(
+            [cell(setting)] + [f"{gib[p]:.1f}" for p in parts] + [f"{full:.1f}", f"{lora:.1f}"]
+        )
+    header = ["arm on GPUs", *parts, "total, full", "total, LoRA"]
+    extra = f"{estimate['tokens']} tokens, arithmetic on the measured bytes"
+    return (
+        table(header, "lrrrrrrr", rows)
+        + "\n\n"
+        + stamp(data["environment"], data["command"], extra)
+    )
+
+
+TABLES: dict[str, Callable[[Path], str]] = {
+    "demo-verdict": render_demo_verdict,
+    "demo-perplexity": render_demo_perplexity,
+    "demo-passkey": render_demo_passkey,
+    "demo-cost": render_demo_cost,
+    "demo-speed": render_demo_speed,
+    "real-model-summary": render_real_model_summary,
+    "real-model-perplexity": render_real_model_perplexity,
+    "real-model-other": render_real_model_other,
+    "real-model-float32": render_real_model_float32,
+    "real-model-history": render_real_model_history,
+    "real-model-speed": render_real_model_speed,
+    "attention-cpu": render_attention_cpu,
+    "attention-build": render_attention_build,
+    "attention-h200": render_attention_h200,
+    "attention-learned": render_attention_learned,
+    "attention-pure-pytorch": render_attention_pure_pytorch,
+    "attention-terms": render_attention_terms,
+    "decode-smollm2": render_decode_smollm2,
+    "decode-bench": render_decode_bench,
+    "finetune-throughput": render_finetune_throughput,
+    "memory-per-token": render_memory_per_token,
+    "memory-7b": render_memory_7b,
+}
+
+
+# ---------------------------------------------------------------- the documents
+
+
+def documents(root: Path) -> list[Path]:
+    """README.md and every page under docs/ (the demo's own generated report excepted)."""
+    pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
+    return [p for p in pages if p.is_file() and p != root / DEMO / "report.md"]
+
+
+def rendered(text: str, root: Path, where: str) -> str:
+    """``text`` with every marked table rendered anew."""
+    out, rest = [], text
+    while (start := rest.find("<!-- render:")) >= 0:
+        head_end = rest.index("-->", start) + 3
+        name = rest[start + len("<!-- render:") : head_end - 3].strip()
+        closing = f"<!-- /render:{name} -->"
+        end = rest.find(closing, head_end)
+        if end < 0:
+            raise ValueError(f"{where}: <!-- render:{name} --> has no {closing}")
+        if name not in TABLES:
+            raise ValueError(f"{where}: unknown table {name!r}; known: {', '.join(TABLES)}")
+        out.append(rest[:head_end] + "\n" + TABLES[name](root) + "\n" + closing)
+        rest = rest[end + len(closing) :]
+    return "".join(out) + rest
+
+
+def render(root: Path = ROOT, check: bool = False) -> list[str]:
+    """Render every document under ``root``; return the documents that changed (with
+    ``check``, that differ, without writing them)."""
+    changed = []
+    for page in documents(root):
+        text = page.read_text()
+        new = rendered(text, root, str(page.relative_to(root)))
+        if new != text:
+            changed.append(str(page.relative_to(root)))
+            if not check:
+                page.write_text(new)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Rewrite the tables, or with ``--check`` report the documents whose tables drifted."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a table differs")
+    parser.add_argument("--root", type=Path, default=ROOT, help="repository root")
+    args = parser.parse_args(argv)
+    try:
+        changed = render(args.root, args.check)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for page in changed:
+        verb = "differs from its results files" if args.check else "rendered"
+        print(f"{page}: {verb}")
+    if args.check and changed:
+        print("run: python benchmarks/render_docs.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
