@@ -138,10 +138,31 @@ def test_two_processes_overwrite_their_out_once(base, corpus, tmp_path):
     assert longswap.load(out).config.longswap is not None
 
 
+#: ZeRO-3 that partitions every parameter, however small (by default, DeepSpeed keeps
+#: parameters under 100k values whole on every process).
+EVERY_PARAMETER_SHARDED = {
+    "zero_optimization": {
+        "stage": 3,
+        "stage3_param_persistence_threshold": 0,
+        "stage3_gather_16bit_weights_on_model_save": True,
+    },
+    "zero_allow_untested_optimizer": True,
+    **dict.fromkeys(
+        ["train_micro_batch_size_per_gpu", "train_batch_size", "gradient_accumulation_steps"],
+        "auto",
+    ),
+    "gradient_clipping": "auto",
+}
+
+
 @needs_deepspeed
+@pytest.mark.parametrize("choice", ["zero3", "every-parameter-sharded"])
 @pytest.mark.parametrize("method", ["lora-plus"])  # full: the sequence-parallel test below
-def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path, method):
-    zero3 = ("--deepspeed", "zero3")
+def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path, method, choice):
+    if choice != "zero3":
+        choice = tmp_path / "zero3.json"
+        choice.write_text(json.dumps(EVERY_PARAMETER_SHARDED))
+    zero3 = ("--deepspeed", choice)
     spread = finetune(
         base, corpus, tmp_path / "zero3", method, 2, TORCHRUN, extra=zero3, env=CPU_ENV
     )
@@ -150,6 +171,8 @@ def test_zero3_on_two_cpu_processes_shards_and_equals_one(base, corpus, tmp_path
     assert spread["first_loss"] == pytest.approx(alone["first_loss"], rel=1e-6)
     assert spread["parallelism"]["zero_stage"] == 3 and spread["parallelism"]["processes"] == 2
     assert spread["parallelism"]["sharded_parameters"] > 0
+    for counted in ("trainable_parameters", "parameters"):  # whole, not one shard's
+        assert spread[counted] == alone[counted]
     # Saved whole (gathered from the shards), it loads as the same swapped model.
     assert_same_model(tmp_path / "zero3", tmp_path / "one", atol=1e-5)
 
@@ -232,6 +255,11 @@ def test_a_head_dependent_pattern_refuses_a_share_of_heads_it_is_not_told_about(
         (("--deepspeed", __file__), {}, "the config file is unreadable"),
         (("--deepspeed", "zero3", "--transfer-steps", "1"), {}, "--transfer-steps on ZeRO"),
         (("--sequence-parallel", "2", "--method", "selector"), {"WORLD_SIZE": "2"}, "warm-up"),
+        (
+            ("--sequence-parallel", "2", "--pattern", "sliding_window(window=16)"),
+            {"WORLD_SIZE": "2"},
+            "RANK is not, so no launcher",
+        ),
     ],
 )
 def test_distributed_settings_that_cannot_run_are_refused_first(

@@ -55,6 +55,12 @@ def deepspeed_problems(choice: str, sequence_parallel: Any) -> list[str]:
             "--deepspeed and --sequence-parallel run on DeepSpeed, which is not installed: "
             "pip install deepspeed (after torch, so that it keeps the torch you have)"
         )
+    if "WORLD_SIZE" in os.environ and "RANK" not in os.environ:
+        found.append(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set but RANK is not, so no launcher "
+            "started these processes; launch with torchrun --nproc_per_node N (it sets both), "
+            "or unset WORLD_SIZE"
+        )
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if sequence_parallel > 1 and world % sequence_parallel:
         found.append(
@@ -209,6 +215,11 @@ def parallelism(trainer: Any) -> dict[str, Any]:
             "holding the whole model"
         )
     return found
+
+
+def whole_size(parameter: torch.nn.Parameter) -> int:
+    """The number of values in ``parameter``, whole even when ZeRO-3 holds a shard of it."""
+    return getattr(parameter, "ds_numel", None) or parameter.numel()
 
 
 def sharded(model: Any) -> int:

@@ -23,7 +23,7 @@ from longswap.swap import observe
 from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
-from longswap.train.distributed import parallelism, sharded
+from longswap.train.distributed import parallelism, sharded, whole_size
 from longswap.train.signals import AttentionTransfer, SelectorDistillation, step_generator
 from longswap.train.teacher import SelectorStudent, warm_up_samples
 
@@ -283,8 +283,8 @@ def train(
     record = {
         "config": dict(config.__dict__),
         "command": "longswap " + " ".join(sys.argv[1:]),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(whole_size(p) for p in model.parameters() if p.requires_grad),
+        "parameters": sum(whole_size(p) for p in model.parameters()),
         "train_sequences": len(train_set),
         "world_size": trainer.args.world_size,
         "parallelism": spread | {"sharded_parameters": sharded(trainer.model_wrapped)},
