@@ -40,3 +40,11 @@ def test_bfloat16_on_a_cpu_without_it_is_warned_about(monkeypatch: pytest.Monkey
         monkeypatch.setattr(environment_module, "cpu_runs_bfloat16", lambda a=answer: a)
         assert bfloat16_warning("bfloat16") is None
     assert environment()["cpu_bfloat16"] in (True, False, None)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_peak_memory_counts_growth_above_what_was_allocated_before() -> None:
+    held = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")  # 256 MB, before
+    with peak_memory("cuda") as memory:
+        grown = torch.empty(64 * 2**20, dtype=torch.uint8, device="cuda")
+    assert 63 < memory["peak_memory_mb"] < 128 and held.numel() and grown.numel()

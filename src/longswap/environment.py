@@ -146,11 +146,13 @@ def _libc() -> ctypes.CDLL:
 def peak_memory(
     device: torch.device | str = "cpu", fresh_heap: bool = True
 ) -> Iterator[dict[str, float]]:
-    """Measure the peak memory of the enclosed code into the yielded dict's ``peak_memory_mb``.
+    """Measure the peak memory of the enclosed code into the yielded dict's ``peak_memory_mb``:
+    how far it rose above what was held at entry (memory allocated before, such as a
+    model's weights, does not count).
 
-    On CUDA: the most device memory allocated (``torch.cuda.max_memory_allocated``). On CPU:
-    how far the process's resident-set high-water mark rose above its size at entry. With
-    ``fresh_heap`` the heap's free memory is first given back to the OS
+    On CUDA: the most device memory allocated (``torch.cuda.max_memory_allocated``) above
+    the allocation at entry. On CPU: the process's resident-set high-water mark above its
+    size at entry. With ``fresh_heap`` the heap's free memory is first given back to the OS
     (:func:`release_free_memory`), so that memory freed by earlier calls cannot hide this
     one's (the page faults of touching it again cost about 0.1 s a GB of any time taken
     inside); without it, a figure can read 0 when earlier calls left enough free memory in
@@ -160,6 +162,7 @@ def peak_memory(
     found = {"peak_memory_mb": 0.0}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
     else:
         if fresh_heap:
             release_free_memory()
@@ -169,6 +172,7 @@ def peak_memory(
         yield found
     finally:
         if device.type == "cuda":
-            found["peak_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+            peak = torch.cuda.max_memory_allocated(device) / 2**20
         else:
-            found["peak_memory_mb"] = max(peak_rss_mb() - base, 0.0)
+            peak = peak_rss_mb()
+        found["peak_memory_mb"] = max(peak - base, 0.0)

@@ -414,6 +414,10 @@ def test_every_run_states_its_budget_and_a_step_too_large_is_refused(
     with pytest.raises(ValueError, match="needs about .* GB, but 0.0 GB are available"):
         run(base, out, method="full", steps=2, eval_steps=2)
     assert not (out / "config.json").exists() and not list((out / "checkpoints").glob("check*"))
+    settings = dict(method="full", steps=2, eval_steps=2)
+    with pytest.warns(UserWarning, match="--skip-budget-check: a step's memory was not"):
+        record = run(base, tmp_path / "unchecked", **settings, skip_budget_check=True)
+    assert record["budget"] is None and (tmp_path / "unchecked" / "config.json").is_file()
 
 
 def test_the_budget_extrapolates_memory_linearly_and_time_with_the_length():

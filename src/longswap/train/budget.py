@@ -7,7 +7,9 @@ them: memory linearly in the tokens, plus the optimizer's two moments per traina
 parameter; time linearly in the tokens when every layer is swapped to a sparse pattern
 (its keys per query are bounded), and as ``a L + b L^2`` per sequence when some layer
 attends densely, so that dense attention's quadratic cost shows. A run whose estimate
-exceeds the memory available is refused before its first step.
+exceeds the memory available is refused before its first step (``--skip-budget-check``
+trains without the probes). Memory is measured as growth above what the process holds
+before a probe: the model's weights count once, in what the device has left.
 
 The extrapolation is an estimate: short probes miss what only long sequences allocate, and
 a machine's other load moves the time. The README compares it with measured runs.
@@ -77,8 +79,8 @@ class Budget:
             f"a training step of --batch-size {self.batch_size} x --seq-len {self.tokens} "
             f"needs about {self.peak_gb:.1f} GB, but {self.available_gb:.1f} GB are available "
             f"({advice}; --gradient-checkpointing, a shorter --seq-len or a sparser pattern "
-            "need less). Estimated from probe steps of one sequence: "
-            + ", ".join(f"{n} tokens {m:.0f} MB" for n, _, m in self.probes)
+            "need less; --skip-budget-check trains anyway). Estimated from probe steps of one "
+            "sequence: " + ", ".join(f"{n} tokens {m:.0f} MB" for n, _, m in self.probes)
         )
 
 

@@ -47,6 +47,12 @@ class TrainingFields:
     eval_steps: int = help_field("evaluate and checkpoint every this many steps", default=200)
     seed: int = help_field("random seed (data order and initial weights)", default=0)
     overwrite: bool = help_field("replace a non-empty --out", default=False)
+    skip_budget_check: bool = help_field(
+        "train without first estimating a step's memory and time (probe steps at the run's "
+        "length; a step estimated not to fit is refused): a warning says so, and a step that "
+        "does not fit fails with out-of-memory during training",
+        default=False,
+    )
     resume: bool = help_field("continue from the last checkpoint in --out", default=False)
 
 

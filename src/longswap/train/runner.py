@@ -252,7 +252,13 @@ def train(
     # No probe for the warm-up (a forward without gradients), nor on DeepSpeed (its engine
     # and sequence-parallel groups exist only once training starts).
     planned = None
-    if trained is model and not args.deepspeed:
+    if config.skip_budget_check:
+        warnings.warn(
+            "--skip-budget-check: a step's memory was not estimated; a step that does not fit "
+            "fails with out-of-memory during training",
+            stacklevel=2,
+        )
+    elif trained is model and not args.deepspeed:
         planned = check_budget(trainer, config.seq_len, config.batch_size, config.steps)
     spread = parallelism(trainer)
     if spread.get("note"):
