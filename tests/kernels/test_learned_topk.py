@@ -193,9 +193,10 @@ def test_queries_at_the_end_of_the_keys_skip_the_blocks_they_cannot_select(
         ("learned_topk(64, 8, sub_block=24)", "must divide block_size"),
         ("learned_topk(64, 8, sub_block=0)", "sub_block must be an integer >= 1"),
         ("learned_topk(64, 8, sub_block=2.0)", "sub_block must be an integer"),
+        ("learned_topk(64, 0)", "top_k must be at least 1, got 0"),
     ],
 )
-def test_bad_sub_blocks_are_refused(text, problem):
+def test_bad_sub_blocks_and_top_k_are_refused(text, problem):
     with pytest.raises(ValueError, match=problem):
         parse_pattern(text)
 

@@ -42,6 +42,12 @@ class LearnedTopK(BlockTopK):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.top_k == 0:
+            raise ValueError(
+                "learned_topk: top_k must be at least 1, got 0 (a selector that selects "
+                "nothing learns nothing; for each query's own block alone use "
+                "block_topk(top_k=0))"
+            )
         if not isinstance(self.per_head, bool):
             raise ValueError(f"learned_topk: per_head must be True or False, got {self.per_head!r}")
         if self.sub_block is not None:
