@@ -156,6 +156,37 @@ def test_a_pattern_that_skips_nothing_at_the_length_is_refused(base, tmp_path, p
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--learning-rate", "inf"], "learning_rate must be a positive number, got inf"),
+        (["--weight-decay", "-0.1"], "weight_decay must be a number >= 0, got -0.1"),
+        (["--warmup-steps", "-1"], "warmup_steps must be an integer >= 0, got -1"),
+        (["--lora-alpha", "0"], "lora_alpha must be a positive integer, got 0"),
+        (["--lora-alpha", "-8"], "lora_alpha must be a positive integer, got -8"),
+        (["--method", "full", "--merge"], "--method full trains none: leave out --merge"),
+        (["--method", "full", "--full-layers", "-1"], "this model is dense and no --pattern"),
+    ],
+)
+def test_bad_training_flags_are_refused_before_any_work(base, tmp_path, capsys, flags, message):
+    from longswap.cli import main
+
+    out = tmp_path / "out"
+    args = ["finetune", "--model", str(base / "base"), "--seq-len", "32", "--out", str(out)]
+    assert main([*args, *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_steps_0_is_one_error_about_steps(base, tmp_path, capsys):
+    from longswap.cli import main
+
+    out = tmp_path / "out"
+    assert main(["finetune", "--model", str(base / "base"), "--out", str(out), "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "steps must be an integer >= 1, got 0" in err and "transfer_steps" not in err
+
+
 def test_cli_finetune(base, tmp_path, capsys):
     from longswap.cli import main
 

@@ -66,7 +66,11 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append(f"dense_fraction must be in [0, 1), got {config.dense_fraction!r}")
     if not isinstance(config.transfer_steps, int) or config.transfer_steps < 0:
         found.append(f"transfer_steps must be an integer >= 0, got {config.transfer_steps!r}")
-    elif isinstance(config.steps, int) and config.transfer_steps >= config.steps:
+    elif (
+        config.transfer_steps
+        and isinstance(config.steps, int)
+        and config.transfer_steps >= config.steps
+    ):
         found.append(
             f"transfer_steps ({config.transfer_steps}) must be fewer than steps ({config.steps})"
         )
@@ -85,7 +89,12 @@ def problems(config: FinetuneConfig) -> list[str]:
         )
     if isinstance(config.sequence_parallel, int) and config.sequence_parallel > 1:
         found += _sequence_parallel_problems(config)
-    for name in ("lora_rank", "selector_rows", "selector_reuse"):
+    if config.merge and config.method != "lora-plus":
+        found.append(
+            f"--merge merges a LoRA adapter into the weights, and --method {config.method} "
+            "trains none: leave out --merge"
+        )
+    for name in ("lora_rank", "lora_alpha", "selector_rows", "selector_reuse"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             found.append(f"{name} must be a positive integer, got {value!r}")
@@ -166,6 +175,11 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     if config.method not in ("full", "selector") and not projection_names(model):
         found.append(f"{type(model).__name__} has no attention projections for {config.method}")
     swapped = getattr(model.config, CONFIG_KEY, None) is not None or bool(config.pattern)
+    if config.full_layers and not swapped:
+        found.append(
+            "--full-layers keeps layers dense when a pattern is swapped in, and this model is "
+            "dense and no --pattern is given: pass --pattern, or leave out --full-layers"
+        )
     for flag, what in (("dense_fraction", "switches to"), ("transfer_steps", "trains")):
         if getattr(config, flag) and not swapped:
             found.append(
