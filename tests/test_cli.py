@@ -33,6 +33,13 @@ def test_patterns_plot_refuses_a_file(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("length", ["0", "-5"])
+def test_patterns_plot_refuses_a_length_below_one(tmp_path, capsys, length):
+    assert main(["patterns", "--plot", str(tmp_path / "p"), "--length", length]) == 2
+    assert f"--length must be a positive token count, got {length}" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+
+
 def test_module_entry_point():
     done = subprocess.run(
         [sys.executable, "-m", "longswap", "patterns"], capture_output=True, text=True, check=True

@@ -22,6 +22,9 @@ def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
         if plot.exists() and not plot.is_dir():
             print(f"error: --plot {plot} exists and is not a directory", file=sys.stderr)
             return 2
+        if length < 1:
+            print(f"error: --length must be a positive token count, got {length}", file=sys.stderr)
+            return 2
         for name, (example, _) in CATALOGUE.items():
             written = plot_pattern(example, plot / f"{name}.png", length=length)
             print(f"wrote {written}")

@@ -94,6 +94,11 @@ def untouched(model):
         ({"pattern": [full()]}, "needs one per layer: 2, got 1"),
         ({"pattern": full(), "backend": "fast"}, "unknown backend 'fast'"),
         ({"pattern": full(), "rope": "magic"}, "unknown rope 'magic'"),
+        (
+            {"pattern": sliding_window(4), "layers": [0], "full_layers": [0]},
+            "leave every layer dense: nothing would be swapped",
+        ),
+        ({"pattern": sliding_window(4), "layers": []}, "leave every layer dense"),
     ],
 )
 def test_bad_arguments_change_nothing(kwargs, message):

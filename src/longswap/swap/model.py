@@ -124,11 +124,19 @@ def _per_layer(
     else:
         one = parse_pattern(pattern)
         chosen = [one] * n
+    asked = any(p != full() for p in chosen)
     if layers is not None:
+        layers = list(layers)
         keep = {_layer_index(i, n, "layers") for i in layers}
         chosen = [p if i in keep else full() for i, p in enumerate(chosen)]
+    full_layers = list(full_layers)
     for i in full_layers:
         chosen[_layer_index(i, n, "full_layers")] = full()
+    if asked and all(p == full() for p in chosen):
+        raise ValueError(
+            f"layers={layers} and full_layers={full_layers} leave every layer dense: nothing "
+            "would be swapped; choose layers that take the pattern"
+        )
     return chosen
 
 
