@@ -41,6 +41,18 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise ValueError(
             f"--out {out} is not empty; choose another folder or pass --overwrite to replace it"
         )
+    if overwrite and (problem := replace_problem(out)):
+        raise ValueError(problem)
+
+
+def replace_problem(out: Path) -> str | None:
+    """Why ``--overwrite`` cannot replace ``out`` (it holds the current folder), or None."""
+    if out.is_dir() and any(out.iterdir()) and Path.cwd().is_relative_to(out.resolve()):
+        return (
+            f"--out {out} holds the current folder, which --overwrite cannot replace; run "
+            "the command from outside it, or pick another --out"
+        )
+    return None
 
 
 def output_problem(out: Path) -> str | None:

@@ -86,3 +86,16 @@ def test_swap_command_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
         assert "--out" in err and "--model" in err and "pick" in err
     assert sorted(p.name for p in source.iterdir()) == before  # nothing touched
     assert longswap.load(source) is not None
+
+
+def test_overwrite_refuses_the_folder_it_runs_in(tmp_path, monkeypatch, capsys):
+    model = tmp_path / "model"
+    make_model("llama").save_pretrained(model)
+    here = tmp_path / "here"
+    here.mkdir()
+    (here / "notes.txt").write_text("keep")
+    monkeypatch.chdir(here)
+    args = ["swap", "--model", str(model), "--pattern", "full()", "--out", ".", "--overwrite"]
+    assert main(args) == 2
+    assert "--out . holds the current folder" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here", "model"]

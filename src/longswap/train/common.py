@@ -16,6 +16,7 @@ from longswap.io import (
     leftover_problems,
     output_problem,
     overlap_problems,
+    replace_problem,
     staged_folder,
 )
 from longswap.train.config import TrainingFields
@@ -35,6 +36,8 @@ def common_problems(config: TrainingFields) -> list[str]:
             found.append(problem)
         elif out.is_dir() and any(out.iterdir()) and not (config.overwrite or config.resume):
             found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
+        elif config.overwrite and not config.resume and (problem := replace_problem(out)):
+            found.append(problem)
         found += leftover_problems(out)
         if config.resume and not (out / "checkpoints").is_dir():
             found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
