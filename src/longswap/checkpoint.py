@@ -27,8 +27,8 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def is_gguf(path: str | Path) -> bool:
-    """Whether ``path`` names a GGUF file (by its suffix)."""
-    return Path(path).suffix.lower() == ".gguf"
+    """Whether ``path`` names a GGUF file (by its suffix; a folder so named is a folder)."""
+    return Path(path).suffix.lower() == ".gguf" and not Path(path).is_dir()
 
 
 def model_problem(path: str | Path, flag: str = "--model") -> str | None:

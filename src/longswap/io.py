@@ -210,6 +210,8 @@ def staged_folder(out: Path, overwrite: bool = False, main: bool = True) -> Iter
     if not main:
         yield root / "new"
         return
+    if problem := output_problem(out):
+        raise ValueError(problem)
     check_output_dir(out, overwrite)
     clear_leftovers(out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -116,6 +116,30 @@ def test_damaged_checkpoints_get_one_clear_error(tmp_path, damage):
         longswap.load(folder)
 
 
+def test_a_damaged_selector_file_is_named(tmp_path):
+    model = make_model("llama")
+    longswap.swap_attention(model, "learned_topk(block_size=8, top_k=2)")
+    longswap.save(model, tmp_path / "model")
+    selectors = tmp_path / "model" / "longswap_selectors.safetensors"
+    selectors.write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match=f"{selectors} could not be read"):
+        longswap.load(tmp_path / "model")
+
+
+def test_save_to_an_unwritable_place_names_it(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    for out in (blocker / "model", "/proc/longswap-model"):
+        with pytest.raises(ValueError, match=f"--out {out} cannot be "):
+            longswap.save(make_model("llama"), out)
+
+
+def test_a_folder_named_like_a_gguf_file_is_a_model_folder(tmp_path):
+    folder = tmp_path / "model.gguf"
+    make_model("llama").save_pretrained(folder)
+    assert longswap.load(folder).config.model_type == "llama"
+
+
 def test_observe_hands_each_swapped_call_to_the_observer_and_cleans_up(tokens):
     model = make_model("llama")
     with pytest.raises(ValueError, match="not swapped"):

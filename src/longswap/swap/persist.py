@@ -80,10 +80,16 @@ def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
     wanted = {k for k in model.state_dict() if f".{SELECTOR_ATTR}." in k}
     found, stored = {}, set()
     for file in sorted(path.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as weights:
-            here = {k for k in weights.keys() if f".{SELECTOR_ATTR}." in k}  # noqa: SIM118
-            found |= {k: weights.get_tensor(k) for k in here & wanted}
-            stored |= here
+        try:
+            with safe_open(str(file), framework="pt") as weights:
+                here = {k for k in weights.keys() if f".{SELECTOR_ATTR}." in k}  # noqa: SIM118
+                found |= {k: weights.get_tensor(k) for k in here & wanted}
+        except Exception as err:  # a damaged file fails in several ways (header, OS, data)
+            raise ValueError(
+                f"{file} could not be read ({type(err).__name__}: {err}); the file may be "
+                "damaged or incomplete: save the model again"
+            ) from err
+        stored |= here
     missing = sorted(wanted - set(found))
     if missing and any(k.endswith(".query_map.weight") for k in stored):
         raise ValueError(
