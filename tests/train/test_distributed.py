@@ -274,3 +274,21 @@ def test_distributed_settings_that_cannot_run_are_refused_first(
     assert main(args) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    ['[{"stage": 3}]', '{"zero_optimization": [3]}', '{"zero_optimization": {"stage": 4}}'],
+)
+def test_a_deepspeed_file_that_is_no_config_is_named_first(base, tmp_path, capsys, content):
+    from longswap.cli import main
+
+    config = tmp_path / "ds.json"
+    config.write_text(content)
+    out = tmp_path / "out"
+    args = ["finetune", "--model", str(base), "--out", str(out), "--deepspeed", str(config)]
+    assert main([*args, "--pattern", WINDOW]) == 2
+    err = capsys.readouterr().err
+    assert f"--deepspeed {config}: the config file is " in err and "no attribute" not in err
+    assert "not a DeepSpeed config" in err or "DeepSpeed has stages 0, 1, 2 and 3" in err
+    assert not out.exists()

@@ -79,11 +79,19 @@ def zero_stage(choice: str, sequence_parallel: int) -> int | str | None:
     if choice in ZERO_STAGES:
         return ZERO_STAGES[choice]
     try:
-        return int(
-            json.loads(Path(choice).read_text()).get("zero_optimization", {}).get("stage", 0)
-        )
-    except (OSError, ValueError, AttributeError, TypeError) as err:
+        settings = json.loads(Path(choice).read_text())
+    except (OSError, ValueError) as err:
         return f"unreadable ({err})"
+    zero = settings.get("zero_optimization", {}) if isinstance(settings, dict) else None
+    if not isinstance(zero, dict):
+        return (
+            "not a DeepSpeed config: DeepSpeed reads a JSON object whose zero_optimization is "
+            'an object, such as {"zero_optimization": {"stage": 3}}'
+        )
+    stage = zero.get("stage", 0)
+    if stage not in ZERO_STAGES.values():
+        return f"asking for ZeRO stage {stage!r}; DeepSpeed has stages 0, 1, 2 and 3"
+    return stage
 
 
 def heads_problems(config: Any, sequence_parallel: int, learned: bool) -> list[str]:
