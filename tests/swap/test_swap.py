@@ -126,6 +126,28 @@ def test_a_damaged_selector_file_is_named(tmp_path):
         longswap.load(tmp_path / "model")
 
 
+def test_a_bad_pattern_in_config_json_names_the_file(tmp_path):
+    import json
+
+    model = make_model("llama")
+    longswap.swap_attention(model, "sliding_window(window=8)")
+    longswap.save(model, tmp_path / "model")
+    config = tmp_path / "model" / "config.json"
+    record = json.loads(config.read_text())
+    record["longswap"]["layers"][0] = "slidingwindow(8)"
+    config.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"{config} records a swap .*unknown pattern"):
+        longswap.load(tmp_path / "model")
+
+
+def test_a_damaged_adapter_config_names_the_file(tmp_path):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="adapter_config.json could not be read as JSON"):
+        longswap.load(folder)
+
+
 def test_save_to_an_unwritable_place_names_it(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("")

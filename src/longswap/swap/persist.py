@@ -66,8 +66,27 @@ def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
         ) from err
     record = getattr(model.config, CONFIG_KEY, None)
     if record is not None:
-        _load_selectors(model, SwapSpec.from_dict(record), path)  # a clear error if malformed
+        _load_selectors(model, _recorded_swap(record, path / "config.json"), path)
     return model
+
+
+def _recorded_swap(record: Any, file: Path) -> SwapSpec:
+    """The swap ``file`` records, or a ValueError that names the file."""
+    try:
+        return SwapSpec.from_dict(record)
+    except ValueError as err:
+        raise ValueError(
+            f"{file} records a swap that longswap cannot read ({err}); fix its "
+            f"{CONFIG_KEY!r} entry, or swap the base model again"
+        ) from None
+
+
+def _read_json(file: Path) -> Any:
+    """The JSON in ``file``, or a ValueError that names the file."""
+    try:
+        return json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{file} could not be read as JSON ({err}); it may be damaged") from None
 
 
 def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
@@ -110,9 +129,9 @@ def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
 def _load_adapter(path: Path, **kwargs: Any) -> Any:
     from peft import PeftModel
 
-    adapter = json.loads((path / "adapter_config.json").read_text())
+    adapter = _read_json(path / "adapter_config.json")
     swap_file = path / ADAPTER_SWAP_FILE
-    payload = json.loads(swap_file.read_text()) if swap_file.is_file() else {}
+    payload = _read_json(swap_file) if swap_file.is_file() else {}
     named = payload.get("base_model") or adapter.get("base_model_name_or_path") or ""
     base_path = Path(named)
     if not named or base_path.resolve() == path.resolve() or model_problem(base_path):
@@ -123,5 +142,5 @@ def _load_adapter(path: Path, **kwargs: Any) -> Any:
         )
     base = load(base_path, **kwargs)
     if "swap" in payload and getattr(base.config, CONFIG_KEY, None) is None:
-        apply_spec(base, SwapSpec.from_dict(payload["swap"]))
+        apply_spec(base, _recorded_swap(payload["swap"], swap_file))
     return PeftModel.from_pretrained(base, path)
