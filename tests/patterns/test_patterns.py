@@ -1,5 +1,9 @@
 """Pattern definitions: hand-checked cases, validation, and the block view's soundness."""
 
+import functools
+import operator
+import re
+
 import pytest
 import torch
 from hypothesis import given
@@ -18,6 +22,7 @@ from longswap.patterns import (
     shifted_groups,
     sliding_window,
 )
+from longswap.patterns.compose import MAX_PARTS
 
 STATIC = [
     full(),
@@ -255,6 +260,37 @@ def test_parse_examples_and_errors():
         parse_pattern("sliding_window(window=x)")
     with pytest.raises(ValueError, match="bad arguments for sliding_window"):
         parse_pattern("sliding_window(size=3)")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('sliding_window(**{"window": 4})', "'**' unpacking is not read; write each argument"),
+        ("sliding_window(4) ** full()", "'**' does not combine patterns; use | (union)"),
+        ("sliding_window(4) + full()", "'+' does not combine patterns"),
+        ("sliding_window(window=2**10)", "argument '2 ** 10' is an expression; write its value"),
+        ("sliding_window(window=4, window=5)", "argument 'window' is given twice"),
+    ],
+)
+def test_parse_names_what_is_wrong_with_the_syntax(text, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_pattern(text)
+
+
+def test_a_pattern_of_too_many_parts_is_refused():
+    """Beyond MAX_PARTS parts, a clear error (not a RecursionError), written or built."""
+    many = [sliding_window(i + 1) for i in range(MAX_PARTS + 1)]
+    text = " | ".join(map(str, many))
+    with pytest.raises(ValueError, match=rf"combines {MAX_PARTS + 1} patterns, more than the"):
+        parse_pattern(text)
+    with pytest.raises(ValueError, match="combines 1000 patterns"):
+        parse_pattern(" | ".join(["full()"] * 1000))
+    with pytest.raises(ValueError, match=rf"union: combines {MAX_PARTS + 1} patterns"):
+        functools.reduce(operator.or_, many)
+    most = functools.reduce(operator.or_, many[:MAX_PARTS])
+    assert parse_pattern(str(most)) == most  # the limit itself round-trips
+    with pytest.raises(ValueError, match="intersection: combines"):
+        most & full()
 
 
 def test_registry_has_every_pattern():

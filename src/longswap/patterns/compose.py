@@ -17,6 +17,27 @@ from torch import Tensor
 from longswap.patterns.base import MaskFn, Pattern, TileGrid
 from longswap.patterns.block_topk import BlockTopK, Selection
 
+#: The most patterns one pattern may combine: far beyond any hand-written one, and every
+#: part costs a mask evaluation per call.
+MAX_PARTS = 256
+
+
+def count_parts(pattern: Pattern) -> int:
+    """How many patterns ``pattern`` combines (1 for a pattern that combines none)."""
+    if isinstance(pattern, (_Composite, SelectionUnion)):
+        return sum(count_parts(p) for p in pattern.parts)
+    return 1
+
+
+def _check_size(name: str, parts: tuple[Pattern, ...]) -> None:
+    count = sum(count_parts(p) for p in parts)
+    if count > MAX_PARTS:
+        raise ValueError(
+            f"{name}: combines {count} patterns, more than the {MAX_PARTS} a pattern may hold; "
+            "cover the same keys with fewer parts (one sliding_window with a larger window, "
+            "one local_global with a list of global tokens)"
+        )
+
 
 @dataclass(frozen=True)
 class _Composite(Pattern):
@@ -36,6 +57,7 @@ class _Composite(Pattern):
         flat: list[Pattern] = []
         for p in self.parts:
             flat.extend(p.parts if type(p) is type(self) else (p,))
+        _check_size(self.name, tuple(flat))
         object.__setattr__(self, "parts", tuple(flat))
 
     @property
@@ -128,6 +150,7 @@ class SelectionUnion(Selection):
                 f"union: {self.static} differs between heads, so the blocks it leaves unseen "
                 "would too; unite a selection only with head-independent patterns"
             )
+        _check_size(self.name, (self.static, self.selection))
 
     @property
     def parts(self) -> tuple[Pattern, ...]:

@@ -17,8 +17,23 @@ import ast
 import dataclasses
 
 from longswap.patterns.base import Pattern
-from longswap.patterns.compose import Intersection, SelectionUnion, Union, union
+from longswap.patterns.compose import MAX_PARTS, Intersection, SelectionUnion, Union, union
 from longswap.patterns.registry import REGISTRY
+
+#: Operators that do not combine patterns, as written.
+_OPERATORS = {
+    ast.Add: "+",
+    ast.Sub: "-",
+    ast.Mult: "*",
+    ast.MatMult: "@",
+    ast.Div: "/",
+    ast.FloorDiv: "//",
+    ast.Mod: "%",
+    ast.Pow: "**",
+    ast.LShift: "<<",
+    ast.RShift: ">>",
+    ast.BitXor: "^",
+}
 
 
 def _fail(text: str, why: str) -> ValueError:
@@ -33,7 +48,8 @@ def _literal(node: ast.expr, text: str) -> object:
     try:
         value = ast.literal_eval(node)
     except ValueError:
-        raise _fail(text, f"argument {ast.unparse(node)!r} is not a literal") from None
+        why = "an expression; write its value" if isinstance(node, ast.BinOp) else "not a literal"
+        raise _fail(text, f"argument {ast.unparse(node)!r} is {why}") from None
     return tuple(value) if isinstance(value, list) else value
 
 
@@ -41,13 +57,21 @@ def _build(node: ast.expr, text: str) -> Pattern:
     if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.BitOr, ast.BitAnd)):
         kind = union if isinstance(node.op, ast.BitOr) else Intersection
         return kind((_build(node.left, text), _build(node.right, text)))
+    if isinstance(node, ast.BinOp):
+        op = _OPERATORS[type(node.op)]
+        raise _fail(text, f"{op!r} does not combine patterns; use | (union) or & (intersection)")
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
         raise _fail(text, f"{ast.unparse(node)!r} is not a pattern call")
     name = node.func.id
     if name not in REGISTRY:
         raise _fail(text, f"unknown pattern {name!r}")
+    if any(kw.arg is None for kw in node.keywords):
+        raise _fail(text, "'**' unpacking is not read; write each argument as name=value")
+    names = [kw.arg for kw in node.keywords]
+    if repeated := sorted({n for n in names if names.count(n) > 1}):
+        raise _fail(text, f"argument {repeated[0]!r} is given twice")
     args = [_literal(a, text) for a in node.args]
-    kwargs = {kw.arg: _literal(kw.value, text) for kw in node.keywords if kw.arg}
+    kwargs = {kw.arg: _literal(kw.value, text) for kw in node.keywords}
     try:
         return REGISTRY[name](*args, **kwargs)
     except TypeError as err:
@@ -60,6 +84,12 @@ def parse_pattern(text: str | Pattern) -> Pattern:
         return text
     if not isinstance(text, str):
         raise _fail(repr(text), f"expected a string, got {type(text).__name__}")
+    count = text.count("|") + text.count("&") + 1
+    if count > MAX_PARTS:
+        raise _fail(
+            text[:200] + " ...",
+            f"it combines {count} patterns, more than the {MAX_PARTS} a pattern may hold",
+        )
     try:
         tree = ast.parse(text.strip(), mode="eval")
     except SyntaxError as err:
