@@ -1,6 +1,7 @@
 """Corpora, the byte tokenizer, packing, and the synthetic tasks."""
 
 import random
+import re
 
 import pytest
 from transformers import AutoTokenizer
@@ -135,6 +136,32 @@ def test_jsonl_and_parquet_through_datasets(tmp_path):
     assert docs[0].name == "a.jsonl#0"
     with pytest.raises(ValueError, match=r"has no field 'text'; its fields are \['body', 'id'\]"):
         local_documents([tmp_path / "a.jsonl"])
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("a.jsonl", '{"text": "x"}\n\n{"text": "y}\n', "a.jsonl, line 3: not valid JSON"),
+        ("a.jsonl", '{"text": "x"}\n[1, 2]\n', "a.jsonl, line 2 is [1, 2], not an object"),
+        ("a.jsonl", '{"text": 5}\n', "a.jsonl, line 1: field 'text' holds 5, not text"),
+        ("a.json", "[1, 2, 3]", "a.json, row 1 is 1, not an object"),
+        ("a.json", '{"text": ["x", "y"]}', 'a.json holds {"text": ["x", "y"]}, not a list of rows'),
+        ("a.json", '[{"text": "x"},\n{"text": }]', "a.json, line 2: not valid JSON"),
+    ],
+)
+def test_a_malformed_json_file_is_named_with_its_line(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        local_documents([tmp_path / name])
+
+
+def test_json_rows_as_a_list_or_one_per_line(tmp_path):
+    (tmp_path / "list.json").write_text('[{"text": "x"}, {"text": "y", "id": 2}, {"id": 3}]')
+    (tmp_path / "lines.json").write_text('{"text": "z"}\n{"text": "w"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    docs = local_documents([tmp_path])
+    assert [d.name for d in docs] == ["lines.json#0", "lines.json#1", "list.json#0", "list.json#1"]
+    assert [d.text for d in docs] == ["z", "w", "x", "y"]
 
 
 def test_binary_and_latin1_text_files_are_reported(tmp_path):

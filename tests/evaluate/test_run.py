@@ -181,6 +181,28 @@ def test_speed_times_each_decode_step_with_the_cache(models):
     assert record["cache_mb"] * 2**20 == per_token * 255 * 4  # float32
 
 
+def test_eval_builds_the_kernels_before_any_timed_call(models, tmp_path, monkeypatch):
+    from transformers import GenerationMixin
+
+    from longswap.evaluate import run, speed
+
+    _, swapped = models
+    events = []
+    monkeypatch.setattr(run, "build_all", lambda: events.append("build"))
+    monkeypatch.setattr(speed, "build_all", lambda: events.append("build"))
+    generate = GenerationMixin.generate
+
+    def recorded(self, *args, **kwargs):
+        events.append("generate")
+        return generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", recorded)
+    args = ["eval", "--model", str(swapped), "--tasks", "speed", "--lengths", "64"]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 0
+    # once for the run, once more (cached) in the task; a warm-up, then the timed call
+    assert events == ["build", "build", "generate", "generate"]
+
+
 def test_speed_decodes_a_swapped_model_with_its_sparse_cache():
     model = make_model("llama", vocab_size=257, max_position_embeddings=512)
     dense = decode_speed(model, 256)
@@ -255,6 +277,24 @@ def test_eval_refuses_too_little_text_for_the_targets(models, tmp_path, capsys):
     args = ["eval", "--model", str(base), "--tasks", "ppl", "--data", str(tmp_path / "small.txt")]
     assert main([*args, "--targets", "5000", "--out", str(tmp_path / "o")]) == 2
     assert "hold only 625 of the 5000 targets" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("bad.jsonl", '{"text": "a b"}\n{"text": "c\n', "bad.jsonl, line 2: not valid JSON"),
+        ("numbers.json", "[1, 2, 3]", "numbers.json, row 1 is 1, not an object"),
+    ],
+)
+def test_eval_names_the_file_and_line_of_a_malformed_data_file(
+    models, tmp_path, capsys, name, content, message
+):
+    base, _ = models
+    (tmp_path / name).write_text(content)
+    args = ["eval", "--model", str(base), "--tasks", "ppl", "--data", str(tmp_path / name)]
+    assert main([*args, "--out", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

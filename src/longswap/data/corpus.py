@@ -8,6 +8,7 @@ no download. Its test suites are kept apart, as held-out text.
 from __future__ import annotations
 
 import hashlib
+import json
 import sysconfig
 import warnings
 from collections.abc import Iterable, Sequence
@@ -17,7 +18,7 @@ from typing import Literal
 
 #: File types read as plain text.
 TEXT_SUFFIXES = (".txt", ".md", ".py")
-#: File types read as tables (one document per row) through the ``datasets`` library.
+#: File types read as tables (one document per row); Parquet through the ``datasets`` library.
 TABLE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -61,20 +62,73 @@ def stdlib_documents(part: Literal["train", "heldout"] = "train") -> list[Docume
     return docs
 
 
+def _json_rows(path: Path) -> list[tuple[str, object]]:
+    """``(where, row)`` for each row of a JSON Lines file, or of a JSON file holding a list
+    (or one object per line, as JSON Lines); raises ValueError naming the file and line."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" and text.strip():
+        try:
+            whole = json.loads(text)
+        except json.JSONDecodeError as err:
+            if err.msg != "Extra data":  # more than one value: one object per line
+                raise ValueError(
+                    f"{path}, line {err.lineno}: not valid JSON ({err.msg}); a .json data file "
+                    'holds a list of rows such as [{"text": "..."}]'
+                ) from None
+        else:
+            if not isinstance(whole, list):
+                raise ValueError(
+                    f"{path} holds {json.dumps(whole)[:60]}, not a list of rows; write "
+                    '[{"text": "..."}, ...], or one object per line in a .jsonl file'
+                )
+            return [(f"row {i + 1}", row) for i, row in enumerate(whole)]
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append((f"line {number}", json.loads(line)))
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"{path}, line {number}: not valid JSON ({err.msg}); each line of a JSON "
+                    'Lines file is one object such as {"text": "..."}'
+                ) from None
+    return rows
+
+
 def _table_documents(path: Path, text_field: str) -> list[Document]:
     """One document per row of a local JSONL/JSON or Parquet file."""
-    from datasets import load_dataset
+    if path.suffix == ".parquet":
+        from datasets import load_dataset
 
-    kind = "parquet" if path.suffix == ".parquet" else "json"
-    table = load_dataset(kind, data_files=str(path), split="train")
-    if text_field not in table.column_names:
+        table = load_dataset("parquet", data_files=str(path), split="train")
+        fields = table.column_names
+        values = table[text_field] if text_field in fields else []
+    else:
+        rows = _json_rows(path)
+        if not rows:
+            return []
+        for where, row in rows:
+            if not isinstance(row, dict):
+                raise ValueError(
+                    f"{path}, {where} is {json.dumps(row)[:60]}, not an object; each row is "
+                    f'an object such as {{"{text_field}": "..."}}'
+                )
+        fields = list(dict.fromkeys(key for _, row in rows for key in row))
+        values = [row.get(text_field) for _, row in rows]
+        for (where, _), value in zip(rows, values, strict=True):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(
+                    f"{path}, {where}: field {text_field!r} holds {json.dumps(value)[:60]}, "
+                    "not text"
+                )
+    if text_field not in fields:
         raise ValueError(
-            f"{path} has no field {text_field!r}; its fields are {table.column_names} "
+            f"{path} has no field {text_field!r}; its fields are {fields} "
             "(choose one with --text-field)"
         )
     return [
         Document(f"{path.name}#{i}", text)
-        for i, text in enumerate(table[text_field])
+        for i, text in enumerate(values)
         if isinstance(text, str) and text.strip()
     ]
 
@@ -85,7 +139,8 @@ def local_documents(paths: Sequence[str | Path], text_field: str = "text") -> li
     ``.txt``, ``.md`` and ``.py`` files are one document each; ``.jsonl``, ``.json`` and
     ``.parquet`` files give one document per row, from the column ``text_field``. A missing
     path, an unsupported file type, or a folder without such files raises ValueError
-    naming it, before anything is read.
+    naming it, before anything is read; so does a JSON row that is not an object with text
+    (naming the file and line).
     """
     suffixes = TEXT_SUFFIXES + TABLE_SUFFIXES
     files: list[tuple[Path, Path]] = []
