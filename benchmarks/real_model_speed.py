@@ -110,9 +110,9 @@ def main() -> None:
     parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
     parser.add_argument("--lengths", type=comma_list(int), default=[8192, 16384])
     parser.add_argument("--forward-only", type=comma_list(int), default=[32768])
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of each forward")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of each forward")
     parser.add_argument(
-        "--backward-repeats", type=int, default=2, help="repeats of each forward+backward"
+        "--backward-repeats", type=int, default=1, help="repeats of each forward+backward"
     )
     parser.add_argument(
         "--long-repeats", type=int, default=1, help="repeats at the --forward-only lengths"
@@ -169,6 +169,11 @@ def main() -> None:
         "command": "python benchmarks/real_model_speed.py",
         "model": str(path),
         "dtype": "float32",
+        "repeats": {
+            "forward": args.repeats,
+            "forward+backward": args.backward_repeats,
+            "forward only lengths": args.long_repeats,
+        },
         "environment": environment(),
         "rows": rows,
     }
