@@ -55,6 +55,18 @@ def test_left_padding_with_absolute_positions_is_refused():
         last_logits(model, torch.ones(2, 6, dtype=torch.long), mask)
 
 
+def test_generating_from_a_batch_padded_on_the_right_is_refused_as_such():
+    """generate continues each row after its padding: padding between real tokens, which a
+    pattern of absolute positions cannot read (dense attention, too, predicts from a pad)."""
+    model = make_model("llama")
+    longswap.swap_attention(model, sliding_window(5, sinks=2))
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]])
+    settings = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad(), pytest.raises(ValueError, match="padding between real tokens") as err:
+        model.generate(torch.ones(2, 6, dtype=torch.long), **settings)
+    assert "left padding" not in str(err.value)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "qwen3"])
 @pytest.mark.parametrize(
     "pattern", [sliding_window(6, sinks=2), block_topk(4, 2), bigbird(4, 1, 1, 1)], ids=str

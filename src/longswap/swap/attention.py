@@ -178,9 +178,13 @@ def spec_of(config: Any) -> SwapSpec:
     return _spec_from_json(json.dumps(record, sort_keys=True))
 
 
-def _left_padded(key_padding: Tensor) -> bool:
-    """True when some row has padding before a real token (left or inner padding)."""
-    return bool((~key_padding[:, :-1] & key_padding[:, 1:]).any())
+def _shifting_padding(key_padding: Tensor) -> str | None:
+    """What moves some row's tokens away from their positions: ``"left"`` padding (before
+    the first real token), ``"inner"`` padding (between real tokens), or None."""
+    gaps = ~key_padding[:, :-1] & key_padding[:, 1:]  # (B, L - 1): padding, then a token
+    if not bool(gaps.any()):
+        return None
+    return "left" if bool((gaps & ~key_padding.cummax(-1).values[:, :-1]).any()) else "inner"
 
 
 def _documents(position_ids: Tensor | None, key: Tensor, padding: Tensor | None) -> Tensor | None:
@@ -221,11 +225,18 @@ def longswap_attention(
     softcap = softcap or None  # transformers passes 0 or None for "no cap"
     sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per query head
     padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
-    if padding is not None and not pattern.translation_invariant and _left_padded(padding):
+    shift = None if padding is None or pattern.translation_invariant else _shifting_padding(padding)
+    if shift == "left":
         raise ValueError(
             f"layer {layer}: {pattern} depends on absolute positions, and left padding shifts "
             "them differently per row; pad on the right (tokenizer.padding_side = 'right') or "
             "run the sequences one at a time"
+        )
+    if shift == "inner":
+        raise ValueError(
+            f"layer {layer}: {pattern} depends on absolute positions, and padding between real "
+            "tokens shifts the later ones (generate continues a batch padded on the right "
+            "after its padding); generate from prompts of one length, or one at a time"
         )
     dropped = 0
     if isinstance(attention_mask, SwapMask) and padding is None:
