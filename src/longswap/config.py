@@ -18,20 +18,27 @@ from typing import Any, Literal
 import yaml
 
 
-def help_field(text: str, **kwargs: Any) -> Any:
-    """A dataclass field whose help text shows in ``--help``."""
-    return field(metadata={"help": text}, **kwargs)
+def help_field(text: str, *, required: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field whose help text shows in ``--help``; ``required``: its flag must be
+    given, on the command line or in ``--config``."""
+    return field(metadata={"help": text, "required": required}, **kwargs)
 
 
-def comma_list(kind: type) -> Any:
-    """Parse ``"a,b"`` into ``[kind(a), kind(b)]`` (so ``--lengths 1024,2048`` works)."""
+def comma_list(kind: type, choices: tuple[Any, ...] = ()) -> Any:
+    """Parse ``"a,b"`` into ``[kind(a), kind(b)]`` (so ``--lengths 1024,2048`` works);
+    with ``choices``, each value must be one of them."""
 
     def parse(text: str) -> list[Any]:
         try:
-            return [kind(part) for part in text.split(",") if part.strip()]
+            values = [kind(part) for part in text.split(",") if part.strip()]
         except ValueError:
             msg = f"expected {kind.__name__} values, got {text!r}"
             raise argparse.ArgumentTypeError(msg) from None
+        wrong = [v for v in values if choices and v not in choices]
+        if wrong:
+            msg = f"invalid choice {wrong[0]!r} (choose from {', '.join(map(str, choices))})"
+            raise argparse.ArgumentTypeError(msg)
+        return values
 
     parse.__name__ = f"{kind.__name__} list"
     return parse
@@ -43,15 +50,36 @@ def _arg_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
         return str, {"choices": list(typing.get_args(annotation))}
     if origin is list:
         # Space- or comma-separated, and the flag may repeat: --model a --model b.
-        kind = comma_list(typing.get_args(annotation)[0])
-        return kind, {"nargs": "+", "action": "extend"}
+        (item,) = typing.get_args(annotation)
+        if typing.get_origin(item) is Literal:  # the help text names the choices
+            return comma_list(str, typing.get_args(item)), {"nargs": "+", "action": "extend"}
+        return comma_list(item), {"nargs": "+", "action": "extend"}
     return annotation, {}
 
 
+class _ConfigFile(argparse.Action):
+    """``--config FILE``: the file may hold the required fields, so no flag stays required
+    (the stage names a field that neither gives)."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        """Keep the file's path; no flag of ``parser`` is required any more."""
+        setattr(namespace, self.dest, values)
+        for action in parser._actions:
+            action.required = False
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
-    """One ``--flag`` per dataclass field, with its help text and default."""
+    """One ``--flag`` per dataclass field, with its help text and default; the required
+    fields first."""
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    fields = sorted(dataclasses.fields(cls), key=lambda f: not f.metadata.get("required"))
+    for f in fields:
         flag = "--" + f.name.replace("_", "-")
         kind, extra = _arg_type(hints[f.name])
         if kind is bool:
@@ -59,9 +87,19 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         shown = " ".join(map(str, default)) if isinstance(default, list) else default
-        text = f.metadata["help"] + (f" (default: {shown})" if shown not in ("", None) else "")
+        text = f.metadata["help"]
+        if f.metadata.get("required"):
+            extra["required"] = True
+            text += " (required, here or in --config)"
+        elif shown not in ("", None):
+            text += f" (default: {shown})"
         parser.add_argument(flag, type=kind, default=None, help=text.replace("%", "%%"), **extra)
-    parser.add_argument("--config", type=Path, help="YAML file with these fields (flags win)")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        action=_ConfigFile,
+        help="YAML file with these fields (flags given as well win)",
+    )
 
 
 def _type_problem(name: str, value: Any, annotation: Any) -> str | None:

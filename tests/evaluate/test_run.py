@@ -92,16 +92,17 @@ def test_eval_fails_before_work_on_bad_models(models, tmp_path, capsys):
     other = tmp_path / "mismatch"
     make_model("llama").save_pretrained(other)  # 97-token vocabulary
     byte_tokenizer().save_pretrained(other)  # 257 tokens
+    config = tmp_path / "tasks.yaml"
+    config.write_text("tasks: [ppl, magic]\n")  # on the command line, argparse refuses magic
     code = main(
         [
             "eval",
+            "--config",
+            str(config),
             "--model",
             str(base),
             str(other),
             str(tmp_path / "missing"),
-            "--tasks",
-            "ppl",
-            "magic",
             "--out",
             str(tmp_path / "o"),
         ]

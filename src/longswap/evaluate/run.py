@@ -25,8 +25,9 @@ from longswap.evaluate.selection import selection
 from longswap.evaluate.speed import decode_speed
 from longswap.evaluate.tasks import needles, passkey, recall
 from longswap.io import output_problem, overlap_problems
+from longswap.kernels.cpp import build_all
 from longswap.positions import find_position_embedding
-from longswap.swap import load, supported_length
+from longswap.swap import load, supported_length, swap_spec
 
 Task = Literal["ppl", "passkey", "needles", "recall", "speed", "selection"]
 TASKS = ("ppl", "passkey", "needles", "recall", "speed", "selection")
@@ -37,10 +38,13 @@ class EvalConfig:
     """Evaluate models: perplexity vs length, passkey, associative recall, speed."""
 
     model: list[str] = help_field(
-        "model folders to compare (base, swapped, fine-tuned, yours)", default_factory=list
+        "models to compare (base, swapped, fine-tuned, yours): model folders, longswap LoRA "
+        "outputs or .gguf files",
+        required=True,
+        default_factory=list,
     )
-    out: str = help_field("folder for results.json, report.md and plots", default="")
-    tasks: list[str] = help_field(
+    out: str = help_field("folder for results.json, report.md and plots", required=True, default="")
+    tasks: list[Task] = help_field(
         "any of ppl, passkey, needles, recall, speed, selection (the share of dense "
         "attention a block selection keeps; block_topk / learned_topk models)",
         default_factory=lambda: list(TASKS[:5]),
@@ -202,6 +206,9 @@ def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
     todo = [c for c in _grid(config, loaded) if _key(c[3], *c[:3]) not in done]
     stamp = environment()
     models = {path: (model, tok) for path, model, tok in loaded}
+    on_cpu = [m for m, _ in models.values() if next(m.parameters()).device.type == "cpu"]
+    if any(swap_spec(m) is not None for m in on_cpu):
+        build_all()  # a kernel's build (about a minute, once per machine) is timed nowhere
     for task, length, cell, path in tqdm(todo, desc="longswap eval", unit="record"):
         model, tok = models[path]
         record = {

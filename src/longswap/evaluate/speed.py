@@ -1,10 +1,12 @@
 """The ``speed`` task: prefill and per-step decoding speed, and the memory of the cache.
 
-One warm-up ``generate`` (same shapes by default: compilation and allocation happen there),
-then one ``generate`` whose steps are time-stamped as their logits arrive: prefill is the
-time to the first logits, decoding the median interval between steps. A swapped model
-decodes with ``longswap.swap.sparse_cache`` (window layers bounded, selection layers from
-block summaries); any other model with transformers' default cache.
+A swapped model on CPU first builds longswap's C++ kernels (a build takes about a minute,
+once per machine); then one warm-up ``generate`` (same shapes by default: compilation and
+allocation happen there), then one ``generate`` whose steps are time-stamped as their
+logits arrive: prefill is the time to the first logits, decoding the median interval
+between steps. A swapped model decodes with ``longswap.swap.sparse_cache`` (window layers
+bounded, selection layers from block summaries); any other model with transformers' default
+cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from transformers import LogitsProcessorList
 
 from longswap.environment import peak_memory
+from longswap.kernels.cpp import build_all
 from longswap.swap import sparse_cache, swap_spec
 
 
@@ -58,6 +61,8 @@ def decode_speed(
             **({"cache": sparse_cache(model)} if swapped else {}),
         )
 
+    if swapped and device.type == "cpu":
+        build_all()  # never inside a timed call
     with torch.no_grad():
         run(ids[:, :warmup_prompt] if warmup_prompt else ids, 2)  # warm-up
         stamps.clear()

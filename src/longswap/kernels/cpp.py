@@ -112,6 +112,12 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
         return None
 
 
+def build_all() -> dict[str, bool]:
+    """Build (or load from the cache) every kernel now, so that no later call, timed or not,
+    pays for a build; whether each is available."""
+    return {kernel: compiled(kernel) is not None for kernel in KERNELS}
+
+
 def kernel_status() -> dict[str, str]:
     """Each kernel's state, found without building anything: ``off`` (switched off by
     ``LONGSWAP_CPU_KERNEL=0``), ``cached`` (built before: loads without compiling),

@@ -56,8 +56,10 @@ def common_problems(config: TrainingFields) -> list[str]:
         found.append(f"learning_rate must be a positive number, got {config.learning_rate!r}")
     if not 0 <= config.weight_decay < math.inf:
         found.append(f"weight_decay must be a number >= 0, got {config.weight_decay!r}")
-    if not isinstance(config.warmup_steps, int) or config.warmup_steps < 0:
-        found.append(f"warmup_steps must be an integer >= 0, got {config.warmup_steps!r}")
+    for name in ("warmup_steps", "save_steps"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value < 0:
+            found.append(f"{name} must be an integer >= 0, got {value!r}")
     if not 0 <= config.synthetic_ratio < 1:
         found.append(f"synthetic_ratio must be in [0, 1), got {config.synthetic_ratio!r}")
     if not 0 < config.validation_share < 1:

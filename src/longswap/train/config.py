@@ -6,6 +6,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from longswap.config import help_field
+from longswap.kernels.api import Backend
+from longswap.positions.rope import RopeKind
 
 Size = Literal["tiny", "small", "base"]
 
@@ -15,7 +17,7 @@ class TrainingFields:
     """Fields every training run has."""
 
     out: str = help_field(
-        "folder for the trained model (and checkpoints/ while training)", default=""
+        "folder for the trained model (and checkpoints/ while training)", required=True, default=""
     )
     data: list[str] = help_field(
         "local .txt/.md/.py/.jsonl/.json/.parquet files or folders (see --text-field); "
@@ -44,7 +46,14 @@ class TrainingFields:
         default=0.0,
     )
     validation_share: float = help_field("share of documents held out for validation", default=0.02)
-    eval_steps: int = help_field("evaluate and checkpoint every this many steps", default=200)
+    eval_steps: int = help_field(
+        "evaluate on the held-out share every this many steps", default=200
+    )
+    save_steps: int = help_field(
+        "write a checkpoint (what --resume continues from) every this many steps; 0: at every "
+        "evaluation (--eval-steps)",
+        default=0,
+    )
     seed: int = help_field("random seed (data order and initial weights)", default=0)
     overwrite: bool = help_field("replace a non-empty --out", default=False)
     skip_budget_check: bool = help_field(
@@ -72,7 +81,11 @@ Method = Literal["lora-plus", "full", "attention", "selector"]
 class FinetuneConfig(TrainingFields):
     """Fine-tune a (swapped) model on long sequences."""
 
-    model: str = help_field("local checkpoint folder to start from", default="")
+    model: str = help_field(
+        "checkpoint to start from: a model folder, a longswap LoRA output or a .gguf file",
+        required=True,
+        default="",
+    )
     pattern: str = help_field(
         "swap to this pattern first (e.g. 'sliding_window(window=512)'); empty: keep the "
         "model's attention (a swapped model keeps its pattern)",
@@ -81,10 +94,18 @@ class FinetuneConfig(TrainingFields):
     full_layers: list[int] = help_field(
         "layers kept dense when --pattern swaps (e.g. -1)", default_factory=list
     )
-    backend: str = help_field("attention backend: auto, reference, blocks or flex", default="auto")
-    rope: str = help_field(
-        "position extension beyond the trained length: auto, none, linear, ntk, yarn",
-        default="auto",
+    backend: Backend = help_field("attention backend", default="auto")
+    rope: RopeKind = help_field("position extension beyond the trained length", default="auto")
+    # A pre-trained model is fine-tuned, not trained from scratch: a smaller step and one
+    # long sequence per step (pre-training's defaults are for the small model from scratch).
+    batch_size: int = help_field(
+        "sequences per step (one long sequence at a time: long sequences fill memory)", default=1
+    )
+    learning_rate: float = help_field(
+        "peak learning rate (cosine schedule after warm-up); 2e-4 suits LoRA+ (the adapters' "
+        "usual rate, which moves a pre-trained model without undoing it); take about 2e-5 "
+        "with --method full and about 5e-3 with --method selector (small gates trained alone)",
+        default=2e-4,
     )
     method: Method = help_field(
         "trainable parameters: lora-plus (LoRA on attention + embeddings and norms), full, "

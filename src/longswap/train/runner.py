@@ -215,7 +215,7 @@ def train(
         eval_strategy="steps",
         eval_steps=config.eval_steps,
         save_strategy="steps",
-        save_steps=config.eval_steps,
+        save_steps=config.save_steps or config.eval_steps,
         save_total_limit=2,
         seed=config.seed,
         data_seed=config.seed,
