@@ -91,6 +91,10 @@ def untouched(model):
         ({"pattern": full(), "full_layers": [2]}, "layer index 2 is out of range"),
         ({"pattern": full(), "max_length": 0}, "max_length must be a positive integer, got 0"),
         ({"pattern": full(), "max_length": 12.5}, "max_length must be a positive integer"),
+        (
+            {"pattern": full(), "max_length": 10**12},
+            "max_length 1,000,000,000,000 is beyond 16,777,216 \\(2\\*\\*24\\) tokens",
+        ),
         ({"pattern": [full()]}, "needs one per layer: 2, got 1"),
         ({"pattern": full(), "backend": "fast"}, "unknown backend 'fast'"),
         ({"pattern": full(), "rope": "magic"}, "unknown rope 'magic'"),

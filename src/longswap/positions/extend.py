@@ -11,6 +11,10 @@ from longswap.patterns import Pattern
 from longswap.positions.learned import find_position_embedding, tile_positions
 from longswap.positions.rope import rope_parameters, rotary_modules
 
+#: The longest extension planned: positions are computed in float32 (rotary angles in
+#: transformers), which holds every integer only up to 2**24.
+MAX_LENGTH = 2**24
+
 
 def plan_positions(
     model: PreTrainedModel,
@@ -25,7 +29,8 @@ def plan_positions(
     ``rope="auto"`` keeps RoPE when every pattern in ``patterns`` reaches back less than
     the trained length, and uses YaRN otherwise; learned tables are tiled.
     ``trained_rope``: the RoPE parameters the model was trained with, when its config
-    holds scaled ones (planning a new swap of a swapped model).
+    holds scaled ones (planning a new swap of a swapped model). A ``max_length`` beyond
+    :data:`MAX_LENGTH` raises ValueError.
     """
     if max_length is None or max_length <= trained:
         return {
@@ -33,6 +38,13 @@ def plan_positions(
             "trained_length": trained,
             "summary": f"unchanged (trained length {trained})",
         }
+    if max_length > MAX_LENGTH:
+        raise ValueError(
+            f"max_length {max_length:,} is beyond {MAX_LENGTH:,} (2**24) tokens, "
+            f"{max_length / trained:,.0f} times the trained {trained:,}: positions are computed "
+            "in float32, which cannot tell apart the positions of longer sequences; choose "
+            "the longest length the model must serve"
+        )
     config = model.config
     if rotary_modules(model):
         if trained_rope is not None:
