@@ -197,10 +197,13 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
             "--separate-documents with --sequence-parallel needs a swapped model: the dense "
             "attention that sequence parallelism wraps ignores where documents start"
         )
+    # RoPE kept as trained (--rope none) changes no position: the adapter carries the run.
+    kept = config.rope == "none" and bool(rotary_modules(model))
     if (
         config.method == "lora-plus"
         and not config.merge
         and not swapped
+        and not kept
         and (config.seq_len > trained)
     ):
         found.append(
