@@ -1,6 +1,7 @@
 """Fine-tuning swapped models: trainable-parameter policies, saving, validation."""
 
 import errno
+import json
 import shutil
 from pathlib import Path
 
@@ -172,6 +173,7 @@ def test_a_pattern_that_skips_nothing_at_the_length_is_refused(base, tmp_path, p
         (["--learning-rate", "inf"], "learning_rate must be a positive number, got inf"),
         (["--weight-decay", "-0.1"], "weight_decay must be a number >= 0, got -0.1"),
         (["--warmup-steps", "-1"], "warmup_steps must be an integer >= 0, got -1"),
+        (["--save-steps", "-1"], "save_steps must be an integer >= 0, got -1"),
         (["--lora-alpha", "0"], "lora_alpha must be a positive integer, got 0"),
         (["--lora-alpha", "-8"], "lora_alpha must be a positive integer, got -8"),
         (["--method", "full", "--merge"], "--method full trains none: leave out --merge"),
@@ -195,6 +197,21 @@ def test_steps_0_is_one_error_about_steps(base, tmp_path, capsys):
     assert main(["finetune", "--model", str(base / "base"), "--out", str(out), "--steps", "0"]) == 2
     err = capsys.readouterr().err
     assert "steps must be an integer >= 1, got 0" in err and "transfer_steps" not in err
+
+
+def test_checkpoints_every_save_steps_apart_from_the_evaluations(base, tmp_path):
+    from longswap.cli import main
+
+    out = tmp_path / "out"
+    flags = ["--model", str(base / "base"), "--data", str(base / "data"), "--seq-len", "32"]
+    flags += ["--steps", "4", "--batch-size", "2", "--warmup-steps", "1", "--method", "full"]
+    assert (
+        main(["finetune", *flags, "--eval-steps", "4", "--save-steps", "2", "--out", str(out)]) == 0
+    )
+    saved = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert saved == ["checkpoint-2", "checkpoint-4"]
+    state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [4]
 
 
 def test_cli_finetune(base, tmp_path, capsys):
