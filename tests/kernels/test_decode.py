@@ -144,13 +144,13 @@ def test_compiled_step_reads_a_cache_buffer_in_place(kernel, monkeypatch):
 
 @pytest.mark.parametrize("per_head", [False, True])
 def test_compiled_step_breaks_ties_and_skips_blocks_as_the_oracle(kernel, per_head):
-    # Equal scores: the more recent blocks win; -inf and NaN take places but are not seen.
+    # Equal scores: the more recent blocks win; -inf takes places but is not seen.
     pattern = learned_topk(16, 3, per_head=per_head)
     q, k, v = (t.detach() for t in inputs(1, 160))
     heads = 6 if per_head else 2
     scores = torch.zeros(2, heads, 1, 10)
     scores[0, :, 0, 2] = float("-inf")
-    scores[1, :, 0, [1, 7]] = float("nan")
+    scores[1, :, 0, [1, 7]] = float("-inf")
     scores[1, 0, 0, :] = float("-inf")
     with torch.no_grad():
         out = sparse_attention(q, k, v, pattern, backend="blocks", block_scores=scores)

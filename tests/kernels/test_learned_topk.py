@@ -87,6 +87,25 @@ def test_scores_are_required_and_checked():
         run(q, k, v, "sliding_window(window=8)", "blocks", torch.zeros(1, 2, 128, 4))
 
 
+@pytest.mark.parametrize("backend", ["reference", "blocks"])
+def test_nan_scores_are_refused_unless_the_inputs_explain_them(backend):
+    """A block scored NaN could never be selected: refused, with where; a NaN query row (or
+    a NaN key of the block) makes the NaN an input's, and its rows NaN whatever is chosen."""
+    pattern = learned_topk(32, 2)
+    q, k, v = (t.detach() for t in inputs(1, 4, 2, 128, 128))
+    with pytest.raises(ValueError, match="block_scores hold NaN for finite queries and keys"):
+        run(q, k, v, pattern, backend, torch.full((1, 2, 128, 4), float("nan")))
+    scores = scores_for(q, k, pattern)
+    scores[0, 1, 100, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"\(1 of 1024; first: batch 0, row 1, query 100, block 2"):
+        run(q, k, v, pattern, backend, scores)
+    q[0, 2, 100, 0] = float("nan")  # a query head of group 1, at that query
+    k[0, 0, 40, 3] = float("nan")  # a key of block 1
+    scores[0, :, 50:, 1] = float("nan")
+    out = run(q, k, v, pattern, backend, scores)
+    assert out[0, 2, 100].isnan().all()
+
+
 @pytest.mark.flex
 def test_flex_forward_equals_the_oracle_given_the_same_scores():
     pattern = learned_topk(64, 2)

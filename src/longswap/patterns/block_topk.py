@@ -27,7 +27,8 @@ from longswap.patterns.registry import register
 
 #: ``top(scores (..., Lq, n) float32, valid (Lq, n) bool, places) -> (blocks, chosen)``:
 #: the ``places`` best valid blocks of each row, best first, ties to the more recent block;
-#: blocks scored NaN or -inf are never chosen (their places stay empty).
+#: blocks scored NaN or -inf are never chosen (their places stay empty; given scores may
+#: hold NaN only where the queries or keys do).
 TopPlaces = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
 
@@ -94,7 +95,8 @@ class Selection(Pattern):
         pattern's own scores (:meth:`block_scores`); scored per KV group, a selection is
         shared by the group's query heads. ``chosen`` is False for places left empty (a
         token with fewer earlier blocks than ``top_k``). Key blocks whose keys are all
-        padding are never selected. ``top`` picks the places without padding (a compiled
+        padding are never selected. Given scores that hold NaN where q and k hold none raise
+        ValueError. ``top`` picks the places without padding (a compiled
         kernel's: same blocks, faster; see :data:`TopPlaces`); None: pure PyTorch.
         """
         batch, hq, q_len, _ = q.shape
@@ -106,6 +108,8 @@ class Selection(Pattern):
             return empty, empty.bool()
         scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
         self.check_scores(scores, q, kv_len)
+        if block_scores is not None:
+            self._refuse_nan(scores, q, k)
         valid = _candidates(self, q_len, kv_len, q.device)
         if key_padding_mask is None and top is not None:
             blocks, chosen = top(scores.float().contiguous(), valid, places)
@@ -129,6 +133,26 @@ class Selection(Pattern):
             raise ValueError(
                 f"{self.name}: block scores must be (B, Hq or Hkv, Lq, n) = ({batch}, {hq} or a "
                 f"divisor, {q_len}, {n}), got {tuple(scores.shape)}"
+            )
+
+    def _refuse_nan(self, scores: Tensor, q: Tensor, k: Tensor) -> None:
+        """Raise ValueError where given scores hold NaN that their query row and block's
+        keys do not explain (NaN inputs give NaN rows whatever is selected)."""
+        nan = scores.isnan()  # (B, S, Lq, n), S query heads or groups of them
+        if not bool(nan.any()):
+            return
+        batch, rows, q_len, n = scores.shape
+        bad_q = q.isnan().any(-1).view(batch, rows, -1, q_len).any(2)  # (B, S, Lq)
+        keys = k[:, :, : n * self.block_size].isnan().any(-1).any(1)  # (B, n * block_size)
+        bad_k = keys.view(batch, n, self.block_size).any(-1)  # (B, n)
+        nan &= ~bad_q[..., None] & ~bad_k[:, None, None, :]
+        if bool(nan.any()):
+            b, h, i, j = nan.nonzero()[0].tolist()
+            raise ValueError(
+                f"{self.name}: block_scores hold NaN for finite queries and keys ({int(nan.sum())} "
+                f"of {nan.numel()}; first: batch {b}, row {h}, query {i}, block {j}); a block "
+                "scored NaN could never be selected: give finite scores (-inf for a block that "
+                "must not be selected)"
             )
 
     def select(
