@@ -168,6 +168,21 @@ def test_learned_positions_end_at_their_table(tmp_path):
     assert "beyond the 64 learned positions" in records[1]["skipped"]
 
 
+def test_a_report_of_skipped_records_only(tmp_path):
+    """Every record skipped (beyond a learned table): results.json and report.md, no plots."""
+    model = make_model("gpt2", vocab_size=257)  # 64 learned positions
+    model.save_pretrained(tmp_path / "gpt2")
+    byte_tokenizer().save_pretrained(tmp_path / "gpt2")
+    out = tmp_path / "eval"
+    args = ["eval", "--model", str(tmp_path / "gpt2"), "--tasks", "passkey", "ppl", "speed"]
+    assert main([*args, "--lengths", "128", "--out", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["records"]
+    assert records and all("skipped" in r for r in records)
+    report = (out / "report.md").read_text()
+    assert "Skipped: gpt2 at 128: length 128 is beyond the 64 learned positions" in report
+    assert "![]" not in report and not list(out.glob("*.png"))
+
+
 def test_speed_times_each_decode_step_with_the_cache(models):
     base, _ = models
     model = longswap.load(base).eval()

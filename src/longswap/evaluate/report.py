@@ -126,8 +126,11 @@ def _rows(
 
 
 def _perplexity(rows: list[dict[str, Any]], out: Path) -> list[str]:
-    _line_plot(rows, "perplexity", "perplexity", out / "perplexity.png")
     measured = [r for r in rows if "perplexity" in r]
+    lines = ["## Perplexity vs context length", ""]
+    if measured:
+        _line_plot(rows, "perplexity", "perplexity", out / "perplexity.png")
+        lines += ["![](perplexity.png)", ""]
 
     def cells(r: dict[str, Any]) -> list[str]:
         low, high = r["perplexity_ci"]
@@ -135,7 +138,6 @@ def _perplexity(rows: list[dict[str, Any]], out: Path) -> list[str]:
 
     interval = f"{measured[0]['confidence']:.0%} interval" if measured else "interval"
     headers = ["model", "length", "perplexity", interval, "bits per token"]
-    lines = ["## Perplexity vs context length", "", "![](perplexity.png)", ""]
     lines += table(headers, _rows(rows, 3, cells))
     if measured:
         lines += [f"Scoring: {measured[0]['convention']}.", ""]
@@ -154,18 +156,20 @@ def _passkey(rows: list[dict[str, Any]], out: Path) -> list[str]:
         for (model, length), cells in grid.items()
     ]
     lines += table(["model", "length", *(f"depth {d:g}" for d in depths)], body)
-    for model in sorted({r["model"] for r in rows}):
+    for model in sorted({r["model"] for r in rows if "accuracy" in r}):  # one measured, at least
         png = f"passkey-{_name(model)}.png"
         _heatmap([r for r in rows if r["model"] == model], model, out / png)
         lines += [f"![]({png})", ""]
     skipped = [r for r in rows if "skipped" in r]
     lines += [f"Skipped: {_name(r['model'])} at {r['length']}: {r['skipped']}" for r in skipped]
-    return lines
+    return lines + [""] if skipped else lines
 
 
 def _simple(task: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
     lines = [f"## {task}", ""]
     for field, label in PLOTS[task]:
+        if not any(field in r for r in rows):  # nothing measured: no empty plot
+            continue
         png = f"{task}.png" if field == PLOTS[task][0][0] else f"{task}-{field}.png"
         _line_plot(rows, field, label, out / png)
         lines.append(f"![]({png})")
