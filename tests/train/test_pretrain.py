@@ -59,7 +59,7 @@ def test_invalid_configuration_lists_every_problem(tmp_path):
         "does not exist",
         "seq_len must be",
         "size must be one of",
-        "learning_rate must be positive",
+        "learning_rate must be a positive number",
     ):
         assert part in message
     assert (out / "keep.txt").read_text() == "mine"
