@@ -310,7 +310,7 @@ def tables(record: dict) -> str:
     out += ["", "| arm | " + " | ".join(heads) + " |"]
     out.append("|---|" + "---:|" * len(heads))
 
-    def nats(r: dict) -> str:  # records before session 10 lack it
+    def nats(r: dict) -> str:  # older records lack it
         return f"{r['kept_nats']:.3f} ({r['oracle_nats']:.3f})" if "kept_nats" in r else "n/a"
 
     for arm in arms:
