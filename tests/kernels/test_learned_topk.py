@@ -106,6 +106,14 @@ def test_nan_scores_are_refused_unless_the_inputs_explain_them(backend):
     assert out[0, 2, 100].isnan().all()
 
 
+def test_a_decoding_step_refuses_nan_scores_too():
+    """One query row (the compiled decoding step on CPU) checks given scores as a prompt does."""
+    pattern = learned_topk(32, 2)
+    q, k, v = (t.detach() for t in inputs(1, 4, 2, 1, 128))
+    with pytest.raises(ValueError, match="block_scores hold NaN for finite queries and keys"):
+        run(q, k, v, pattern, "blocks", torch.full((1, 2, 1, 4), float("nan")))
+
+
 @pytest.mark.flex
 def test_flex_forward_equals_the_oracle_given_the_same_scores():
     pattern = learned_topk(64, 2)

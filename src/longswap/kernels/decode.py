@@ -131,11 +131,14 @@ def _compiled_one_query(
     selection, gathering and softmax in one call, reading the cache in place."""
     batch, hkv, kv_len = q.shape[0], k.shape[1], k.shape[2]
     n = kv_len // pattern.block_size
+    given = scores is not None and min(pattern.top_k, n) > 0
     if min(pattern.top_k, n) == 0:  # nothing to select: any scores will do
         scores = q.new_zeros(batch, hkv, 1, n, dtype=torch.float32)
     elif scores is None:
         scores = pattern.block_scores(q, k)
     pattern.check_scores(scores, q, kv_len)
+    if given:  # a block scored NaN by the caller could never be selected
+        pattern.refuse_nan(scores, q, k)
     step = kernel.selection_decode(
         q[:, :, 0].float().contiguous(),
         k,

@@ -109,7 +109,7 @@ class Selection(Pattern):
         scores = self.block_scores(q, k, key_padding_mask) if block_scores is None else block_scores
         self.check_scores(scores, q, kv_len)
         if block_scores is not None:
-            self._refuse_nan(scores, q, k)
+            self.refuse_nan(scores, q, k)
         valid = _candidates(self, q_len, kv_len, q.device)
         if key_padding_mask is None and top is not None:
             blocks, chosen = top(scores.float().contiguous(), valid, places)
@@ -135,7 +135,7 @@ class Selection(Pattern):
                 f"divisor, {q_len}, {n}), got {tuple(scores.shape)}"
             )
 
-    def _refuse_nan(self, scores: Tensor, q: Tensor, k: Tensor) -> None:
+    def refuse_nan(self, scores: Tensor, q: Tensor, k: Tensor) -> None:
         """Raise ValueError where given scores hold NaN that their query row and block's
         keys do not explain (NaN inputs give NaN rows whatever is selected)."""
         nan = scores.isnan()  # (B, S, Lq, n), S query heads or groups of them
