@@ -50,7 +50,8 @@ def test_module_entry_point():
 
 
 def test_list_flags_take_spaces_or_commas_in_every_command():
-    from longswap.cli import _flat, _parser
+    from longswap.cli import _parser
+    from longswap.cli_flags import flat as _flat
 
     base = ["swap", "--model", "m", "--pattern", "full()", "--out", "o"]
     for words in (

@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+
+from longswap.cli_flags import (
+    Deferred,
+    config_flags,
+    flat,
+    generate_flags,
+    plain,
+    swap_flags,
+)
 
 
 def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
@@ -193,136 +200,6 @@ def cmd_env() -> int:
     return 0
 
 
-def _plain(command: Callable[..., int]) -> str:
-    """A command's docstring as help text: reStructuredText's double backticks dropped."""
-    return (command.__doc__ or "").replace("``", "")
-
-
-def _flat(lists: list[list[int]] | None) -> list[int] | None:
-    """The values of a list flag given as words and comma lists (``-1 -2`` or ``-1,-2``)."""
-    return None if lists is None else [x for part in lists for x in part]
-
-
-class _Deferred(argparse.ArgumentParser):
-    """A subcommand's parser that adds its flags when it is used (``flags``), so that
-    ``longswap --help`` imports neither the stages nor torch."""
-
-    def __init__(
-        self,
-        *args: Any,
-        flags: Callable[[argparse.ArgumentParser], None] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        # No abbreviations: `--prompt` must not silently mean `--prompt-file`.
-        super().__init__(*args, allow_abbrev=False, **kwargs)
-        self._flags = flags
-
-    def _ready(self) -> None:
-        if self._flags is not None:
-            add, self._flags = self._flags, None
-            add(self)
-
-    def parse_known_args(self, *args: Any, **kwargs: Any) -> Any:
-        """Parse, the flags added first."""
-        self._ready()
-        return super().parse_known_args(*args, **kwargs)
-
-    def format_help(self) -> str:
-        """The help text, the flags added first."""
-        self._ready()
-        return super().format_help()
-
-
-def _config_flags(module: str, name: str) -> Callable[[argparse.ArgumentParser], None]:
-    """Flags (and description) from the config dataclass ``module.name``, imported when its
-    command is used."""
-    from longswap.config import add_arguments
-
-    def add(parser: argparse.ArgumentParser) -> None:
-        config = getattr(importlib.import_module(module), name)
-        parser.description = config.__doc__
-        add_arguments(parser, config)
-
-    return add
-
-
-def _swap_flags(p: argparse.ArgumentParser) -> None:
-    from longswap.config import comma_list
-    from longswap.kernels import BACKENDS
-    from longswap.positions import ROPE_KINDS
-
-    p.add_argument("--model", type=Path, required=True, help="local model folder or .gguf file")
-    p.add_argument(
-        "--pattern",
-        required=True,
-        help='pattern string, e.g. "sliding_window(window=4096, sinks=4)"',
-    )
-    p.add_argument("--out", type=Path, required=True, help="folder for the swapped checkpoint")
-    p.add_argument(
-        "--max-length",
-        type=int,
-        help="longest sequence to support (extends positions; default: the trained length)",
-    )
-    p.add_argument(
-        "--rope",
-        default="auto",
-        choices=ROPE_KINDS,
-        help="position extension beyond the trained length (default: auto)",
-    )
-    p.add_argument(
-        "--backend", default="auto", choices=BACKENDS, help="attention backend (default: auto)"
-    )
-    # Lists as everywhere else: space- or comma-separated, the flag may repeat.
-    p.add_argument(
-        "--layers",
-        type=comma_list(int),
-        nargs="+",
-        action="extend",
-        help="swap only these layers (default: every layer)",
-    )
-    p.add_argument(
-        "--full-layers",
-        type=comma_list(int),
-        nargs="+",
-        action="extend",
-        help="keep these layers dense (e.g. -1 -2, or --full-layers=-1,-2)",
-    )
-    p.add_argument("--block-size", type=int, default=128, help="kernel block size (default: 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-
-def _generate_flags(p: argparse.ArgumentParser) -> None:
-    from longswap.generate import Sampling
-
-    p.add_argument(
-        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
-    )
-    p.add_argument(
-        "--prompt-file", type=Path, metavar="FILE", help="the prompt (default: standard input)"
-    )
-    defaults = Sampling()
-    for flag, kind, text in (
-        ("--max-new-tokens", int, "tokens to generate at most"),
-        ("--temperature", float, "sampling temperature; 0 decodes greedily"),
-        ("--top-p", float, "sample from the smallest set of tokens holding this probability"),
-        ("--top-k", int, "sample among this many most likely tokens (0: no limit)"),
-        ("--seed", int, "random seed of the sampling"),
-    ):
-        default = getattr(defaults, flag[2:].replace("-", "_"))
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
-    p.add_argument(
-        "--device",
-        default="auto",
-        help="cpu, cuda, cuda:N, or auto: cuda when there is one (default: auto)",
-    )
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     from longswap import __version__
 
@@ -332,18 +209,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"longswap {__version__}")
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_Deferred
+        dest="command", required=True, metavar="COMMAND", parser_class=Deferred
     )
-    p = sub.add_parser("patterns", help=_plain(cmd_patterns), description=_plain(cmd_patterns))
+    p = sub.add_parser("patterns", help=plain(cmd_patterns), description=plain(cmd_patterns))
     p.add_argument("--plot", type=Path, metavar="DIR", help="write one PNG per pattern into DIR")
     p.add_argument(
         "--length", type=int, default=2048, help="tokens shown in each picture (default: 2048)"
     )
     p.set_defaults(run=lambda a: cmd_patterns(a.plot, a.length))
 
-    p = sub.add_parser(
-        "swap", help=_plain(cmd_swap), description=_plain(cmd_swap), flags=_swap_flags
-    )
+    p = sub.add_parser("swap", help=plain(cmd_swap), description=plain(cmd_swap), flags=swap_flags)
     p.set_defaults(
         run=lambda a: cmd_swap(
             a.model,
@@ -352,8 +227,8 @@ def _parser() -> argparse.ArgumentParser:
             a.max_length,
             a.rope,
             a.backend,
-            _flat(a.layers),
-            _flat(a.full_layers),
+            flat(a.layers),
+            flat(a.full_layers),
             a.block_size,
             a.overwrite,
         )
@@ -365,14 +240,14 @@ def _parser() -> argparse.ArgumentParser:
         ("eval", cmd_eval, "longswap.evaluate.run", "EvalConfig"),
         ("demo", cmd_demo, "longswap.demo", "DemoConfig"),
     ):
-        p = sub.add_parser(name, help=command.__doc__, flags=_config_flags(module, config))
+        p = sub.add_parser(name, help=command.__doc__, flags=config_flags(module, config))
         p.set_defaults(run=command)
 
     p = sub.add_parser(
         "generate",
-        help=_plain(cmd_generate),
-        description=_plain(cmd_generate),
-        flags=_generate_flags,
+        help=plain(cmd_generate),
+        description=plain(cmd_generate),
+        flags=generate_flags,
     )
     p.set_defaults(
         run=lambda a: cmd_generate(
@@ -387,12 +262,12 @@ def _parser() -> argparse.ArgumentParser:
             a.dtype,
         )
     )
-    p = sub.add_parser("merge", help=_plain(cmd_merge), description=_plain(cmd_merge))
+    p = sub.add_parser("merge", help=plain(cmd_merge), description=plain(cmd_merge))
     p.add_argument("--model", type=Path, required=True, help="output folder of a LoRA finetune")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.set_defaults(run=lambda a: cmd_merge(a.model, a.out, a.overwrite))
-    p = sub.add_parser("env", help=_plain(cmd_env), description=_plain(cmd_env))
+    p = sub.add_parser("env", help=plain(cmd_env), description=plain(cmd_env))
     p.set_defaults(run=lambda a: cmd_env())
     return parser
 
