@@ -172,7 +172,7 @@ std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor&
   at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
     std::vector<float> qbuf(kMaxRows * s.dim), sbuf(kMaxRows * s.block_size),
-        pv(kMaxRows * s.dim_v);
+        pv(kMaxRows * s.dim_v), m_blk(kMaxRows), l_blk(kMaxRows);
     for (int64_t task = begin; task < end; ++task) {
       TaskPairs tp(s, task);
       for (int64_t j = 0; j < s.n_blocks; ++j) {
@@ -181,7 +181,6 @@ std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor&
           gather(qv, s.dim, tp, lo, hi, qbuf.data());
           matmul(false, true, n, s.block_size, s.dim, sc, qbuf.data(), s.dim,
                  kv.row(tp.b, tp.hk, j * s.block_size), kv.sl, 0.f, sbuf.data(), s.block_size);
-          std::vector<float> m_blk(n), l_blk(n);
           for (int64_t e = 0; e < n; ++e) {
             float* r = sbuf.data() + e * s.block_size;
             int64_t c0, c1;
