@@ -110,9 +110,9 @@ def main() -> None:
     parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
     parser.add_argument("--lengths", type=comma_list(int), default=[8192, 16384])
     parser.add_argument("--forward-only", type=comma_list(int), default=[32768])
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of each forward")
+    parser.add_argument("--repeats", type=int, default=2, help="repeats of each forward (0: none)")
     parser.add_argument(
-        "--backward-repeats", type=int, default=1, help="repeats of each forward+backward"
+        "--backward-repeats", type=int, default=1, help="repeats of each forward+backward (0: none)"
     )
     parser.add_argument(
         "--long-repeats", type=int, default=1, help="repeats at the --forward-only lengths"
@@ -126,6 +126,8 @@ def main() -> None:
     args = apply_smoke(
         parser, args, lengths=[512], forward_only=[1024], repeats=1, backward_repeats=1
     )
+    if min(args.repeats, args.backward_repeats, args.long_repeats) < 0:
+        parser.error("repeats must be 0 (skip that pass) or more")
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown or "dense" not in args.arms:
         parser.error(f"--arms must include dense and name only {', '.join(ARMS)}")
@@ -141,7 +143,7 @@ def main() -> None:
     plan += [(n, True, args.backward_repeats) for n in args.lengths]
     plan += [(n, False, args.long_repeats) for n in args.forward_only]
     rows = []
-    for length, backward, repeats in plan:
+    for length, backward, repeats in (step for step in plan if step[2] > 0):
         ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
         for model in models.values():  # warm-up: kernels built, first calls allocated
             measure(model, ids[:, : min(length, 1024)], backward)
