@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import functools
 import json
 import sys
 from collections.abc import Callable
@@ -23,7 +24,27 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("benchmarks/results")
-DEMO = Path("docs/demo")
+#: The committed demo runs: the embedded model's and SmolLM2's (table-name prefix: folder).
+DEMOS = {"demo": Path("docs/demo"), "smollm2-demo": Path("docs/demo-smollm2")}
+#: ``longswap demo``'s defaults (tests/test_docs.py holds them equal to ``DemoConfig``'s):
+#: a committed run's command names the fields that differ from them.
+DEMO_DEFAULTS: dict[str, Any] = {
+    "model": "",
+    "pattern": "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)",
+    "quick": False,
+    "steps": 0,
+    "factor": 8,
+    "seq_len": 0,
+    "lengths": [],
+    "passkey_lengths": [],
+    "depths": [],
+    "trials": 0,
+    "targets": 0,
+    "learning_rate": 5e-4,
+    "synthetic_ratio": 0.25,
+    "learned": False,
+    "seed": 0,
+}
 #: The real-model arms that the study tables show (the others are superseded: history).
 STUDY_ARMS = (
     "dense",
@@ -59,16 +80,20 @@ STUDY_COMMANDS = {
         "--out benchmarks/results/real_model-fp32.json"
     ),
 }
-#: README: one line per current arm (file, arm).
+#: README: one line per current arm (file, arm, what the row is in words).
 SUMMARY_ARMS = (
-    ("real_model.json", "dense"),
-    ("real_model.json", "window-1024"),
-    ("real_model.json", "window-2048"),
-    ("real_model.json", "moba-128x8"),
-    ("real_model.json", "window-512+moba-64x16"),
-    ("real_model-fp32.json", "window-512+pieces-4-64x16-untrained"),
-    ("real_model-fp32.json", "window-512+learned-pieces-4-64x16-8k"),
-    ("real_model.json", "window-512+oracle-64x16"),
+    ("real_model.json", "dense", "dense"),
+    ("real_model.json", "window-1024", "window"),
+    ("real_model.json", "window-2048", "window"),
+    ("real_model.json", "moba-128x8", "MoBA's mean keys"),
+    ("real_model.json", "window-512+moba-64x16", "window + mean keys"),
+    ("real_model-fp32.json", "window-512+pieces-4-64x16-untrained", "window + pieces gate"),
+    (
+        "real_model-fp32.json",
+        "window-512+learned-pieces-4-64x16-8k",
+        "window + pieces gate, warmed up at 8k",
+    ),
+    ("real_model.json", "window-512+oracle-64x16", "ceiling: dense attention's own choice"),
 )
 
 
@@ -129,46 +154,55 @@ def missing(path: Path, command: str) -> str:
 
 
 def demo_command(demo: dict[str, Any]) -> str:
-    """The ``longswap demo`` command line that the committed report came from."""
-    config = demo["config"]
+    """The ``longswap demo`` command line that a committed report came from (the fields
+    that differ from the defaults; SmolLM2's file as ``"$SMOL"``, as the README sets it)."""
     words = ["longswap demo"]
-    if config.get("learned"):
-        words.append("--learned")
-    if config.get("quick"):
-        words.append("--quick")
+    for name, default in DEMO_DEFAULTS.items():
+        value = demo["config"].get(name, default)
+        if value == default:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag)
+        elif name == "model":
+            words.append(f'{flag} "$SMOL"' if value.endswith(".gguf") else f"{flag} {value}")
+        elif isinstance(value, list):
+            words.append(f"{flag} {','.join(map(str, value))}")
+        else:
+            words.append(f'{flag} "{value}"' if " " in str(value) else f"{flag} {value}")
     return " ".join(words)
 
 
-def demo_stamp(root: Path) -> tuple[dict[str, Any], str]:
-    """The demo record and the line under each of its tables."""
-    demo = load(root, DEMO / "demo.json")
-    assert demo is not None, "docs/demo/demo.json is committed"
+def demo_stamp(root: Path, folder: Path) -> tuple[dict[str, Any], str]:
+    """The demo record in ``folder`` and the line under each of its tables."""
+    demo = load(root, folder / "demo.json")
+    assert demo is not None, f"{folder}/demo.json is committed"
     wall = f"the whole run {demo['wall_seconds'] / 60:.0f} min of wall time"
     return demo, stamp(demo["environment"], demo_command(demo), wall)
 
 
-def render_demo_verdict(root: Path) -> str:
+def render_demo_verdict(root: Path, folder: Path) -> str:
     """The demo's verdict rows."""
-    demo, line = demo_stamp(root)
+    demo, line = demo_stamp(root, folder)
     words = {True: "holds", False: "**does not hold**", None: "not decided"}
     rows = [[cell(v["claim"]), cell(v["measured"]), words[v["holds"]]] for v in demo["verdict"]]
     return table(["expectation", "measured", "outcome"], "lll", rows) + "\n\n" + line
 
 
-def demo_records(root: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
+def demo_records(root: Path, folder: Path) -> dict[tuple[str, str], list[dict[str, Any]]]:
     """The demo's evaluation records by (arm, task)."""
-    records = load(root, DEMO / "eval/results.json")
-    assert records is not None, "docs/demo/eval/results.json is committed"
+    records = load(root, folder / "eval/results.json")
+    assert records is not None, f"{folder}/eval/results.json is committed"
     found: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for record in records["records"]:
         found.setdefault((Path(record["model"]).name, record["task"]), []).append(record)
     return found
 
 
-def render_demo_perplexity(root: Path) -> str:
+def render_demo_perplexity(root: Path, folder: Path) -> str:
     """Perplexity against length per demo arm, 95% interval."""
-    _, line = demo_stamp(root)
-    found = demo_records(root)
+    _, line = demo_stamp(root, folder)
+    found = demo_records(root, folder)
     arms = sorted({arm for arm, task in found if task == "ppl"})
     lengths = sorted({r["length"] for (_, task), rs in found.items() if task == "ppl" for r in rs})
     rows = []
@@ -178,10 +212,10 @@ def render_demo_perplexity(root: Path) -> str:
     return table(["arm", *map(str, lengths)], "l" + "r" * len(lengths), rows) + "\n\n" + line
 
 
-def render_demo_passkey(root: Path) -> str:
+def render_demo_passkey(root: Path, folder: Path) -> str:
     """Passkey accuracy per demo arm, length and depth."""
-    _, line = demo_stamp(root)
-    found = demo_records(root)
+    _, line = demo_stamp(root, folder)
+    found = demo_records(root, folder)
     arms = sorted({arm for arm, task in found if task == "passkey"})
     cells = sorted(
         {(r["length"], r["depth"]) for (_, t), rs in found.items() if t == "passkey" for r in rs}
@@ -194,9 +228,9 @@ def render_demo_passkey(root: Path) -> str:
     return table(header, "l" + "r" * len(cells), rows) + "\n\n" + line
 
 
-def render_demo_cost(root: Path) -> str:
+def render_demo_cost(root: Path, folder: Path) -> str:
     """The cost of the demo's fine-tuning arms."""
-    demo, line = demo_stamp(root)
+    demo, line = demo_stamp(root, folder)
     rows = [
         [
             arm,
@@ -212,10 +246,10 @@ def render_demo_cost(root: Path) -> str:
     return table(header, "lrrrrr", rows) + "\n\n" + line
 
 
-def render_demo_speed(root: Path) -> str:
-    """Prefill and decode speed of the demo's arms at the longest length."""
-    _, line = demo_stamp(root)
-    found = demo_records(root)
+def render_demo_speed(root: Path, folder: Path) -> str:
+    """Prefill and decode speed of the demo's arms at the longest length measured."""
+    _, line = demo_stamp(root, folder)
+    found = demo_records(root, folder)
     rows = []
     longest = 0
     for arm in sorted({arm for arm, task in found if task == "speed"}):
@@ -288,7 +322,7 @@ def render_real_model_summary(root: Path) -> str:
     patterns = arm_patterns(root)
     files = {name: study(root, name) for name in ("real_model.json", "real_model-fp32.json")}
     rows = []
-    for name, arm in SUMMARY_ARMS:
+    for name, arm, label in SUMMARY_ARMS:
         data = files[name]
         if data is None:
             continue
@@ -296,7 +330,7 @@ def render_real_model_summary(root: Path) -> str:
         record = at.get((arm, "ppl", 8192))
         rows.append(
             [
-                arm,
+                label,
                 f"`{cell(patterns[arm])}`",
                 data["config"]["dtype"],
                 ppl(record),
@@ -305,7 +339,7 @@ def render_real_model_summary(root: Path) -> str:
                 selection(at.get((arm, "selection", 8192))),
             ]
         )
-    header = ["arm", "pattern", "dtype", "perplexity at 8192", "vs dense", "passkey 8192"]
+    header = ["swap", "pattern", "dtype", "perplexity at 8192", "vs dense", "passkey 8192"]
     header.append("mass kept (best)")
     lines = [table(header, "lllrrrr", rows)]
     lines += [study_stamp(data, name) for name, data in files.items() if data is not None]
@@ -412,15 +446,12 @@ def render_real_model_history(root: Path) -> str:
 
 def render_real_model_speed(root: Path) -> str:
     """Forward and forward+backward seconds of SmolLM2 per pattern, when measured."""
-    path = RESULTS / "real_model_speed.json"
-    data = load(root, path)
-    if data is None:
-        return missing(path, "python benchmarks/real_model_speed.py")
-    rows_in = data["rows"]
-    dense = {(r["length"], r["pass"]): r["median_seconds"] for r in rows_in if r["arm"] == "dense"}
+    if (found := speed_seconds(root)) is None:
+        return missing(SPEED, SPEED_COMMAND)
+    data, seconds = found
     rows = []
-    for r in rows_in:
-        base = dense.get((r["length"], r["pass"]))
+    for r in data["rows"]:
+        base = seconds.get(("dense", r["length"], r["pass"]))
         rows.append(
             [
                 r["arm"],
@@ -438,9 +469,77 @@ def render_real_model_speed(root: Path) -> str:
     return (
         table(header, "llrlrrr", rows)
         + "\n\n"
-        + stamp(
-            data["environment"], data.get("command", "python benchmarks/real_model_speed.py"), extra
-        )
+        + stamp(data["environment"], data.get("command", SPEED_COMMAND), extra)
+    )
+
+
+#: The passes the real-model speed benchmark times.
+PASSES = ("forward", "forward+backward")
+#: The real-model speed benchmark's results and command.
+SPEED, SPEED_COMMAND = RESULTS / "real_model_speed.json", "python benchmarks/real_model_speed.py"
+
+
+def speed_seconds(root: Path) -> tuple[dict[str, Any], dict[tuple[str, int, str], float]] | None:
+    """``real_model_speed.json`` and its median seconds by (arm, length, pass), or None."""
+    data = load(root, SPEED)
+    if data is None:
+        return None
+    return data, {(r["arm"], r["length"], r["pass"]): r["median_seconds"] for r in data["rows"]}
+
+
+def render_real_model_speed_summary(root: Path) -> str:
+    """The same measurements, one row per arm: speed-up over dense per length and pass."""
+    if (found := speed_seconds(root)) is None:
+        return missing(SPEED, SPEED_COMMAND)
+    data, seconds = found
+    columns = sorted({(r["pass"], r["length"]) for r in data["rows"]})
+    patterns = {r["arm"]: r["pattern"] for r in data["rows"]}
+    rows = []
+    for arm, pattern in patterns.items():
+        if arm == "dense":
+            continue
+        cells = []
+        for kind, length in columns:
+            mine, dense = seconds.get((arm, length, kind)), seconds.get(("dense", length, kind))
+            cells.append("" if mine is None or dense is None else f"{dense / mine:.2f}x")
+        rows.append([f"`{cell(pattern)}`", *cells])
+    dense_row = [f"{seconds[('dense', n, k)]:.0f} s" for k, n in columns]
+    rows.insert(0, ["dense (seconds)", *dense_row])
+    header = ["pattern", *(f"{k} {n // 1024}k" for k, n in columns)]
+    extra = f"{data.get('dtype', 'float32')}, median of the repeats; speed-up over dense"
+    command = data.get("command", SPEED_COMMAND)
+    return (
+        table(header, "l" + "r" * len(columns), rows)
+        + "\n\n"
+        + stamp(data["environment"], command, extra)
+    )
+
+
+def render_real_model_speed_headline(root: Path) -> str:
+    """README's opening: what the quality-keeping unions buy over dense, in one sentence."""
+    if (found := speed_seconds(root)) is None:
+        return missing(SPEED, SPEED_COMMAND)
+    data, seconds = found
+
+    def speed_up(arm: str, length: int, kind: str) -> str:
+        return f"{seconds[('dense', length, kind)] / seconds[(arm, length, kind)]:.1f}x"
+
+    union, learned = "window-512+moba-64x16", "window-512+learned-pieces-4-64x16"
+    needed = [(a, n, k) for a in ("dense", union, learned) for n in (8192, 16384) for k in PASSES]
+    if any(key not in seconds for key in needed):
+        return missing(SPEED, f"{SPEED_COMMAND} (the unions at 8k and 16k)")
+    return (
+        "On SmolLM2-135M on a 2-core CPU (float32), the patterns that keep quality (a "
+        "512-token window with sinks united with 16 selected blocks of 64) prefill "
+        f"{speed_up(union, 8192, 'forward')} faster than dense at 8k tokens and "
+        f"{speed_up(union, 16384, 'forward')} at 16k, and train (forward and backward) "
+        f"{speed_up(union, 8192, 'forward+backward')} faster at 8k and "
+        f"{speed_up(union, 16384, 'forward+backward')} at 16k. Where it does not pay yet: "
+        "the learned selector's scoring of 4-token pieces costs about a quarter of dense "
+        "attention's products at every length, so that union prefills only "
+        f"{speed_up(learned, 8192, 'forward')} faster at 8k "
+        f"(`{data.get('command', SPEED_COMMAND)}`, "
+        f"{str(data['environment'].get('time', ''))[:10]})."
     )
 
 
@@ -643,18 +742,88 @@ def render_memory_7b(root: Path) -> str:
     )
 
 
+def render_demo_targets(root: Path, folder: Path) -> str:
+    """The real-model recipe's targets, each computed from the demo's records and cost."""
+    demo, line = demo_stamp(root, folder)
+    found = demo_records(root, folder)
+    plan = demo["plan"]
+    tuned = plan["tuned"]
+
+    def value(arm: str, task: str, length: int, field: str) -> float:
+        records = [r for r in found.get((arm, task), []) if r["length"] == length]
+        return sum(r[field] for r in records) / len(records) if records else float("nan")
+
+    def perplexity(arm: str, length: int) -> float:
+        return value(arm, "ppl", length, "perplexity")
+
+    dense, swapped, method, scratch, tuned_dense = (
+        "1-dense",
+        "2-swapped",
+        "3-swap-finetune",
+        "4-random-finetune",
+        "5-dense-finetune",
+    )
+    lost = perplexity(swapped, tuned) - perplexity(dense, tuned)
+    left = perplexity(method, tuned) - perplexity(tuned_dense, tuned)
+    rows = [
+        [
+            f"arm 3 recovers >= 2/3 of the swap's loss at {tuned}",
+            f"{1 - left / lost:.0%} (loss {lost:+.3f}, left {left:+.3f})",
+        ],
+        [
+            f"arm 3 within 3% of arm 5 at {tuned}",
+            f"x{perplexity(method, tuned) / perplexity(tuned_dense, tuned):.3f}",
+        ],
+    ]
+    for n in (n for n in plan["lengths"] if n > tuned):
+        rows.append(
+            [
+                f"at {n} ({n // tuned}x): arm 3 no worse than arm 5, better than arm 1",
+                f"arm 3 {perplexity(method, n):.2f}, arm 5 {perplexity(tuned_dense, n):.2f}, "
+                f"arm 1 {perplexity(dense, n):.2f}",
+            ]
+        )
+    far = max(plan["passkey_lengths"])
+    rows += [
+        [
+            f"passkey at {far}: arm 3 at least arm 1",
+            f"arm 3 {value(method, 'passkey', far, 'accuracy'):.0%}, "
+            f"arm 1 {value(dense, 'passkey', far, 'accuracy'):.0%}",
+        ],
+        [
+            "arm 3's fine-tuning CPU seconds <= 0.6 of arm 5's",
+            f"{demo['cost'][method]['cpu_seconds'] / demo['cost'][tuned_dense]['cpu_seconds']:.2f}",
+        ],
+        [
+            f"arm 4 (random init) far worse than arm 3 at {tuned}",
+            f"x{perplexity(scratch, tuned) / perplexity(method, tuned):.1f}",
+        ],
+    ]
+    return table(["target", "measured"], "lr", rows) + "\n\n" + line
+
+
+DEMO_TABLES = {
+    "verdict": render_demo_verdict,
+    "perplexity": render_demo_perplexity,
+    "passkey": render_demo_passkey,
+    "cost": render_demo_cost,
+    "speed": render_demo_speed,
+}
 TABLES: dict[str, Callable[[Path], str]] = {
-    "demo-verdict": render_demo_verdict,
-    "demo-perplexity": render_demo_perplexity,
-    "demo-passkey": render_demo_passkey,
-    "demo-cost": render_demo_cost,
-    "demo-speed": render_demo_speed,
+    **{
+        f"{prefix}-{name}": functools.partial(render, folder=folder)
+        for prefix, folder in DEMOS.items()
+        for name, render in DEMO_TABLES.items()
+    },
+    "smollm2-demo-targets": functools.partial(render_demo_targets, folder=DEMOS["smollm2-demo"]),
     "real-model-summary": render_real_model_summary,
     "real-model-perplexity": render_real_model_perplexity,
     "real-model-other": render_real_model_other,
     "real-model-float32": render_real_model_float32,
     "real-model-history": render_real_model_history,
     "real-model-speed": render_real_model_speed,
+    "real-model-speed-summary": render_real_model_speed_summary,
+    "real-model-speed-headline": render_real_model_speed_headline,
     "attention-cpu": render_attention_cpu,
     "attention-build": render_attention_build,
     "attention-h200": render_attention_h200,
@@ -673,9 +842,10 @@ TABLES: dict[str, Callable[[Path], str]] = {
 
 
 def documents(root: Path) -> list[Path]:
-    """README.md and every page under docs/ (the demo's own generated report excepted)."""
+    """README.md and every page under docs/ (the demos' own generated reports excepted)."""
     pages = [root / "README.md", *sorted((root / "docs").rglob("*.md"))]
-    return [p for p in pages if p.is_file() and p != root / DEMO / "report.md"]
+    reports = {root / folder / "report.md" for folder in DEMOS.values()}
+    return [p for p in pages if p.is_file() and p not in reports]
 
 
 def rendered(text: str, root: Path, where: str) -> str:

@@ -183,9 +183,15 @@ def test_finetune_defaults_fit_a_pretrained_model_and_the_demo_gives_its_own():
     assert (tune.learning_rate, tune.batch_size, tune.save_steps) == (2e-4, 1, 0)
     scratch = from_arguments(PretrainConfig, _parser().parse_args(["pretrain", "--out", "o"]))
     assert (scratch.learning_rate, scratch.batch_size) == (2e-3, 16)
-    command = finetune_command(DemoConfig(), "base", "arm", "", 1024, 10)
+    plan = DemoConfig(steps=10).plan(512)
+    command = finetune_command(DemoConfig(), plan, "base", "arm", "")
     for flag in ("--learning-rate", "--batch-size", "--warmup-steps", "--eval-steps"):
         assert flag in command
+    assert "--max-length" not in command  # the positions cover the fine-tuning length
+    plan = DemoConfig(seq_len=1024, lengths=[1024, 4096]).plan(2048)
+    command = finetune_command(DemoConfig(), plan, "base", "arm", "")
+    assert command[command.index("--max-length") + 1] == "4096"
+    assert command[command.index("--seq-len") + 1] == "1024"
 
 
 def test_a_missing_smollm2_says_how_to_install_it(tmp_path, monkeypatch, capsys):

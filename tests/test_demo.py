@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from longswap.cli import main
 from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
-from longswap.patterns import learned_topk, parse_pattern
+from longswap.demo.study import DemoConfig
+from longswap.patterns import learned_topk, parse_pattern, sliding_window
 from longswap.selectors import SELECTOR_FILE
 
 
@@ -43,15 +44,17 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         v["holds"] in (True, False, None) and "nan" not in v["measured"] for v in results["verdict"]
     )
     # Arm 6: block_topk's budget chosen by a learned selector, warmed up, then trained along.
-    learned = learned_topk(block_size=128, top_k=4, per_head=True)
-    assert results["learned_pattern"] == "learned_topk(block_size=128, top_k=4, per_head=True)"
+    learned = sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True)
+    assert results["learned_pattern"] == (
+        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16, per_head=True)"
+    )
     assert parse_pattern(results["learned_pattern"]) == learned
     warm_up, tune = results["cost"][ARMS[5]]["command"].split("\n")
     assert "--method selector" in warm_up and results["learned_pattern"] in warm_up
     assert "--method full" in tune and f"--model {out}/{ARMS[5]}-selectors" in tune
     kept = {Path(r["model"]).name: r["captured_mass"] for r in records if r["task"] == "selection"}
     assert set(kept) == {ARMS[2], ARMS[5]} and all(0 < m <= 1 for m in kept.values())
-    learned_row = results["verdict"][3]["measured"]
+    learned_row = next(v for v in results["verdict"] if "distilled" in v["claim"])["measured"]
     assert f"arm 6 {kept[ARMS[5]]:.3f}, arm 3 {kept[ARMS[2]]:.3f}" in learned_row
     # Cost: every trained arm, judged by CPU seconds, wall seconds beside them.
     assert set(results["cost"]) == set(ARMS[2:])
@@ -59,7 +62,8 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         assert c["cpu_seconds"] > 0 and c["wall_seconds"] > 0 and c["peak_memory_mb"] > 0
         assert f"--out {out}/arms/" in c["command"]  # the final folder, not the staging one
     cpu = [results["cost"][a]["cpu_seconds"] for a in (ARMS[2], ARMS[4])]
-    assert f"CPU time {cpu[0]:.1f} s vs {cpu[1]:.1f} s" in results["verdict"][2]["measured"]
+    close = next(v for v in results["verdict"] if v["claim"].startswith("Arm 3 is close"))
+    assert f"CPU time {cpu[0]:.1f} s vs {cpu[1]:.1f} s" in close["measured"]
     for arm in ARMS:
         assert (out / "arms" / arm / "config.json").is_file()
     assert not (out / "random-init").exists()  # a temporary start, removed
@@ -110,6 +114,7 @@ def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, c
 
 def test_overwrite_keeps_the_old_demo_until_the_new_one_is_complete(tmp_path, monkeypatch):
     from longswap.demo import study
+    from longswap.io import interrupted_write
 
     out = tmp_path / "demo"
     out.mkdir()
@@ -122,7 +127,39 @@ def test_overwrite_keeps_the_old_demo_until_the_new_one_is_complete(tmp_path, mo
     with pytest.raises(RuntimeError, match="fine-tuning failed"):
         study.run_demo(study.DemoConfig(out=str(out), quick=True, overwrite=True))
     assert (out / "demo.json").read_text() == "{}"
-    assert [p.name for p in tmp_path.iterdir()] == ["demo"]  # the staging folder is gone
+    staging = interrupted_write(out)  # kept beside it, to be continued
+    assert staging is not None and (staging / study.SETTINGS_FILE).is_file()
+    assert (staging / "arms" / ARMS[1] / "config.json").is_file()
+
+
+def test_an_interrupted_demo_continues_without_redoing_finished_arms(tmp_path, monkeypatch):
+    from longswap.demo import study
+    from longswap.io import interrupted_write
+
+    out, trained = tmp_path / "demo", []
+    real = study._finetune
+
+    def interrupted(command, shown, log, steps, failed_log):
+        if log.stem == ARMS[3]:  # the second trained arm: Ctrl-C
+            raise KeyboardInterrupt
+        trained.append(log.stem)
+        return real(command, shown, log, steps, failed_log)
+
+    monkeypatch.setattr(study, "_finetune", interrupted)
+    config = study.DemoConfig(out=str(out), quick=True, steps=1)
+    with pytest.raises(KeyboardInterrupt):
+        study.run_demo(config)
+    assert trained == [ARMS[2]] and not out.exists()
+    other = study.DemoConfig(out=str(out), quick=True, steps=2)
+    with pytest.raises(ValueError, match=r"other settings .*--steps 1 then, 2 now.*--restart"):
+        study.run_demo(other)
+    monkeypatch.setattr(study, "_finetune", real)
+    first = json.loads((interrupted_write(out) / "cost" / f"{ARMS[2]}.json").read_text())
+    monkeypatch.setattr(study, "_finetune", lambda *a: trained.append(a[2].stem) or real(*a))
+    results = study.run_demo(config)
+    assert trained == [ARMS[2], ARMS[3], ARMS[4]]  # arm 3 was not trained again
+    assert results["cost"][ARMS[2]] == first
+    assert (out / "report.md").is_file() and interrupted_write(out) is None
 
 
 def test_demo_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
@@ -182,6 +219,26 @@ def test_long_range_reach(pattern, expected):
     assert sees_every_depth(parse_pattern(pattern), 4096) is expected
 
 
+#: The plan of the verdict tests: a base trained at 512, fine-tuned and evaluated at 4096.
+PLAN = DemoConfig(passkey_lengths=[4096]).plan(512)
+#: The verdict's rows by the start of their claim.
+CLAIMS = {
+    "wide": "Arm 3 beats arm 4",
+    "no worse": "Arm 3 at",
+    "close": "Arm 3 is close",
+    "recovers": "Fine-tuning recovers",
+    "learned": "A selector distilled",
+    "degrades": "Arm 1 degrades",
+    "passkey": "Passkey retrieval",
+    "vs dense": "Arm 3 retrieves",
+}
+
+
+def _row(rows, name):
+    """The verdict row named ``name`` (a key of :data:`CLAIMS`)."""
+    return next(r for r in rows if r["claim"].startswith(CLAIMS[name]))
+
+
 def _records(ppl, keys):
     """Eval records for the first arms: perplexity at 512/4096 and passkey at 4096."""
     rows = []
@@ -207,11 +264,12 @@ def test_verdict_follows_the_numbers(ppl, seconds, keys, expected):
         ARMS[2]: {"cpu_seconds": seconds, "wall_seconds": seconds / 2},
         ARMS[4]: {"cpu_seconds": 100, "wall_seconds": 50},
     }
-    rows = verdict(_records(ppl, keys), cost, parse_pattern("block_topk(128, 4)"), 512, 4096)
-    assert [r["holds"] for r in rows] == expected
-    assert "wall times unreliable" not in rows[2]["measured"]
-    window = verdict(_records(ppl, keys), cost, parse_pattern("sliding_window(512)"), 512, 4096)
-    assert window[4]["holds"] is None  # a window cannot reach 4096 tokens back
+    rows = verdict(_records(ppl, keys), cost, parse_pattern("block_topk(128, 4)"), PLAN)
+    names = ("wide", "no worse", "close", "degrades", "passkey")
+    assert [_row(rows, name)["holds"] for name in names] == expected
+    assert "wall times unreliable" not in _row(rows, "close")["measured"]
+    window = verdict(_records(ppl, keys), cost, parse_pattern("sliding_window(512)"), PLAN)
+    assert _row(window, "passkey")["holds"] is None  # a window cannot reach 4096 tokens back
 
 
 def test_verdict_judges_perplexity_with_intervals_and_cost_with_cpu_time():
@@ -224,16 +282,17 @@ def test_verdict_judges_perplexity_with_intervals_and_cost_with_cpu_time():
     for r in records:
         if r["task"] == "ppl":
             r["perplexity_ci"] = [r["perplexity"] * 0.99, r["perplexity"] * 1.01]
-    rows = verdict(records, cost, pattern, 512, 4096)
-    assert rows[2]["holds"] is True  # CPU time decides: 0.5 of arm 5's
-    assert "wall times unreliable" in rows[2]["measured"]
+    rows = verdict(records, cost, pattern, PLAN)
+    assert _row(rows, "close")["holds"] is True  # CPU time decides: 0.5 of arm 5's
+    assert "wall times unreliable" in _row(rows, "close")["measured"]
     assert "arm 3 5.00 [4.95, 5.05]" in rows[0]["measured"]
     # Arm 5 at 4.8: arm 3 (5.0) is within x1.1; with wide intervals that is no longer certain.
     for r in records:
         if r["task"] == "ppl" and r["model"].endswith((ARMS[2], ARMS[4])):
             r["perplexity_ci"] = [r["perplexity"] * 0.9, r["perplexity"] * 1.1]
-    rows = verdict(records, cost, pattern, 512, 4096)
-    assert rows[2]["holds"] is None and "within noise" in rows[2]["measured"]
+    rows = verdict(records, cost, pattern, PLAN)
+    close = _row(rows, "close")
+    assert close["holds"] is None and "within noise" in close["measured"]
     assert rows[0]["holds"] is True  # arm 4 at 20 vs arm 3 at 5.5 at most: still wide
 
 
@@ -254,31 +313,69 @@ def test_verdict_says_why_retrieval_fails_and_judges_the_learned_arm():
     cost = {arm: {"cpu_seconds": 50, "wall_seconds": 25} for arm in (ARMS[2], ARMS[5])}
     cost[ARMS[4]] = {"cpu_seconds": 100, "wall_seconds": 50}
     pattern = parse_pattern("block_topk(128, 4)")
-    rows = verdict(records, cost, pattern, 512, 4096)
-    assert len(rows) == 6 and rows[3]["holds"] is True  # keeps more, perplexity x1.02
+    rows = verdict(records, cost, pattern, PLAN)
+    assert len(rows) == 8 and _row(rows, "learned")["holds"] is True  # keeps more, ppl x1.02
     assert (
         "arm 6 0.880, arm 3 0.800 (the best selection of the budget: 0.900, 0.900; mean keys keep "
-        "88.9% of what the best keeps" in (rows[3]["measured"])
+        "88.9% of what the best keeps" in (_row(rows, "learned")["measured"])
     )
-    passkey = rows[5]
+    passkey = _row(rows, "passkey")
     assert passkey["holds"] is False and "arm 3 20%, arm 6 40%" in passkey["measured"]
     assert (
         "arm 5) retrieves 30% at 4096 with the same budget, so the budget falls short"
         in (passkey["measured"])
     )
     assert "(at 512: arm 3 67%); --steps buys more" in passkey["measured"]
+    assert _row(rows, "vs dense")["holds"] is True  # arm 3 20% against arm 1 0%
     # Dense attention retrieves with the same budget: the pattern is what loses the keys.
     dense = next(r for r in records if r["model"] == f"x/{ARMS[4]}" and r["task"] == "passkey")
     dense["accuracy"] = 1.0
-    rows = verdict(records, cost, pattern, 512, 4096)
-    assert "so the sparse pattern loses what dense attention finds" in rows[5]["measured"]
+    rows = verdict(records, cost, pattern, PLAN)
+    assert (
+        "so the sparse pattern loses what dense attention finds"
+        in _row(rows, "passkey")["measured"]
+    )
     # The learned arm keeps less, or is worse: the expectation fails.
     records[-1]["captured_mass"] = 0.7
-    assert verdict(records, cost, pattern, 512, 4096)[3]["holds"] is False
+    assert _row(verdict(records, cost, pattern, PLAN), "learned")["holds"] is False
     records[-1]["captured_mass"] = 0.95
     worse = [r for r in records if r["model"] == f"x/{ARMS[5]}" and r["task"] == "ppl"]
     worse[-1]["perplexity"] = 6.0  # at 4096
-    assert verdict(records, cost, pattern, 512, 4096)[3]["holds"] is False
+    assert _row(verdict(records, cost, pattern, PLAN), "learned")["holds"] is False
+
+
+def test_verdict_measures_what_fine_tuning_recovers_and_the_lengths_beyond_it():
+    """Arm 1 at 5 and arm 2 at 8 at the fine-tuning length: the swap costs 3; arm 3 at 6
+    against arm 5 at 5 leaves 1 of it (67% recovered, just enough)."""
+    plan = DemoConfig(seq_len=2048, lengths=[2048, 8192], passkey_lengths=[8192]).plan(4096)
+    ppl = {2048: [5, 8, 6, 40, 5], 8192: [9, 12, 7.5, 50, 7.4]}
+    records = [
+        {"model": f"x/{arm}", "task": "ppl", "length": n, "perplexity": values[i]}
+        for n, values in ppl.items()
+        for i, arm in enumerate(ARMS[:5])
+    ]
+    records += [
+        {"model": f"x/{arm}", "task": "passkey", "length": 8192, "accuracy": a}
+        for arm, a in zip(ARMS[:5], (0.5, 0, 0.5, 0, 1), strict=True)
+    ]
+    cost = {ARMS[2]: {"cpu_seconds": 50, "wall_seconds": 50}}
+    cost[ARMS[4]] = {"cpu_seconds": 100, "wall_seconds": 100}
+    pattern = parse_pattern("sliding_window(512, sinks=4) | block_topk(64, 16)")
+    rows = verdict(records, cost, pattern, plan)
+    recovers = _row(rows, "recovers")
+    assert recovers["holds"] is True and "67% recovered" in recovers["measured"]
+    beyond = next(r for r in rows if r["claim"].startswith("Beyond 2048"))
+    assert beyond["holds"] is True and "at 8192: arm 3 7.50, arm 5 7.40" in beyond["measured"]
+    assert (
+        _row(rows, "no worse")["claim"]
+        == "Arm 3 at 8192 is no worse than arm 1 at its trained length 4096"
+    )
+    assert _row(rows, "vs dense")["holds"] is True
+    records[2]["perplexity"] = 6.5  # arm 3 at 2048: half the swap's loss is left
+    assert _row(verdict(records, cost, pattern, plan), "recovers")["holds"] is False
+    records[7]["perplexity"] = 10  # arm 3 at 8192: worse than arm 1 (9)
+    beyond = next(r for r in verdict(records, cost, pattern, plan) if "Beyond" in r["claim"])
+    assert beyond["holds"] is False
 
 
 @pytest.mark.parametrize(

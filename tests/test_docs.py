@@ -110,3 +110,20 @@ def test_an_unknown_or_unclosed_marker_is_an_error(copy):
     page.write_text("<!-- render:demo-verdict -->\n")
     with pytest.raises(ValueError, match="has no"):
         module.render(copy, check=True)
+
+
+def test_the_renderer_knows_the_demos_defaults():
+    """A committed demo's command names the fields that differ from the defaults, so the
+    renderer's copy of them (it imports no torch) must be ``DemoConfig``'s."""
+    from dataclasses import asdict
+
+    from longswap.demo import DemoConfig
+
+    defaults = {
+        k: v for k, v in asdict(DemoConfig()).items() if k not in ("out", "overwrite", "restart")
+    }
+    assert defaults == render_docs().DEMO_DEFAULTS
+    command = render_docs().demo_command(
+        {"config": defaults | {"model": "/x/SmolLM2.gguf", "lengths": [4096, 8192], "quick": True}}
+    )
+    assert command == 'longswap demo --model "$SMOL" --quick --lengths 4096,8192'

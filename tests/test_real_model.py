@@ -171,3 +171,25 @@ def test_damaged_gguf_files_get_one_clear_error(tmp_path):
     with pytest.raises(ValueError, match="could not be read as a GGUF model"):
         longswap.load(truncated)
     assert main(["swap", "--model", str(garbage), "--pattern", "full()", "--out", "o"]) == 2
+
+
+def test_quick_demo_on_the_real_model(tmp_path, capsys):
+    """`longswap demo --model <SmolLM2> --quick`: every arm of the recipe on the real model,
+    held-out text from longswap's own source, positions extended for the longest length."""
+    out = tmp_path / "demo"
+    pattern = "sliding_window(window=256, sinks=4) | block_topk(block_size=64, top_k=4)"
+    args = ["demo", "--model", str(GGUF), "--quick", "--steps", "1", "--seq-len", "1024"]
+    args += ["--lengths", "1024,2048", "--passkey-lengths", "2048", "--targets", "256"]
+    assert main([*args, "--pattern", pattern, "--out", str(out)]) == 0
+    results = json.loads((out / "demo.json").read_text())
+    assert results["trained_length"] == 8192 and results["long_length"] == 1024
+    assert "own source files" in results["heldout"] and (out / "heldout").is_dir()
+    records = json.loads((out / "eval" / "results.json").read_text())["records"]
+    ppl = [r for r in records if r["task"] == "ppl"]
+    assert len(ppl) == 10 and all(math.isfinite(r["perplexity"]) for r in ppl)
+    for c in results["cost"].values():  # fine-tuned at 1024 with positions for 2048
+        assert "--seq-len 1024" in c["command"] and "--max-length 2048" not in c["command"]
+    claims = [v["claim"] for v in results["verdict"]]
+    assert any(c.startswith("Fine-tuning recovers") for c in claims)
+    assert "Base: `SmolLM2-135M-Instruct.Q4_1.gguf`" in (out / "report.md").read_text()
+    assert "bits per token" in (out / "report.md").read_text()

@@ -135,8 +135,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The demo study on the embedded model (five arms, six with --learned): swap, fine-tune,
-    evaluate, report."""
+    """The demo study on the embedded model or ``--model`` (five arms, six with --learned):
+    swap, fine-tune, evaluate, report."""
     from longswap.config import from_arguments
     from longswap.demo import DemoConfig, run_demo
     from longswap.demo.report import outcome

@@ -167,17 +167,27 @@ def clear_leftovers(out: Path) -> None:
             shutil.rmtree(root)
 
 
+def interrupted_write(out: Path) -> Path | None:
+    """The unfinished result of an interrupted write to ``out`` (``staged_folder(...,
+    resume=True)`` keeps it to continue), or None when there is none."""
+    root, _ = staging_roots(out)
+    ours = (root / STAGING_MARKER).is_file() and not (root / STAGING_COMPLETE).exists()
+    return root / "new" if ours and (root / "new").is_dir() else None
+
+
 @contextlib.contextmanager
-def _written(root: Path, out: Path) -> Iterator[Path]:
+def _written(root: Path, out: Path, keep: bool = False) -> Iterator[Path]:
     """Yield ``root/new`` to write into, ``root`` marked as longswap's; a failed write
-    removes ``root``, a finished one is marked complete."""
-    (root / "new").mkdir(parents=True)
+    removes ``root`` (``keep``: leaves it, to be continued), a finished one is marked
+    complete."""
+    (root / "new").mkdir(parents=True, exist_ok=keep)
     (root / STAGING_MARKER).write_text(f"longswap writes {out} here first\n")
     try:
         with explain_disk_full(out):
             yield root / "new"
     except BaseException:
-        shutil.rmtree(root, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(root, ignore_errors=True)
         raise
     (root / STAGING_COMPLETE).touch()
 
@@ -197,14 +207,17 @@ def _moving(root: Path, out: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def staged_folder(out: Path, overwrite: bool = False, main: bool = True) -> Iterator[Path]:
+def staged_folder(
+    out: Path, overwrite: bool = False, main: bool = True, resume: bool = False
+) -> Iterator[Path]:
     """Yield a staging folder beside ``out`` to write into; move it into place on success.
 
     Leftovers of an interrupted earlier write are cleared first (or refused, see
-    :func:`clear_leftovers`). An interrupted or failed write leaves ``out`` as it was; a
-    finished result that cannot be moved into place stays in the staging folder, and the
-    error names it. Of a distributed run, only the ``main`` process touches the folders
-    (the others get the same path).
+    :func:`clear_leftovers`); with ``resume``, an interrupted write's folder is yielded
+    again, as it was left, and a failure leaves it to be continued. An interrupted or failed
+    write leaves ``out`` as it was; a finished result that cannot be moved into place stays
+    in the staging folder, and the error names it. Of a distributed run, only the ``main``
+    process touches the folders (the others get the same path).
     """
     root, _ = staging_roots(out)
     if not main:
@@ -213,9 +226,10 @@ def staged_folder(out: Path, overwrite: bool = False, main: bool = True) -> Iter
     if problem := output_problem(out):
         raise ValueError(problem)
     check_output_dir(out, overwrite)
-    clear_leftovers(out)
+    if not (resume and interrupted_write(out)):
+        clear_leftovers(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with _written(root, out) as staging:
+    with _written(root, out, keep=resume) as staging:
         yield staging
     with _moving(root, out):
         if out.exists():

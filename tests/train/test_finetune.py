@@ -102,6 +102,33 @@ def test_attention_only_and_full(base, tmp_path):
     assert not hasattr(model.config, "longswap")
 
 
+def test_max_length_extends_positions_beyond_the_training_length(base, tmp_path):
+    """Trained at 32 tokens, used at 128: --max-length sets the positions up for 128 while the
+    steps stay at --seq-len; validation scores --validation-sequences sequences."""
+    record = run(
+        base,
+        tmp_path / "ext",
+        method="full",
+        pattern=WINDOW,
+        seq_len=64,
+        max_length=128,
+        validation_sequences=3,
+    )
+    assert record["config"]["seq_len"] == 64 and record["config"]["max_length"] == 128
+    model = longswap.load(tmp_path / "ext")
+    assert model.config.longswap["positions"]["max_length"] == 128
+    assert model.config.rope_parameters["rope_type"] == "yarn"
+    for bad, says in (
+        ({"max_length": 32}, "--max-length 32 is shorter than --seq-len 64"),
+        ({"max_length": -1}, "max_length must be an integer >= 0"),
+        ({"validation_sequences": -2}, "validation_sequences must be an integer >= 0"),
+    ):
+        config = FinetuneConfig(model=str(base / "base"), out=str(tmp_path / "x"), seq_len=64)
+        for name, value in bad.items():
+            setattr(config, name, value)
+        assert any(says in problem for problem in problems(config)), bad
+
+
 def test_lora_with_gradient_checkpointing_has_real_gradients():
     grads = []
     for checkpointing in (False, True):

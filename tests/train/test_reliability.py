@@ -164,3 +164,25 @@ def test_a_non_finite_loss_names_the_newest_good_checkpoint(corpus, tmp_path):
     sets = datasets(config, byte_tokenizer())
     with pytest.raises(RuntimeError, match=r"nan at step .*checkpoint: \S*checkpoint-10\. Lower"):
         train(model, *sets, config, tmp_path, callbacks=[Poison(11)])
+
+
+def test_a_resumable_write_keeps_its_staging_folder_until_it_completes(tmp_path):
+    """``staged_folder(resume=True)`` (the demo's): an interrupted write leaves its folder
+    to be continued and the next write starts from it; a plain write clears it."""
+    from longswap.io import interrupted_write, staged_folder
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), staged_folder(out, resume=True) as staging:
+        (staging / "arm-1").write_text("finished")
+        raise KeyboardInterrupt
+    assert interrupted_write(out) == staging and not out.exists()
+    with staged_folder(out, resume=True) as again:
+        assert again == staging and (again / "arm-1").read_text() == "finished"
+        (again / "arm-2").write_text("finished")
+    assert sorted(p.name for p in out.iterdir()) == ["arm-1", "arm-2"]
+    assert interrupted_write(out) is None and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(RuntimeError), staged_folder(tmp_path / "b", resume=True) as staging:
+        (staging / "part").write_text("x")
+        raise RuntimeError("failed")
+    with staged_folder(tmp_path / "b") as fresh:  # without resume: cleared first
+        assert not (fresh / "part").exists()

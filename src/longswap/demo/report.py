@@ -4,6 +4,7 @@ and speed, each a section built from the records (``verdict`` judges, this modul
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from longswap.demo.verdict import (
@@ -29,13 +30,19 @@ def outcome(holds: bool | None, emphasis: str = "**") -> str:
 def _intro(results: dict[str, Any]) -> list[str]:
     trained, long = results["trained_length"], results["long_length"]
     env, last = results["environment"], 6 if results.get("learned_pattern") else 5
+    config = results["config"]
+    base = f"`{Path(config['model']).name}`" if config.get("model") else "a dense byte-level Llama"
+    longest = results.get("plan", {}).get("longest", long)
+    extended = f" (positions extended to {longest} for every arm)" if longest > long else ""
+    rate = config.get("learning_rate")
     lines = [
         "# longswap demo",
         "",
-        f"Base: a dense byte-level Llama trained at {trained} tokens. Pattern of arms 2-4: "
+        f"Base: {base}, trained at {trained} tokens. Pattern of arms 2-4: "
         f"`{results['pattern']}`. Arms 3-{last}: {results['steps']} full fine-tuning steps "
-        f"of {long} tokens each, same data and seed. Wall time "
-        f"{results['wall_seconds']:.0f} s on {env['device']} ({env['threads']} threads).",
+        f"of {long} tokens each{extended}, peak learning rate {rate}, same data and seed. "
+        f"Held-out text: {results.get('heldout', 'the standard library test suites')}. Wall "
+        f"time {results['wall_seconds']:.0f} s on {env['device']} ({env['threads']} threads).",
         "",
     ]
     if results.get("learned_pattern"):
@@ -75,7 +82,7 @@ def _verdict_section(results: dict[str, Any]) -> list[str]:
     ]
 
 
-def _perplexity_section(records: list[dict]) -> list[str]:
+def _perplexity_section(records: list[dict], unit: str) -> list[str]:
     lengths = sorted({r["length"] for r in records if r["task"] == "ppl"})
     rows = []
     for arm in arms_in(records):
@@ -85,7 +92,7 @@ def _perplexity_section(records: list[dict]) -> list[str]:
             cells.append("skipped" if math.isnan(p.value) else f"{p} ({math.log2(p.value):.2f})")
         rows.append([arm, *cells])
     return [
-        "## Perplexity vs length (held-out text; 95% interval; bits per byte in brackets)",
+        f"## Perplexity vs length (held-out text; 95% interval; bits per {unit} in brackets)",
         "",
         "![](eval/perplexity.png)",
         "",
@@ -196,7 +203,7 @@ def report(results: dict[str, Any], records: list[dict]) -> str:
     lines = [
         *_intro(results),
         *_verdict_section(results),
-        *_perplexity_section(records),
+        *_perplexity_section(records, "token" if results["config"].get("model") else "byte"),
         *_passkey_section(records),
         *_cost_section(results),
         *_selection_section(records, results["long_length"]),

@@ -32,6 +32,8 @@ NO_WORSE, CLOSE, WIDE, DEGRADES = 1.05, 1.10, 1.5, 1.10
 FRACTION = 0.75
 #: Passkey retrieval "works": mean accuracy over the depths at the long length.
 RETRIEVES = 0.8
+#: "Fine-tuning recovers most of the swap's loss": at least this share of it.
+RECOVERS = 2 / 3
 #: Wall times are unreliable when the arms' CPU-per-wall-second differ by more than this.
 UNRELIABLE = 1.25
 
@@ -213,53 +215,114 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
     )
 
 
-def verdict(
-    records: list[dict], cost: dict, pattern: Pattern, trained: int, long: int
-) -> list[dict[str, Any]]:
+def _recovered_row(records: list[dict], tuned: int) -> tuple[str, str, bool | None]:
+    """How much of the swap's loss fine-tuning gives back at the fine-tuning length: the
+    swap's loss is arm 2 against arm 1 (untrained), what is left of it arm 3 against arm 5
+    (both fine-tuned on the same data, so what the data itself teaches cancels out)."""
+    a1, a2, a3, a5 = (perplexity_of(records, ARMS[i], tuned) for i in (0, 1, 2, 4))
+    lost, left = a2.value - a1.value, a3.value - a5.value
+    claim = f"Fine-tuning recovers most of the swap's loss at {tuned} (at least {RECOVERS:.0%})"
+    if not lost > 0:
+        return claim, f"perplexity at {tuned}: arm 2 {a2}, arm 1 {a1}: the swap lost nothing", None
+    share = 1 - left / lost
+    return (
+        claim,
+        f"perplexity at {tuned}: the swap costs {lost:+.3f} (arm 2 {a2} vs arm 1 {a1}); after "
+        f"fine-tuning, {left:+.3f} is left (arm 3 {a3} vs arm 5 {a5}): {share:.0%} recovered "
+        "(point estimates)",
+        share >= RECOVERS,
+    )
+
+
+def _beyond_row(
+    records: list[dict], tuned: int, lengths: list[int]
+) -> tuple[str, str, bool | None]:
+    """Arm 3 beyond its fine-tuning length: no worse than arm 5, better than arm 1."""
+    parts, outcomes = [], []
+    for n in (n for n in lengths if n > tuned):
+        a1, a3, a5 = (perplexity_of(records, ARMS[i], n) for i in (0, 2, 4))
+        vs5, vs1 = at_most(a3, a5, NO_WORSE), at_most(a3, a1, 1.0)
+        outcomes += [vs5, vs1]
+        parts.append(
+            f"at {n}: arm 3 {a3}, arm 5 {a5} (no worse: up to x{NO_WORSE}){_why(vs5)}, "
+            f"arm 1 {a1}{_why(vs1)}"
+        )
+    return (
+        f"Beyond {tuned}, arm 3 is no worse than arm 5 and better than arm 1",
+        "; ".join(parts),
+        _all(*outcomes),
+    )
+
+
+def _passkey_vs_dense_row(records: list[dict], length: int) -> tuple[str, str, bool | None]:
+    """Arm 3's passkey accuracy at ``length`` against arm 1's (the untrained dense base)."""
+    a1, a3 = (metric(records, arm, "passkey", length, "accuracy") for arm in (ARMS[0], ARMS[2]))
+    holds = None if math.isnan(a1 + a3) else a3 >= a1
+    return (
+        f"Arm 3 retrieves the passkey at {length} at least as well as arm 1",
+        f"passkey accuracy at {length}: arm 3 {a3:.0%}, arm 1 {a1:.0%}",
+        holds,
+    )
+
+
+def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> list[dict[str, Any]]:
     """The expectations of the study, each with its measured numbers and outcome.
 
-    Perplexities are given as ``value [interval]`` and judged with the intervals (see the
-    module's docstring); the cost, by CPU seconds.
+    ``plan`` (a :class:`~longswap.demo.study.Plan`) gives the base's trained length, the
+    fine-tuning length (``tuned``) and the evaluation lengths. Perplexities are given as
+    ``value [interval]`` and judged with the intervals (see the module's docstring); the
+    cost, by CPU seconds.
     """
-    a1_short, a1_long = (
+    trained, tuned, far = plan.trained, plan.tuned, max(plan.lengths)
+    a1_short, a1_far = (
         perplexity_of(records, ARMS[0], trained),
-        perplexity_of(records, ARMS[0], long),
+        perplexity_of(records, ARMS[0], far),
     )
-    a3, a4, a5 = (perplexity_of(records, arm, long) for arm in ARMS[2:5])
+    a3, a4, a5 = (perplexity_of(records, arm, tuned) for arm in ARMS[2:5])
+    a3_far = perplexity_of(records, ARMS[2], far)
     c3, c5 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[4]]["cpu_seconds"]
     w3, w5 = cost[ARMS[2]]["wall_seconds"], cost[ARMS[4]]["wall_seconds"]
-    wide, no_worse = at_least(a4, a3, WIDE), at_most(a3, a1_short, NO_WORSE)
-    close, degrades = at_most(a3, a5, CLOSE), at_least(a1_long, a1_short, DEGRADES)
+    wide, no_worse = at_least(a4, a3, WIDE), at_most(a3_far, a1_short, NO_WORSE)
+    close, degrades = at_most(a3, a5, CLOSE), at_least(a1_far, a1_short, DEGRADES)
     unreliable = (
         " (wall times unreliable: the machine was loaded)" if wall_times_unreliable(cost) else ""
     )
     rows = [
         (
             "Arm 3 beats arm 4 (random init, same budget) by a wide margin",
-            f"perplexity at {long}: arm 3 {a3}, arm 4 {a4} (x{a4.value / a3.value:.2f}; "
+            f"perplexity at {tuned}: arm 3 {a3}, arm 4 {a4} (x{a4.value / a3.value:.2f}; "
             f"wide: >= x{WIDE}){_why(wide)}",
             wide,
         ),
         (
-            f"Arm 3 at {long} is no worse than arm 1 at its trained length {trained}",
-            f"perplexity: arm 3 {a3} at {long}, arm 1 {a1_short} at {trained} "
+            f"Arm 3 at {far} is no worse than arm 1 at its trained length {trained}",
+            f"perplexity: arm 3 {a3_far} at {far}, arm 1 {a1_short} at {trained} "
             f"(allowed up to x{NO_WORSE}){_why(no_worse)}",
             no_worse,
         ),
         (
             "Arm 3 is close to arm 5 (dense fine-tune) at a fraction of its cost",
-            f"perplexity at {long}: arm 3 {a3}, arm 5 {a5} (close: within x{CLOSE}){_why(close)}; "
-            f"CPU time {c3:.1f} s vs {c5:.1f} s ({c3 / c5:.3f} of it; a fraction: <= "
-            f"{FRACTION}); wall time {w3:.1f} s vs {w5:.1f} s{unreliable}",
+            f"perplexity at {tuned}: arm 3 {a3}, arm 5 {a5} (close: within x{CLOSE})"
+            f"{_why(close)}; CPU time {c3:.1f} s vs {c5:.1f} s ({c3 / c5:.3f} of it; a "
+            f"fraction: <= {FRACTION}); wall time {w3:.1f} s vs {w5:.1f} s{unreliable}",
             _all(close, c3 <= FRACTION * c5),
         ),
-        *([_learned_row(records, cost, long)] if ARMS[5] in cost else []),
-        (
-            f"Arm 1 degrades at {long} compared with {trained}",
-            f"perplexity: {a1_short} at {trained}, {a1_long} at {long} "
-            f"(degrades: > x{DEGRADES}){_why(degrades)}",
-            degrades,
+        _recovered_row(records, tuned),
+        *([_beyond_row(records, tuned, plan.lengths)] if far > tuned else []),
+        *([_learned_row(records, cost, tuned)] if ARMS[5] in cost else []),
+        *(
+            [
+                (
+                    f"Arm 1 degrades at {far} compared with {trained}",
+                    f"perplexity: {a1_short} at {trained}, {a1_far} at {far} "
+                    f"(degrades: > x{DEGRADES}){_why(degrades)}",
+                    degrades,
+                )
+            ]
+            if far > trained
+            else []
         ),
-        _passkey_row(records, pattern, trained, long),
+        _passkey_row(records, pattern, trained, max(plan.passkey_lengths)),
+        _passkey_vs_dense_row(records, max(plan.passkey_lengths)),
     ]
     return [{"claim": c, "measured": m, "holds": h} for c, m, h in rows]

@@ -33,6 +33,10 @@ Task = Literal["ppl", "passkey", "needles", "recall", "speed", "selection"]
 TASKS = ("ppl", "passkey", "needles", "recall", "speed", "selection")
 
 
+#: Where models are evaluated: the GPU when there is one (float32 either way).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 @dataclass
 class EvalConfig:
     """Evaluate models: perplexity vs length, passkey, associative recall, speed."""
@@ -138,7 +142,7 @@ def _check(
             found.append(problem)
             continue
         try:
-            model = load(path).eval()
+            model = load(path).eval().to(DEVICE)
             tok = tokenizer_for(path)
         except Exception as err:  # a broken folder can fail in many ways
             found.append(f"model {path} could not be loaded: {err}")

@@ -56,7 +56,7 @@ def common_problems(config: TrainingFields) -> list[str]:
         found.append(f"learning_rate must be a positive number, got {config.learning_rate!r}")
     if not 0 <= config.weight_decay < math.inf:
         found.append(f"weight_decay must be a number >= 0, got {config.weight_decay!r}")
-    for name in ("warmup_steps", "save_steps"):
+    for name in ("warmup_steps", "save_steps", "validation_sequences"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             found.append(f"{name} must be an integer >= 0, got {value!r}")
@@ -75,6 +75,7 @@ RUN_FIELDS = (
     "pattern",
     "method",
     "seq_len",
+    "max_length",
     "size",
     "lora_rank",
     "full_layers",

@@ -46,6 +46,10 @@ class TrainingFields:
         default=0.0,
     )
     validation_share: float = help_field("share of documents held out for validation", default=0.02)
+    validation_sequences: int = help_field(
+        "held-out sequences each evaluation scores (0: as many as fill 65,536 tokens, 1-64)",
+        default=0,
+    )
     eval_steps: int = help_field(
         "evaluate on the held-out share every this many steps", default=200
     )
@@ -81,6 +85,12 @@ Method = Literal["lora-plus", "full", "attention", "selector"]
 class FinetuneConfig(TrainingFields):
     """Fine-tune a (swapped) model on long sequences."""
 
+    @property
+    def positions_length(self) -> int:
+        """The length the model's positions are set up for: ``max_length``, at least
+        ``seq_len``."""
+        return max(self.seq_len, self.max_length)
+
     model: str = help_field(
         "checkpoint to start from: a model folder, a longswap LoRA output or a .gguf file",
         required=True,
@@ -96,6 +106,11 @@ class FinetuneConfig(TrainingFields):
     )
     backend: Backend = help_field("attention backend", default="auto")
     rope: RopeKind = help_field("position extension beyond the trained length", default="auto")
+    max_length: int = help_field(
+        "extend positions to this length while training at --seq-len (e.g. fine-tune at 4096 "
+        "a model to be used at 16384); 0: --seq-len",
+        default=0,
+    )
     # A pre-trained model is fine-tuned, not trained from scratch: a smaller step and one
     # long sequence per step (pre-training's defaults are for the small model from scratch).
     batch_size: int = help_field(

@@ -75,7 +75,8 @@ def datasets(
     train_part, val_part = _pack(train_docs, config, tokenizer), _pack(val_docs, config, tokenizer)
     if train_part is None or val_part is None:
         train_part, val_part = _split_sequences(docs, config, tokenizer)
-    val_cap = max(1, min(64, 2**16 // config.seq_len))  # enough to compare, cheap at any length
+    # Enough to compare, cheap at any length (unless the run says how many).
+    val_cap = config.validation_sequences or max(1, min(64, 2**16 // config.seq_len))
     sets = []
     for packed, cap in ((train_part, None), (val_part, val_cap)):
         positions = packed.position_ids()[:cap] if config.separate_documents else None

@@ -94,6 +94,13 @@ def problems(config: FinetuneConfig) -> list[str]:
             f"--merge merges a LoRA adapter into the weights, and --method {config.method} "
             "trains none: leave out --merge"
         )
+    if not isinstance(config.max_length, int) or config.max_length < 0:
+        found.append(f"max_length must be an integer >= 0, got {config.max_length!r}")
+    elif isinstance(config.seq_len, int) and 0 < config.max_length < config.seq_len:
+        found.append(
+            f"--max-length {config.max_length} is shorter than --seq-len {config.seq_len}: "
+            "the positions must cover the training sequences; raise it, or leave it out"
+        )
     for name in ("lora_rank", "lora_alpha", "selector_rows", "selector_reuse"):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
@@ -150,13 +157,14 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
     found = []
     trained = model.config.max_position_embeddings
     extendable = rotary_modules(model) or find_position_embedding(model, model.config)
-    if config.seq_len > trained and config.rope == "none" and not rotary_modules(model):
+    longest, flag = config.positions_length, "max_length" if config.max_length else "seq_len"
+    if longest > trained and config.rope == "none" and not rotary_modules(model):
         found.append(
-            f"seq_len {config.seq_len} is beyond the {trained} learned positions and "
+            f"{flag} {longest} is beyond the {trained} learned positions and "
             "rope='none' forbids extending them"
         )
-    if config.seq_len > trained and not extendable:
-        found.append(f"seq_len {config.seq_len} is beyond the model's {trained} positions")
+    if longest > trained and not extendable:
+        found.append(f"{flag} {longest} is beyond the model's {trained} positions")
     record = getattr(model.config, CONFIG_KEY, None)
     layers = (
         [config.pattern] if config.pattern else SwapSpec.from_dict(record).layers if record else []
@@ -204,7 +212,7 @@ def _model_problems(model: Any, config: FinetuneConfig) -> list[str]:
         and not config.merge
         and not swapped
         and not kept
-        and (config.seq_len > trained)
+        and (config.positions_length > trained)
     ):
         found.append(
             "a dense model fine-tuned beyond its trained length changes its positions, "
@@ -265,12 +273,12 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
             layers,
             backend=config.backend,
             full_layers=config.full_layers,
-            max_length=config.seq_len,
+            max_length=config.positions_length,
             rope=config.rope,
         )
         notes.append(str(report))
-    elif config.seq_len > model.config.max_position_embeddings:
-        notes.append(extend_positions(model, config.seq_len, config.rope)["summary"])
+    elif config.positions_length > model.config.max_position_embeddings:
+        notes.append(extend_positions(model, config.positions_length, config.rope)["summary"])
     if config.gradient_checkpointing:
         model.activation_checkpointing_enable()
         model.enable_input_require_grads()
