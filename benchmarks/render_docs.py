@@ -25,7 +25,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path("benchmarks/results")
 #: The committed demo runs: the embedded model's and SmolLM2's (table-name prefix: folder).
-DEMOS = {"demo": Path("docs/demo"), "smollm2-demo": Path("docs/demo-smollm2")}
+DEMOS = {
+    "demo": Path("docs/demo"),
+    "smollm2-demo": Path("docs/demo-smollm2"),
+    "demo-moba-128x4": Path("docs/history/demo-moba-128x4"),
+}
 #: ``longswap demo``'s defaults (tests/test_docs.py holds them equal to ``DemoConfig``'s):
 #: a committed run's command names the fields that differ from them.
 DEMO_DEFAULTS: dict[str, Any] = {

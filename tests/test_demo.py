@@ -373,6 +373,9 @@ def test_verdict_measures_what_fine_tuning_recovers_and_the_lengths_beyond_it():
     assert _row(rows, "vs dense")["holds"] is True
     records[2]["perplexity"] = 6.5  # arm 3 at 2048: half the swap's loss is left
     assert _row(verdict(records, cost, pattern, plan), "recovers")["holds"] is False
+    records[1]["perplexity"] = 5.02  # arm 2 at 2048: the swap lost under 1%
+    recovers = _row(verdict(records, cost, pattern, plan), "recovers")
+    assert recovers["holds"] is None and "nothing to recover" in recovers["measured"]
     records[7]["perplexity"] = 10  # arm 3 at 8192: worse than arm 1 (9)
     beyond = next(r for r in verdict(records, cost, pattern, plan) if "Beyond" in r["claim"])
     assert beyond["holds"] is False

@@ -32,8 +32,9 @@ NO_WORSE, CLOSE, WIDE, DEGRADES = 1.05, 1.10, 1.5, 1.10
 FRACTION = 0.75
 #: Passkey retrieval "works": mean accuracy over the depths at the long length.
 RETRIEVES = 0.8
-#: "Fine-tuning recovers most of the swap's loss": at least this share of it.
-RECOVERS = 2 / 3
+#: "Fine-tuning recovers most of the swap's loss": at least this share of it, judged only
+#: when the swap lost more than ``SWAP_LOSS`` of arm 1's perplexity.
+RECOVERS, SWAP_LOSS = 2 / 3, 0.01
 #: Wall times are unreliable when the arms' CPU-per-wall-second differ by more than this.
 UNRELIABLE = 1.25
 
@@ -222,8 +223,13 @@ def _recovered_row(records: list[dict], tuned: int) -> tuple[str, str, bool | No
     a1, a2, a3, a5 = (perplexity_of(records, ARMS[i], tuned) for i in (0, 1, 2, 4))
     lost, left = a2.value - a1.value, a3.value - a5.value
     claim = f"Fine-tuning recovers most of the swap's loss at {tuned} (at least {RECOVERS:.0%})"
-    if not lost > 0:
-        return claim, f"perplexity at {tuned}: arm 2 {a2}, arm 1 {a1}: the swap lost nothing", None
+    if not lost > SWAP_LOSS * a1.value:
+        return (
+            claim,
+            f"perplexity at {tuned}: arm 2 {a2}, arm 1 {a1}: the swap lost less than "
+            f"{SWAP_LOSS:.0%}, nothing to recover",
+            None,
+        )
     share = 1 - left / lost
     return (
         claim,
