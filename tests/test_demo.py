@@ -78,6 +78,7 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         assert report.count(f"| {arm} |") == 3 + (arm in results["cost"]) + (arm in kept)
     assert "## What the selections keep of dense attention" in report
     assert "smoke run" in report and (out / "eval" / "perplexity.png").is_file()
+    assert (out / "eval" / "perplexity-pretrained.png").is_file()  # arm 4 left out
     assert "longswap finetune --model" in report
     printed = capsys.readouterr().out
     assert "Arm 3 beats arm 4" in printed

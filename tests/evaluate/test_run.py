@@ -343,15 +343,15 @@ def test_eval_refuses_an_unwritable_out(models, tmp_path, capsys):
 def test_memory_plot_keeps_zeros_on_a_linear_axis(tmp_path, monkeypatch):
     import matplotlib.axes
 
-    from longswap.evaluate.report import _line_plot
+    from longswap.evaluate.report import line_plot
 
     scales = []
     monkeypatch.setattr(matplotlib.axes.Axes, "set_yscale", lambda self, s: scales.append(s))
     rows = [
         {"model": "m", "length": n, "peak_memory_mb": v} for n, v in ((512, 0.0), (4096, 900.0))
     ]
-    _line_plot(rows, "peak_memory_mb", "MB", tmp_path / "a.png")
+    line_plot(rows, "peak_memory_mb", "MB", tmp_path / "a.png")
     assert scales == []  # a log axis would drop the zero
     rows[0]["peak_memory_mb"] = 1.0
-    _line_plot(rows, "peak_memory_mb", "MB", tmp_path / "b.png")
+    line_plot(rows, "peak_memory_mb", "MB", tmp_path / "b.png")
     assert scales == ["log"]

@@ -94,7 +94,7 @@ def _perplexity_section(records: list[dict], unit: str) -> list[str]:
     return [
         f"## Perplexity vs length (held-out text; 95% interval; bits per {unit} in brackets)",
         "",
-        "![](eval/perplexity.png)",
+        "![](eval/perplexity.png) ![](eval/perplexity-pretrained.png)",
         "",
         *table(["arm", *map(str, lengths)], rows),
     ]

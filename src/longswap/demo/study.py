@@ -46,6 +46,7 @@ from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.report import report
 from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
+from longswap.evaluate.report import line_plot
 from longswap.evaluate.run import EvalConfig, evaluate
 from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
 from longswap.patterns import Pattern, format_pattern, parse_pattern
@@ -437,6 +438,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     records = _evaluate(config, plan, parsed, staging)
     records = _relocated(records, staging, out)
     (staging / "eval" / "results.json").write_text(json.dumps({"records": records}, indent=1))
+    pretrained_plot(records, staging / "eval")
     results = {
         "config": asdict(config),
         "base": str(source),
@@ -559,6 +561,17 @@ def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) ->
         common["model"] = [str(arms / a) for a in (ARMS[2], ARMS[5]) if a in built]
         records = evaluate(EvalConfig(**common, tasks=["selection"], lengths=[plan.tuned]))
     return records
+
+
+def pretrained_plot(records: list[dict], folder: Path) -> None:
+    """``perplexity-pretrained.png`` in ``folder``: perplexity against length of the arms
+    that start from the pre-trained weights (arm 4's, far above, would flatten them)."""
+    rows = [r for r in records if r["task"] == "ppl" and Path(r["model"]).name != ARMS[3]]
+    line_plot(rows, "perplexity", "perplexity (arm 4 left out)", folder / PRETRAINED_PLOT)
+
+
+#: The plot of the arms that start from the pre-trained weights (the README's headline).
+PRETRAINED_PLOT = "perplexity-pretrained.png"
 
 
 def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:

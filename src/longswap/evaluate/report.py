@@ -62,7 +62,7 @@ def table(headers: list[str], rows: list[list[str]], right: int = 1) -> list[str
     ]
 
 
-def _line_plot(rows: list[dict[str, Any]], field: str, label: str, path: Path) -> None:
+def line_plot(rows: list[dict[str, Any]], field: str, label: str, path: Path) -> None:
     """One line per model against length; a shaded band where records carry ``field_ci``."""
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for model in sorted({r["model"] for r in rows}):
@@ -129,7 +129,7 @@ def _perplexity(rows: list[dict[str, Any]], out: Path) -> list[str]:
     measured = [r for r in rows if "perplexity" in r]
     lines = ["## Perplexity vs context length", ""]
     if measured:
-        _line_plot(rows, "perplexity", "perplexity", out / "perplexity.png")
+        line_plot(rows, "perplexity", "perplexity", out / "perplexity.png")
         lines += ["![](perplexity.png)", ""]
 
     def cells(r: dict[str, Any]) -> list[str]:
@@ -171,7 +171,7 @@ def _simple(task: str, rows: list[dict[str, Any]], out: Path) -> list[str]:
         if not any(field in r for r in rows):  # nothing measured: no empty plot
             continue
         png = f"{task}.png" if field == PLOTS[task][0][0] else f"{task}-{field}.png"
-        _line_plot(rows, field, label, out / png)
+        line_plot(rows, field, label, out / png)
         lines.append(f"![]({png})")
     columns = COLUMNS[task]
 
