@@ -24,12 +24,8 @@ expectations and, for each, whether the measurements agree.
 from __future__ import annotations
 
 import json
-import os
-import re
 import shlex
 import shutil
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,10 +35,11 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from longswap import __version__
 from longswap.checkpoint import is_gguf, model_problem
 from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
+from longswap.demo.children import _combined, _finetune, _say
+from longswap.demo.heldout import HELDOUT_PARTS, heldout_folder, heldout_source
 from longswap.demo.report import report
 from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
@@ -57,10 +54,6 @@ from longswap.train.finetune import length_problems
 EMBEDDED_MODEL = Path(__file__).parents[1] / "assets" / "base"
 #: The pattern the demo swaps in unless told otherwise (README: "Why this pattern").
 DEFAULT_PATTERN = "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)"
-#: A Trainer progress bar in a fine-tuning log: ``n/total [``.
-_BAR = re.compile(r"(\d+)/(\d+) \[")
-#: Seconds between two progress lines of a fine-tuning arm on the console.
-PROGRESS_EVERY = 15.0
 #: Held-out sequences each trained arm's validation scores (their loss is in the report).
 VALIDATION_SEQUENCES = 8
 #: Peak learning rate of a selector warm-up (the small gates take a large one).
@@ -230,10 +223,6 @@ def _trained_length(model: Path) -> int:
     return _base_config(model).max_position_embeddings
 
 
-def _say(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
 def finetune_command(
     config: DemoConfig, plan: Plan, start: Path, out: Path, pattern: str, method: str = "full"
 ) -> list[str]:
@@ -262,76 +251,6 @@ def finetune_command(
     ):
         command += [flag, str(value)]
     return command
-
-
-def _steps_done(log: Path, steps: int) -> int:
-    """Steps done according to the last Trainer progress bar (``n/steps [``) in ``log``."""
-    done = [
-        int(n) for n, total in _BAR.findall(log.read_text(errors="replace")) if int(total) == steps
-    ]
-    return done[-1] if done else 0
-
-
-def _progress(arm: str, done: int, steps: int, rate: float | None, log: Path) -> str:
-    """A console line: steps done of ``steps``, time left at ``rate`` seconds a step, the log."""
-    if done == steps:
-        state = "validating and saving"
-    elif rate is None:
-        state = "starting" if done == 0 else "estimating the time left"
-    else:
-        state = f"about {rate * (steps - done):.0f} s left"
-    return f"{arm}: step {done}/{steps}, {state} (log: {log})"
-
-
-def _run_child(command: list[str], log: Path, arm: str, steps: int) -> tuple[int, Any, float]:
-    """Run one arm's fine-tuning, printing its progress; returns status, rusage, wall seconds."""
-    began = time.perf_counter()
-    with log.open("w") as sink:
-        child = subprocess.Popen(
-            [sys.executable, "-m", "longswap", *command[1:]], stdout=sink, stderr=subprocess.STDOUT
-        )
-        shown, said, first = -1, began, None  # first: (time, steps) when a step was first seen
-        while True:
-            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
-            if pid:
-                return status, usage, time.perf_counter() - began
-            time.sleep(0.5)
-            done, now = _steps_done(log, steps), time.perf_counter()
-            if done and first is None:
-                first = (now, done)
-            if done != shown and (now - said >= PROGRESS_EVERY or done in (0, steps)):
-                rate = (now - first[0]) / (done - first[1]) if first and done > first[1] else None
-                _say(_progress(arm, done, steps, rate, log))
-                shown, said = done, now
-
-
-def _finetune(
-    command: list[str], shown: list[str], log: Path, steps: int, failed_log: Path
-) -> dict[str, Any]:
-    """Run one arm's fine-tuning in its own process; its wall and CPU time and peak memory.
-
-    ``shown`` is the command as the report prints it (with the final output folder); a
-    failure copies the log to ``failed_log``, since the staging folder goes away.
-    """
-    status, usage, wall = _run_child(command, log, log.stem, steps)
-    if os.waitstatus_to_exitcode(status) != 0:
-        shutil.copy2(log, failed_log)
-        tail = "\n".join(log.read_text().splitlines()[-15:])
-        raise RuntimeError(f"fine-tuning failed: {shlex.join(shown)}\n{tail}\n(log: {failed_log})")
-    record = json.loads(
-        (Path(command[command.index("--out") + 1]) / "longswap_train.json").read_text()
-    )
-    return {
-        "command": shlex.join(shown),
-        "cpu_seconds": usage.ru_utime + usage.ru_stime,
-        "wall_seconds": wall,
-        "train_seconds": record["train_seconds"],
-        "tokens_per_second": record["train_tokens_per_second"],
-        "tokens": record["config"]["steps"] * record["config"]["seq_len"],
-        "peak_memory_mb": usage.ru_maxrss / 1024,  # kilobytes on Linux
-        "validation_loss": record["eval_loss"],
-        "notes": record["notes"],
-    }
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -442,7 +361,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     results = {
         "config": asdict(config),
         "base": str(source),
-        "heldout": _heldout_source(config),
+        "heldout": heldout_source(config.model),
         "pattern": pattern,
         "learned_pattern": format_pattern(learned) if learned is not None else None,
         "trained_length": plan.trained,
@@ -494,46 +413,6 @@ def _train_arm(
     record.write_text(json.dumps(_combined(spent), indent=1))
 
 
-def _heldout_source(config: DemoConfig) -> str:
-    """Where the perplexity and selection text comes from, in words."""
-    if not config.model:
-        return "the test suites of this interpreter's standard library (never trained on)"
-    return (
-        f"longswap {__version__}'s own source files, in path order, cut into {HELDOUT_PARTS} "
-        "documents (written in 2026: no public model before then can have memorised them)"
-    )
-
-
-#: How many documents the held-out text of a real model is cut into.
-HELDOUT_PARTS = 2
-
-
-def _heldout_folder(staging: Path) -> Path:
-    """longswap's own source as :data:`HELDOUT_PARTS` text files of about equal size in
-    ``staging/heldout`` (the held-out text of a base other than the embedded model)."""
-    folder = staging / "heldout"
-    if not folder.is_dir():
-        package = Path(__file__).parents[1]
-        files = sorted(
-            p
-            for p in package.rglob("*")
-            if p.suffix in (".py", ".md", ".cpp", ".h") and "assets" not in p.parts
-        )
-        texts = [f"# file: {p.relative_to(package)}\n{p.read_text()}" for p in files]
-        share, parts, current = sum(map(len, texts)) / HELDOUT_PARTS, [], []
-        for text in texts:
-            current.append(text)
-            if sum(map(len, current)) >= share and len(parts) < HELDOUT_PARTS - 1:
-                parts.append(current)
-                current = []
-        parts.append(current)
-        (staging / "heldout.partial").mkdir(exist_ok=True)
-        for i, part in enumerate(parts, 1):
-            (staging / "heldout.partial" / f"part-{i}.txt").write_text("\n".join(part))
-        (staging / "heldout.partial").rename(folder)
-    return folder
-
-
 def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) -> list[dict]:
     """Every arm evaluated by ``longswap eval`` (resuming the records already there):
     perplexity at every length, speed at the fine-tuning length, passkey, and the selection
@@ -547,7 +426,7 @@ def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) ->
         depths=plan.depths,
         targets=plan.targets,
         resume=True,
-        data=[str(_heldout_folder(staging))] if config.model else [],
+        data=[str(heldout_folder(staging))] if config.model else [],
     )
     common["spread"] = HELDOUT_PARTS if config.model else 4 if config.quick else 8
     _say(
@@ -572,20 +451,6 @@ def pretrained_plot(records: list[dict], folder: Path) -> None:
 
 #: The plot of the arms that start from the pre-trained weights (the README's headline).
 PRETRAINED_PLOT = "perplexity-pretrained.png"
-
-
-def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:
-    """One arm's cost from its stages' (a selector warm-up, then the fine-tuning): times
-    added, the largest peak memory, the last stage's speed and validation loss."""
-    last = stages[-1]
-    return last | {
-        "command": "\n".join(s["command"] for s in stages),
-        "cpu_seconds": sum(s["cpu_seconds"] for s in stages),
-        "wall_seconds": sum(s["wall_seconds"] for s in stages),
-        "train_seconds": sum(s["train_seconds"] for s in stages),
-        "peak_memory_mb": max(s["peak_memory_mb"] for s in stages),
-        "notes": [n for s in stages for n in s["notes"]],
-    }
 
 
 def _moved(text: str, staging: Path, out: Path) -> str:

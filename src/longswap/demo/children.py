@@ -1,0 +1,109 @@
+"""One trained arm of the demo: its ``longswap finetune`` run in a child process, with its
+progress on the console, and its cost (CPU and wall seconds, peak memory) from the child's
+resource usage."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+#: A Trainer progress bar in a fine-tuning log: ``n/total [``.
+_BAR = re.compile(r"(\d+)/(\d+) \[")
+#: Seconds between two progress lines of a fine-tuning arm on the console.
+PROGRESS_EVERY = 15.0
+
+
+def _say(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def _steps_done(log: Path, steps: int) -> int:
+    """Steps done according to the last Trainer progress bar (``n/steps [``) in ``log``."""
+    done = [
+        int(n) for n, total in _BAR.findall(log.read_text(errors="replace")) if int(total) == steps
+    ]
+    return done[-1] if done else 0
+
+
+def _progress(arm: str, done: int, steps: int, rate: float | None, log: Path) -> str:
+    """A console line: steps done of ``steps``, time left at ``rate`` seconds a step, the log."""
+    if done == steps:
+        state = "validating and saving"
+    elif rate is None:
+        state = "starting" if done == 0 else "estimating the time left"
+    else:
+        state = f"about {rate * (steps - done):.0f} s left"
+    return f"{arm}: step {done}/{steps}, {state} (log: {log})"
+
+
+def _run_child(command: list[str], log: Path, arm: str, steps: int) -> tuple[int, Any, float]:
+    """Run one arm's fine-tuning, printing its progress; returns status, rusage, wall seconds."""
+    began = time.perf_counter()
+    with log.open("w") as sink:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "longswap", *command[1:]], stdout=sink, stderr=subprocess.STDOUT
+        )
+        shown, said, first = -1, began, None  # first: (time, steps) when a step was first seen
+        while True:
+            pid, status, usage = os.wait4(child.pid, os.WNOHANG)
+            if pid:
+                return status, usage, time.perf_counter() - began
+            time.sleep(0.5)
+            done, now = _steps_done(log, steps), time.perf_counter()
+            if done and first is None:
+                first = (now, done)
+            if done != shown and (now - said >= PROGRESS_EVERY or done in (0, steps)):
+                rate = (now - first[0]) / (done - first[1]) if first and done > first[1] else None
+                _say(_progress(arm, done, steps, rate, log))
+                shown, said = done, now
+
+
+def _finetune(
+    command: list[str], shown: list[str], log: Path, steps: int, failed_log: Path
+) -> dict[str, Any]:
+    """Run one arm's fine-tuning in its own process; its wall and CPU time and peak memory.
+
+    ``shown`` is the command as the report prints it (with the final output folder); a
+    failure copies the log to ``failed_log``, since the staging folder goes away.
+    """
+    status, usage, wall = _run_child(command, log, log.stem, steps)
+    if os.waitstatus_to_exitcode(status) != 0:
+        shutil.copy2(log, failed_log)
+        tail = "\n".join(log.read_text().splitlines()[-15:])
+        raise RuntimeError(f"fine-tuning failed: {shlex.join(shown)}\n{tail}\n(log: {failed_log})")
+    record = json.loads(
+        (Path(command[command.index("--out") + 1]) / "longswap_train.json").read_text()
+    )
+    return {
+        "command": shlex.join(shown),
+        "cpu_seconds": usage.ru_utime + usage.ru_stime,
+        "wall_seconds": wall,
+        "train_seconds": record["train_seconds"],
+        "tokens_per_second": record["train_tokens_per_second"],
+        "tokens": record["config"]["steps"] * record["config"]["seq_len"],
+        "peak_memory_mb": usage.ru_maxrss / 1024,  # kilobytes on Linux
+        "validation_loss": record["eval_loss"],
+        "notes": record["notes"],
+    }
+
+
+def _combined(stages: list[dict[str, Any]]) -> dict[str, Any]:
+    """One arm's cost from its stages' (a selector warm-up, then the fine-tuning): times
+    added, the largest peak memory, the last stage's speed and validation loss."""
+    last = stages[-1]
+    return last | {
+        "command": "\n".join(s["command"] for s in stages),
+        "cpu_seconds": sum(s["cpu_seconds"] for s in stages),
+        "wall_seconds": sum(s["wall_seconds"] for s in stages),
+        "train_seconds": sum(s["train_seconds"] for s in stages),
+        "peak_memory_mb": max(s["peak_memory_mb"] for s in stages),
+        "notes": [n for s in stages for n in s["notes"]],
+    }
