@@ -44,9 +44,12 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
         v["holds"] in (True, False, None) and "nan" not in v["measured"] for v in results["verdict"]
     )
     # Arm 6: block_topk's budget chosen by a learned selector, warmed up, then trained along.
-    learned = sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True)
+    learned = sliding_window(window=512, sinks=4) | learned_topk(
+        64, top_k=16, per_head=True, sub_block=4
+    )
     assert results["learned_pattern"] == (
-        "sliding_window(window=512, sinks=4) | learned_topk(block_size=64, top_k=16, per_head=True)"
+        "sliding_window(window=512, sinks=4) | "
+        "learned_topk(block_size=64, top_k=16, per_head=True, sub_block=4)"
     )
     assert parse_pattern(results["learned_pattern"]) == learned
     warm_up, tune = results["cost"][ARMS[5]]["command"].split("\n")
@@ -404,3 +407,24 @@ def test_a_report_without_arm_6_says_how_to_add_it(pattern, offered):
         "config": {"quick": False, "learned": False},
     }
     assert ("`longswap demo --learned` adds arm 6" in "\n".join(_intro(results))) is offered
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        (
+            "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)",
+            "sliding_window(window=512, sinks=4) | learned_topk(64, top_k=16, per_head=True, "
+            "sub_block=4)",
+        ),
+        ("block_topk(block_size=6, top_k=2)", "learned_topk(6, top_k=2, per_head=True)"),
+        ("block_topk(block_size=4, top_k=2)", "learned_topk(4, top_k=2, per_head=True)"),
+        ("sliding_window(window=512)", None),
+        ("learned_topk(block_size=64, top_k=4)", None),
+    ],
+)
+def test_arm_6_scores_pieces_of_four_keys_where_a_block_holds_several(pattern, expected):
+    from longswap.demo.verdict import learned_counterpart
+
+    found = learned_counterpart(parse_pattern(pattern))
+    assert found == (None if expected is None else parse_pattern(expected))

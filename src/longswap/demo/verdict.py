@@ -130,16 +130,24 @@ def _why(holds: bool | None) -> str:
     return " (within noise: the threshold lies inside the intervals)" if holds is None else ""
 
 
+#: Arm 6's selector scores a block from pieces of this many keys (``sub_block``): the best
+#: learned union on SmolLM2 (benchmarks/results/real_model-fp32.md).
+LEARNED_PIECE = 4
+
+
 def learned_counterpart(pattern: Pattern) -> Pattern | None:
     """Arm 6's pattern: ``pattern`` with its mean-key selection (``block_topk``, alone or in
     a union) replaced by a learned selector of the same block size, ``top_k`` and
-    granularity (per head); None when it has no such selection (a static pattern, or one
-    whose selection is learned)."""
+    granularity (per head), scoring pieces of ``LEARNED_PIECE`` keys where the block holds
+    several; None when it has no such selection (a static pattern, or one whose selection
+    is learned)."""
     if isinstance(pattern, SelectionUnion):
         learned = learned_counterpart(pattern.selection)
         return None if learned is None else pattern.static | learned
     if isinstance(pattern, BlockTopK) and not pattern.needs_selector:  # MoBA selects per head
-        return LearnedTopK(block_size=pattern.block_size, top_k=pattern.top_k, per_head=True)
+        size = pattern.block_size
+        piece = LEARNED_PIECE if size % LEARNED_PIECE == 0 and size > LEARNED_PIECE else None
+        return LearnedTopK(block_size=size, top_k=pattern.top_k, per_head=True, sub_block=piece)
     return None
 
 
