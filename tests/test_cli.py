@@ -175,7 +175,7 @@ def test_finetune_defaults_fit_a_pretrained_model_and_the_demo_gives_its_own():
     from longswap.cli import _parser
     from longswap.config import from_arguments
     from longswap.demo import DemoConfig
-    from longswap.demo.study import finetune_command
+    from longswap.demo.config import finetune_command
     from longswap.train import FinetuneConfig, PretrainConfig
 
     args = _parser().parse_args(["finetune", "--model", "m", "--out", "o"])

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from longswap.cli import main
 from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
-from longswap.demo.study import DemoConfig
+from longswap.demo.config import DemoConfig
 from longswap.patterns import learned_topk, parse_pattern, sliding_window
 from longswap.selectors import SELECTOR_FILE
 

@@ -27,230 +27,34 @@ import json
 import shlex
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
-from longswap.checkpoint import is_gguf, model_problem
-from longswap.config import help_field
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.children import _combined, _finetune, _say
+from longswap.demo.config import (
+    EMBEDDED_MODEL,
+    DemoConfig,
+    Plan,
+    base_config,
+    finetune_command,
+    problems,
+    trained_length,
+)
 from longswap.demo.heldout import HELDOUT_PARTS, heldout_folder, heldout_source
 from longswap.demo.report import report
 from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
 from longswap.evaluate.report import line_plot
 from longswap.evaluate.run import EvalConfig, evaluate
-from longswap.io import output_problem, overlap_problems, save_checkpoint, staged_folder
+from longswap.io import save_checkpoint, staged_folder
 from longswap.patterns import Pattern, format_pattern, parse_pattern
 from longswap.swap import extend_positions, load, swap_attention
-from longswap.train.finetune import length_problems
-
-#: The dense model shipped with longswap (see assets/base/MODEL.md).
-EMBEDDED_MODEL = Path(__file__).parents[1] / "assets" / "base"
-#: The pattern the demo swaps in unless told otherwise (README: "Why this pattern").
-DEFAULT_PATTERN = "sliding_window(window=512, sinks=4) | block_topk(block_size=64, top_k=16)"
-#: Held-out sequences each trained arm's validation scores (their loss is in the report).
-VALIDATION_SEQUENCES = 8
-#: Peak learning rate of a selector warm-up (the small gates take a large one).
-SELECTOR_LEARNING_RATE = 5e-3
-
-
-@dataclass
-class DemoConfig:
-    """Swap a dense model (the embedded one unless --model) to a sparse pattern, fine-tune,
-    compare five or six arms."""
-
-    out: str = help_field("folder for the arms, results and report", default="longswap-demo")
-    pattern: str = help_field("sparse pattern of arms 2-4", default=DEFAULT_PATTERN)
-    model: str = help_field(
-        "dense base checkpoint (a model folder or a .gguf file), evaluated on longswap's own "
-        "source; empty: the embedded model, evaluated on the standard library's tests",
-        default="",
-    )
-    quick: bool = help_field(
-        "a smoke run (about 2 minutes on the embedded model): 4 steps, two lengths, one "
-        "passkey depth",
-        default=False,
-    )
-    steps: int = help_field("fine-tuning steps of arms 3-6 (0: 100, or 4 with --quick)", default=0)
-    factor: int = help_field(
-        "fine-tuning length = factor x the base's trained length, unless --seq-len", default=8
-    )
-    seq_len: int = help_field(
-        "fine-tuning length of arms 3-6 in tokens (0: --factor x the base's trained length)",
-        default=0,
-    )
-    lengths: list[int] = help_field(
-        "perplexity lengths (empty: the trained length, its doublings and the fine-tuning "
-        "length); every arm's positions are extended to the longest",
-        default_factory=list,
-    )
-    passkey_lengths: list[int] = help_field(
-        "passkey lengths (empty: the trained length and the fine-tuning length)",
-        default_factory=list,
-    )
-    depths: list[float] = help_field(
-        "passkey depths in [0, 1] (empty: 0, 0.5 and 1, or 0.5 with --quick)",
-        default_factory=list,
-    )
-    trials: int = help_field(
-        "passkey prompts per length and depth (0: 3, or 1 with --quick)", default=0
-    )
-    targets: int = help_field(
-        "held-out tokens that perplexity scores at every length (0: 16384, or 1024 with --quick)",
-        default=0,
-    )
-    learning_rate: float = help_field("peak learning rate of arms 3-6", default=5e-4)
-    synthetic_ratio: float = help_field(
-        "share of fine-tuning sequences that are synthetic passkey / recall tasks", default=0.25
-    )
-    learned: bool = help_field(
-        "add arm 6: arm 3 with a selector distilled from dense attention in place of "
-        "block_topk's mean keys (learned_topk, same budget; about 3 minutes more on 2 cores)",
-        default=False,
-    )
-    seed: int = help_field("seed of data order, random init and evaluation", default=0)
-    overwrite: bool = help_field("replace an earlier demo's --out", default=False)
-    restart: bool = help_field(
-        "discard an interrupted run of this demo instead of continuing it (a rerun with the "
-        "same settings continues one, keeping its finished arms)",
-        default=False,
-    )
-
-    def plan(self, trained: int) -> Plan:
-        """The lengths, budget and evaluation grid of this demo for a base trained at
-        ``trained`` tokens."""
-        tuned = self.seq_len or self.factor * trained
-        lengths = sorted(set(self.lengths)) or sorted({trained, tuned})
-        doubling = not (self.quick or self.lengths) and len(lengths) > 1
-        while doubling and lengths[-2] * 2 < lengths[-1]:  # the doublings in between
-            lengths.insert(-1, lengths[-2] * 2)
-        return Plan(
-            trained=trained,
-            tuned=tuned,
-            lengths=lengths,
-            passkey_lengths=sorted(set(self.passkey_lengths)) or sorted({trained, tuned}),
-            longest=max(tuned, *lengths, *self.passkey_lengths),
-            steps=self.steps or (4 if self.quick else 100),
-            depths=self.depths or ([0.5] if self.quick else [0.0, 0.5, 1.0]),
-            trials=self.trials or (1 if self.quick else 3),
-            targets=self.targets or (1024 if self.quick else 16384),
-        )
-
-
-@dataclass
-class Plan:
-    """What a demo measures: the base's trained length, the fine-tuning length (``tuned``),
-    the evaluation lengths, the length every arm's positions are extended to (``longest``),
-    the fine-tuning steps and the evaluation's budget."""
-
-    trained: int
-    tuned: int
-    lengths: list[int]
-    passkey_lengths: list[int]
-    longest: int
-    steps: int
-    depths: list[float]
-    trials: int
-    targets: int
-
-
-def _problems(config: DemoConfig) -> list[str]:
-    found, pattern = [], None
-    try:
-        pattern = parse_pattern(config.pattern)
-    except ValueError as err:
-        found.append(f"--pattern: {err}")
-    else:
-        if config.learned and learned_counterpart(pattern) is None:
-            found.append(
-                f"--learned compares a learned selector with block_topk's mean keys, and "
-                f"{config.pattern} has no block_topk to compare with (a pattern without "
-                "selection, or one whose selection is learned already): leave out --learned, "
-                "or use a pattern with block_topk"
-            )
-    model = Path(config.model) if config.model else EMBEDDED_MODEL
-    if problem := model_problem(model):
-        found.append(problem)
-    if not isinstance(config.steps, int) or config.steps < 0:
-        found.append(f"steps must be an integer >= 0, got {config.steps!r}")
-    if not isinstance(config.factor, int) or config.factor < 2:
-        found.append(f"factor must be an integer >= 2, got {config.factor!r}")
-    for name in ("seq_len", "trials", "targets"):
-        value = getattr(config, name)
-        if not isinstance(value, int) or value < 0:
-            found.append(f"{name} must be an integer >= 0, got {value!r}")
-    for name in ("lengths", "passkey_lengths"):
-        if any(not isinstance(n, int) or n < 64 for n in getattr(config, name)):
-            flag = name.replace("_", "-")
-            found.append(f"--{flag} must be token counts >= 64, got {getattr(config, name)}")
-    if any(not 0 <= d <= 1 for d in config.depths):
-        found.append(
-            f"--depths must lie within [0, 1] (a share of the context), got {config.depths}"
-        )
-    if pattern is not None and not found:  # the arms fine-tune at the fine-tuning length
-        flag = "--seq-len" if config.seq_len else "--factor"
-        found += length_problems(pattern, config.plan(_trained_length(model)).tuned, flag)
-    out = Path(config.out)
-    found += overlap_problems(out, [("--model", model)])
-    if problem := output_problem(out):
-        found.append(problem)
-    elif out.is_dir() and any(out.iterdir()):
-        if not config.overwrite:
-            found.append(f"--out {out} is not empty; pass --overwrite or pick another folder")
-        elif not (out / "demo.json").is_file() and not (out / "arms").is_dir():
-            found.append(
-                f"--out {out} holds files that are not an earlier demo's; --overwrite only "
-                "replaces a demo folder, pick another --out"
-            )
-    return found
-
-
-def _base_config(model: Path) -> Any:
-    """The config of a base (a model folder or a .gguf file)."""
-    if is_gguf(model):
-        return AutoConfig.from_pretrained(model.parent, gguf_file=model.name)
-    return AutoConfig.from_pretrained(model)
-
-
-def _trained_length(model: Path) -> int:
-    """The trained length of a base (a model folder or a .gguf file), from its config."""
-    return _base_config(model).max_position_embeddings
-
-
-def finetune_command(
-    config: DemoConfig, plan: Plan, start: Path, out: Path, pattern: str, method: str = "full"
-) -> list[str]:
-    """The ``longswap finetune`` command of one trained arm (printed in the report), at the
-    plan's fine-tuning length with positions extended to its longest length;
-    ``method="selector"``: the warm-up of its learned selectors."""
-    command = ["longswap", "finetune", "--model", str(start), "--out", str(out)]
-    command += ["--pattern", pattern] if pattern else []
-    extend = plan.longest > max(plan.tuned, plan.trained)
-    command += ["--max-length", str(plan.longest)] if extend else []
-    # Validation on a few sequences (a smoke run's on two, without the budget's probe steps).
-    command += ["--skip-budget-check"] if config.quick else []
-    command += ["--validation-sequences", "2" if config.quick else str(VALIDATION_SEQUENCES)]
-    rate = SELECTOR_LEARNING_RATE if method == "selector" else config.learning_rate
-    steps = plan.steps
-    for flag, value in (
-        ("--method", method),
-        ("--seq-len", plan.tuned),
-        ("--steps", steps),
-        ("--batch-size", 1),
-        ("--learning-rate", rate),
-        ("--warmup-steps", max(1, steps // 10)),
-        ("--eval-steps", steps),
-        ("--synthetic-ratio", config.synthetic_ratio),
-        ("--seed", config.seed),
-    ):
-        command += [flag, str(value)]
-    return command
 
 
 def run_demo(config: DemoConfig) -> dict[str, Any]:
@@ -261,7 +65,7 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     and the staging folder with the arms finished so far, which a rerun with the same
     settings continues (``--restart`` discards it).
     """
-    found = _problems(config)
+    found = problems(config)
     if found:
         raise ValueError("cannot run the demo:\n- " + "\n- ".join(found))
     began = time.perf_counter()
@@ -316,7 +120,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     arms.mkdir(exist_ok=True)
     source = Path(config.model) if config.model else EMBEDDED_MODEL
     base = arms / ARMS[0]
-    plan = config.plan(_trained_length(source))
+    plan = config.plan(trained_length(source))
     parsed = parse_pattern(config.pattern)
     pattern = format_pattern(parsed)
     _say(
@@ -379,7 +183,7 @@ def _random_init(source: Path, seed: int, folder: Path) -> None:
     """Arm 4's starting point: the base's architecture with fresh weights from ``seed``."""
     shutil.rmtree(folder, ignore_errors=True)
     torch.manual_seed(seed)
-    AutoModelForCausalLM.from_config(_base_config(source)).save_pretrained(folder)
+    AutoModelForCausalLM.from_config(base_config(source)).save_pretrained(folder)
     tokenizer_for(folder.parent / "arms" / ARMS[0]).save_pretrained(folder)
 
 

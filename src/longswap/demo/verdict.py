@@ -282,7 +282,7 @@ def _passkey_vs_dense_row(records: list[dict], length: int) -> tuple[str, str, b
 def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> list[dict[str, Any]]:
     """The expectations of the study, each with its measured numbers and outcome.
 
-    ``plan`` (a :class:`~longswap.demo.study.Plan`) gives the base's trained length, the
+    ``plan`` (a :class:`~longswap.demo.config.Plan`) gives the base's trained length, the
     fine-tuning length (``tuned``) and the evaluation lengths. Perplexities are given as
     ``value [interval]`` and judged with the intervals (see the module's docstring); the
     cost, by CPU seconds.
