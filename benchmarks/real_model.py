@@ -12,10 +12,10 @@ pattern. Every arm is then measured in this one run, side by side:
   each of four documents, each target with up to 28,672 tokens of its own document before
   it), with a 95% bootstrap interval (``longswap.evaluate.perplexity``);
 * passkey retrieval (greedy answer, held-out keys) at several lengths and depths;
-* prefill: the seconds of one forward over ``length`` tokens (after a warm-up) and the
-  peak resident-memory growth during it (large blocks mapped fresh: see
-  ``longswap.environment.peak_memory``). ``--tasks prefill --redo prefill`` re-measures
-  only these, e.g. on an otherwise idle machine (each record carries the load average).
+* the share of dense attention's mass each selection keeps (``longswap.evaluate.selection``).
+
+Speed and memory are not measured here: ``benchmarks/real_model_speed.py`` times the same
+arms side by side (forward and forward + backward, float32).
 
 Held-out text the model cannot have memorised: longswap's own repository at a pinned commit
 (written in November 2026, two years after SmolLM2), read with ``git show``. Its files are
@@ -49,7 +49,7 @@ import longswap
 from longswap.checkpoint import load_gguf, model_problem, smollm2_path
 from longswap.config import comma_list
 from longswap.data.tokenizer import tokenizer_for
-from longswap.environment import bfloat16_warning, environment, peak_memory
+from longswap.environment import bfloat16_warning, environment
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
@@ -141,6 +141,8 @@ TRAINED_ARMS = (
 #: not a model anyone could run faster than dense.
 ORACLE_ARMS = {"window-512+oracle-64x16": False, "window-512+oracle-head-64x16": True}
 ROOT = Path(__file__).resolve().parent.parent
+#: What the study measures of each arm.
+TASKS = ("ppl", "passkey", "selection")
 #: Beyond the trained length every arm is swapped with this ``max_length``, whatever
 #: lengths a run measures, so that a record at 16k means the same model in every run.
 EXTENDED_TO = 32768
@@ -218,16 +220,6 @@ def arm_model(
     return model.eval(), report.positions.get("summary", report.positions.get("kind", ""))
 
 
-def measure_prefill(model: Any, docs: list[torch.Tensor], length: int) -> dict:
-    """Seconds and peak memory growth of one forward over ``length`` tokens of text."""
-    ids = torch.cat(docs)[:length][None]
-    with peak_memory() as memory, torch.no_grad():
-        began = time.perf_counter()
-        model(ids, logits_to_keep=1)
-        seconds = time.perf_counter() - began
-    return {"prefill_seconds": seconds, "tokens_per_second": length / seconds} | memory
-
-
 def measure_ppl(
     model: Any, docs: list[torch.Tensor], length: int, args: argparse.Namespace
 ) -> dict:
@@ -268,8 +260,6 @@ def summary(row: dict) -> str:
         return f"ppl {row['perplexity']:.3f}"
     if "captured_mass" in row:
         return f"keeps {row['captured_mass']:.3f} of dense mass (oracle {row['oracle_mass']:.3f})"
-    if "prefill_seconds" in row:
-        return f"{row['prefill_seconds']:.1f} s"
     return f"{row['correct']}/{row['trials']}"
 
 
@@ -277,7 +267,7 @@ def tables(record: dict) -> str:
     """Markdown tables of the study's records."""
     rows = record["records"]
     arms = [a for a in ARMS if any(r["arm"] == a for r in rows)]
-    lengths = sorted({r["length"] for r in rows if r["task"] in ("ppl", "prefill")})
+    lengths = sorted({r["length"] for r in rows if r["task"] == "ppl"})
     keys = sorted({r["length"] for r in rows if r["task"] == "passkey"})
     by = {(r["arm"], r["task"], r["length"]): r for r in rows}
     kept = gain_kept(rows, 2048, 8192)
@@ -323,19 +313,6 @@ def tables(record: dict) -> str:
         cells += [cell(arm, "selection", n, nats) for n in chosen]
         if any(cells):
             out.append(f"| {arm} | " + " | ".join(cells) + " |")
-    out += ["", "| arm | " + " | ".join(f"prefill s / MB at {n}" for n in lengths) + " |"]
-    out.append("|---|" + "---:|" * len(lengths))
-    for arm in arms:
-        cells = [
-            cell(
-                arm,
-                "prefill",
-                n,
-                lambda r: f"{r['prefill_seconds']:.1f} / {r['peak_memory_mb']:.0f}",
-            )
-            for n in lengths
-        ]
-        out.append(f"| {arm} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 
 
@@ -401,12 +378,13 @@ def main() -> None:
         "(see README)",
     )
     parser.add_argument("--lengths", type=comma_list(int), default=[2048, 8192, 16384, 32768])
-    parser.add_argument(
-        "--tasks", type=comma_list(str), default=["ppl", "passkey", "selection", "prefill"]
-    )
+    parser.add_argument("--tasks", type=comma_list(str, choices=TASKS), default=list(TASKS))
     parser.add_argument("--selection-lengths", type=comma_list(int), default=[8192])
     parser.add_argument(
-        "--redo", type=comma_list(str), default=[], help="drop earlier records of these tasks"
+        "--redo",
+        type=comma_list(str, choices=TASKS),
+        default=[],
+        help="drop earlier records of these tasks",
     )
     parser.add_argument("--passkey-lengths", type=comma_list(int), default=[4096, 8192, 16384])
     parser.add_argument("--depths", type=comma_list(float), default=[0.1, 0.5, 0.9])
@@ -446,7 +424,11 @@ def main() -> None:
         if arm not in checkpoints or model_problem(checkpoints[arm]):
             parser.error(f"the {arm} arm needs --learned {arm}=CHECKPOINT (see the README)")
     old = json.loads(args.out.read_text()) if args.out.exists() and not args.fresh else {}
-    records = [r for r in old.get("records", []) if r["arm"] in ARMS and r["task"] not in args.redo]
+    records = [
+        r
+        for r in old.get("records", [])
+        if r["arm"] in ARMS and r["task"] in TASKS and r["task"] not in args.redo
+    ]
     done = {(r["arm"], r["task"], r["length"]) for r in records}
     base = load_gguf(smollm2_path()).to(getattr(torch, args.dtype)).eval()
     tokenizer = tokenizer_for(smollm2_path())
@@ -469,7 +451,6 @@ def main() -> None:
     }
     plan = [("ppl", n) for n in args.lengths] + [("passkey", n) for n in args.passkey_lengths]
     plan += [("selection", n) for n in args.selection_lengths]
-    plan += [("prefill", n) for n in args.lengths]
     plan = [(task, n) for task, n in plan if task in args.tasks]
     for arm in args.arms:
         for extended in (False, True):
@@ -505,8 +486,6 @@ def main() -> None:
                     )
                 elif task == "ppl":
                     row |= measure_ppl(model, docs, n, args)
-                elif task == "prefill":
-                    row |= measure_prefill(model, docs, n)
                 elif task == "selection":
                     row |= selection(model, max(docs, key=len), n)
                 else:

@@ -370,7 +370,7 @@ def render_real_model_perplexity(root: Path) -> str:
 
 
 def render_real_model_other(root: Path) -> str:
-    """Passkey, selection and prefill of the current parameter-free arms (bfloat16 study)."""
+    """Passkey and selection of the current parameter-free arms (bfloat16 study)."""
     data = study(root, "real_model.json")
     if data is None:
         return missing(RESULTS / "real_model.json", "python benchmarks/real_model.py")
@@ -380,17 +380,9 @@ def render_real_model_other(root: Path) -> str:
         if "oracle" in arm:  # a ceiling for perplexity only: it computes dense attention
             continue
         keys = [passkey(at.get((arm, "passkey", n))) for n in (4096, 8192, 16384)]
-        cost = []
-        for n in (2048, 8192, 16384, 32768):
-            r = at.get((arm, "prefill", n))
-            if r is None or "skipped" in r:
-                cost.append("" if r is None else "skipped")
-            else:
-                cost.append(f"{r['prefill_seconds']:.1f} / {r['peak_memory_mb']:.0f}")
-        rows.append([arm, *keys, selection(at.get((arm, "selection", 8192))), *cost])
+        rows.append([arm, *keys, selection(at.get((arm, "selection", 8192)))])
     header = ["arm", "passkey 4096", "passkey 8192", "passkey 16384", "mass kept 8192 (best)"]
-    header += [f"prefill s / MB {n}" for n in (2048, 8192, 16384, 32768)]
-    return table(header, "lrrrrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
+    return table(header, "lrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
 
 
 def render_real_model_float32(root: Path) -> str:
@@ -406,7 +398,6 @@ def render_real_model_float32(root: Path) -> str:
         record = at.get((arm, "ppl", 8192))
         chosen = at.get((arm, "selection", 8192))
         nats = "" if chosen is None else f"{chosen['kept_nats']:.3f} ({chosen['oracle_nats']:.3f})"
-        cost = at.get((arm, "prefill", 8192))
         rows.append(
             [
                 arm,
@@ -416,12 +407,11 @@ def render_real_model_float32(root: Path) -> str:
                 selection(chosen),
                 nats,
                 passkey(at.get((arm, "passkey", 8192))),
-                "" if cost is None else f"{cost['prefill_seconds']:.1f}",
             ]
         )
     header = ["arm", "pattern", "ppl 8192", "vs dense", "mass kept (best)", "-log mass, nats"]
-    header += ["passkey 8192", "prefill 8192 s"]
-    return table(header, "llrrrrrr", rows) + "\n\n" + study_stamp(data, "real_model-fp32.json")
+    header += ["passkey 8192"]
+    return table(header, "llrrrrr", rows) + "\n\n" + study_stamp(data, "real_model-fp32.json")
 
 
 def render_real_model_history(root: Path) -> str:
