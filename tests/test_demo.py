@@ -164,6 +164,9 @@ def test_an_interrupted_demo_continues_without_redoing_finished_arms(tmp_path, m
     assert trained == [ARMS[2], ARMS[3], ARMS[4]]  # arm 3 was not trained again
     assert results["cost"][ARMS[2]] == first
     assert (out / "report.md").is_file() and interrupted_write(out) is None
+    # The interrupted attempt's time counts in the demo's wall time (not the refused one's).
+    assert results["attempts"] == 2 and results["wall_seconds"] > first["wall_seconds"]
+    assert "over 2 attempts (interrupted and continued)" in (out / "report.md").read_text()
 
 
 def test_demo_refuses_an_out_that_overlaps_the_model(tmp_path, capsys):
@@ -428,3 +431,14 @@ def test_arm_6_scores_pieces_of_four_keys_where_a_block_holds_several(pattern, e
 
     found = learned_counterpart(parse_pattern(pattern))
     assert found == (None if expected is None else parse_pattern(expected))
+
+
+def test_progress_counts_the_steps_the_trainer_has_done(tmp_path):
+    from longswap.demo.children import _steps_done
+
+    log = tmp_path / "arm.log"
+    log.write_text(" 50%|#####     | 1/2 [00:10<00:10, 10.0s/it]\r")
+    assert _steps_done(log, 2) == 1 and _steps_done(log, 3) == 0
+    # after one step, the bar of writing one model shard (0/1) must not undo it
+    log.write_text("100%|##########| 1/1 [00:10<00:00]\nWriting model shards: 0/1 [00:00<?]\n")
+    assert _steps_done(log, 1) == 1

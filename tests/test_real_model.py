@@ -175,21 +175,47 @@ def test_damaged_gguf_files_get_one_clear_error(tmp_path):
 
 def test_quick_demo_on_the_real_model(tmp_path, capsys):
     """`longswap demo --model <SmolLM2> --quick`: every arm of the recipe on the real model,
-    held-out text from longswap's own source, positions extended for the longest length."""
+    held-out text from longswap's own source (every length below its trained 8192)."""
     out = tmp_path / "demo"
-    pattern = "sliding_window(window=256, sinks=4) | block_topk(block_size=64, top_k=4)"
-    args = ["demo", "--model", str(GGUF), "--quick", "--steps", "1", "--seq-len", "1024"]
-    args += ["--lengths", "1024,2048", "--passkey-lengths", "2048", "--targets", "256"]
+    pattern = "sliding_window(window=128, sinks=4) | block_topk(block_size=32, top_k=2)"
+    args = ["demo", "--model", str(GGUF), "--quick", "--steps", "1", "--seq-len", "512"]
+    args += ["--lengths", "512,1024", "--passkey-lengths", "1024", "--targets", "256"]
+    # No synthetic tasks in the fine-tuning data (the finetune tests cover them): sizing a
+    # third as many task texts as the corpus has sequences costs each arm seconds.
+    args += ["--synthetic-ratio", "0"]
     assert main([*args, "--pattern", pattern, "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
-    assert results["trained_length"] == 8192 and results["long_length"] == 1024
+    assert results["trained_length"] == 8192 and results["long_length"] == 512
     assert "own source files" in results["heldout"] and (out / "heldout").is_dir()
     records = json.loads((out / "eval" / "results.json").read_text())["records"]
     ppl = [r for r in records if r["task"] == "ppl"]
     assert len(ppl) == 10 and all(math.isfinite(r["perplexity"]) for r in ppl)
-    for c in results["cost"].values():  # fine-tuned at 1024 with positions for 2048
-        assert "--seq-len 1024" in c["command"] and "--max-length 2048" not in c["command"]
+    for c in results["cost"].values():  # fine-tuned at 512, positions as trained (8192)
+        assert "--seq-len 512" in c["command"] and "--max-length" not in c["command"]
+    assert all("nan" not in v["measured"] for v in results["verdict"])  # all measured
     claims = [v["claim"] for v in results["verdict"]]
     assert any(c.startswith("Fine-tuning recovers") for c in claims)
     assert "Base: `SmolLM2-135M-Instruct.Q4_1.gguf`" in (out / "report.md").read_text()
     assert "bits per token" in (out / "report.md").read_text()
+
+
+def test_the_real_model_benchmarks_run_in_their_smoke_mode(tmp_path):
+    """`benchmarks/real_model.py` (quality) and `real_model_speed.py` (speed) on SmolLM2, at
+    tiny sizes: every task and pass runs the real code path and writes its record."""
+    from .test_benchmarks import smoke
+
+    study = smoke("real_model", tmp_path / "study.json")
+    done = {(r["arm"], r["task"]) for r in study["records"] if "skipped" not in r}
+    assert {("dense", "ppl"), ("window-1024", "passkey")} <= done
+    assert ("learned-64x16-untrained", "selection") in done
+    assert all(math.isfinite(r["perplexity"]) for r in study["records"] if r["task"] == "ppl")
+    arms = "dense,window-512+moba-64x16"
+    speed = smoke("real_model_speed", tmp_path / "speed.json", "--arms", arms)
+    cells = {(r["arm"], r["length"], r["pass"]) for r in speed["rows"]}
+    for arm in arms.split(","):
+        assert {
+            (arm, 512, "forward"),
+            (arm, 512, "forward+backward"),
+            (arm, 1024, "forward"),
+        } <= cells
+    assert all(r["median_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in speed["rows"])

@@ -26,11 +26,13 @@ def _say(message: str) -> None:
 
 
 def _steps_done(log: Path, steps: int) -> int:
-    """Steps done according to the last Trainer progress bar (``n/steps [``) in ``log``."""
+    """Steps done according to the Trainer's progress bar (``n/steps [``) in ``log``: the
+    most any bar of ``steps`` shows (a later bar of that total, such as the writing of one
+    model shard at 0/1 after one step, does not take the count back)."""
     done = [
         int(n) for n, total in _BAR.findall(log.read_text(errors="replace")) if int(total) == steps
     ]
-    return done[-1] if done else 0
+    return max(done, default=0)
 
 
 def _progress(arm: str, done: int, steps: int, rate: float | None, log: Path) -> str:

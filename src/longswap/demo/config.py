@@ -3,6 +3,8 @@ found in them before any work, and the ``longswap finetune`` command of a traine
 
 from __future__ import annotations
 
+import copy
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,10 +181,20 @@ def problems(config: DemoConfig) -> list[str]:
 
 
 def base_config(model: Path) -> Any:
-    """The config of a base (a model folder or a .gguf file)."""
+    """The config of a base (a model folder or a .gguf file); a GGUF file is read once per
+    process (its whole metadata, vocabulary included, is parsed for it: seconds)."""
     if is_gguf(model):
-        return AutoConfig.from_pretrained(model.parent, gguf_file=model.name)
+        stat = model.stat()
+        return copy.deepcopy(_gguf_config(str(model.resolve()), stat.st_mtime_ns, stat.st_size))
     return AutoConfig.from_pretrained(model)
+
+
+@functools.lru_cache(maxsize=4)
+def _gguf_config(path: str, mtime_ns: int, size: int) -> Any:
+    """The config in the GGUF file ``path`` (its modification time and size in the key, so
+    that a file replaced since is read again)."""
+    file = Path(path)
+    return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
 
 
 def trained_length(model: Path) -> int:

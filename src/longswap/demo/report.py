@@ -27,6 +27,12 @@ def outcome(holds: bool | None, emphasis: str = "**") -> str:
     return "holds" if holds else f"{emphasis}does not hold{emphasis}"
 
 
+def _attempts(results: dict[str, Any]) -> str:
+    """`` over N attempts`` for a demo that was interrupted and continued, else nothing."""
+    attempts = results.get("attempts", 1)
+    return f" over {attempts} attempts (interrupted and continued)" if attempts > 1 else ""
+
+
 def _intro(results: dict[str, Any]) -> list[str]:
     trained, long = results["trained_length"], results["long_length"]
     env, last = results["environment"], 6 if results.get("learned_pattern") else 5
@@ -42,7 +48,8 @@ def _intro(results: dict[str, Any]) -> list[str]:
         f"`{results['pattern']}`. Arms 3-{last}: {results['steps']} full fine-tuning steps "
         f"of {long} tokens each{extended}, peak learning rate {rate}, same data and seed. "
         f"Held-out text: {results.get('heldout', 'the standard library test suites')}. Wall "
-        f"time {results['wall_seconds']:.0f} s on {env['device']} ({env['threads']} threads).",
+        f"time {results['wall_seconds']:.0f} s{_attempts(results)} on {env['device']} "
+        f"({env['threads']} threads).",
         "",
     ]
     if results.get("learned_pattern"):

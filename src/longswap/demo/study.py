@@ -12,6 +12,8 @@ starting from the embedded dense model (pre-trained at ``T`` tokens):
    arm 3 with a learned selector in their place, same block size and budget
    (``learned_topk``), what distilling the selector from dense attention adds.
 
+Arms 3, 5 and 6 start from the base; a GGUF base is converted to a float checkpoint once
+(``base-float`` beside the arms, removed at the end) rather than read by every fine-tuning.
 A pattern with learned selection (``learned_topk``) gets its selectors warmed up first
 (``--method selector``: distilled from that arm's own dense attention, model frozen, as
 many steps as the fine-tuning), and the warm-up's cost counts in the arm's.
@@ -23,6 +25,7 @@ expectations and, for each, whether the measurements agree.
 
 from __future__ import annotations
 
+import copy
 import json
 import shlex
 import shutil
@@ -35,6 +38,7 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+from longswap.checkpoint import is_gguf
 from longswap.data.tokenizer import tokenizer_for
 from longswap.demo.children import _combined, _finetune, _say
 from longswap.demo.config import (
@@ -73,8 +77,14 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
     out = Path(config.out)
     with staged_folder(out, overwrite=config.overwrite, resume=not config.restart) as staging:
         _continue(config, staging)
-        results, records = _study(config, staging, out)
-        results["wall_seconds"] = time.perf_counter() - began
+        spent = staging / SPENT_FILE
+        earlier = json.loads(spent.read_text()) if spent.is_file() else []
+        try:
+            results, records = _study(config, staging, out)
+        finally:  # an interrupted or failed attempt's time counts in the demo's
+            attempts = [*earlier, time.perf_counter() - began]
+            spent.write_text(json.dumps(attempts))
+        results["wall_seconds"], results["attempts"] = sum(attempts), len(attempts)
         (staging / "demo.json").write_text(json.dumps(results, indent=1))
         (staging / "report.md").write_text(report(results, records))
     _say(f"done in {results['wall_seconds']:.0f} s: {out / 'report.md'}")
@@ -83,6 +93,8 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
 
 #: The settings an interrupted demo was started with, in its staging folder.
 SETTINGS_FILE = "demo-settings.json"
+#: The wall seconds of each attempt at the demo so far (a continued one has several).
+SPENT_FILE = "wall-seconds.json"
 
 
 def _continue(config: DemoConfig, staging: Path) -> None:
@@ -116,10 +128,8 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
 
     Each finished step leaves a mark in ``staging`` (an arm's folder, its cost record, the
     evaluation's records) and is skipped when an interrupted demo is continued."""
-    arms = staging / "arms"
-    arms.mkdir(exist_ok=True)
+    (staging / "arms").mkdir(exist_ok=True)
     source = Path(config.model) if config.model else EMBEDDED_MODEL
-    base = arms / ARMS[0]
     plan = config.plan(trained_length(source))
     parsed = parse_pattern(config.pattern)
     pattern = format_pattern(parsed)
@@ -127,36 +137,30 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         f"base {source} (trained at {plan.trained} tokens); pattern {pattern}; fine-tuning at "
         f"{plan.tuned} tokens, {plan.steps} steps; positions extended to {plan.longest}"
     )
-    if not base.is_dir():  # arm 1: the base as a float checkpoint, positions extended
-        dense = load(source)
-        if plan.longest > plan.trained:
-            extend_positions(dense, plan.longest)
-        save_checkpoint(dense, base, source=source)
-    if not (arms / ARMS[1]).is_dir():
-        swapped = load(source)
-        _say(f"arm 2: {swap_attention(swapped, pattern, max_length=plan.longest)}")
-        save_checkpoint(swapped, arms / ARMS[1], source=source)
-    cost = {}
-    trained_arms = [
-        (ARMS[2], source, pattern),
-        (ARMS[3], staging / "random-init", pattern),
-        (ARMS[4], source, ""),
-    ]
     learned = learned_counterpart(parsed) if config.learned else None
-    if learned is not None:
-        trained_arms.append((ARMS[5], source, format_pattern(learned)))
+    trained_arms = [  # (arm, where it starts: None for the base, its pattern)
+        (ARMS[2], None, pattern),
+        (ARMS[3], staging / "random-init", pattern),
+        (ARMS[4], None, ""),
+        *([(ARMS[5], None, format_pattern(learned))] if learned is not None else []),
+    ]
     (staging / "cost").mkdir(exist_ok=True)
+    marks = {arm: staging / "cost" / f"{arm}.json" for arm, _, _ in trained_arms}
+    todo = any(not marks[arm].is_file() for arm, begin, _ in trained_arms if begin is None)
+    from_base = _base_arms(source, plan, pattern, staging, todo)
+    cost = {}
     for arm, start, arm_pattern in trained_arms:
-        record = staging / "cost" / f"{arm}.json"
-        if not record.is_file():
-            if start == staging / "random-init":
+        if not marks[arm].is_file():
+            if start is not None:
                 _random_init(source, config.seed, start)
-            _train_arm(config, plan, staging, out, arm, start, arm_pattern, record)
-        c = cost[arm] = json.loads(record.read_text())
+            start = from_base if start is None else start
+            _train_arm(config, plan, staging, out, arm, start, arm_pattern, marks[arm])
+        c = cost[arm] = json.loads(marks[arm].read_text())
         _say(
             f"{arm}: {c['wall_seconds']:.1f} s wall, {c['cpu_seconds']:.1f} s CPU, "
             f"{c['tokens_per_second']:.0f} tok/s"
         )
+    shutil.rmtree(staging / FLOAT_BASE, ignore_errors=True)
     shutil.rmtree(staging / "random-init", ignore_errors=True)
     records = _evaluate(config, plan, parsed, staging)
     records = _relocated(records, staging, out)
@@ -177,6 +181,41 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
         "environment": environment(),
     }
     return results, records
+
+
+#: A GGUF base converted once to a float checkpoint, where the arms trained from the base
+#: start (each fine-tuning would read and dequantise the file again); removed at the end.
+FLOAT_BASE = "base-float"
+
+
+def _base_arms(source: Path, plan: Plan, pattern: str, staging: Path, training: bool) -> Path:
+    """Arms 1 and 2 from one load of the base (reading a GGUF file takes seconds); returns
+    where the arms trained from the base start: the base, or a GGUF file's float copy
+    (written when ``training`` is left to do)."""
+    arms = staging / "arms"
+    dense, swapped = arms / ARMS[0], arms / ARMS[1]
+    start = staging / FLOAT_BASE if is_gguf(source) else source
+    convert = training and start != source and not start.is_dir()
+    if dense.is_dir() and swapped.is_dir() and not convert:
+        return start
+    pretrained = load(source)
+    tokenizer = [source]  # after the first save, its folder's files (no second conversion)
+
+    def save(model: Any, folder: Path) -> None:
+        save_checkpoint(model, folder, source=tokenizer[0])
+        tokenizer[0] = folder
+
+    if convert:
+        save(pretrained, start)
+    if not dense.is_dir():  # arm 1: the base as a float checkpoint, positions extended
+        model = copy.deepcopy(pretrained)
+        if plan.longest > plan.trained:
+            extend_positions(model, plan.longest)
+        save(model, dense)
+    if not swapped.is_dir():
+        _say(f"arm 2: {swap_attention(pretrained, pattern, max_length=plan.longest)}")
+        save(pretrained, swapped)
+    return start
 
 
 def _random_init(source: Path, seed: int, folder: Path) -> None:

@@ -301,6 +301,7 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
     unreliable = (
         " (wall times unreliable: the machine was loaded)" if wall_times_unreliable(cost) else ""
     )
+    at_trained = trained in plan.lengths  # arm 1 measured at its trained length
     rows = [
         (
             "Arm 3 beats arm 4 (random init, same budget) by a wide margin",
@@ -308,11 +309,17 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
             f"wide: >= x{WIDE}){_why(wide)}",
             wide,
         ),
-        (
-            f"Arm 3 at {far} is no worse than arm 1 at its trained length {trained}",
-            f"perplexity: arm 3 {a3_far} at {far}, arm 1 {a1_short} at {trained} "
-            f"(allowed up to x{NO_WORSE}){_why(no_worse)}",
-            no_worse,
+        *(
+            [
+                (
+                    f"Arm 3 at {far} is no worse than arm 1 at its trained length {trained}",
+                    f"perplexity: arm 3 {a3_far} at {far}, arm 1 {a1_short} at {trained} "
+                    f"(allowed up to x{NO_WORSE}){_why(no_worse)}",
+                    no_worse,
+                )
+            ]
+            if at_trained
+            else []
         ),
         (
             "Arm 3 is close to arm 5 (dense fine-tune) at a fraction of its cost",
@@ -333,7 +340,7 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
                     degrades,
                 )
             ]
-            if far > trained
+            if far > trained and at_trained
             else []
         ),
         _passkey_row(records, pattern, trained, max(plan.passkey_lengths)),
