@@ -96,10 +96,17 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
 
 
 def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, capsys):
+    """Also ``--model`` with a local Hugging Face folder (the embedded model's, named as a
+    user would name theirs): held-out text from longswap's own source."""
     out = tmp_path / "demo"
     pattern = "sliding_window(window=64) | learned_topk(block_size=32, top_k=2)"
-    assert main(["demo", "--quick", "--out", str(out), "--pattern", pattern]) == 0
+    args = ["demo", "--quick", "--model", str(EMBEDDED_MODEL), "--pattern", pattern]
+    assert main([*args, "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
+    assert "own source files" in results["heldout"] and (out / "heldout").is_dir()
+    assert results["cost"][ARMS[4]]["command"].startswith(
+        f"longswap finetune --model {EMBEDDED_MODEL} "
+    )
     for arm in ARMS[2:4]:  # the sparse arms: warm-up, then fine-tuning from its output
         warm_up, tune = results["cost"][arm]["command"].split("\n")
         assert "--method selector" in warm_up and "--method full" in tune
