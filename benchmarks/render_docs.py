@@ -809,6 +809,9 @@ def render_default_choice(root: Path) -> str:
     if "6-learned-finetune" not in demo["cost"] or (speed := speed_seconds(root)) is None:
         return missing(folder / "demo.json", "longswap demo --model ... --learned")
     seconds = speed[1]
+    unions = ("window-512+moba-64x16", "window-512+learned-pieces-4-64x16")
+    if any((arm, 8192, "forward") not in seconds for arm in ("dense", *unions)):
+        return missing(SPEED, f"{SPEED_COMMAND} (dense and the unions at 8k)")
 
     def mean(arm: str, task: str, length: int, field: str) -> float:
         values = [r[field] for r in found[(arm, task)] if r["length"] == length]
@@ -853,8 +856,8 @@ def render_default_choice(root: Path) -> str:
         f"dense's cost at every length measured: at {tuned} its fine-tuning takes "
         f"{cpu('3-swap-finetune')} of dense's CPU time where the learned union takes "
         f"{cpu('6-learned-finetune')} (selector warm-up included), and one forward at 8k is "
-        f"{prefill('window-512+moba-64x16')} faster than dense against "
-        f"{prefill('window-512+learned-pieces-4-64x16')} (`longswap demo --model ... "
+        f"{prefill(unions[0])} faster than dense against "
+        f"{prefill(unions[1])} (`longswap demo --model ... "
         "--learned`, `python benchmarks/real_model_speed.py`)."
     )
 
