@@ -205,6 +205,15 @@ def demo_records(root: Path, folder: Path) -> dict[tuple[str, str], list[dict[st
     return found
 
 
+def demo_mean(
+    found: dict[tuple[str, str], list[dict[str, Any]]], arm: str, task: str, length: int, field: str
+) -> float:
+    """The mean of ``field`` over one arm's records of ``task`` at ``length`` (the passkey
+    depths, say); NaN when there are none."""
+    values = [r[field] for r in found.get((arm, task), []) if r["length"] == length]
+    return sum(values) / len(values) if values else float("nan")
+
+
 def render_demo_perplexity(root: Path, folder: Path) -> str:
     """Perplexity against length per demo arm, 95% interval."""
     _, line = demo_stamp(root, folder)
@@ -747,8 +756,7 @@ def render_demo_targets(root: Path, folder: Path) -> str:
     tuned = plan["tuned"]
 
     def value(arm: str, task: str, length: int, field: str) -> float:
-        records = [r for r in found.get((arm, task), []) if r["length"] == length]
-        return sum(r[field] for r in records) / len(records) if records else float("nan")
+        return demo_mean(found, arm, task, length, field)
 
     def perplexity(arm: str, length: int) -> float:
         return value(arm, "ppl", length, "perplexity")
@@ -813,15 +821,11 @@ def render_default_choice(root: Path) -> str:
     if any((arm, 8192, "forward") not in seconds for arm in ("dense", *unions)):
         return missing(SPEED, f"{SPEED_COMMAND} (dense and the unions at 8k)")
 
-    def mean(arm: str, task: str, length: int, field: str) -> float:
-        values = [r[field] for r in found[(arm, task)] if r["length"] == length]
-        return sum(values) / len(values)
-
     def ppl(arm: str, length: int) -> float:
-        return mean(arm, "ppl", length, "perplexity")
+        return demo_mean(found, arm, "ppl", length, "perplexity")
 
     def key(arm: str) -> str:  # over the depths
-        return f"{mean(arm, 'passkey', far, 'accuracy'):.0%}"
+        return f"{demo_mean(found, arm, 'passkey', far, 'accuracy'):.0%}"
 
     def gap(arm: str) -> str:
         return f"{ppl(arm, tuned) / ppl('5-dense-finetune', tuned) - 1:.1%}"

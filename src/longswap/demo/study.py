@@ -199,11 +199,11 @@ def _base_arms(source: Path, plan: Plan, pattern: str, staging: Path, training: 
     if dense.is_dir() and swapped.is_dir() and not convert:
         return start
     pretrained = load(source)
-    tokenizer = [source]  # after the first save, its folder's files (no second conversion)
+    written: list[Path] = []  # the first save converts the tokenizer, later ones copy it
 
     def save(model: Any, folder: Path) -> None:
-        save_checkpoint(model, folder, source=tokenizer[0])
-        tokenizer[0] = folder
+        save_checkpoint(model, folder, source=written[-1] if written else source)
+        written.append(folder)
 
     if convert:
         save(pretrained, start)
