@@ -127,3 +127,35 @@ def test_the_renderer_knows_the_demos_defaults():
         {"config": defaults | {"model": "/x/SmolLM2.gguf", "lengths": [4096, 8192], "quick": True}}
     )
     assert command == 'longswap demo --model "$SMOL" --quick --lengths 4096,8192'
+
+
+def test_the_default_choice_paragraph_refuses_numbers_that_contradict_it(copy):
+    """The README says why the default is the mean-key union from the SmolLM2 numbers; when
+    they say the learned union is the cheaper one, rendering stops instead of rewriting a
+    reason that no longer holds."""
+    module = render_docs()
+    assert "mean-key union" in module.render_default_choice(copy)
+    demo = copy / "docs/demo-smollm2/demo.json"
+    record = json.loads(demo.read_text())
+    dense = record["cost"]["5-dense-finetune"]["cpu_seconds"]
+    record["cost"]["6-learned-finetune"]["cpu_seconds"] = dense / 2
+    demo.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="re-decide the default"):
+        module.render_default_choice(copy)
+    assert module.main(["--check", "--root", str(copy)]) == 2
+
+
+def test_prose_says_where_an_arm_stands_at_each_length():
+    module = render_docs()
+
+    class Run:  # the two lengths beyond the fine-tuning length, and a perplexity per arm
+        beyond = [8192, 16384]
+
+        @staticmethod
+        def ppl(arm, n):
+            return {("a", 8192): 8.0, ("a", 16384): 9.5, ("b", 8192): 9.0}.get((arm, n), 9.0)
+
+    assert module.standing(Run, "a", "b", "the base") == (
+        "ahead of the base at 8k (8.00 against 9.00) and behind it at 16k (9.50 against 9.00)"
+    )
+    assert module.standing(Run, "b", "b", "itself").startswith("behind itself at 8k (9.00")

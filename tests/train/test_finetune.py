@@ -201,6 +201,7 @@ def test_a_pattern_that_skips_nothing_at_the_length_is_refused(base, tmp_path, p
         (["--weight-decay", "-0.1"], "weight_decay must be a number >= 0, got -0.1"),
         (["--warmup-steps", "-1"], "warmup_steps must be an integer >= 0, got -1"),
         (["--save-steps", "-1"], "save_steps must be an integer >= 0, got -1"),
+        (["--save-steps", "2", "--no-checkpoints"], "drop one of the two"),
         (["--lora-alpha", "0"], "lora_alpha must be a positive integer, got 0"),
         (["--lora-alpha", "-8"], "lora_alpha must be a positive integer, got -8"),
         (["--method", "full", "--merge"], "--method full trains none: leave out --merge"),
@@ -239,6 +240,10 @@ def test_checkpoints_every_save_steps_apart_from_the_evaluations(base, tmp_path)
     assert saved == ["checkpoint-2", "checkpoint-4"]
     state = json.loads((out / "checkpoints" / "checkpoint-4" / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "eval_loss" in entry] == [4]
+    quiet = tmp_path / "quiet"
+    args = ["finetune", *flags, "--eval-steps", "2", "--no-checkpoints", "--out", str(quiet)]
+    assert main(args) == 0
+    assert not list(quiet.rglob("checkpoint-*")) and (quiet / "model.safetensors").is_file()
 
 
 def test_cli_finetune(base, tmp_path, capsys):

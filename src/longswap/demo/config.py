@@ -215,6 +215,9 @@ def finetune_command(
     # Validation on a few sequences (a smoke run's on two, without the budget's probe steps).
     command += ["--skip-budget-check"] if config.quick else []
     command += ["--validation-sequences", "2" if config.quick else str(VALIDATION_SEQUENCES)]
+    # An arm that stops is trained again from its start: resume checkpoints would be
+    # written (optimizer state included) only to be deleted.
+    command += ["--no-checkpoints"]
     rate = SELECTOR_LEARNING_RATE if method == "selector" else config.learning_rate
     steps = plan.steps
     for flag, value in (

@@ -43,6 +43,11 @@ def common_problems(config: TrainingFields) -> list[str]:
             found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
         elif config.resume:
             found += _resume_problems(config, out / "checkpoints" / RUN_FILE)
+    if config.no_checkpoints and config.save_steps:
+        found.append(
+            f"--save-steps {config.save_steps} with --no-checkpoints: a run writes checkpoints "
+            "or it does not; drop one of the two"
+        )
     for path in config.data:
         if not Path(path).exists():
             found.append(f"data path {path} does not exist")

@@ -58,6 +58,11 @@ class TrainingFields:
         "evaluation (--eval-steps)",
         default=0,
     )
+    no_checkpoints: bool = help_field(
+        "write no checkpoint while training (a run that stops cannot --resume); the trained "
+        "model is written at the end either way",
+        default=False,
+    )
     seed: int = help_field("random seed (data order and initial weights)", default=0)
     overwrite: bool = help_field("replace a non-empty --out", default=False)
     skip_budget_check: bool = help_field(

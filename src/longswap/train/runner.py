@@ -214,7 +214,7 @@ def train(
         logging_steps=max(1, min(50, config.steps // 20)),
         eval_strategy="steps",
         eval_steps=config.eval_steps,
-        save_strategy="steps",
+        save_strategy="no" if config.no_checkpoints else "steps",
         save_steps=config.save_steps or config.eval_steps,
         save_total_limit=2,
         seed=config.seed,
@@ -275,7 +275,7 @@ def train(
         raise RuntimeError(
             f"the training loss became {guard.bad_value} at step {guard.bad_step}; training "
             f"stopped and nothing was saved after it. Last good checkpoint: "
-            f"{kept or 'none yet'}. Lower the learning rate, or resume from it."
+            f"{kept or 'none'}. Lower the learning rate, or resume from it."
         )
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     if evals and evals[-1]["step"] == trainer.state.global_step:
