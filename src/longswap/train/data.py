@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +25,10 @@ from longswap.data.corpus import Document
 from longswap.data.packing import Packed
 from longswap.data.tokenizer import EOS, token_counter
 from longswap.train.config import TrainingFields
+
+#: Token ids of the embedded corpus per tokenizer and corpus text: tokenising its 12 MB
+#: takes seconds at every run (each of the demo's arms), reading them back a fraction.
+TOKEN_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "longswap/tokens"
 
 
 class PackedDataset(Dataset):
@@ -51,10 +59,36 @@ class PackedDataset(Dataset):
         return item
 
 
-def _token_arrays(docs: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[Any]:
+def _token_arrays(
+    docs: list[Document], tokenizer: PreTrainedTokenizerBase, cached: bool = False
+) -> list[Any]:
+    """The token ids of each document; ``cached``: kept in :data:`TOKEN_CACHE` for the next
+    run with the same tokenizer and documents (the embedded corpus: every run reads it)."""
     if len(tokenizer) == 257 and tokenizer.eos_token == EOS:  # the byte tokenizer
         return [np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8) for d in docs]
-    return tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    fingerprint = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers only
+    if not cached or fingerprint is None:
+        return tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    key = hashlib.sha256(fingerprint.to_str().encode())
+    for doc in docs:
+        key.update(f"{doc.name}\0{len(doc.text)}\0{doc.text}\0".encode())
+    file = TOKEN_CACHE / f"{key.hexdigest()[:40]}.npz"
+    try:
+        with np.load(file) as stored:
+            return np.split(stored["ids"], stored["ends"][:-1])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent or damaged
+        pass
+    arrays = tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
+    ends = np.cumsum([len(ids) for ids in arrays])
+    try:  # a cache that cannot be written costs time, nothing else
+        TOKEN_CACHE.mkdir(parents=True, exist_ok=True)
+        partial = file.with_name(f"{file.stem}.{os.getpid()}.partial.npz")
+        ids = np.concatenate([np.asarray(a, dtype=np.int32) for a in arrays])
+        np.savez(partial, ids=ids, ends=ends)
+        os.replace(partial, file)  # whole or not at all, also with several processes
+    except OSError:
+        pass
+    return arrays
 
 
 def datasets(
@@ -72,7 +106,9 @@ def datasets(
         else stdlib_documents("train")
     )
     train_docs, val_docs = split_documents(docs, config.validation_share)
-    train_part, val_part = _pack(train_docs, config, tokenizer), _pack(val_docs, config, tokenizer)
+    cached = not config.data  # the embedded corpus
+    train_part = _pack(train_docs, config, tokenizer, cached)
+    val_part = _pack(val_docs, config, tokenizer, cached)
     if train_part is None or val_part is None:
         train_part, val_part = _split_sequences(docs, config, tokenizer)
     # Enough to compare, cheap at any length (unless the run says how many).
@@ -87,14 +123,18 @@ def datasets(
 
 
 def _pack(
-    docs: list[Document], config: TrainingFields, tokenizer: PreTrainedTokenizerBase
+    docs: list[Document],
+    config: TrainingFields,
+    tokenizer: PreTrainedTokenizerBase,
+    cached: bool = False,
 ) -> Packed | None:
-    """``docs`` packed into sequences of ``seq_len``, or None when they cannot fill one."""
+    """``docs`` packed into sequences of ``seq_len``, or None when they cannot fill one
+    (``cached``: their token ids kept for the next run)."""
     if not docs:
         return None
     try:
         return pack_documents(
-            _token_arrays(docs, tokenizer), config.seq_len, tokenizer.eos_token_id
+            _token_arrays(docs, tokenizer, cached), config.seq_len, tokenizer.eos_token_id
         )
     except ValueError:
         return None
