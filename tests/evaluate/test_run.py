@@ -127,6 +127,38 @@ def test_api_returns_the_records(models, tmp_path):
     assert records == saved and records[0]["accuracy"] in (0.0, 1.0)
 
 
+def test_calls_that_share_a_dict_load_each_model_once_with_the_same_records(
+    models, tmp_path, monkeypatch
+):
+    from longswap.evaluate import run
+
+    def config(out, tasks, lengths):
+        paths = [str(m) for m in models]
+        return run.EvalConfig(
+            model=paths, tasks=tasks, lengths=lengths, trials=1, targets=64, out=str(out)
+        )
+
+    fresh = [
+        run.evaluate(config(tmp_path / "fresh", ["ppl"], [128, 256])),
+        run.evaluate(config(tmp_path / "fresh", ["passkey"], [256]), {}),
+    ]
+    loaded = {}
+    shared = [run.evaluate(config(tmp_path / "shared", ["ppl"], [128, 256]), loaded)]
+    assert set(loaded) == set(models)
+
+    def refuse(path):
+        raise AssertionError(f"{path} loaded again")
+
+    monkeypatch.setattr(run, "load", refuse)
+    shared.append(run.evaluate(config(tmp_path / "shared", ["passkey"], [256]), loaded))
+
+    def measured(records):
+        keep = ("task", "length", "perplexity", "accuracy")
+        return [{k: r.get(k) for k in keep} for r in records]
+
+    assert [measured(r) for r in shared] == [measured(r) for r in fresh]
+
+
 def test_flags_take_commas_and_repeats(models, tmp_path):
     import argparse
 

@@ -55,7 +55,7 @@ from longswap.demo.report import report
 from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
 from longswap.evaluate.report import line_plot
-from longswap.evaluate.run import EvalConfig, evaluate
+from longswap.evaluate.run import EvalConfig, Loaded, evaluate
 from longswap.io import save_checkpoint, staged_folder
 from longswap.patterns import Pattern, format_pattern, parse_pattern
 from longswap.swap import extend_positions, load, swap_attention
@@ -276,12 +276,15 @@ def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) ->
         f"evaluating {len(built)} arms: perplexity at {plan.lengths}, speed at {plan.tuned}, "
         f"passkey at {plan.passkey_lengths}"
     )
-    evaluate(EvalConfig(**common, tasks=["ppl"], lengths=plan.lengths))
-    evaluate(EvalConfig(**common, tasks=["speed"], lengths=[plan.tuned]))
-    records = evaluate(EvalConfig(**common, tasks=["passkey"], lengths=plan.passkey_lengths))
+    loaded: Loaded = {}  # each arm loaded once for the four calls
+    evaluate(EvalConfig(**common, tasks=["ppl"], lengths=plan.lengths), loaded)
+    evaluate(EvalConfig(**common, tasks=["speed"], lengths=[plan.tuned]), loaded)
+    passkeys = EvalConfig(**common, tasks=["passkey"], lengths=plan.passkey_lengths)
+    records = evaluate(passkeys, loaded)
     if parsed.data_dependent:  # how much of dense attention each selection keeps
         common["model"] = [str(arms / a) for a in (ARMS[2], ARMS[5]) if a in built]
-        records = evaluate(EvalConfig(**common, tasks=["selection"], lengths=[plan.tuned]))
+        selections = EvalConfig(**common, tasks=["selection"], lengths=[plan.tuned])
+        records = evaluate(selections, loaded)
     return records
 
 

@@ -118,12 +118,17 @@ def _earlier_records(config: EvalConfig) -> tuple[list[dict[str, Any]], list[str
     return records, []
 
 
+#: Models already loaded, by path: each with its tokenizer.
+Loaded = dict[Path, tuple[Any, PreTrainedTokenizerBase]]
+
+
 def _check(
-    config: EvalConfig,
+    config: EvalConfig, models: Loaded | None = None
 ) -> tuple[list[tuple[Path, Any, PreTrainedTokenizerBase]], list[dict[str, Any]]]:
     """Check settings and load every model before any work; one message lists all problems.
 
-    Returns the models with their tokenizers, and the records to resume from.
+    Returns the models with their tokenizers, and the records to resume from. ``models``:
+    models loaded by an earlier call, taken from it, and given those this call loads.
     """
     found, loaded = _setting_problems(config), []
     if not config.out:
@@ -141,6 +146,9 @@ def _check(
         if problem := model_problem(path, flag="model"):
             found.append(problem)
             continue
+        if models is not None and path in models:
+            loaded.append((path, *models[path]))
+            continue
         try:
             model = load(path).eval().to(DEVICE)
             tok = tokenizer_for(path)
@@ -154,6 +162,8 @@ def _check(
                 f"{vocab}: they do not belong together"
             )
         loaded.append((path, model, tok))
+        if models is not None:
+            models[path] = (model, tok)
     if found:
         raise ValueError("cannot evaluate:\n- " + "\n- ".join(found))
     return loaded, records
@@ -195,14 +205,21 @@ def _key(path: Path, task: str, length: int, cell: tuple[float, ...]) -> str:
     return f"{path}|{task}|{length}" + (f"|{cell[0]}" if cell else "")
 
 
-def evaluate(config: EvalConfig) -> list[dict[str, Any]]:
-    """Run the grid, writing each record as it finishes; returns all records."""
-    loaded, records = _check(config)
-    heldout = (
-        {path: _heldout(config, tok) for path, _, tok in loaded}
-        if {"ppl", "selection"} & set(config.tasks)
-        else {}
-    )
+def evaluate(config: EvalConfig, models: Loaded | None = None) -> list[dict[str, Any]]:
+    """Run the grid, writing each record as it finishes; returns all records.
+
+    ``models``: a dict that keeps the loaded models between calls (several calls over the
+    same models load each once); None: loaded for this call only.
+    """
+    loaded, records = _check(config, models)
+    heldout = {}
+    if {"ppl", "selection"} & set(config.tasks):
+        by_tokenizer: dict[str, list[torch.Tensor]] = {}  # arms that share a tokenizer
+        for path, _, tok in loaded:
+            text = tok.backend_tokenizer.to_str() if tok.is_fast else str(path)
+            if text not in by_tokenizer:
+                by_tokenizer[text] = _heldout(config, tok)
+            heldout[path] = by_tokenizer[text]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"
