@@ -135,7 +135,13 @@ def test_calls_that_share_a_dict_load_each_model_once_with_the_same_records(
     def config(out, tasks, lengths):
         paths = [str(m) for m in models]
         return run.EvalConfig(
-            model=paths, tasks=tasks, lengths=lengths, trials=1, targets=64, out=str(out)
+            model=paths,
+            tasks=tasks,
+            lengths=lengths,
+            trials=1,
+            targets=64,
+            out=str(out),
+            resume=True,
         )
 
     fresh = [
