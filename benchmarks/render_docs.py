@@ -110,13 +110,18 @@ def load(root: Path, path: Path) -> dict[str, Any] | None:
     return json.loads(file.read_text()) if file.is_file() else None
 
 
-def arm_patterns(root: Path) -> dict[str, str]:
-    """``ARMS`` of ``benchmarks/real_model.py``, read without importing it (no torch)."""
-    tree = ast.parse((root / "benchmarks/real_model.py").read_text())
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "ARMS":
+def constant(file: Path, name: str) -> Any:
+    """The literal value of the module-level ``name`` in ``file``, read without importing
+    it (no torch)."""
+    for node in ast.parse(file.read_text()).body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == name:
             return ast.literal_eval(node.value)
-    raise ValueError("benchmarks/real_model.py defines no ARMS")
+    raise ValueError(f"{file} defines no {name}")
+
+
+def arm_patterns(root: Path) -> dict[str, str]:
+    """``ARMS`` of ``benchmarks/real_model.py``."""
+    return constant(root / "benchmarks/real_model.py", "ARMS")
 
 
 def stamp(env: dict[str, Any], command: str, extra: str = "") -> str:
@@ -790,13 +795,9 @@ def render_memory_7b(root: Path) -> str:
     )
 
 
-DENSE, SWAPPED, TUNED, SCRATCH, TUNED_DENSE, LEARNED = (
-    "1-dense",
-    "2-swapped",
-    "3-swap-finetune",
-    "4-random-finetune",
-    "5-dense-finetune",
-    "6-learned-finetune",
+#: The demo's arms, by their folder names (``longswap.demo.verdict.ARMS``).
+DENSE, SWAPPED, TUNED, SCRATCH, TUNED_DENSE, LEARNED = constant(
+    ROOT / "src/longswap/demo/verdict.py", "ARMS"
 )
 
 
