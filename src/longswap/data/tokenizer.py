@@ -7,6 +7,7 @@ Token ``b`` is byte ``b``; bits per byte equal bits per token.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -57,6 +58,14 @@ def tokenizer_for(model_dir: Path) -> PreTrainedTokenizerBase:
     if any((model_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model")):
         return AutoTokenizer.from_pretrained(model_dir)
     return byte_tokenizer()
+
+
+def fingerprint(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """A digest of everything that decides a fast tokenizer's ids (its whole definition,
+    added tokens included): two tokenizers with one fingerprint tokenise alike. None for
+    a slow tokenizer, which has no such definition."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return None if backend is None else hashlib.sha256(backend.to_str().encode()).hexdigest()
 
 
 def token_counter(tokenizer: PreTrainedTokenizerBase) -> Callable[[str], int]:

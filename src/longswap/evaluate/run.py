@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from longswap.checkpoint import model_problem
 from longswap.config import help_field
 from longswap.data import local_documents, stdlib_documents
-from longswap.data.tokenizer import tokenizer_for
+from longswap.data.tokenizer import fingerprint, tokenizer_for
 from longswap.environment import environment
 from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
@@ -216,10 +216,10 @@ def evaluate(config: EvalConfig, models: Loaded | None = None) -> list[dict[str,
     if {"ppl", "selection"} & set(config.tasks):
         by_tokenizer: dict[str, list[torch.Tensor]] = {}  # arms that share a tokenizer
         for path, _, tok in loaded:
-            text = tok.backend_tokenizer.to_str() if tok.is_fast else str(path)
-            if text not in by_tokenizer:
-                by_tokenizer[text] = _heldout(config, tok)
-            heldout[path] = by_tokenizer[text]
+            key = fingerprint(tok) or str(path)
+            if key not in by_tokenizer:
+                by_tokenizer[key] = _heldout(config, tok)
+            heldout[path] = by_tokenizer[key]
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     results_file = out / "results.json"

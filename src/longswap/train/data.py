@@ -23,7 +23,7 @@ from longswap.data import (
 )
 from longswap.data.corpus import Document
 from longswap.data.packing import Packed
-from longswap.data.tokenizer import EOS, token_counter
+from longswap.data.tokenizer import EOS, fingerprint, token_counter
 from longswap.train.config import TrainingFields
 
 #: Token ids of the embedded corpus per tokenizer and corpus text: tokenising its 12 MB
@@ -66,10 +66,10 @@ def _token_arrays(
     run with the same tokenizer and documents (the embedded corpus: every run reads it)."""
     if len(tokenizer) == 257 and tokenizer.eos_token == EOS:  # the byte tokenizer
         return [np.frombuffer(d.text.encode("utf-8"), dtype=np.uint8) for d in docs]
-    fingerprint = getattr(tokenizer, "backend_tokenizer", None)  # fast tokenizers only
-    if not cached or fingerprint is None:
+    known = fingerprint(tokenizer) if cached else None  # fast tokenizers only
+    if known is None:
         return tokenizer([d.text for d in docs], add_special_tokens=False)["input_ids"]
-    key = hashlib.sha256(fingerprint.to_str().encode())
+    key = hashlib.sha256(known.encode())
     for doc in docs:
         key.update(f"{doc.name}\0{len(doc.text)}\0{doc.text}\0".encode())
     file = TOKEN_CACHE / f"{key.hexdigest()[:40]}.npz"

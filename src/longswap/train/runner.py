@@ -272,10 +272,14 @@ def train(
     model.config.use_cache = True  # training turns the KV cache off; the saved model decodes
     if guard.bad_step is not None:
         kept = last_good_checkpoint(out / "checkpoints")
+        after = (
+            f"Last good checkpoint: {kept}. Lower the learning rate, or resume from it."
+            if kept
+            else "No checkpoint was written before it: lower the learning rate and start again."
+        )
         raise RuntimeError(
             f"the training loss became {guard.bad_value} at step {guard.bad_step}; training "
-            f"stopped and nothing was saved after it. Last good checkpoint: "
-            f"{kept or 'none'}. Lower the learning rate, or resume from it."
+            f"stopped and nothing was saved after it. {after}"
         )
     evals = [e for e in trainer.state.log_history if "eval_loss" in e]
     if evals and evals[-1]["step"] == trainer.state.global_step:
