@@ -357,3 +357,33 @@ def test_each_accumulated_forward_draws_its_own_rows(tmp_path, monkeypatch):
     seeds = [step_generator(5, step, micro).initial_seed() for step in (0, 1) for micro in (0, 1)]
     assert drawn[-4:] == seeds and len(set(seeds)) == 4
     assert len(drawn) > 4  # the probe drew before training
+
+
+def test_the_warm_up_reads_each_packed_document_alone():
+    """With restarting positions, each document's dense targets are its own: one view per
+    document, starting where it starts, keys only from it."""
+    from longswap.train.teacher import Teacher
+
+    model = make_model("llama", max_position_embeddings=256)
+    longswap.swap_attention(model, learned_topk(block_size=8, top_k=2), backend="blocks")
+    ids = torch.randint(1, 97, (2, 60), generator=torch.Generator().manual_seed(3))
+    positions = torch.cat([torch.arange(25), torch.arange(35)]).expand(2, 60)
+    views = Teacher(model, PackedDataset(ids, positions))(0)
+    layers = model.config.num_hidden_layers
+    assert [(v.start, v.key.shape[2]) for v in views] == [(0, 25), (25, 35)] * layers
+    alone = Teacher(model, PackedDataset(ids[:, 25:]))(0)
+    torch.testing.assert_close(views[1].target, alone[0].target)
+    picked = torch.tensor([3, 24, 25, 59])
+    assert views[0].rows(picked).tolist() == [3, 24] and views[1].rows(picked).tolist() == [0, 34]
+
+
+def test_the_warm_up_trains_on_packed_documents(base, tmp_path):  # noqa: F811
+    record = run(
+        base,
+        tmp_path / "warm",
+        pattern=PATTERN,
+        method="selector",
+        steps=2,
+        separate_documents=True,
+    )
+    assert math.isfinite(record["final_loss"])

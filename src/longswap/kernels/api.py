@@ -17,6 +17,7 @@ from longswap.kernels.band import band_applies
 from longswap.kernels.blocks import blocks_attention
 from longswap.kernels.cpp import compiled
 from longswap.kernels.decode import DECODE_ROWS
+from longswap.kernels.documents import Span, is_packed, per_document
 from longswap.kernels.flex import flex_attention_backend
 from longswap.kernels.reference import reference_attention
 from longswap.kernels.window_cpu import window_kernel_applies
@@ -122,7 +123,7 @@ CUDA_DENSE_PAIRS = 1 << 20
 def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool = True) -> bool:
     """Whether the dense oracle beats the sparse backends on this call without gradients.
 
-    ``plain``: no key padding mask, no document ids, no soft-capping and no sinks.
+    ``plain``: no key padding mask, no soft-capping and no sinks.
     """
     q_len, kv_len = q.shape[2], k.shape[2]
     if plain and pattern is not None and pattern.covers(kv_len):
@@ -151,8 +152,7 @@ def resolve_backend(
 ) -> str:
     """The concrete backend for ``backend`` on these inputs (``auto`` decides here).
 
-    ``plain``: the call has no key padding mask, no document ids, no soft-capping and no
-    sinks.
+    ``plain``: the call has no key padding mask, no soft-capping and no sinks.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -187,7 +187,9 @@ def sparse_attention(
 
     Query ``i`` sits at absolute position ``Lk - Lq + i``. ``scale`` (finite, positive)
     defaults to ``1/sqrt(D)``; ``key_padding_mask (B, Lk)`` is True for keys to keep;
-    ``document_ids (B, Lk)`` (packed sequences) keeps attention inside each document. Rows
+    ``document_ids (B, Lk)`` marks the documents of packed rows: each document is attended
+    as a sequence of its own, the pattern laid over it from its first token
+    (``kernels.documents``). Rows
     with no visible key return zeros; on every backend, a row whose query, or a key or value
     it sees, holds a NaN holds NaN. Returns ``(B, Hq, Lq, D)`` in q's dtype. ``block_size``
     is the tile size of the ``blocks`` and ``flex`` kernels, a speed setting that never
@@ -217,15 +219,27 @@ def sparse_attention(
     if block_scores is not None and not pattern.data_dependent:
         raise ValueError(f"block_scores were given, but {pattern} selects no blocks from them")
     check_softmax_terms(q, softcap, sinks)
-    plain = all(x is None for x in (key_padding_mask, document_ids, softcap, sinks))
+    if is_packed(document_ids):
+        if block_scores is not None:
+            raise ValueError(
+                "block_scores score the key blocks of one sequence, and document_ids pack "
+                "several: each document is a sequence of its own, with blocks counted from "
+                "its first token; call once per document with its own scores"
+            )
+
+        def attend(span: Span, q: Tensor, k: Tensor, v: Tensor, padding: Tensor | None) -> Tensor:
+            return sparse_attention(
+                q, k, v, pattern, backend, scale, padding, block_size, softcap=softcap, sinks=sinks
+            )
+
+        return per_document(attend, q, k, v, document_ids, key_padding_mask)
+    plain = all(x is None for x in (key_padding_mask, softcap, sinks))
     chosen = resolve_backend(backend, q, k, v, pattern, plain)
     extras = {"block_scores": block_scores, "softcap": softcap, "sinks": sinks}
     if chosen == "reference":
-        return reference_attention(
-            q, k, v, pattern, scale, key_padding_mask, document_ids, **extras
-        )
+        return reference_attention(q, k, v, pattern, scale, key_padding_mask, **extras)
     run = blocks_attention if chosen == "blocks" else flex_attention_backend
-    return run(q, k, v, pattern, scale, key_padding_mask, block_size, document_ids, **extras)
+    return run(q, k, v, pattern, scale, key_padding_mask, block_size, **extras)
 
 
 def check_softmax_terms(q: Tensor, softcap: float | None, sinks: Tensor | None) -> None:

@@ -159,16 +159,6 @@ def _with_padding(tiles: TileSet, key_padding_mask: Tensor, hkv: int) -> TileSet
     return tiles.restricted(keep[tiles.kv_index].view(tiles.kv_index.shape[0], 1, -1))
 
 
-def _with_documents(tiles: TileSet, document_ids: Tensor, hq: int, hkv: int, q_len: int) -> TileSet:
-    """``tiles`` restricted to pairs of a query and a key of the same document."""
-    batch, kv_len = document_ids.shape
-    own = document_ids[:, kv_len - q_len :, None].transpose(1, 2).expand(batch, hq, q_len)
-    row_doc = torch.cat([own.reshape(-1), own.new_full((1,), -1)])  # the padding row: none
-    key_doc = _per_key(document_ids, hkv, tiles.kv_unit, -2)[tiles.kv_index]
-    same = row_doc[tiles.rows][:, :, None] == key_doc.view(tiles.kv_index.shape[0], 1, -1)
-    return tiles.restricted(same)
-
-
 @torch.no_grad()
 def selected_tiles(
     blocks: Tensor,
@@ -255,7 +245,6 @@ def blocks_attention(
     scale: float,
     key_padding_mask: Tensor | None = None,
     block_size: int | None = None,
-    document_ids: Tensor | None = None,
     force_math: bool = False,
     block_scores: Tensor | None = None,
     softcap: float | None = None,
@@ -271,7 +260,7 @@ def blocks_attention(
     block_size = block_size or 128
     batch, hq, q_len, _ = q.shape
     hkv, kv_len = k.shape[1], k.shape[2]
-    plain = key_padding_mask is None and document_ids is None
+    plain = key_padding_mask is None
     fast = plain and softcap is None and sinks is None
     if fast and pattern.covers(kv_len):  # dense attention here: SDPA's causal kernel
         return causal_attention(q, k, v, scale)
@@ -299,7 +288,5 @@ def blocks_attention(
         sets += selected_tiles(*selection, hkv, kv_len, pattern.block_size, union)
     if key_padding_mask is not None:
         sets = [_with_padding(s, key_padding_mask, hkv) for s in sets]
-    if document_ids is not None:
-        sets = [_with_documents(s, document_ids, hq, hkv, q_len) for s in sets]
     disjoint = not pattern.data_dependent
     return tile_attention(q, k, v, sets, scale, force_math, disjoint, softcap, sinks)

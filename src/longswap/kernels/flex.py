@@ -81,17 +81,6 @@ def _and_padding(mask_mod: MaskMod, key_padding_mask: Tensor) -> MaskMod:
     return padded
 
 
-def _and_documents(mask_mod: MaskMod, document_ids: Tensor, offset: int) -> MaskMod:
-    """``mask_mod`` restricted to a query and a key of the same document."""
-
-    def same_document(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return mask_mod(b, h, q_idx, kv_idx) & (
-            document_ids[b, q_idx + offset] == document_ids[b, kv_idx]
-        )
-
-    return same_document
-
-
 def _block_mask(
     visited: Tensor, full: Tensor, bs: int, mask_mod: MaskMod, q_len: int, kv_len: int
 ) -> BlockMask:
@@ -162,7 +151,6 @@ def flex_attention_backend(
     scale: float,
     key_padding_mask: Tensor | None = None,
     block_size: int | None = None,
-    document_ids: Tensor | None = None,
     block_scores: Tensor | None = None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
@@ -198,7 +186,7 @@ def flex_attention_backend(
         visited, full, mask_mod = _topk_parts(
             pattern, q, k, block_size, key_padding_mask, block_scores
         )
-    elif key_padding_mask is None and document_ids is None:
+    elif key_padding_mask is None:
         visited = None
         block_mask = static_block_mask(pattern, q_len, kv_len, block_size, heads, q.device)
     else:
@@ -206,9 +194,6 @@ def flex_attention_backend(
     if key_padding_mask is not None:
         # Padding makes every tile partial: the padding rule must be evaluated everywhere.
         mask_mod, full = _and_padding(mask_mod, key_padding_mask), torch.zeros_like(full)
-    if document_ids is not None:
-        mask_mod = _and_documents(mask_mod, document_ids, kv_len - q_len)
-        full = torch.zeros_like(full)
     if visited is not None:
         block_mask = _block_mask(visited, full, block_size, mask_mod, q_len, kv_len)
 

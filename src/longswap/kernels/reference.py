@@ -19,7 +19,6 @@ def dense_pattern_mask(
     k: Tensor,
     pattern: Pattern,
     key_padding_mask: Tensor | None = None,
-    document_ids: Tensor | None = None,
     block_scores: Tensor | None = None,
 ) -> Tensor:
     """Boolean mask ``(B or 1, Hq or 1, Lq, Lk)`` of ``pattern`` for these inputs."""
@@ -30,9 +29,6 @@ def dense_pattern_mask(
         mask = pattern.dense_mask(q_len, kv_len, q.shape[1], q.device)[None]
     if key_padding_mask is not None:
         mask = mask & key_padding_mask[:, None, None, :]
-    if document_ids is not None:
-        own = document_ids[:, kv_len - q_len :]
-        mask = mask & (own[:, None, :, None] == document_ids[:, None, None, :])
     return mask
 
 
@@ -43,7 +39,6 @@ def reference_attention(
     pattern: Pattern,
     scale: float,
     key_padding_mask: Tensor | None = None,
-    document_ids: Tensor | None = None,
     block_scores: Tensor | None = None,
     softcap: float | None = None,
     sinks: Tensor | None = None,
@@ -52,7 +47,7 @@ def reference_attention(
 
     Rows with no visible key are zero. Computed in float32 whatever the input dtype.
     """
-    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, document_ids, block_scores)
+    mask = dense_pattern_mask(q, k, pattern, key_padding_mask, block_scores)
     return masked_attention(q, k, v, mask, scale, softcap, sinks)
 
 

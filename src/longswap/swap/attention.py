@@ -21,6 +21,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from longswap.kernels import sparse_attention
+from longswap.kernels.documents import Span, per_document
 from longswap.patterns import Pattern, Selection, SlidingWindow, full
 from longswap.patterns.head_slice import HeadSlice
 from longswap.selectors import SELECTOR_ATTR
@@ -45,6 +46,8 @@ class AttentionCall:
     ``block_scores (B, Hkv, L, S // block)``: the layer's learned selector's scores (with
     their graph, for distillation), or None for patterns without a selector. ``softcap`` and
     ``sinks (Hq,)``: the model's logit cap (Gemma 2) and learned sinks (gpt-oss), if any.
+    ``start``: where the call's first key sits in its row. A packed row's documents are
+    attended, and observed, one call each, with ``B = 1`` (``kernels.documents``).
     """
 
     layer: int
@@ -57,6 +60,7 @@ class AttentionCall:
     block_scores: Tensor | None = None
     softcap: float | None = None
     sinks: Tensor | None = None
+    start: int = 0
 
 
 #: Receives every swapped attention call of a model while :func:`observing` it.
@@ -245,6 +249,38 @@ def longswap_attention(
         key, value, padding = _at_absolute_positions(key, value, dropped)
     cached = module.__dict__.pop(CACHE_LAYER_ATTR, None)  # a summarising cache layer
     observer, dense = getattr(module, OBSERVER_ATTR, None) or (None, False)
+    call = functools.partial(
+        _attend, module, spec, pattern, scaling, softcap, sinks, observer, dense
+    )
+    documents = _documents(kwargs.get("position_ids"), key, padding)
+    if documents is None:
+        return call(query, key, value, padding, cached).transpose(1, 2), None
+
+    def attend(span: Span, q: Tensor, k: Tensor, v: Tensor, pad: Tensor | None) -> Tensor:
+        return call(q, k, v, pad, None, span.start)
+
+    # Packed documents: each one attends as a sequence of its own (``kernels.documents``).
+    return per_document(attend, query, key, value, documents).transpose(1, 2), None
+
+
+def _attend(
+    module: nn.Module,
+    spec: SwapSpec,
+    pattern: Pattern,
+    scaling: float | None,
+    softcap: float | None,
+    sinks: Tensor | None,
+    observer: Observer | None,
+    dense: bool,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    padding: Tensor | None,
+    cached: Any,
+    start: int = 0,
+) -> Tensor:
+    """One sequence's attention through ``pattern`` (dense where it shows every causal
+    pair), handed to the observer; ``start``: where the sequence begins in its packed row."""
     # Where the pattern shows every causal pair (a short context), it is dense attention: no
     # selector runs (an observer still sees the scores of a learned selector).
     dense = dense or (observer is None and pattern.covers(key.shape[2]))
@@ -260,16 +296,27 @@ def longswap_attention(
         scale=scaling,
         key_padding_mask=padding,
         block_size=spec.block_size,
-        document_ids=_documents(kwargs.get("position_ids"), key, padding),
         block_scores=scores,
         softcap=softcap,
         sinks=sinks,
     )
     if observer is not None:
         observer(
-            AttentionCall(layer, pattern, query, key, value, out, scaling, scores, softcap, sinks)
+            AttentionCall(
+                module.layer_idx,
+                pattern,
+                query,
+                key,
+                value,
+                out,
+                scaling,
+                scores,
+                softcap,
+                sinks,
+                start,
+            )
         )
-    return out.transpose(1, 2), None
+    return out
 
 
 def _at_absolute_positions(key: Tensor, value: Tensor, dropped: int) -> tuple[Tensor, ...]:

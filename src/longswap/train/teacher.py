@@ -34,13 +34,21 @@ EVAL_SEQUENCES = 2
 @dataclass(frozen=True)
 class LayerTarget:
     """One layer's view of one sequence: detached queries ``(1, Hq, L, D)`` and keys
-    ``(1, Hkv, L, D)``, dense block mass ``(1, Hkv, L, n)`` and candidates ``(L, n)``."""
+    ``(1, Hkv, L, D)``, dense block mass ``(1, Hkv, L, n)`` and candidates ``(L, n)``.
+    ``start``: where it begins in its row (a packed row's documents are one view each)."""
 
     layer: int
     query: Tensor
     key: Tensor
     target: Tensor
     candidates: Tensor
+    start: int = 0
+
+    def rows(self, picked: Tensor) -> Tensor:
+        """The rows of ``picked`` (positions in the packed row) inside this view, counted
+        from its first."""
+        inside = (picked >= self.start) & (picked < self.start + self.query.shape[2])
+        return picked[inside] - self.start
 
 
 class Teacher:
@@ -70,7 +78,7 @@ class Teacher:
             q, k, pattern = call.query.detach(), call.key.detach(), call.pattern
             target = selection_target(call)
             candidates = pattern.candidates(q.shape[2], k.shape[2], q.device)
-            layers.append(LayerTarget(call.layer, q, k, target, candidates))
+            layers.append(LayerTarget(call.layer, q, k, target, candidates, call.start))
 
         was_training = self.model.training
         self.model.eval()
@@ -148,7 +156,9 @@ class SelectorStudent(nn.Module):
         terms = []
         for index, picked in zip(sequence.tolist(), rows, strict=True):
             for t in teacher(index):
+                if not (rows := t.rows(picked)).numel():
+                    continue
                 selector = self.selectors[str(t.layer)]
-                scores = selector.score(t.query[:, :, picked], selector.block_keys(t.key))
-                terms.append(selector_kl(scores, t.target[:, :, picked], t.candidates[picked]))
+                scores = selector.score(t.query[:, :, rows], selector.block_keys(t.key))
+                terms.append(selector_kl(scores, t.target[:, :, rows], t.candidates[rows]))
         return {"loss": torch.stack(terms).mean()}
