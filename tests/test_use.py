@@ -215,7 +215,9 @@ def test_env_names_versions_device_and_kernels_without_building(monkeypatch, cap
     assert report["cpu capability"] == torch.backends.cpu.get_cpu_capability()
     for kernel in KERNELS:
         state = report[f"kernel {kernel}"]
-        assert state.startswith(("cached", "builds on first use", "unavailable")), state
+        assert state.startswith(
+            ("cached", "builds on first use", "unavailable", "failed before")
+        ), state
 
 
 def test_help_imports_no_torch():

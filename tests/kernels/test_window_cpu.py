@@ -268,18 +268,16 @@ def test_build_is_keyed_by_torch_version_and_keeps_ieee_math(monkeypatch, tmp_pa
         assert window_cpu.extension() == "built"
     finally:
         cpp.compiled.cache_clear()
-    assert seen["name"] == cpp.extension_name(
-        "window_attention", torch.backends.cpu.get_cpu_capability(), torch.__version__
-    )
+    isa, abi = torch.backends.cpu.get_cpu_capability(), cpp.abi_tag()
+    assert seen["name"] == cpp.extension_name("window_attention", isa, torch.__version__, abi)
     assert seen["sources"][0].endswith("csrc/window_attention.cpp")
-    name = cpp.extension_name("window_attention", "AVX2", "2.13.0+cpu")
+    name = cpp.extension_name("window_attention", "AVX2", "2.13.0+cpu", abi)
     assert name.startswith("longswap_window_attention_avx2_torch2_13_0_cpu_")
-    assert name.endswith(cpp.source_digest("window_attention"))
-    assert cpp.extension_name("window_attention", "AVX2", "2.14.1") != cpp.extension_name(
-        "window_attention", "AVX2", "2.13.0"
+    assert cpp.extension_name("window_attention", "AVX2", "2.14.1", abi) != (
+        cpp.extension_name("window_attention", "AVX2", "2.13.0", abi)
     )
-    assert cpp.extension_name("selection_decode", "AVX2", "2.13.0") != cpp.extension_name(
-        "window_attention", "AVX2", "2.13.0"
+    assert cpp.extension_name("selection_decode", "AVX2", "2.13.0", abi) != (
+        cpp.extension_name("window_attention", "AVX2", "2.13.0", abi)
     )
     assert not any("fast-math" in flag or "finite-math" in flag for flag in seen["extra_cflags"])
 
