@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from longswap.cli_flags import (
+    BASE_HELP,
     Deferred,
     config_flags,
     flat,
@@ -159,6 +160,7 @@ def cmd_generate(
     seed: int,
     device: str = "auto",
     dtype: str = "auto",
+    base: Path | None = None,
 ) -> int:
     """Continue a prompt (--prompt-file, else standard input) with a model folder, a LoRA
     output of finetune or a .gguf file, streaming the text to stdout; a swapped model
@@ -167,7 +169,7 @@ def cmd_generate(
 
     sampling = Sampling(max_new_tokens, temperature, top_p, top_k, seed)
     prompt = read_prompt(model, prompt_file, sampling)
-    loaded, tokenizer = load_for_generation(model, device, dtype)
+    loaded, tokenizer = load_for_generation(model, device, dtype, base)
     result = generate(loaded, tokenizer, prompt, sampling, write=_write)
     _write("" if result.text.endswith("\n") else "\n")
     print(result.summary(), file=sys.stderr)
@@ -179,12 +181,12 @@ def _write(text: str) -> None:
     sys.stdout.flush()
 
 
-def cmd_merge(model: Path, out: Path, overwrite: bool = False) -> int:
+def cmd_merge(model: Path, out: Path, overwrite: bool = False, base: Path | None = None) -> int:
     """Merge the LoRA(+) adapter of a finetune output into a plain checkpoint that
     longswap.load reads as the same swapped model."""
     from longswap.merge import merge
 
-    print(f"wrote {merge(model, out, overwrite)}")
+    print(f"wrote {merge(model, out, overwrite, base)}")
     return 0
 
 
@@ -260,13 +262,15 @@ def _parser() -> argparse.ArgumentParser:
             a.seed,
             a.device,
             a.dtype,
+            a.base,
         )
     )
     p = sub.add_parser("merge", help=plain(cmd_merge), description=plain(cmd_merge))
     p.add_argument("--model", type=Path, required=True, help="output folder of a LoRA finetune")
     p.add_argument("--out", type=Path, required=True, help="folder for the merged checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.set_defaults(run=lambda a: cmd_merge(a.model, a.out, a.overwrite))
+    p.add_argument("--base", type=Path, help=BASE_HELP)
+    p.set_defaults(run=lambda a: cmd_merge(a.model, a.out, a.overwrite, a.base))
     p = sub.add_parser("env", help=plain(cmd_env), description=plain(cmd_env))
     p.set_defaults(run=lambda a: cmd_env())
     return parser

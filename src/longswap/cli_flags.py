@@ -109,6 +109,13 @@ def swap_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
 
 
+#: Help of ``--base``, of the commands that load a LoRA output.
+BASE_HELP = (
+    "where the base model of a LoRA output --model is now, if it moved since training (it "
+    "must be the same model: its fingerprint is checked)"
+)
+
+
 def generate_flags(p: argparse.ArgumentParser) -> None:
     """The flags of ``longswap generate`` (sampling defaults from ``Sampling``)."""
     from longswap.generate import Sampling
@@ -140,3 +147,4 @@ def generate_flags(p: argparse.ArgumentParser) -> None:
         choices=["auto", "float32", "bfloat16", "float16"],
         help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
     )
+    p.add_argument("--base", type=Path, help=BASE_HELP)

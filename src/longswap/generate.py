@@ -130,17 +130,18 @@ def _stdin_prompt(stdin: TextIO) -> str:
 
 
 def load_for_generation(
-    path: Path, device: str = "auto", dtype: str = "auto"
+    path: Path, device: str = "auto", dtype: str = "auto", base: Path | None = None
 ) -> tuple[Any, PreTrainedTokenizerBase]:
-    """A model (folder, LoRA output or .gguf file) ready to generate on ``device``, and its
-    tokenizer. ``auto``: CUDA when there is one; float32 on CPU, bfloat16 on GPU."""
+    """A model (folder, LoRA output or .gguf file; ``base``: a LoRA output's moved base)
+    ready to generate on ``device``, and its tokenizer. ``auto``: CUDA when there is one;
+    float32 on CPU, bfloat16 on GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
     if warning := bfloat16_warning(dtype, device):
         print(f"warning: {warning}", file=sys.stderr)
-    model = load(path, dtype=getattr(torch, dtype)).to(device).eval()
+    model = load(path, base=base, dtype=getattr(torch, dtype)).to(device).eval()
     return model, tokenizer_for(path)
 
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from longswap.checkpoint import model_problem
+from longswap.cli_flags import BASE_HELP
 from longswap.config import help_field
 from longswap.data import local_documents, stdlib_documents
 from longswap.data.tokenizer import fingerprint, tokenizer_for
@@ -48,6 +49,7 @@ class EvalConfig:
         default_factory=list,
     )
     out: str = help_field("folder for results.json, report.md and plots", required=True, default="")
+    base: str = help_field(BASE_HELP + "; for every LoRA output among them", default="")
     tasks: list[Task] = help_field(
         "any of ppl, passkey, needles, recall, speed, selection (the share of dense "
         "attention a block selection keeps; block_topk / learned_topk models)",
@@ -142,6 +144,9 @@ def _check(
         found.append("at least one --model is required")
     records, problems = _earlier_records(config) if config.out else ([], [])
     found += problems
+    adapters = {Path(m) for m in config.model if (Path(m) / "adapter_config.json").is_file()}
+    if config.base and not adapters:
+        found.append(f"--base {config.base} is for LoRA outputs, and no --model is one")
     for path in map(Path, config.model):
         if problem := model_problem(path, flag="model"):
             found.append(problem)
@@ -150,7 +155,8 @@ def _check(
             loaded.append((path, *models[path]))
             continue
         try:
-            model = load(path).eval().to(DEVICE)
+            base = config.base if config.base and path in adapters else None
+            model = load(path, base=base).eval().to(DEVICE)
             tok = tokenizer_for(path)
         except Exception as err:  # a broken folder can fail in many ways
             found.append(f"model {path} could not be loaded: {err}")

@@ -119,8 +119,9 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
         with contextlib.suppress(ImportError):
             return _import(name, built)
     if failed.is_file():
-        error = failed.read_text().strip().splitlines()[:1] or ["unknown error"]
-        _warn(kernel, f"its build failed before ({error[0]}; the whole error is in {failed})")
+        first = (failed.read_text().strip().splitlines() or ["unknown error"])[0]
+        what = f"did not build its CPU kernel {kernel!r}: it failed before ({first})"
+        _warn(what, kernel, failed)
         return None
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -137,17 +138,18 @@ def compiled(kernel: str):  # noqa: ANN201 (a compiled module)
         partial = failed.with_suffix(".partial")
         partial.write_text(f"{error}\n")
         os.replace(partial, failed)
-        _warn(kernel, f"{error}; the error is kept in {failed}")
+        _warn(f"could not build its CPU kernel {kernel!r} ({error})", kernel, failed)
         return None
 
 
-def _warn(kernel: str, why: str) -> None:
-    """The one warning of a kernel that is not built: why, what runs instead, what to do."""
+def _warn(what: str, kernel: str, failed: Path) -> None:
+    """The one warning of a kernel that is not built: what happened, what runs instead,
+    where the error is kept, what to do."""
     warnings.warn(
-        f"longswap could not build its CPU kernel {kernel!r} ({why}); {KERNELS[kernel]} "
-        "(same results, slower). No process tries this build again until its inputs change "
-        "(sources, compiler, ninja, torch, Python) or the kept error is deleted: install a "
-        f"C++ compiler (g++) and ninja to get the kernel, or set {SWITCH}=0 to silence this.",
+        f"longswap {what}; {KERNELS[kernel]} (same results, slower). The error is kept in "
+        f"{failed}: no process tries this build again until its inputs change (sources, "
+        "compiler, ninja, torch, Python) or that file is deleted. Install a C++ compiler "
+        f"(g++) and ninja to get the kernel, or set {SWITCH}=0 to silence this.",
         RuntimeWarning,
         stacklevel=4,
     )

@@ -1,8 +1,9 @@
 """Saving and loading swapped models, plain or wrapped by PEFT.
 
 A plain swapped model is a normal checkpoint whose ``config.json`` carries the swap. A
-PEFT-wrapped one saves its adapter as PEFT does, plus ``longswap.json`` with the swap, so
-that loading rebuilds base model, swap and adapter in that order.
+PEFT-wrapped one saves its adapter as PEFT does, plus ``longswap.json`` with the swap and
+the base model (absolute path and fingerprint), so that loading rebuilds base model, swap
+and adapter in that order, from the base the adapter was trained on.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ from typing import Any
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from longswap.checkpoint import is_gguf, load_gguf, model_problem
+from longswap.checkpoint import base_record, is_gguf, load_gguf, model_problem, resolve_base
 from longswap.io import save_checkpoint, staged_folder
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.attention import register
 from longswap.swap.model import apply_spec, attach_selectors, attention_modules
 from longswap.swap.spec import CONFIG_KEY, SwapSpec
 
-#: File beside a PEFT adapter that records the swap of its base model.
+#: File beside a PEFT adapter that records its base model and the base's swap.
 ADAPTER_SWAP_FILE = "longswap.json"
 
 
@@ -39,24 +40,33 @@ def save(model: Any, out: str | Path, overwrite: bool = False) -> Path:
     record = getattr(base.config, CONFIG_KEY, None)
     with staged_folder(out, overwrite) as staging:
         model.save_pretrained(staging)
-        if record is not None:
-            payload = {"swap": record, "base_model": str(base.name_or_path)}
-            (staging / ADAPTER_SWAP_FILE).write_text(json.dumps(payload, indent=1))
+        payload = base_record(str(base.name_or_path)) | ({} if record is None else {"swap": record})
+        (staging / ADAPTER_SWAP_FILE).write_text(json.dumps(payload, indent=1))
     return out
 
 
-def load(path: str | Path, **kwargs: Any) -> PreTrainedModel:
+def load(path: str | Path, base: str | Path | None = None, **kwargs: Any) -> PreTrainedModel:
     """Load a model folder (swapped or not), a PEFT adapter saved by :func:`save` (swap
-    included), or a ``.gguf`` file (dequantized to a plain float model)."""
+    included), or a ``.gguf`` file (dequantized to a plain float model).
+
+    An adapter loads onto the base model it records (see
+    :func:`longswap.checkpoint.resolve_base`), or onto ``base`` where that moved: a missing
+    base, or another model than the one it was trained on, raises ValueError.
+    """
     path = Path(path)
     register()
     problem = model_problem(path, flag="model")
+    if problem is None and base is not None and not (path / "adapter_config.json").is_file():
+        problem = (
+            f"a base model ({base}) was given, but {path} is no LoRA output (it holds no "
+            "adapter_config.json): --base (base=) is only for those; leave it out"
+        )
     if problem is not None:
         raise ValueError(problem)
     if is_gguf(path):
         return load_gguf(path, **kwargs)
     if (path / "adapter_config.json").is_file():
-        return _load_adapter(path, **kwargs)
+        return _load_adapter(path, base, **kwargs)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except Exception as err:  # a damaged folder fails in many ways (safetensors, json, torch)
@@ -126,21 +136,26 @@ def _load_selectors(model: PreTrainedModel, spec: SwapSpec, path: Path) -> None:
     model.load_state_dict(found, strict=False)
 
 
-def _load_adapter(path: Path, **kwargs: Any) -> Any:
+def adapter_base(path: Path, base: str | Path | None = None) -> Path:
+    """The base model the adapter in ``path`` was trained on (or ``base``, checked to be
+    it); ValueError when it is missing or another model (nothing is loaded)."""
+    return resolve_base(path, _adapter_record(path), base)
+
+
+def _adapter_record(path: Path) -> dict[str, Any]:
+    """What the adapter in ``path`` records of its base: :data:`ADAPTER_SWAP_FILE`, or of
+    an adapter saved without it, the base PEFT names."""
+    swap_file = path / ADAPTER_SWAP_FILE
+    if swap_file.is_file():
+        return _read_json(swap_file)
+    return {"base_model": _read_json(path / "adapter_config.json").get("base_model_name_or_path")}
+
+
+def _load_adapter(path: Path, base: str | Path | None, **kwargs: Any) -> Any:
     from peft import PeftModel
 
-    adapter = _read_json(path / "adapter_config.json")
-    swap_file = path / ADAPTER_SWAP_FILE
-    payload = _read_json(swap_file) if swap_file.is_file() else {}
-    named = payload.get("base_model") or adapter.get("base_model_name_or_path") or ""
-    base_path = Path(named)
-    if not named or base_path.resolve() == path.resolve() or model_problem(base_path):
-        raise ValueError(
-            f"the adapter in {path} was trained on {named or 'an unnamed model'}, which is "
-            "not a local model folder or .gguf file; load the base yourself, then "
-            "PeftModel.from_pretrained(base, adapter_folder)"
-        )
-    base = load(base_path, **kwargs)
-    if "swap" in payload and getattr(base.config, CONFIG_KEY, None) is None:
-        apply_spec(base, _recorded_swap(payload["swap"], swap_file))
-    return PeftModel.from_pretrained(base, path)
+    payload = _adapter_record(path)
+    model = load(resolve_base(path, payload, base), **kwargs)
+    if "swap" in payload and getattr(model.config, CONFIG_KEY, None) is None:
+        apply_spec(model, _recorded_swap(payload["swap"], path / ADAPTER_SWAP_FILE))
+    return PeftModel.from_pretrained(model, path)
