@@ -172,3 +172,15 @@ def test_native_window_cache_keeps_absolute_positions(pattern):
     longswap.swap_attention(model, pattern, backend="blocks", block_size=16)
     prompt = torch.randint(1, 97, (1, 5), generator=torch.Generator().manual_seed(5))
     assert_generate_equals_recomputation(model, prompt, 25)
+
+
+def test_autocast_runs_the_swap_in_autocasts_dtype():
+    """Under autocast RoPE leaves q and k in float32 beside a bfloat16 v (TRL's bf16
+    training): the swap computes in autocast's dtype, as SDPA does, close to dense."""
+    model = make_model("llama")
+    tokens = torch.randint(1, 97, (1, 40), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        dense = model(tokens).logits.float()
+        longswap.swap_attention(model, sliding_window(64), backend="blocks")
+        swapped = model(tokens).logits.float()
+    torch.testing.assert_close(swapped, dense, atol=0.05, rtol=0.05)

@@ -226,6 +226,10 @@ def longswap_attention(
             f"layer {layer}: attention dropout {dropout} is not implemented by the sparse "
             "kernels; swap_attention turns it off, so something turned it back on"
         )
+    device = query.device.type
+    if torch.is_autocast_enabled(device):  # as SDPA does: one dtype, autocast's
+        dtype = torch.get_autocast_dtype(device)
+        query, key, value = (t.to(dtype) for t in (query, key, value))
     softcap = softcap or None  # transformers passes 0 or None for "no cap"
     sinks = kwargs.get("s_aux")  # gpt-oss: one learned logit per query head
     padding = attention_mask.key_padding if isinstance(attention_mask, SwapMask) else None
