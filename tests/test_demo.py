@@ -2,6 +2,7 @@
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,7 @@ def test_overwrite_keeps_the_old_demo_until_the_new_one_is_complete(tmp_path, mo
     def fail(*args, **kwargs):
         raise RuntimeError("fine-tuning failed")
 
-    monkeypatch.setattr(study, "_finetune", fail)
+    monkeypatch.setattr(study, "run_arm", fail)
     with pytest.raises(RuntimeError, match="fine-tuning failed"):
         study.run_demo(study.DemoConfig(out=str(out), quick=True, overwrite=True))
     assert (out / "demo.json").read_text() == "{}"
@@ -148,7 +149,7 @@ def test_an_interrupted_demo_continues_without_redoing_finished_arms(tmp_path, m
     from longswap.io import interrupted_write
 
     out, trained = tmp_path / "demo", []
-    real = study._finetune
+    real = study.run_arm
 
     def interrupted(command, shown, log, steps, failed_log):
         if log.stem == ARMS[3]:  # the second trained arm: Ctrl-C
@@ -156,7 +157,7 @@ def test_an_interrupted_demo_continues_without_redoing_finished_arms(tmp_path, m
         trained.append(log.stem)
         return real(command, shown, log, steps, failed_log)
 
-    monkeypatch.setattr(study, "_finetune", interrupted)
+    monkeypatch.setattr(study, "run_arm", interrupted)
     config = study.DemoConfig(out=str(out), quick=True, steps=1)
     with pytest.raises(KeyboardInterrupt):
         study.run_demo(config)
@@ -164,9 +165,9 @@ def test_an_interrupted_demo_continues_without_redoing_finished_arms(tmp_path, m
     other = study.DemoConfig(out=str(out), quick=True, steps=2)
     with pytest.raises(ValueError, match=r"other settings .*--steps 1 then, 2 now.*--restart"):
         study.run_demo(other)
-    monkeypatch.setattr(study, "_finetune", real)
+    monkeypatch.setattr(study, "run_arm", real)
     first = json.loads((interrupted_write(out) / "cost" / f"{ARMS[2]}.json").read_text())
-    monkeypatch.setattr(study, "_finetune", lambda *a: trained.append(a[2].stem) or real(*a))
+    monkeypatch.setattr(study, "run_arm", lambda *a: trained.append(a[2].stem) or real(*a))
     results = study.run_demo(config)
     assert trained == [ARMS[2], ARMS[3], ARMS[4]]  # arm 3 was not trained again
     assert results["cost"][ARMS[2]] == first
@@ -216,6 +217,20 @@ def test_demo_refuses_bad_inputs_before_any_work(tmp_path, capsys):
             main(["demo", "--out", str(tmp_path / "new"), "--learned", "--pattern", pattern]) == 2
         )
         assert "has no block_topk to compare with" in capsys.readouterr().err
+    assert not (tmp_path / "new").exists()
+    # Numbers the fine-tuning would refuse only after arms 1 and 2 are built.
+    flags = ["--learning-rate", "nan", "--synthetic-ratio", "2", "--seed", "-1"]
+    assert main(["demo", "--quick", "--out", str(tmp_path / "new"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert "learning_rate must be a positive number, got nan" in err
+    assert "synthetic_ratio must be in [0, 1), got 2.0" in err
+    assert "seed must be an integer in [0, 2**32)" in err
+    # A folder whose config.json says no architecture: one message, not a traceback.
+    (tmp_path / "empty-config").mkdir()
+    (tmp_path / "empty-config" / "config.json").write_text("{}")
+    args = ["demo", "--quick", "--model", str(tmp_path / "empty-config")]
+    assert main([*args, "--out", str(tmp_path / "new")]) == 2
+    assert "its config could not be read" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
 
 
@@ -448,3 +463,73 @@ def test_progress_counts_the_steps_the_trainer_has_done(tmp_path):
     # after one step, the bar of writing one model shard (0/1) must not undo it
     log.write_text("100%|##########| 1/1 [00:10<00:00]\nWriting model shards: 0/1 [00:00<?]\n")
     assert _steps_done(log, 1) == 1
+
+
+def test_a_plan_that_does_not_fit_is_refused_with_the_estimate_and_what_fits(
+    tmp_path, monkeypatch, capsys
+):
+    from longswap.demo import config, study
+
+    monkeypatch.setattr(study, "staged_folder", pytest.fail)  # no work may start
+    monkeypatch.setattr(config, "available_gb", lambda device: 1.0)
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out)]) == 2  # 8 x 512 tokens: about 1.2 GB
+    err = capsys.readouterr().err
+    assert "a fine-tuning step of one 4096-token sequence (--quick) needs about 1.2 GB" in err
+    assert "but 1.0 GB are available: --seq-len 2048 fits (about 0.9 GB)" in err
+    # No shorter length at which the pattern still skips keys fits (1024 and less: dense).
+    monkeypatch.setattr(config, "available_gb", lambda device: 0.8)
+    assert main(["demo", "--quick", "--seq-len", "2048", "--out", str(out)]) == 2
+    assert "(--seq-len) needs about 0.9 GB" in (err := capsys.readouterr().err)
+    assert "no shorter length at which the pattern still skips keys fits" in err
+    # An evaluation length beyond the memory (a forward over every token): refused too.
+    monkeypatch.setattr(config, "available_gb", lambda device: 2.0)
+    assert main(["demo", "--quick", "--lengths", "100000000", "--out", str(out)]) == 2
+    assert "evaluating at 100000000 tokens" in (err := capsys.readouterr().err)
+    assert "lengths up to" in err and not out.exists()
+
+
+def test_a_quick_plan_halves_its_fine_tuning_length_until_it_fits():
+    from longswap.demo.config import base_config, plan_for
+
+    base = base_config(EMBEDDED_MODEL)  # trained at 512 tokens
+    assert plan_for(DemoConfig(quick=True), base, machine=100.0).tuned == 4096
+    plan = plan_for(DemoConfig(quick=True), base, machine=1.0)
+    assert plan.tuned == 2048 and plan.step_gb <= 1.0 and plan.lengths == [512, 2048]
+    # Never to a length the pattern covers (1024: dense there): the check refuses it instead.
+    assert plan_for(DemoConfig(quick=True), base, machine=0.5).tuned == 2048
+    # Without --quick, and with --seq-len, the length asked for is kept (or refused).
+    assert plan_for(DemoConfig(), base, machine=1.0).tuned == 4096
+    assert plan_for(DemoConfig(quick=True, seq_len=4096), base, machine=1.0).tuned == 4096
+
+
+def test_the_demo_never_skips_the_budget_check_of_its_own_plan(tmp_path):
+    from longswap.demo.config import finetune_command
+
+    for quick in (True, False):
+        demo = DemoConfig(quick=quick)
+        command = finetune_command(demo, demo.plan(512), EMBEDDED_MODEL, tmp_path, "")
+        assert "--skip-budget-check" not in command
+
+
+def test_a_child_killed_by_a_signal_is_reported_with_the_signal(tmp_path, monkeypatch):
+    from longswap.demo import children
+
+    def run(code):
+        argv = [sys.executable, "-c", code]
+        with pytest.raises(RuntimeError) as failed:
+            children.run_arm(argv, ["longswap"], tmp_path / "arm.log", 1, tmp_path / "failed")
+        return str(failed.value)
+
+    kill = "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    said = run(kill)
+    assert "fine-tuning failed (killed by signal SIGKILL)" in said
+    assert "(the log is empty)" in said and "for memory" not in said
+    # A SIGKILL with the peak near the machine's memory: most likely the out-of-memory killer.
+    monkeypatch.setattr(children, "machine_gb", lambda device: 0.1)
+    said = run("import os, signal; memory = bytearray(100 << 20); " + kill.split("; ", 1)[1])
+    assert "killed by signal SIGKILL, most likely for memory" in said
+    assert "its peak was " in said and " GB of the machine's 0.1 GB" in said
+    said = run("import os, signal; print('partial', flush=True); os.kill(os.getpid(), 15)")
+    assert "(killed by signal SIGTERM)" in said and "partial" in said
+    assert "(exit status 3)" in run("raise SystemExit(3)")

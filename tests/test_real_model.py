@@ -170,6 +170,8 @@ def test_damaged_gguf_files_get_one_clear_error(tmp_path):
         truncated.write_bytes(f.read(1 << 20))
     with pytest.raises(ValueError, match="could not be read as a GGUF model"):
         longswap.load(truncated)
+    assert main(["demo", "--model", str(truncated), "--out", str(tmp_path / "demo")]) == 2
+    assert not (tmp_path / "demo").exists()
     assert main(["swap", "--model", str(garbage), "--pattern", "full()", "--out", "o"]) == 2
 
 
@@ -219,3 +221,30 @@ def test_the_real_model_benchmarks_run_in_their_smoke_mode(tmp_path):
             (arm, 1024, "forward"),
         } <= cells
     assert all(r["median_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in speed["rows"])
+
+
+def test_a_quick_demo_plans_a_fine_tuning_that_fits_the_machine():
+    """`longswap demo --model <SmolLM2> --quick`: 8 x 8192 tokens would need far more than a
+    24 GB machine; the quick plan halves the length until a step fits (no training)."""
+    from longswap.demo.config import DEFAULT_PATTERN, DemoConfig, base_config, plan_for
+    from longswap.patterns import parse_pattern
+    from longswap.train.budget import config_step_gb
+
+    base = base_config(GGUF)
+    assert config_step_gb(base, 8 * 8192) > 200
+    plan = plan_for(DemoConfig(quick=True, model=str(GGUF)), base, machine=24.0)
+    assert plan.tuned == 4096 and plan.step_gb <= 24 and plan.lengths == [4096, 8192]
+    assert not parse_pattern(DEFAULT_PATTERN).covers(plan.tuned)
+
+
+def test_a_demo_whose_plan_does_not_fit_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    from longswap.demo import config, study
+
+    monkeypatch.setattr(study, "staged_folder", pytest.fail)  # no work may start
+    monkeypatch.setattr(config, "available_gb", lambda device: 22.0)
+    out = tmp_path / "demo"
+    assert main(["demo", "--model", str(GGUF), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "a fine-tuning step of one 65536-token sequence (--factor) needs about" in err
+    assert "but 22.0 GB are available: --seq-len 4096 fits (about 15.2 GB)" in err
+    assert not out.exists()

@@ -169,9 +169,13 @@ def test_merge_keeps_an_existing_out_until_the_merged_model_is_written(
         (["--prompt-file", "missing.txt"], "missing.txt does not exist"),
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
         (["--temperature", "-0.5"], "--temperature must be 0"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a positive number"),
+        (["--seed", "-1"], "--seed must lie in [0, 2**32)"),
         (["--top-p", "0"], "--top-p must lie in (0, 1]"),
         (["--top-p", "1.01"], "--top-p must lie in (0, 1]"),
         (["--top-k", "-1"], "--top-k must be 0"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        *([(["--device", "cuda"], "torch finds no CUDA device")] * (not torch.cuda.is_available())),
     ],
 )
 def test_generate_refuses_bad_inputs_before_loading(monkeypatch, capsys, prompt, flags, message):
@@ -236,3 +240,32 @@ def test_help_texts_of_the_new_commands(capsys):
         with pytest.raises(SystemExit):
             main([command, "--help"])
         assert "``" not in capsys.readouterr().out, command
+
+
+def test_generate_warms_up_where_the_pattern_is_sparse(monkeypatch):
+    """The default pattern attends densely over 256 tokens: the warm-up runs where it skips
+    keys, so that the prompt's prefill finds its kernels built."""
+    from longswap.data.tokenizer import tokenizer_for
+    from longswap.demo.config import DEFAULT_PATTERN
+    from longswap.kernels import cpp
+
+    model = longswap.load(EMBEDDED_MODEL).eval()
+    longswap.swap_attention(model, DEFAULT_PATTERN, max_length=4096)
+    tokenizer = tokenizer_for(EMBEDDED_MODEL)
+    pattern, calls, real = longswap.parse_pattern(DEFAULT_PATTERN), [], model.generate
+
+    def recorded(**kwargs):
+        calls.append((kwargs["input_ids"].shape[1], cpp.compiled.cache_info().currsize))
+        return real(**kwargs)
+
+    monkeypatch.setattr(model, "generate", recorded)
+    cpp.compiled.cache_clear()
+    sampling = generate_module.Sampling(max_new_tokens=2, temperature=0)
+    generate_module.generate(model, tokenizer, "x = 1\n" * 500, sampling)
+    (warm, _), (prompt, built) = calls
+    assert not pattern.covers(warm) and pattern.covers(warm - 1) and warm < prompt == 3000
+    assert built  # the selection kernels were built (or found unbuildable) by the warm-up
+    # A prompt inside the dense stretch warms up on its first 256 tokens, as before.
+    calls.clear()
+    generate_module.generate(model, tokenizer, "x = 1\n" * 100, sampling)
+    assert [n for n, _ in calls] == [256, 600]

@@ -5,13 +5,16 @@ bounded cache, selection layers score block summaries); any other model through
 transformers' dynamic cache. transformers' ``generate`` cannot pick the sparse cache by
 itself, so :func:`generate` passes it as ``model.generate(..., cache=...)``.
 
-Speeds: a short warm-up generation first (compilation, kernel builds, allocation), then
-prefill is the time to the first new token and decoding the median interval between new
-tokens, as in the ``speed`` task of ``longswap eval``.
+Speeds: a short warm-up generation first (compilation, kernel builds, allocation), on a
+part of the prompt long enough for the sparse path the prompt takes (a pattern attends
+densely over short contexts, where no kernel is needed), then prefill is the time to the
+first new token and decoding the median interval between new tokens, as in the ``speed``
+task of ``longswap eval``.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import time
@@ -29,11 +32,15 @@ from longswap.checkpoint import model_problem
 from longswap.data.tokenizer import tokenizer_for
 from longswap.environment import bfloat16_warning
 from longswap.evaluate.speed import cache_bytes
+from longswap.patterns import Pattern
 from longswap.swap import load, swap_spec
 from longswap.swap.cache import sparse_cache
 
-#: Prompt tokens of the warm-up generation (enough for a few key blocks).
+#: Prompt tokens of the warm-up generation (enough for a few key blocks), unless the prompt
+#: reaches past where a layer's pattern attends densely (see :func:`warmup_tokens`).
 WARMUP_TOKENS = 256
+#: The longest context searched for the end of a pattern's dense stretch.
+_SEARCHED = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -54,12 +61,16 @@ class Sampling:
         found = []
         if self.max_new_tokens < 1:
             found.append(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            found.append(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            found.append(
+                f"--temperature must be 0 (greedy) or a positive number, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             found.append(f"--top-p must lie in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             found.append(f"--top-k must be 0 (no limit) or more, got {self.top_k}")
+        if not 0 <= self.seed < 2**32:
+            found.append(f"--seed must lie in [0, 2**32) (numpy's seeds), got {self.seed}")
         return found
 
     def options(self) -> dict[str, Any]:
@@ -137,8 +148,15 @@ def load_for_generation(
     float32 on CPU, bfloat16 on GPU."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        msg = f"--device {device!r} is not a device: give cpu, cuda, cuda:N or auto"
+        raise ValueError(msg) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: torch finds no CUDA device here; use cpu or auto")
     if dtype == "auto":
-        dtype = "float32" if torch.device(device).type == "cpu" else "bfloat16"
+        dtype = "float32" if kind == "cpu" else "bfloat16"
     if warning := bfloat16_warning(dtype, device):
         print(f"warning: {warning}", file=sys.stderr)
     model = load(path, base=base, dtype=getattr(torch, dtype)).to(device).eval()
@@ -184,6 +202,29 @@ class _Stream(BaseStreamer):
         return self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
 
+def warmup_tokens(model: Any, prompt_tokens: int) -> int:
+    """Prompt tokens of the warm-up generation before a ``prompt_tokens``-token prompt: the
+    first length at which some layer's pattern skips keys (its sparse kernels are built
+    and warmed there) when the prompt goes that far, else :data:`WARMUP_TOKENS` at most."""
+    spec = swap_spec(model)
+    patterns = {spec.pattern(i) for i in range(len(spec.layers))} if spec else set()
+    sparse_from = [n for p in patterns if (n := _first_sparse_length(p)) is not None]
+    needed = [n for n in sparse_from if n <= prompt_tokens]
+    return min(prompt_tokens, max([WARMUP_TOKENS, *needed]))
+
+
+def _first_sparse_length(pattern: Pattern) -> int | None:
+    """The shortest context in which ``pattern`` hides some causal pair (None: it attends
+    densely at every length searched), by bisection (a pattern covers a prefix of lengths)."""
+    if pattern.covers(_SEARCHED):
+        return None
+    low, high = 0, _SEARCHED  # covers(low) or low == 0; not covers(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if pattern.covers(middle) else (low, middle)
+    return high
+
+
 def generate(
     model: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -219,7 +260,8 @@ def generate(
 
     stream = _Stream(tokenizer, write)
     with torch.no_grad():
-        run(ids[:, :WARMUP_TOKENS], {"do_sample": False, "max_new_tokens": 2})
+        warm = warmup_tokens(model, ids.shape[1])
+        run(ids[:, :warm], {"do_sample": False, "max_new_tokens": 2})
         set_seed(sampling.seed)
         start = time.perf_counter()
         cache = run(ids, sampling.options(), stream)

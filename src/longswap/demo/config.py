@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import AutoConfig
 
 from longswap.checkpoint import is_gguf, model_problem
@@ -16,6 +19,7 @@ from longswap.config import help_field
 from longswap.demo.verdict import learned_counterpart
 from longswap.io import output_problem, overlap_problems
 from longswap.patterns import parse_pattern
+from longswap.train.budget import available_gb, config_forward_gb, config_step_gb, machine_gb
 from longswap.train.finetune import length_problems
 
 #: The dense model shipped with longswap (see assets/base/MODEL.md).
@@ -42,7 +46,8 @@ class DemoConfig:
     )
     quick: bool = help_field(
         "a smoke run (about 2 minutes on the embedded model): 4 steps, two lengths, one "
-        "passkey depth",
+        "passkey depth, and a fine-tuning length halved from --factor's until it fits the "
+        "machine's memory",
         default=False,
     )
     steps: int = help_field("fine-tuning steps of arms 3-6 (0: 100, or 4 with --quick)", default=0)
@@ -90,10 +95,15 @@ class DemoConfig:
         default=False,
     )
 
-    def plan(self, trained: int) -> Plan:
+    def plan(self, trained: int, fits: Callable[[int], bool] = lambda tokens: True) -> Plan:
         """The lengths, budget and evaluation grid of this demo for a base trained at
-        ``trained`` tokens."""
+        ``trained`` tokens; a quick run halves its fine-tuning length (from ``--factor``)
+        until a step of it ``fits`` the machine, while the pattern stays sparse there."""
         tuned = self.seq_len or self.factor * trained
+        if self.quick and not self.seq_len:
+            pattern = parse_pattern(self.pattern)
+            while not fits(tuned) and tuned // 2 >= 64 and not pattern.covers(tuned // 2):
+                tuned //= 2
         lengths = sorted(set(self.lengths)) or sorted({trained, tuned})
         doubling = not (self.quick or self.lengths) and len(lengths) > 1
         while doubling and lengths[-2] * 2 < lengths[-1]:  # the doublings in between
@@ -126,6 +136,74 @@ class Plan:
     depths: list[float]
     trials: int
     targets: int
+    #: A fine-tuning step's estimated memory (GB) at ``tuned`` (see :func:`plan_for`).
+    step_gb: float | None = None
+
+
+def training_device() -> torch.device:
+    """Where the arms train and are evaluated: CUDA when there is one (``--device auto``)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def plan_for(config: DemoConfig, base: Any, machine: float | None = None) -> Plan:
+    """:meth:`DemoConfig.plan` for a base with config ``base``, a quick run fitted into
+    ``machine`` GB (default: all the memory of the device the arms train on), with the
+    estimated memory of a fine-tuning step (:func:`config_step_gb`)."""
+    if machine is None:
+        machine = machine_gb(training_device())
+
+    def fits(tokens: int) -> bool:
+        return machine is None or config_step_gb(base, tokens) <= machine
+
+    plan = config.plan(base.max_position_embeddings, fits)
+    plan.step_gb = config_step_gb(base, plan.tuned)
+    return plan
+
+
+def budget_problems(config: DemoConfig, base: Any, plan: Plan) -> list[str]:
+    """Why ``plan`` does not fit the memory available now (a fine-tuning step at its
+    fine-tuning length, a forward at its longest length), each with the flags that fit."""
+    available = available_gb(training_device())
+    if available is None:
+        return []
+    found, pattern = [], parse_pattern(config.pattern)
+    here = f"{available:.1f} GB are available"
+    if plan.step_gb is not None and plan.step_gb > available:
+        flag = "--seq-len" if config.seq_len else "--quick" if config.quick else "--factor"
+        fits = _halving(
+            plan.tuned,
+            lambda n: not pattern.covers(n) and config_step_gb(base, n) <= available,
+        )
+        advice = (
+            f"--seq-len {fits} fits (about {config_step_gb(base, fits):.1f} GB)"
+            if fits
+            else "no shorter length at which the pattern still skips keys fits either; free "
+            "memory, or use a machine with more or a smaller base"
+        )
+        found.append(
+            f"a fine-tuning step of one {plan.tuned}-token sequence ({flag}) needs about "
+            f"{plan.step_gb:.1f} GB (estimated from the base's config: weights, gradients, "
+            f"optimizer moments and the activations a full fine-tuning keeps), but {here}: "
+            f"{advice}"
+        )
+    forward = config_forward_gb(base, plan.longest)
+    if forward > available:
+        fits = _halving(plan.longest, lambda n: config_forward_gb(base, n) <= available)
+        found.append(
+            f"evaluating at {plan.longest} tokens (the longest of --lengths, --passkey-lengths "
+            f"and the fine-tuning length) needs about {forward:.1f} GB, but {here}: "
+            + (f"lengths up to {fits} fit" if fits else "no length fits")
+        )
+    return found
+
+
+def _halving(tokens: int, fits: Callable[[int], bool]) -> int | None:
+    """The longest of ``tokens / 2, tokens / 4, ...`` (64 or more) that ``fits``."""
+    while tokens // 2 >= 64:
+        tokens //= 2
+        if fits(tokens):
+            return tokens
+    return None
 
 
 def problems(config: DemoConfig) -> list[str]:
@@ -154,6 +232,12 @@ def problems(config: DemoConfig) -> list[str]:
         value = getattr(config, name)
         if not isinstance(value, int) or value < 0:
             found.append(f"{name} must be an integer >= 0, got {value!r}")
+    if not 0 < config.learning_rate < math.inf:
+        found.append(f"learning_rate must be a positive number, got {config.learning_rate!r}")
+    if not 0 <= config.synthetic_ratio < 1:
+        found.append(f"synthetic_ratio must be in [0, 1), got {config.synthetic_ratio!r}")
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        found.append(f"seed must be an integer in [0, 2**32) (numpy's seeds), got {config.seed!r}")
     for name in ("lengths", "passkey_lengths"):
         if any(not isinstance(n, int) or n < 64 for n in getattr(config, name)):
             flag = name.replace("_", "-")
@@ -163,8 +247,18 @@ def problems(config: DemoConfig) -> list[str]:
             f"--depths must lie within [0, 1] (a share of the context), got {config.depths}"
         )
     if pattern is not None and not found:  # the arms fine-tune at the fine-tuning length
-        flag = "--seq-len" if config.seq_len else "--factor"
-        found += length_problems(pattern, config.plan(trained_length(model)).tuned, flag)
+        try:
+            base = base_config(model)
+        except Exception as err:  # noqa: BLE001 (any unreadable config: one clear message)
+            found.append(
+                f"--model {model}: its config could not be read ({type(err).__name__}: "
+                f"{err}); is it a complete Hugging Face model folder or .gguf file?"
+            )
+        else:
+            plan = plan_for(config, base)
+            flag = "--seq-len" if config.seq_len else "--factor"
+            found += length_problems(pattern, plan.tuned, flag)
+            found += budget_problems(config, base, plan) if not found else []
     out = Path(config.out)
     found += overlap_problems(out, [("--model", model)])
     if problem := output_problem(out):
@@ -197,11 +291,6 @@ def _gguf_config(path: str, mtime_ns: int, size: int) -> Any:
     return AutoConfig.from_pretrained(file.parent, gguf_file=file.name)
 
 
-def trained_length(model: Path) -> int:
-    """The trained length of a base (a model folder or a .gguf file), from its config."""
-    return base_config(model).max_position_embeddings
-
-
 def finetune_command(
     config: DemoConfig, plan: Plan, start: Path, out: Path, pattern: str, method: str = "full"
 ) -> list[str]:
@@ -212,8 +301,7 @@ def finetune_command(
     command += ["--pattern", pattern] if pattern else []
     extend = plan.longest > max(plan.tuned, plan.trained)
     command += ["--max-length", str(plan.longest)] if extend else []
-    # Validation on a few sequences (a smoke run's on two, without the budget's probe steps).
-    command += ["--skip-budget-check"] if config.quick else []
+    # Validation on a few sequences (a smoke run's on two).
     command += ["--validation-sequences", "2" if config.quick else str(VALIDATION_SEQUENCES)]
     # An arm that stops is trained again from its start: resume checkpoints would be
     # written (optimizer state included) only to be deleted.

@@ -29,6 +29,7 @@ import copy
 import json
 import shlex
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -40,15 +41,15 @@ from transformers.utils import logging as hf_logging
 
 from longswap.checkpoint import is_gguf
 from longswap.data.tokenizer import tokenizer_for
-from longswap.demo.children import _combined, _finetune, _say
+from longswap.demo.children import _combined, _say, run_arm
 from longswap.demo.config import (
     EMBEDDED_MODEL,
     DemoConfig,
     Plan,
     base_config,
     finetune_command,
+    plan_for,
     problems,
-    trained_length,
 )
 from longswap.demo.heldout import HELDOUT_PARTS, heldout_folder, heldout_source
 from longswap.demo.report import report
@@ -130,7 +131,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     evaluation's records) and is skipped when an interrupted demo is continued."""
     (staging / "arms").mkdir(exist_ok=True)
     source = Path(config.model) if config.model else EMBEDDED_MODEL
-    plan = config.plan(trained_length(source))
+    plan = plan_for(config, base_config(source))
     parsed = parse_pattern(config.pattern)
     pattern = format_pattern(parsed)
     _say(
@@ -249,7 +250,8 @@ def _train_arm(
         shown = [_moved(part, staging, out) for part in run]
         _say(f"{name}: {shlex.join(shown)}")
         failed_log = out.with_name(f"{out.name}-{name}-failed.log")
-        spent.append(_finetune(run, shown, staging / f"{name}.log", plan.steps, failed_log))
+        argv = [sys.executable, "-m", "longswap", *run[1:]]
+        spent.append(run_arm(argv, shown, staging / f"{name}.log", plan.steps, failed_log))
         start = folder
     shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
     shutil.rmtree(staging / f"{arm}-selectors", ignore_errors=True)  # the arm holds them

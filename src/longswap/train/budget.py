@@ -13,6 +13,11 @@ before a probe: the model's weights count once, in what the device has left.
 
 The extrapolation is an estimate: short probes miss what only long sequences allocate, and
 a machine's other load moves the time. The README compares it with measured runs.
+
+Before any model is built, :func:`config_step_gb` estimates a full fine-tuning step from a
+model's config alone (its parameters and the activations its layers keep per token), and
+:func:`config_forward_gb` a forward without gradients (an evaluation): what ``longswap demo``
+plans its lengths with.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM
 
 from longswap.environment import peak_memory
 from longswap.patterns import full
@@ -96,11 +102,73 @@ def available_gb(device: torch.device) -> float | None:
     """Memory the device can still give: free CUDA memory, or ``MemAvailable`` on Linux."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0] / 2**30
+    return _meminfo_gb("MemAvailable")
+
+
+def machine_gb(device: torch.device) -> float | None:
+    """All the memory of the device: the CUDA device's, or ``MemTotal`` on Linux."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] / 2**30
+    return _meminfo_gb("MemTotal")
+
+
+def _meminfo_gb(field: str) -> float | None:
     with contextlib.suppress(OSError, ValueError, IndexError):
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 2**20
     return None
+
+
+#: Bytes a full fine-tuning holds per parameter: float32 weights, gradients, AdamW's moments.
+TRAINED_BYTES_PER_PARAMETER = 16
+#: What a training step holds per token over the float32 activations that
+#: :func:`_kept_per_token` counts: the allocator's slack and a sparse attention's gathered
+#: key blocks. Measured as the peak of the demo's fine-tuning processes at 4,096 tokens
+#: (CPU, 2026-12): on SmolLM2-135M, 11.1 GB dense, 11.9 GB window 512 | block_topk(64, 16)
+#: and 14.4 GB with learned selection (this estimate: 15.2 GB).
+STEP_ALLOWANCE = 1.4
+#: What a training process holds whatever its model: Python, torch, transformers, the data.
+RUNTIME_GB = 0.6
+
+
+def _kept_per_token(config: Any) -> float:
+    """Bytes of float32 activations a training step keeps per token for the backward: per
+    layer its norms' inputs and outputs, projections and MLP products (about 12 x hidden +
+    4 x intermediate), and four copies of the logits (the loss's and their gradients)."""
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    inner = getattr(text, "intermediate_size", None) or 4 * hidden
+    return 4.0 * (text.num_hidden_layers * (12 * hidden + 4 * inner) + 4 * text.vocab_size)
+
+
+def _parameters(config: Any) -> int:
+    with torch.device("meta"):  # no memory, no initialisation
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def config_step_gb(config: Any, seq_len: int) -> float:
+    """The peak of a process fine-tuning a model (all its parameters) on one ``seq_len``-token
+    sequence, estimated from the model's ``config`` alone, in GB: the runtime, weights,
+    gradients and optimizer moments, and the activations kept for the backward (dense or
+    sparse attention: the larger of the two)."""
+    kept = _kept_per_token(config) * STEP_ALLOWANCE * seq_len
+    return RUNTIME_GB + (TRAINED_BYTES_PER_PARAMETER * _parameters(config) + kept) / 2**30
+
+
+def config_forward_gb(config: Any, seq_len: int) -> float:
+    """The peak of a process running a forward without gradients over ``seq_len`` tokens (an
+    evaluation), estimated from a model's ``config``, in GB: the runtime, float32 weights,
+    the KV cache, one layer's activations and the logits of every token."""
+    text = config.get_text_config()
+    hidden = text.hidden_size
+    inner = getattr(text, "intermediate_size", None) or 4 * hidden
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv = (getattr(text, "num_key_value_heads", None) or heads) * head_dim
+    per_token = 4.0 * (text.num_hidden_layers * 2 * kv + 4 * hidden + 3 * inner + text.vocab_size)
+    return RUNTIME_GB + (4 * _parameters(config) + per_token * seq_len) / 2**30
 
 
 def _probe(trainer: Any, model: Any, tokens: int, device: torch.device) -> tuple[float, float]:
