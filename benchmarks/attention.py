@@ -43,6 +43,7 @@ from smoke import add_smoke_flag, apply_smoke
 from longswap import sparse_attention
 from longswap.config import comma_list
 from longswap.environment import environment, heap_mode, peak_rss_mb, reset_peak_rss
+from longswap.io import write_json
 from longswap.kernels import flex
 from longswap.patterns import (
     Pattern,
@@ -265,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
                         row["fwd_bwd"] = measure(fwd_bwd(attend, length), args.repeats, device)
                     print(f"{row['name']:22s} {backend:6s} {row['fwd']['s']:.3f}s", file=sys.stderr)
         if args.partial is not None:  # what is measured so far survives a crash or a time limit
-            args.partial.write_text(json.dumps({**header, "results": results}, indent=1))
+            write_json(args.partial, {**header, "results": results})
     add_ratios(results)
     return {**header, "results": results, "build": build_times(args.build_length, h, device)}
 
@@ -393,7 +394,7 @@ def main() -> None:
     record = run(args)
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     print(f"\nwrote {args.out} ({os.path.getsize(args.out)} bytes)")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import time
@@ -39,6 +38,7 @@ from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
 from longswap.environment import bfloat16_warning, environment
 from longswap.evaluate.speed import cache_bytes
+from longswap.io import write_atomic, write_json
 from longswap.swap import sparse_cache, swap_spec
 
 ARMS = {
@@ -139,9 +139,9 @@ def write_record(args: argparse.Namespace, rows: list[dict[str, Any]]) -> str:
         "table": "\n".join(lines),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     summary = f"# decode\n\n`{record['command']}`\n\n{record['table']}\n"
-    args.out.with_suffix(".md").write_text(summary)
+    write_atomic(args.out.with_suffix(".md"), summary)
     return record["table"]
 
 

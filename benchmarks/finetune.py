@@ -16,7 +16,6 @@ tokens/s over ``--repeats`` steps after a warm-up, and the peak resident memory 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ from transformers import LlamaForCausalLM
 import longswap
 from longswap.config import comma_list
 from longswap.environment import environment, peak_rss_mb, reset_peak_rss
+from longswap.io import write_json
 from longswap.train.pretrain import model_config
 
 ARMS = {
@@ -110,7 +110,7 @@ def main() -> None:
         "results": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     print(f"\nwrote {args.out}")
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import longswap
 from longswap.config import comma_list
 from longswap.environment import environment
+from longswap.io import write_atomic, write_json
 
 ARMS = {
     "dense (SDPA)": None,
@@ -166,8 +166,8 @@ def main() -> None:
         "estimate_7b": {"tokens": args.tokens, "model": SEVEN_B, "gib_per_gpu": estimates},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
-    (args.out.with_suffix(".md")).write_text("\n".join(lines) + "\n")
+    write_json(args.out, record)
+    write_atomic(args.out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"\nwrote {args.out}")
 
 

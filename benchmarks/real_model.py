@@ -53,6 +53,7 @@ from longswap.environment import bfloat16_warning, environment
 from longswap.evaluate.perplexity import perplexity
 from longswap.evaluate.selection import selection
 from longswap.evaluate.tasks import passkey
+from longswap.io import write_atomic, write_json
 from longswap.patterns import Selection, parse_pattern
 from longswap.selectors import SELECTOR_ATTR
 from longswap.selectors.distill import dense_block_mass
@@ -510,16 +511,17 @@ def main() -> None:
                     flush=True,
                 )
                 args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(record, indent=1))
+                write_json(args.out, record)
             del model
     record["gain_kept_2k_to_8k"] = gain_kept(records, 2048, 8192)
     record["tables"] = tables(record)
     print(record["tables"])
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     runs = "\n".join(f"    {c}" for c in record["commands"])
-    args.out.with_suffix(".md").write_text(
+    write_atomic(
+        args.out.with_suffix(".md"),
         f"# {record['benchmark']}\n\nThe runs that made these records (each resumes the "
-        f"last):\n\n{runs}\n\n{record['text']}\n\n" + record["tables"] + "\n"
+        f"last):\n\n{runs}\n\n{record['text']}\n\n" + record["tables"] + "\n",
     )
     plot(record, args.out.with_suffix(".png"))
     if not math.isfinite(sum(r.get("nll", 0.0) for r in records)):

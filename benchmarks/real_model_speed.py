@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ import longswap
 from longswap.checkpoint import load_gguf, smollm2_path
 from longswap.config import comma_list
 from longswap.environment import environment, peak_memory
+from longswap.io import write_atomic, write_json
 from longswap.kernels import BACKENDS
 
 ARMS = {
@@ -219,8 +219,8 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(table(record) + "\n")
+    write_json(args.out, record)
+    write_atomic(args.out.with_suffix(".md"), table(record) + "\n")
     print(table(record))
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from smoke import add_smoke_flag, apply_smoke
 
 from longswap import sparse_attention
 from longswap.environment import environment
+from longswap.io import write_json
 from longswap.kernels import resolve_backend
 from longswap.patterns import block_topk, dilated, sliding_window
 
@@ -113,7 +113,7 @@ def main() -> None:
     record = run(args.repeats, SMOKE_SHAPES if args.smoke else SHAPES)
     print(table(record))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    write_json(args.out, record)
     print(f"\nwrote {args.out}")
 
 

@@ -15,6 +15,7 @@ import longswap
 from longswap import generate as generate_module
 from longswap.cli import main
 from longswap.demo import EMBEDDED_MODEL
+from longswap.io import mark_written
 
 PROMPT = "import os\n\n\ndef read_config(path):\n    " + "# settings\n" * 40
 WINDOW = "sliding_window(window=32, sinks=4)"
@@ -152,6 +153,9 @@ def test_merge_keeps_an_existing_out_until_the_merged_model_is_written(
     (out / "keep.txt").write_text("keep me")
     assert main(["merge", "--model", str(lora), "--out", str(out)]) == 2
     assert "--overwrite" in capsys.readouterr().err
+    assert main(["merge", "--model", str(lora), "--out", str(out), "--overwrite"]) == 2
+    assert "longswap did not write (keep.txt)" in capsys.readouterr().err
+    mark_written(out)  # an earlier longswap output: --overwrite may replace it
 
     def fail(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -161,6 +165,23 @@ def test_merge_keeps_an_existing_out_until_the_merged_model_is_written(
     assert "full" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["merged"]  # no staging folder left
     assert (out / "keep.txt").read_text() == "keep me"
+
+
+def test_merge_refuses_to_write_over_the_adapters_base(capsys, tmp_path):
+    base, data, lora = tmp_path / "base", tmp_path / "data", tmp_path / "lora"
+    swap = ["swap", "--model", str(EMBEDDED_MODEL), "--pattern", WINDOW, "--out", str(base)]
+    assert main(swap) == 0
+    data.mkdir()
+    shutil.copy(Path(sysconfig.get_paths()["stdlib"]) / "argparse.py", data)
+    flags = ["--model", str(base), "--data", str(data), "--seq-len", "64", "--steps", "1"]
+    flags += ["--batch-size", "2", "--eval-steps", "1", "--out", str(lora)]
+    assert main(["finetune", *flags]) == 0
+    before = {p.name: p.stat().st_mtime_ns for p in base.iterdir()}
+    for out in (base, base / "merged"):
+        assert main(["merge", "--model", str(lora), "--out", str(out), "--overwrite"]) == 2
+        assert f"--out {out} " in (err := capsys.readouterr().err) and "base model" in err
+    assert {p.name: p.stat().st_mtime_ns for p in base.iterdir()} == before
+    assert longswap.load(lora) is not None  # its base is as it was
 
 
 @pytest.mark.parametrize(

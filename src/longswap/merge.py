@@ -26,12 +26,13 @@ def merge_problems(model: Path, out: Path, overwrite: bool, base: Path | None = 
             f"--model {model} holds no LoRA adapter (no adapter_config.json): there is nothing "
             "to merge; give the output folder of `longswap finetune --method lora-plus`"
         )
+    inputs = [("--model", model)]
     if not found:
         try:
-            adapter_base(model, base)
+            inputs.append(("the adapter's base model", adapter_base(model, base)))
         except ValueError as err:
             found.append(str(err))
-    found += overlap_problems(out, [("--model", model)])
+    found += overlap_problems(out, inputs)
     found += [problem] if (problem := output_problem(out)) else []
     try:
         check_output_dir(out, overwrite)

@@ -1,6 +1,11 @@
 """``longswap eval``: records, skips, resume, report, and errors before any work."""
 
 import json
+import os
+import resource
+import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -363,6 +368,31 @@ def test_resume_names_a_corrupted_results_file(models, tmp_path, capsys, content
     err = capsys.readouterr().err
     assert f"{out / 'results.json'} is not a longswap results file" in err
     assert (out / "results.json").read_text() == content  # left as it was
+
+
+def test_a_full_disk_while_recording_keeps_every_earlier_record(models, tmp_path, capsys):
+    base, _ = models
+    args = ["eval", "--model", str(base), "--tasks", "ppl", "--targets", "64", "--lengths", "64"]
+    assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    one_record = (tmp_path / "one" / "results.json").stat().st_size
+    out = tmp_path / "two"
+
+    def small_disk():  # no file may grow past one record and a little
+        resource.setrlimit(resource.RLIMIT_FSIZE, (one_record + 200, one_record + 200))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails with EFBIG
+
+    args += ["128", "--out", str(out)]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    cut = [sys.executable, "-m", "longswap", *args]
+    assert subprocess.run(cut, env=env, preexec_fn=small_disk, capture_output=True).returncode
+    records = json.loads((out / "results.json").read_text())["records"]  # whole, not cut
+    assert [r["length"] for r in records] == [64]
+    assert [p.name for p in out.iterdir()] == ["results.json"]  # no temporary file left
+    assert main([*args, "--resume"]) == 0
+    assert [r["length"] for r in json.loads((out / "results.json").read_text())["records"]] == [
+        64,
+        128,
+    ]
 
 
 def test_eval_refuses_an_unwritable_out(models, tmp_path, capsys):

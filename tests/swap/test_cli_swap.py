@@ -53,8 +53,12 @@ def test_swap_command_refuses_a_non_empty_out_and_bad_patterns(tmp_path, capsys)
     assert (out / "notes.txt").read_text() == "mine"
     assert main([*args[:4], "dense()", "--out", str(tmp_path / "new")]) == 2
     assert "unknown pattern 'dense'" in capsys.readouterr().err
-    assert main([*args, "--overwrite"]) == 0
-    assert not (out / "notes.txt").exists() and (out / "config.json").exists()
+    assert main([*args, "--overwrite"]) == 2  # not longswap's to replace
+    assert "did not write (notes.txt)" in capsys.readouterr().err
+    (out / "notes.txt").unlink()
+    assert main([*args, "--overwrite"]) == 0  # an empty folder
+    assert main([*args, "--overwrite"]) == 0  # longswap's own output
+    assert (out / "config.json").exists()
 
 
 def test_swap_command_reports_a_missing_model(tmp_path, capsys):

@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import longswap
+from longswap.io import mark_written
 
 FSDP_CONFIG = """\
 compute_environment: LOCAL_MACHINE
@@ -127,6 +128,7 @@ needs_deepspeed = pytest.mark.skipif(
 def test_two_processes_overwrite_their_out_once(base, corpus, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
+    mark_written(out)  # an earlier longswap output
     (out / "precious.txt").write_text("old run")
     record = finetune(base, corpus, out, "full", 2, TORCHRUN, extra=("--overwrite",), env=CPU_ENV)
     assert record["world_size"] == 2

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import PreTrainedModel, Trainer
+from transformers import Trainer
 
 import longswap
 from longswap.train import FinetuneConfig, PretrainConfig, budget, finetune, pretrain
@@ -410,18 +410,57 @@ def test_separate_documents_feeds_restarting_positions(base, tmp_path):
 
 def test_overwrite_keeps_the_old_out_until_the_new_one_is_complete(base, tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("old run")
+    run(base, out, method="full", steps=2, eval_steps=2)
+    before = (out / "model.safetensors").read_bytes()
     tiny = tmp_path / "tiny"
     tiny.mkdir()
     (tiny / "a.txt").write_text("too short for one sequence")
     with pytest.raises(ValueError, match="too few"):
         run(base, out, method="full", data=[str(tiny)], overwrite=True)
-    assert (out / "precious.txt").read_text() == "old run"  # a failed run deletes nothing
+    assert (out / "model.safetensors").read_bytes() == before  # a failed run deletes nothing
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]  # no staging left
     run(base, out, method="full", overwrite=True)
-    assert not (out / "precious.txt").exists() and (out / "config.json").is_file()
+    assert (out / "model.safetensors").read_bytes() != before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny"]
+
+
+def test_overwrite_refuses_a_folder_longswap_did_not_write(base, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("mine")
+    with pytest.raises(ValueError, match="holds files that longswap did not write"):
+        run(base, out, method="full", overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_an_interrupted_overwrite_run_keeps_its_checkpoints_for_resume(
+    base, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "out"
+    run(base, out, method="full", steps=6, eval_steps=6)  # the earlier run: checkpoint-6
+    before = (out / "model.safetensors").read_bytes()
+    save = Trainer._save_checkpoint
+
+    def then_interrupt(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise KeyboardInterrupt  # Ctrl-C (or out of memory) right after a checkpoint
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", then_interrupt)
+    settings = dict(method="full", steps=4, eval_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        run(base, out, overwrite=True, **settings)
+    monkeypatch.undo()
+    said = capsys.readouterr().err.split("checkpoints are kept in ")[-1].split(":")[0]
+    assert (Path(said) / "checkpoint-2").is_dir()  # where the last message says
+    assert (out / "model.safetensors").read_bytes() == before  # the old out untouched
+    with pytest.raises(ValueError, match="unfinished run .* pass --resume to continue it"):
+        run(base, out, overwrite=True, **settings)  # the same command: nothing discarded
+    run(base, out, resume=True, **settings)
+    assert "continuing the run in" in capsys.readouterr().err
+    kept = sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*"))
+    assert kept == ["checkpoint-2", "checkpoint-4"]  # this run's, not the earlier one's
+    assert json.loads((out / "longswap_train.json").read_text())["config"]["steps"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 @pytest.mark.parametrize("target", ["model", "data", "inside-model", "around-data"])
@@ -477,18 +516,20 @@ def test_a_full_disk_during_training_leaves_no_half_checkpoint(base, tmp_path, m
 
 def test_a_full_disk_while_saving_the_model_keeps_the_old_out(base, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "precious.txt").write_text("old run")
+    run(base, out, method="full", steps=2, eval_steps=2)
+    before = sorted(p.name for p in out.iterdir())
 
-    def no_space(self, folder, *args, **kwargs):
+    def no_space(model, folder):  # the final save, after training
         (Path(folder) / "model.safetensors").write_bytes(b"\x00" * 10)
         raise RuntimeError("[enforce fail at inline_container.cc] file write failed")
 
-    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_space)
-    with pytest.raises(ValueError, match="disk holding .* is full"):
+    monkeypatch.setattr("longswap.io.save_weights", no_space)
+    with pytest.raises(ValueError, match="disk holding .* is full .* kept in .* --resume"):
         run(base, out, method="full", steps=2, eval_steps=2, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left
+    monkeypatch.undo()
+    assert sorted(p.name for p in out.iterdir()) == before
+    run(base, out, method="full", steps=2, eval_steps=2, resume=True)  # the saving only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_every_run_states_its_budget_and_a_step_too_large_is_refused(

@@ -13,6 +13,7 @@ from transformers import LlamaForCausalLM, TrainerCallback
 
 from longswap.cli import main
 from longswap.data import byte_tokenizer
+from longswap.io import mark_written
 from longswap.train import PretrainConfig, pretrain
 from longswap.train.data import datasets
 from longswap.train.pretrain import model_config
@@ -70,8 +71,10 @@ def pretrain_into(corpus, out, **fields):
 
 
 def old_out(tmp_path):
+    """An earlier longswap output (marked as longswap's: ``--overwrite`` may replace it)."""
     out = tmp_path / "out"
     out.mkdir()
+    mark_written(out)
     (out / "precious.txt").write_text("old run")
     return out
 
@@ -87,7 +90,7 @@ def test_a_stale_old_folder_of_an_interrupted_overwrite_loses_nothing(corpus, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == [".out.old", "out"]
 
 
-def test_the_staging_folder_of_a_killed_run_is_cleared_before_the_next(corpus, tmp_path):
+def test_a_killed_overwrite_run_is_kept_and_resume_continues_it(corpus, tmp_path):
     out = old_out(tmp_path)
     args = ["pretrain", "--out", out, "--data", corpus, "--seq-len", 32, "--steps", 10000]
     args += ["--batch-size", 2, "--eval-steps", 5, "--warmup-steps", 1, "--overwrite"]
@@ -96,15 +99,20 @@ def test_the_staging_folder_of_a_killed_run_is_cleared_before_the_next(corpus, t
     staging = []
     for _ in range(1200):
         staging = [p for p in tmp_path.iterdir() if p.name != "out"]
-        if any(p.rglob("checkpoint-*") for p in staging) or run.poll() is not None:
+        saved = any((p / "new/checkpoints/longswap_run.json").is_file() for p in staging)
+        if saved or run.poll() is not None:  # once a checkpoint is complete
             break
         time.sleep(0.1)
     run.kill()  # kill -9: no clean-up runs
     run.wait()
     assert staging and (out / "precious.txt").is_file()
-    pretrain_into(corpus, out, overwrite=True)
+    with pytest.raises(ValueError, match="checkpoints of an unfinished run .* --resume"):
+        pretrain_into(corpus, out, overwrite=True)  # the same command discards nothing
+    killed = {p.name for p in staging[0].rglob("checkpoint-*")}
+    pretrain_into(corpus, out, resume=True, steps=10, eval_steps=5)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
-    assert (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and not (out / "precious.txt").exists()
+    assert killed & {p.name for p in (out / "checkpoints").glob("checkpoint-*")}
 
 
 def test_a_folder_in_the_way_of_staging_is_refused_first(corpus, tmp_path, capsys):
@@ -169,7 +177,7 @@ def test_a_non_finite_loss_names_the_newest_good_checkpoint(corpus, tmp_path):
 def test_a_resumable_write_keeps_its_staging_folder_until_it_completes(tmp_path):
     """``staged_folder(resume=True)`` (the demo's): an interrupted write leaves its folder
     to be continued and the next write starts from it; a plain write clears it."""
-    from longswap.io import interrupted_write, staged_folder
+    from longswap.io import MARKER, interrupted_write, staged_folder
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt), staged_folder(out, resume=True) as staging:
@@ -179,7 +187,7 @@ def test_a_resumable_write_keeps_its_staging_folder_until_it_completes(tmp_path)
     with staged_folder(out, resume=True) as again:
         assert again == staging and (again / "arm-1").read_text() == "finished"
         (again / "arm-2").write_text("finished")
-    assert sorted(p.name for p in out.iterdir()) == ["arm-1", "arm-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["arm-1", "arm-2", MARKER]
     assert interrupted_write(out) is None and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with pytest.raises(RuntimeError), staged_folder(tmp_path / "b", resume=True) as staging:
         (staging / "part").write_text("x")

@@ -57,7 +57,7 @@ from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
 from longswap.evaluate.report import line_plot
 from longswap.evaluate.run import EvalConfig, Loaded, evaluate
-from longswap.io import save_checkpoint, staged_folder
+from longswap.io import save_checkpoint, staged_folder, write_atomic, write_json
 from longswap.patterns import Pattern, format_pattern, parse_pattern
 from longswap.swap import extend_positions, load, swap_attention
 
@@ -84,10 +84,10 @@ def run_demo(config: DemoConfig) -> dict[str, Any]:
             results, records = _study(config, staging, out)
         finally:  # an interrupted or failed attempt's time counts in the demo's
             attempts = [*earlier, time.perf_counter() - began]
-            spent.write_text(json.dumps(attempts))
+            write_json(spent, attempts)
         results["wall_seconds"], results["attempts"] = sum(attempts), len(attempts)
-        (staging / "demo.json").write_text(json.dumps(results, indent=1))
-        (staging / "report.md").write_text(report(results, records))
+        write_json(staging / "demo.json", results)
+        write_atomic(staging / "report.md", report(results, records))
     _say(f"done in {results['wall_seconds']:.0f} s: {out / 'report.md'}")
     return results
 
@@ -105,7 +105,7 @@ def _continue(config: DemoConfig, staging: Path) -> None:
     file = staging / SETTINGS_FILE
     if not file.is_file():
         _say(f"building the demo in {staging}; it replaces {config.out} once complete")
-        file.write_text(json.dumps(settings, indent=1))
+        write_json(file, settings)
         return
     before = json.loads(file.read_text())
     differ = [
@@ -165,7 +165,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     shutil.rmtree(staging / "random-init", ignore_errors=True)
     records = _evaluate(config, plan, parsed, staging)
     records = _relocated(records, staging, out)
-    (staging / "eval" / "results.json").write_text(json.dumps({"records": records}, indent=1))
+    write_json(staging / "eval" / "results.json", {"records": records})
     pretrained_plot(records, staging / "eval")
     results = {
         "config": asdict(config),
@@ -255,7 +255,7 @@ def _train_arm(
         start = folder
     shutil.rmtree(arms / arm / "checkpoints", ignore_errors=True)  # resume state only
     shutil.rmtree(staging / f"{arm}-selectors", ignore_errors=True)  # the arm holds them
-    record.write_text(json.dumps(_combined(spent), indent=1))
+    write_json(record, _combined(spent))
 
 
 def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) -> list[dict]:

@@ -11,6 +11,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from longswap.io import write_atomic  # noqa: E402
+
 #: Columns of the tables of the simple tasks: (record field, header, format).
 COLUMNS: dict[str, list[tuple[str, str, str]]] = {
     "needles": [("accuracy", "accuracy", "{:.0%}"), ("trials", "trials", "{}")],
@@ -196,5 +198,5 @@ def write_report(records: list[dict[str, Any]], out: Path) -> Path:
         if rows := _by(records, task):
             lines += _simple(task, rows, out)
     path = out / "report.md"
-    path.write_text("\n".join(lines))
+    write_atomic(path, "\n".join(lines))
     return path

@@ -25,7 +25,7 @@ from longswap.evaluate.perplexity import perplexity, select_targets
 from longswap.evaluate.selection import selection
 from longswap.evaluate.speed import decode_speed
 from longswap.evaluate.tasks import needles, passkey, recall
-from longswap.io import output_problem, overlap_problems
+from longswap.io import explain_disk_full, output_problem, overlap_problems, write_json
 from longswap.kernels.cpp import build_all
 from longswap.positions import find_position_embedding
 from longswap.swap import load, supported_length, swap_spec
@@ -236,6 +236,7 @@ def evaluate(config: EvalConfig, models: Loaded | None = None) -> list[dict[str,
     on_cpu = [m for m, _ in models.values() if next(m.parameters()).device.type == "cpu"]
     if any(swap_spec(m) is not None for m in on_cpu):
         build_all()  # a kernel's build (about a minute, once per machine) is timed nowhere
+    kept = f" {results_file} keeps the records before this one: --resume continues from them."
     for task, length, cell, path in tqdm(todo, desc="longswap eval", unit="record"):
         model, tok = models[path]
         record = {
@@ -262,7 +263,8 @@ def evaluate(config: EvalConfig, models: Loaded | None = None) -> list[dict[str,
             except ValueError as err:
                 record["skipped"] = str(err)
         records.append(record)
-        results_file.write_text(json.dumps({"records": records}, indent=1))
+        with explain_disk_full(out, kept):
+            write_json(results_file, {"records": records})
     from longswap.evaluate.report import write_report
 
     write_report(records, out)

@@ -16,7 +16,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from longswap.checkpoint import base_record, is_gguf, load_gguf, model_problem, resolve_base
-from longswap.io import save_checkpoint, staged_folder
+from longswap.io import save_checkpoint, staged_folder, write_json
 from longswap.selectors import SELECTOR_ATTR
 from longswap.swap.attention import register
 from longswap.swap.model import apply_spec, attach_selectors, attention_modules
@@ -36,13 +36,20 @@ def save(model: Any, out: str | Path, overwrite: bool = False) -> Path:
     if not _is_peft(model):
         save_checkpoint(model, out, overwrite=overwrite)
         return out
+    with staged_folder(out, overwrite) as staging:
+        write_adapter(model, staging)
+    return out
+
+
+def write_adapter(model: Any, folder: Path) -> None:
+    """Write a PEFT model's adapter into ``folder`` as PEFT does, with its base model
+    (:func:`longswap.checkpoint.base_record`) and the base's swap in
+    :data:`ADAPTER_SWAP_FILE`, as it is (:func:`save` stages it)."""
     base = model.get_base_model()
     record = getattr(base.config, CONFIG_KEY, None)
-    with staged_folder(out, overwrite) as staging:
-        model.save_pretrained(staging)
-        payload = base_record(str(base.name_or_path)) | ({} if record is None else {"swap": record})
-        (staging / ADAPTER_SWAP_FILE).write_text(json.dumps(payload, indent=1))
-    return out
+    model.save_pretrained(folder)
+    payload = base_record(str(base.name_or_path))
+    write_json(folder / ADAPTER_SWAP_FILE, payload | ({} if record is None else {"swap": record}))
 
 
 def load(path: str | Path, base: str | Path | None = None, **kwargs: Any) -> PreTrainedModel:

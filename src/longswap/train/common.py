@@ -7,13 +7,18 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from longswap.io import (
     clear_leftovers,
+    explain_disk_full,
+    interrupted_write,
+    is_empty,
     leftover_problems,
+    mark_written,
     output_problem,
     overlap_problems,
     replace_problem,
@@ -30,19 +35,32 @@ def common_problems(config: TrainingFields) -> list[str]:
         found.append("--out is required")
     else:
         out = Path(config.out)
-        if out.exists() and not out.is_dir():
+        unfinished = unfinished_run(out)
+        inputs = [("--data", path) for path in config.data]
+        if getattr(config, "model", ""):  # fine-tuning's
+            inputs.insert(0, ("--model", config.model))
+        if overlaps := overlap_problems(out, inputs):  # then the state of --out is beside the point
+            found += overlaps
+        elif out.exists() and not out.is_dir():
             found.append(f"--out {out} exists and is not a folder")
         elif problem := output_problem(out):
             found.append(problem)
-        elif out.is_dir() and any(out.iterdir()) and not (config.overwrite or config.resume):
+        elif unfinished and not config.resume:
+            found.append(
+                f"{unfinished} holds the checkpoints of an unfinished run that replaces --out "
+                f"{out} once it finishes: pass --resume to continue it, or delete "
+                f"{unfinished.parent} to start again"
+            )
+        elif not is_empty(out) and not (config.overwrite or config.resume):
             found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
         elif config.overwrite and not config.resume and (problem := replace_problem(out)):
             found.append(problem)
         found += leftover_problems(out)
-        if config.resume and not (out / "checkpoints").is_dir():
-            found.append(f"--resume: {out}/checkpoints holds no checkpoint to resume from")
+        home = unfinished or out
+        if config.resume and not (home / "checkpoints").is_dir():
+            found.append(f"--resume: {home}/checkpoints holds no checkpoint to resume from")
         elif config.resume:
-            found += _resume_problems(config, out / "checkpoints" / RUN_FILE)
+            found += _resume_problems(config, home / "checkpoints" / RUN_FILE)
     if config.no_checkpoints and config.save_steps:
         found.append(
             f"--save-steps {config.save_steps} with --no-checkpoints: a run writes checkpoints "
@@ -51,8 +69,6 @@ def common_problems(config: TrainingFields) -> list[str]:
     for path in config.data:
         if not Path(path).exists():
             found.append(f"data path {path} does not exist")
-    if config.out:
-        found += overlap_problems(Path(config.out), [("--data", path) for path in config.data])
     for name, low in (("seq_len", 8), ("steps", 1), ("batch_size", 1), ("eval_steps", 1)):
         value = getattr(config, name)
         if not isinstance(value, int) or value < low:
@@ -117,24 +133,61 @@ def refuse(found: list[str], what: str) -> None:
         raise ValueError(f"invalid {what} configuration:\n- " + "\n- ".join(found))
 
 
+def unfinished_run(out: Path) -> Path | None:
+    """The folder beside ``out`` where an interrupted ``--overwrite`` run left checkpoints
+    (it replaces ``out`` once it finishes; ``--resume`` continues it), or None."""
+    folder = interrupted_write(out)
+    return folder if folder is not None and any(folder.glob("checkpoints/checkpoint-*")) else None
+
+
 @contextlib.contextmanager
 def run_folder(config: TrainingFields) -> Iterator[Path]:
-    """The folder a run writes into: ``--out`` itself, or, when ``--overwrite`` replaces a
-    non-empty ``--out``, a staging folder beside it that takes its place only once the run
-    has finished (a failed or interrupted run leaves the old ``--out`` untouched).
+    """The folder a run trains in, and writes its checkpoints and final files into.
 
-    Leftovers of an interrupted earlier run are cleared first. Of a distributed run, only
+    That is ``--out`` itself, unless ``--overwrite`` replaces a non-empty ``--out``: then a
+    staging folder beside it, which takes ``--out``'s place once the run has finished (the
+    earlier ``--out`` stays as it was until then). A failed or interrupted run keeps its
+    folder and checkpoints, and ``--resume`` continues it there. Of a distributed run, only
     the main process creates, clears and moves folders; the others wait for it on the way
     in and out."""
     out, main = Path(config.out), main_process()
-    if config.overwrite and not config.resume and out.is_dir() and any(out.iterdir()):
-        folder = staged_folder(out, overwrite=True, main=main)
+    unfinished = unfinished_run(out)
+    if config.resume and unfinished:
+        if main:
+            print(
+                f"longswap: continuing the run in {unfinished}; it replaces {out} once it finishes",
+                file=sys.stderr,
+                flush=True,
+            )
+        folder = staged_folder(out, overwrite=True, main=main, resume=True)
+    elif config.overwrite and not config.resume and not is_empty(out):
+        folder = staged_folder(out, overwrite=True, main=main, keep=True)
     else:
         folder = contextlib.nullcontext(out)
         if main:
             out.mkdir(parents=True, exist_ok=True)
             clear_leftovers(out)
+            mark_written(out)
     with folder as path:
         wait_for_everyone()
-        yield path
+        kept = (
+            f" The run's checkpoints are kept in {path / 'checkpoints'}: the same command "
+            "with --resume continues it once there is space."
+        )
+        try:
+            with explain_disk_full(path, kept):
+                yield path
+        except BaseException as err:  # a ValueError says what is left already
+            if (
+                main
+                and not isinstance(err, ValueError)
+                and any(path.glob("checkpoints/checkpoint-*"))
+            ):
+                print(
+                    f"longswap: the run stopped; its checkpoints are kept in "
+                    f"{path / 'checkpoints'}: the same command with --resume continues it",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise
     wait_for_everyone()

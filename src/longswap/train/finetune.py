@@ -19,13 +19,14 @@ from transformers import TrainerCallback
 from longswap.checkpoint import model_problem
 from longswap.data.tokenizer import tokenizer_for
 from longswap.environment import bfloat16_warning
-from longswap.io import TOKENIZER_FILES, overlap_problems, publish_into, save_checkpoint
+from longswap.io import TOKENIZER_FILES, write_checkpoint
 from longswap.kernels import BACKENDS
 from longswap.patterns import Pattern, parse_pattern
 from longswap.positions import ROPE_KINDS, find_position_embedding, rotary_modules
 from longswap.selectors import SELECTOR_ATTR
-from longswap.swap import extend_positions, load, save, shard_heads, swap_attention
+from longswap.swap import extend_positions, load, shard_heads, swap_attention
 from longswap.swap.model import attention_modules
+from longswap.swap.persist import write_adapter
 from longswap.swap.spec import ATTN_NAME, CONFIG_KEY, SwapSpec
 from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import FinetuneConfig
@@ -52,8 +53,6 @@ def problems(config: FinetuneConfig) -> list[str]:
         found.append("--model is required")
     elif problem := model_problem(config.model):
         found.append(problem)
-    elif config.out:
-        found += overlap_problems(Path(config.out), [("--model", config.model)])
     if config.method not in METHODS:
         found.append(f"method must be one of {', '.join(METHODS)}, got {config.method!r}")
     if config.backend not in BACKENDS:
@@ -321,20 +320,16 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
 
 
 def _publish(model: Any, config: FinetuneConfig, out: Path, tokenizer: Any, run: dict) -> None:
-    """Write the trained model, its tokenizer and the run record into ``out``."""
+    """Write the trained model, its tokenizer and, last, the run record into ``out`` (the
+    run's folder: it takes ``--out``'s place only once complete, see ``run_folder``)."""
     if config.method == "lora-plus" and config.merge:
         model = model.merge_and_unload()
-
-    def write(folder: Path) -> None:
-        if hasattr(model, "peft_config"):
-            save(model, folder / "model")
-        else:
-            save_checkpoint(model, folder / "model")
-        for item in (folder / "model").iterdir():
-            item.rename(folder / item.name)
-        (folder / "model").rmdir()
-        if not any((folder / name).exists() for name in TOKENIZER_FILES[:2]):
-            tokenizer.save_pretrained(folder)
-        write_record(folder, run)
-
-    publish_into(out, write, main_process())
+    if not main_process():
+        return
+    if hasattr(model, "peft_config"):
+        write_adapter(model, out)
+    else:
+        write_checkpoint(model, out)
+    if not any((out / name).exists() for name in TOKENIZER_FILES[:2]):
+        tokenizer.save_pretrained(out)
+    write_record(out, run)

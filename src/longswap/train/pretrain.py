@@ -8,14 +8,12 @@ configuration, command and final metrics.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from longswap.data import byte_tokenizer
-from longswap.io import publish_into
 from longswap.train.common import common_problems, refuse, run_folder
 from longswap.train.config import PretrainConfig
 from longswap.train.data import datasets
@@ -64,11 +62,8 @@ def pretrain(config: PretrainConfig) -> dict[str, Any]:
         trainer, record = train(model, train_set, val_set, config, out)
         record["eval_bits_per_byte"] = record["eval_bits_per_token"]  # one token per byte
         state = trainer.accelerator.get_state_dict(trainer.model)  # every process: gathered
-
-        def write(folder: Path) -> None:
-            model.save_pretrained(folder, state_dict=state)
-            tokenizer.save_pretrained(folder)
-            write_record(folder, record)
-
-        publish_into(out, write, main_process())
+        if main_process():
+            model.save_pretrained(out, state_dict=state)
+            tokenizer.save_pretrained(out)
+            write_record(out, record)
     return record

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from longswap.environment import environment
-from longswap.io import disk_is_full, explain_disk_full
+from longswap.io import disk_is_full, explain_disk_full, write_json
 from longswap.swap import observe
 from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
@@ -67,7 +67,7 @@ class RunRecord(TrainerCallback):
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Record the run beside the checkpoint just written."""
         if state.is_world_process_zero:
-            self.path.write_text(json.dumps(self.fields, indent=1))
+            write_json(self.path, self.fields)
 
 
 class NonFiniteGuard(TrainerCallback):
@@ -317,7 +317,7 @@ def _remove_damaged(folder: Path, err: BaseException) -> NoReturn:
         if not _readable(checkpoint):
             shutil.rmtree(checkpoint, ignore_errors=True)
     kept = last_good_checkpoint(folder)
-    after = (
+    after = " The half-written checkpoints were removed." + (
         f" The last complete checkpoint is {kept}: rerun the same command with --resume to "
         "continue from it once there is space."
         if kept
@@ -329,4 +329,4 @@ def _remove_damaged(folder: Path, err: BaseException) -> NoReturn:
 
 def write_record(out: Path, record: dict[str, Any]) -> None:
     """``longswap_train.json`` beside the saved model."""
-    (out / "longswap_train.json").write_text(json.dumps(record, indent=1))
+    write_json(out / "longswap_train.json", record)
