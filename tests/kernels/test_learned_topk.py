@@ -89,8 +89,9 @@ def test_scores_are_required_and_checked():
 
 @pytest.mark.parametrize("backend", ["reference", "blocks"])
 def test_nan_scores_are_refused_unless_the_inputs_explain_them(backend):
-    """A block scored NaN could never be selected: refused, with where; a NaN query row (or
-    a NaN key of the block) makes the NaN an input's, and its rows NaN whatever is chosen."""
+    """A block scored NaN for finite inputs (a broken selector: NaN ranks first, so it
+    would be selected): refused, with where; a NaN query row (or a NaN key of the block)
+    makes the NaN an input's, and its rows NaN."""
     pattern = learned_topk(32, 2)
     q, k, v = (t.detach() for t in inputs(1, 4, 2, 128, 128))
     with pytest.raises(ValueError, match="block_scores hold NaN for finite queries and keys"):

@@ -8,7 +8,6 @@ import torch
 from longswap.kernels import blocks, selection_cpu, window_cpu
 from longswap.kernels.reference import reference_attention
 from longswap.patterns import parse_pattern
-from longswap.patterns.block_topk import _top_places
 from tests.kernels.test_band import inputs
 
 
@@ -97,36 +96,6 @@ def test_window_kernel_own_block():
     scores = (qc @ kc.repeat_interleave(2, 1).transpose(-1, -2)) * 0.25
     expected = scores.masked_fill(~visible, -torch.inf).softmax(-1) @ vc.repeat_interleave(2, 1)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)
-
-
-@pytest.mark.parametrize("quantised", [False, True], ids=["distinct", "ties"])
-def test_top_blocks_equals_pure_pytorch(quantised):
-    """Same blocks as the pure-PyTorch top-k, ties (to the more recent block) included;
-    a row's places name distinct blocks, so ``chosen`` can be scattered by ``blocks``."""
-    g = torch.Generator().manual_seed(0)
-    scores = torch.randn(2, 3, 200, 30, generator=g)
-    if quantised:
-        scores = scores.round()
-    valid = torch.rand(200, 30, generator=g) < 0.5
-    ours = selection_cpu.top_blocks(scores, valid, 6)
-    theirs = _top_places(scores, valid[None, None], 6)
-    as_sets = [
-        torch.zeros(scores.shape, dtype=torch.int).scatter_add_(-1, b, c.int())
-        for b, c in (ours, theirs)
-    ]
-    assert torch.equal(as_sets[0], as_sets[1])
-    assert (as_sets[0] <= 1).all()
-    distinct = ours[0].sort(-1).values
-    assert (distinct[..., 1:] != distinct[..., :-1]).all()
-
-
-def test_top_blocks_skips_nan_and_minus_inf():
-    scores = torch.tensor([[[float("nan"), 1.0, -float("inf"), 0.5, 2.0]]])
-    valid = torch.ones(1, 5, dtype=torch.bool)
-    blocks_, chosen = selection_cpu.top_blocks(scores, valid, 3)
-    assert blocks_[0, 0, :2].tolist() == [4, 1] and chosen[0, 0].tolist() == [True, True, True]
-    blocks_, chosen = selection_cpu.top_blocks(scores, valid, 4)
-    assert chosen[0, 0].tolist() == [True, True, True, False]
 
 
 def test_other_patterns_keep_their_paths():

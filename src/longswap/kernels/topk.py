@@ -202,12 +202,13 @@ class TopKAttention(torch.autograd.Function):
             plan.mask_as(qc.dtype),
             ctx.scale,
         )
+        # Partial gradients add up in float32, whatever the inputs' dtype.
         if n == plan.key_blocks:  # the own blocks are all the key blocks
-            dk, dv = dk_own, dv_own
+            dk, dv = dk_own.float(), dv_own.float()
         else:
-            dk, dv = torch.zeros_like(kb), torch.zeros_like(vb)
+            dk, dv = (torch.zeros_like(x, dtype=torch.float32) for x in (kb, vb))
             dk[:, own], dv[:, own] = dk_own, dv_own
-        dq, dk, dv = dq.reshape(m, dim), dk.flatten(0, 1), dv.flatten(0, 1)
+        dq, dk, dv = dq.reshape(m, dim).float(), dk.flatten(0, 1), dv.flatten(0, 1)
         g_flat, kb_flat, vb_flat = g.reshape(m, dim), kb.flatten(0, 1), vb.flatten(0, 1)
         # Padding slots: +inf log-sum-exp makes their probabilities, hence their gradients, 0.
         lse = torch.cat([lse, lse.new_full((1,), torch.inf)])
@@ -223,12 +224,13 @@ class TopKAttention(torch.autograd.Function):
                 None,
                 ctx.scale,
             )
-            dq.index_add_(0, clamped.reshape(-1), dq_t.reshape(-1, dim))
-            dk.index_add_(0, blocks, dk_t.reshape(blocks.numel(), -1, dim))
-            dv.index_add_(0, blocks, dv_t.reshape(blocks.numel(), -1, dim))
+            dq.index_add_(0, clamped.reshape(-1), dq_t.reshape(-1, dim).float())
+            dk.index_add_(0, blocks, dk_t.reshape(blocks.numel(), -1, dim).float())
+            dv.index_add_(0, blocks, dv_t.reshape(blocks.numel(), -1, dim).float())
         batch, hkv, length, _ = k_shape
-        dk, dv = (x.reshape(batch, hkv, -1, dim)[:, :, :length] for x in (dk, dv))
-        return plan.from_chunks(dq.view_as(qc), q_shape), dk, dv, None, None, None, None
+        dk, dv = (x.reshape(batch, hkv, -1, dim)[:, :, :length].to(qc.dtype) for x in (dk, dv))
+        dq = plan.from_chunks(dq.to(qc.dtype).view_as(qc), q_shape)
+        return dq, dk, dv, None, None, None, None
 
 
 def topk_attention(

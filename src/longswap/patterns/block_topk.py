@@ -3,7 +3,8 @@
 Keys are cut into blocks of ``block_size``. Each query token attends to its own block
 (causally) plus the ``top_k`` earlier complete blocks whose mean-pooled keys score highest
 against that query, per query token and per head. Selection is parameter-free and
-depends only on the query and earlier keys; ties go to the more recent block.
+depends only on the query and earlier keys; ties go to the more recent block, NaN scores
+rank first and -inf ones are never chosen (:func:`top_places`, the rule of every path).
 
 Selecting once per query *block* (as some implementations do) would let later tokens of a
 block steer an earlier token's choice, which leaks the future; this pattern never does.
@@ -26,9 +27,7 @@ from longswap.patterns.base import MaskFn, Pattern, TileGrid, check_int
 from longswap.patterns.registry import register
 
 #: ``top(scores (..., Lq, n) float32, valid (Lq, n) bool, places) -> (blocks, chosen)``:
-#: the ``places`` best valid blocks of each row, best first, ties to the more recent block;
-#: blocks scored NaN or -inf are never chosen (their places stay empty; given scores may
-#: hold NaN only where the queries or keys do).
+#: :func:`top_places`, or a compiled copy of its rule (the same blocks in the same places).
 TopPlaces = Callable[[Tensor, Tensor, int], tuple[Tensor, Tensor]]
 
 
@@ -96,8 +95,9 @@ class Selection(Pattern):
         shared by the group's query heads. ``chosen`` is False for places left empty (a
         token with fewer earlier blocks than ``top_k``). Key blocks whose keys are all
         padding are never selected. Given scores that hold NaN where q and k hold none raise
-        ValueError. ``top`` picks the places without padding (a compiled
-        kernel's: same blocks, faster; see :data:`TopPlaces`); None: pure PyTorch.
+        ValueError. Places follow :func:`top_places` (ties, NaN and -inf there); ``top``
+        picks them without padding (a compiled copy of the rule, faster; see
+        :data:`TopPlaces`); None: :func:`top_places` itself.
         """
         batch, hq, q_len, _ = q.shape
         kv_len = k.shape[2]
@@ -118,7 +118,7 @@ class Selection(Pattern):
             if key_padding_mask is not None:
                 usable = key_padding_mask[:, : n * self.block_size].reshape(batch, n, -1).any(-1)
                 valid = valid & usable[:, None, None, :]
-            blocks, chosen = _top_places(scores.float(), valid, places)
+            blocks, chosen = top_places(scores, valid, places)
         share = hq // scores.shape[1]  # query heads per row of scores
         if share > 1:
             blocks, chosen = (x.repeat_interleave(share, dim=1) for x in (blocks, chosen))
@@ -237,22 +237,37 @@ def _candidates(pattern: Selection, q_len: int, kv_len: int, device: torch.devic
     return pattern.candidates(q_len, kv_len, device)
 
 
-def _top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:
-    """The ``places`` best valid blocks per row of ``scores (..., n)``; on ties at the
-    threshold the most recent blocks win. Returns ``(blocks, chosen)``, each ``(..., P)``."""
-    n = scores.shape[-1]
-    scores = torch.where(valid, scores, float("-inf"))
-    top = torch.topk(scores, min(places + 1, n), dim=-1)  # one more, to spot ties
-    blocks, threshold = top.indices[..., :places], top.values[..., places - 1]
-    chosen = top.values[..., :places] > float("-inf")
-    if n > places:  # ties at the threshold: keep the most recent blocks
-        crowded = (top.values[..., places] == threshold) & (threshold > float("-inf"))
-        if bool(crowded.any()):
-            rows, limit = scores[crowded], threshold[crowded][:, None]
-            tied = rows == limit
-            spare = places - (rows > limit).sum(-1, keepdim=True)
-            from_right = tied.flip(-1).cumsum(-1).flip(-1)
-            keep = (rows > limit) | (tied & (from_right <= spare))
-            order = torch.sort(keep.int(), dim=-1, descending=True, stable=True).indices
-            blocks[crowded] = order[:, :places]
-    return blocks, chosen
+#: Rank orders (see :func:`_rank_keys`) of a NaN score, of a block the query may not select
+#: (below -inf's), and the smallest rank key of a chosen block (just above -inf's).
+_NAN_ORDER, _NOT_CANDIDATE = 2**31 - 1, -(2**31)
+_FIRST_CHOSEN = (-0x7F800000 + 1) * 2**32
+
+
+def top_places(scores: Tensor, valid: Tensor, places: int) -> tuple[Tensor, Tensor]:
+    """The rule by which every path selects key blocks (this function, the compiled top-k
+    of ``csrc/selection_attention.cpp`` and the decoding step of ``csrc/selection_decode.cpp``).
+
+    Each row of ``scores (..., Lq, n)`` ranks the blocks that ``valid`` (broadcast to it)
+    marks; the ``places`` best, best first, fill its places. A NaN score ranks above every
+    number (+inf included), as in ``torch.topk`` and ``torch.amax``: a block scored NaN is
+    selected, so the NaN that a query or the block's keys put in its score reaches the row,
+    as it would in dense attention. Ties (-0 with +0, NaN with NaN) go to the more recent
+    block. A block scored -inf is never chosen, nor is one that ``valid`` leaves out; they
+    fill the last places (-inf ones first, each the more recent first) only when a row has
+    fewer other blocks. Returns ``(blocks, chosen)``, each ``(..., Lq, places)``: int64
+    block indices, distinct within a row (so ``chosen`` can be scattered by ``blocks``), and
+    whether each place is chosen.
+    """
+    top = torch.topk(_rank_keys(scores, valid), places, dim=-1)
+    return top.indices, top.values >= _FIRST_CHOSEN
+
+
+def _rank_keys(scores: Tensor, valid: Tensor) -> Tensor:
+    """int64 keys ``(..., n)``, distinct within a row, whose order is :func:`top_places`'s
+    ranking: the rank order of the score (its float32 bits as sign and magnitude, so -0 and
+    +0 tie; NaN above +inf, blocks left out below -inf) times 2**32, plus the block."""
+    bits = scores.float().view(torch.int32).long()
+    magnitude = bits & 0x7FFFFFFF
+    order = torch.where(bits < 0, -magnitude, magnitude)
+    order.masked_fill_(scores.isnan(), _NAN_ORDER).masked_fill_(~valid, _NOT_CANDIDATE)
+    return order.mul_(2**32).add_(torch.arange(scores.shape[-1], device=scores.device))

@@ -4,7 +4,8 @@ The pattern of DeepSeek's sparse attention and SeerAttention-R at block granular
 small selector scores every complete earlier key block for every query token, per KV group
 (the group's query heads share one selection, as in NSA and InfLLM-V2; ``per_head=True``:
 each query head selects its own, as MoBA does), and the query attends to its own block
-(causally) plus the ``top_k`` best blocks; ties go to the more recent block.
+(causally) plus the ``top_k`` best blocks, ranked as ``block_topk`` ranks them
+(``longswap.patterns.block_topk.top_places``: ties to the more recent block, NaN first).
 ``sub_block``: the selector summarises keys in pieces of this many tokens and scores a block
 by the log-sum-exp of its pieces' scores (default: one summary per block), so that one
 strongly matching key is not averaged away by its block (see ``BlockGate``). The pattern

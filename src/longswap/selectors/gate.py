@@ -18,11 +18,14 @@ attention mass on the block, before normalisation). The group's score is the max
 heads, as the distillation target is (dense attention's block mass, max over the group's
 heads): a sum of the heads' products, a single map over the concatenated queries, cannot
 be a max. With ``per_head`` the heads' scores are kept apart (``(B, Hq, Lq, n)``): each
-head selects for itself, against its own block mass. Both inputs are detached: the gate
-learns only from its distillation loss, never from the LM loss. Initialisation makes it
-MoBA's mean-pooled keys (piece by piece): each head's map is the identity and the key map
-takes the mean key, so an untrained gate with one piece per block scores a block by the
-best of the group's ``q_h . mean(k)``.
+head selects for itself, against its own block mass. Every scorer (the tensor path, the
+fused prompt kernel, the decoding step's) follows ``torch.logsumexp`` and ``torch.amax`` on
+NaN and infinities: a NaN piece makes its block's score NaN (and the group's), a +inf piece
++inf, pieces all -inf give -inf; the other blocks keep their scores. Both inputs are
+detached: the gate learns only from its distillation loss, never from the LM loss.
+Initialisation makes it MoBA's mean-pooled keys (piece by piece): each head's map is the
+identity and the key map takes the mean key, so an untrained gate with one piece per block
+scores a block by the best of the group's ``q_h . mean(k)``.
 """
 
 from __future__ import annotations
@@ -166,12 +169,14 @@ class BlockGate(nn.Module):
 
 
 def _log_sum_exp(scores: Tensor) -> Tensor:
-    """``(..., n)``: the log-sum-exp over the last dim of ``scores (..., n, m)``; without
-    gradients in place, block by block (fewer passes over memory than ``logsumexp``, and as
-    exact)."""
+    """``(..., n)``: the log-sum-exp over the last dim of ``scores (..., n, m)``, as
+    ``torch.logsumexp`` gives it (NaN when a piece is NaN, +inf when one is +inf, -inf when
+    all are -inf); without gradients in place, block by block (fewer passes over memory than
+    ``logsumexp``, and as exact)."""
     if scores.shape[-1] == 1:
         return scores[..., 0]
     if torch.is_grad_enabled() and scores.requires_grad:
         return scores.logsumexp(-1)
     top = scores.amax(-1, keepdim=True)
+    top.masked_fill_(~top.isfinite(), 0)  # no finite shift: the exponentials say it all
     return scores.sub_(top).exp_().sum(-1).log_().add_(top[..., 0])

@@ -1,6 +1,7 @@
 // Helpers shared by longswap's CPU attention kernels: BLAS products over rows of
-// (B, H, L, D) tensors, and vectorized softmax pieces that keep NaN and infinities (IEEE,
-// no -ffast-math; exponentials through ATen's Vectorized<float>, i.e. SLEEF).
+// (B, H, L, D) tensors, vectorized softmax pieces that keep NaN and infinities (IEEE,
+// no -ffast-math; exponentials through ATen's Vectorized<float>, i.e. SLEEF), and the rank
+// of a key block by its score.
 #pragma once
 
 #include <torch/extension.h>
@@ -12,6 +13,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <vector>
 
@@ -73,14 +76,14 @@ inline void check_rows(const at::Tensor& x, const char* kernel, const char* name
               "; at most ", INT_MAX, ")");
 }
 
-// Largest of m and x[0, n). NaN may or may not survive here: the exponentials below turn
-// any NaN score into a NaN row anyway.
+// Largest of m and x[0, n); NaN when one is NaN (as torch.amax), so that a caller who skips
+// a row whose largest score is -inf never skips a NaN.
 inline float max_of(const float* x, int64_t n, float m) {
   Vec best(m);
   int64_t j = 0;
   for (; j + Vec::size() <= n; j += Vec::size()) best = at::vec::maximum(best, Vec::loadu(x + j));
   m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
-  for (; j < n; ++j) m = std::max(m, x[j]);
+  for (; j < n; ++j) m = std::isnan(x[j]) || x[j] > m ? x[j] : m;
   return m;
 }
 
@@ -98,6 +101,51 @@ inline float exp_in_place(float* x, int64_t n, float shift) {
   for (; j < n; ++j) total += (x[j] = std::exp(x[j] - shift));
   return total;
 }
+
+// Largest finite value of x[0, n); -inf when none is finite.
+inline float finite_max(const float* x, int64_t n) {
+  const Vec lowest(-INFINITY), inf(INFINITY);
+  Vec best(lowest);
+  int64_t j = 0;
+  for (; j + Vec::size() <= n; j += Vec::size()) {
+    Vec v = Vec::loadu(x + j);
+    best = at::vec::maximum(best, Vec::blendv(lowest, v, v.abs() < inf));
+  }
+  float m = at::vec::vec_reduce_all<float>(
+      [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, best);
+  for (; j < n; ++j)
+    if (std::isfinite(x[j])) m = std::max(m, x[j]);
+  return m;
+}
+
+// log(sum(exp(x[0, n)))) as torch.logsumexp gives it: NaN when one is NaN, +inf when one is
+// +inf (and none NaN), -inf when all are -inf. Leaves exp(x - shift) in x.
+inline float log_sum_exp(float* x, int64_t n) {
+  float top = finite_max(x, n), shift = top == -INFINITY ? 0.f : top;
+  return shift + std::log(exp_in_place(x, n, shift));
+}
+
+// The rank of key block `block` scored `score`, as top_places (patterns/block_topk.py)
+// ranks blocks: larger keys rank first, one integer compare. A NaN ranks above every
+// number, ties (-0 with +0, NaN with NaN) go to the more recent block; -inf ranks below
+// every number and a block the query may not select (kNotCandidate) below -inf: a block is
+// chosen only when its key is at least kFirstChosen.
+constexpr int64_t kNanOrder = INT32_MAX, kNotCandidate = INT32_MIN;
+constexpr int64_t kFirstChosen = (int64_t(-0x7f800000) + 1) * (int64_t(1) << 32);
+
+inline int64_t rank_order(float score) {
+  if (std::isnan(score)) return kNanOrder;
+  uint32_t bits;
+  std::memcpy(&bits, &score, sizeof bits);
+  int64_t magnitude = bits & 0x7fffffffu;
+  return (bits >> 31) ? -magnitude : magnitude;
+}
+
+inline int64_t rank_key(int64_t order, int64_t block) {
+  return order * (int64_t(1) << 32) + block;
+}
+
+inline int64_t ranked_block(int64_t key) { return key & 0xffffffff; }
 
 // Softmax weights and their score gradients over [0, n): p[j] = exp(p[j] - lse) and
 // d[j] = p[j] (d[j] - dot), where p holds scores and d the products dO . v_j on entry.

@@ -22,8 +22,6 @@
 // deterministic for a given thread count.
 #include "attention_rows.h"
 
-#include <cstring>
-
 namespace {
 
 using namespace longswap_rows;
@@ -321,11 +319,11 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
   return {dq, dk_slots.sum(0), dv_slots.sum(0)};
 }
 
-// The `places` best blocks of each row of scores (rows..., Lq, n) among those valid
-// (Lq, n) marks for it, best first; ties go to the more recent block. Blocks scored NaN or
-// -inf are never chosen. Returns blocks (rows..., Lq, places) int64 and chosen (bool): False
-// for places left empty, which hold the first blocks not chosen (a row's places name
-// distinct blocks, as torch.topk's do, so scattering `chosen` by `blocks` is safe).
+// The `places` best blocks of each row of scores (rows..., Lq, n) among those valid (Lq, n)
+// marks for it, by top_places's rule (patterns/block_topk.py; rank_key here): best first,
+// NaN above every number, ties to the more recent block, -inf and blocks not valid never
+// chosen (they fill the last places). Returns blocks (rows..., Lq, places) int64, distinct
+// within a row, and chosen (bool): the same tensors as top_places.
 std::vector<at::Tensor> top_blocks(const at::Tensor& scores, const at::Tensor& valid,
                                    int64_t places) {
   TORCH_CHECK(scores.scalar_type() == at::kFloat && scores.is_contiguous() && scores.dim() >= 2 &&
@@ -339,43 +337,25 @@ std::vector<at::Tensor> top_blocks(const at::Tensor& scores, const at::Tensor& v
   int64_t q_len = valid.size(0), n = valid.size(1), rows = scores.numel() / std::max<int64_t>(n, 1);
   auto shape = scores.sizes().vec();
   shape.back() = places;
-  auto blocks = at::zeros(shape, scores.options().dtype(at::kLong));
-  auto chosen = at::zeros(shape, scores.options().dtype(at::kBool));
+  auto blocks = at::empty(shape, scores.options().dtype(at::kLong));
+  auto chosen = at::empty(shape, scores.options().dtype(at::kBool));
   const float* sc = scores.data_ptr<float>();
   const bool* ok = valid.data_ptr<bool>();
   int64_t* bl = blocks.data_ptr<int64_t>();
   bool* ch = chosen.data_ptr<bool>();
   at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-    // (order-preserving bits of the score, block): one integer compare orders by score,
-    // then by block, so the largest keys are the best blocks, ties to the more recent.
-    std::vector<uint64_t> cand(n);
-    std::vector<char> used(n);
+    std::vector<int64_t> keys(n);
     for (int64_t r = begin; r < end; ++r) {
       const float* s = sc + r * n;
       const bool* v = ok + (r % q_len) * n;
-      int64_t c = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        if (!v[j] || !(s[j] > -INFINITY)) continue;  // NaN fails the test too
-        float x = s[j] == 0.f ? 0.f : s[j];  // -0 ties with +0, as in torch.topk
-        uint32_t bits;
-        std::memcpy(&bits, &x, sizeof bits);
-        bits = (bits & 0x80000000u) ? ~bits : bits | 0x80000000u;
-        cand[c++] = (uint64_t(bits) << 32) | uint64_t(j);
-      }
-      int64_t take = std::min(c, places);
-      auto first = cand.begin(), nth = first + take, last = first + c;
-      if (take < c) std::nth_element(first, nth, last, std::greater<uint64_t>());
-      std::sort(first, nth, std::greater<uint64_t>());
-      std::fill(used.begin(), used.end(), 0);
-      for (int64_t i = 0; i < take; ++i) {
-        int64_t j = int64_t(cand[i] & 0xffffffffu);
-        bl[r * places + i] = j;
-        ch[r * places + i] = true;
-        used[j] = 1;
-      }
-      for (int64_t i = take, j = 0; i < places; ++i, ++j) {
-        while (used[j]) ++j;
-        bl[r * places + i] = j;
+      for (int64_t j = 0; j < n; ++j)
+        keys[j] = rank_key(v[j] ? rank_order(s[j]) : kNotCandidate, j);
+      auto first = keys.begin(), nth = first + places;
+      if (places < n) std::nth_element(first, nth, keys.end(), std::greater<int64_t>());
+      std::sort(first, nth, std::greater<int64_t>());
+      for (int64_t i = 0; i < places; ++i) {
+        bl[r * places + i] = ranked_block(keys[i]);
+        ch[r * places + i] = keys[i] >= kFirstChosen;
       }
     }
   });
@@ -385,7 +365,8 @@ std::vector<at::Tensor> top_blocks(const at::Tensor& scores, const at::Tensor& v
 // A learned gate's block scores for the rows of a prompt (selectors/gate.py, without
 // gradients): mapped (B, Hq, Lq, D) holds each head's mapped queries, keys (B, Hkv, n, m, D)
 // each block's m piece summaries. A block's score for a row is the log-sum-exp of the row's
-// products with its pieces; per KV group (per_head false) the max over the group's heads.
+// products with its pieces (as torch.logsumexp: NaN, +inf and all -inf pieces as there);
+// per KV group (per_head false) the max over the group's heads (NaN wins, as torch.amax).
 // Rows are taken in chunks of 64; a chunk scores the blocks before its last row's own block
 // (`offset`: the position of row 0; blocks of `block_size` keys), the others are -inf.
 // Returns (B, Hq or Hkv, Lq, n) float32.
@@ -408,7 +389,7 @@ at::Tensor gate_prompt_scores(const at::Tensor& mapped, const at::Tensor& keys, 
   float* op = out.data_ptr<float>();
   at::parallel_for(0, batch * hkv * chunks, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
-    std::vector<float> s(rows * n * m);
+    std::vector<float> s(rows * n * m), piece(m);
     for (int64_t task = begin; task < end; ++task) {
       int64_t b = task / (hkv * chunks), hk = task / chunks % hkv;
       int64_t t0 = task % chunks * rows, r_n = std::min(rows, q_len - t0);
@@ -421,25 +402,24 @@ at::Tensor gate_prompt_scores(const at::Tensor& mapped, const at::Tensor& keys, 
                k_head, dim, 0.f, s.data(), cols);
         for (int64_t r = 0; r < r_n; ++r) {
           float* row = s.data() + r * cols;
-          float top = max_of(row, cols, -INFINITY);
           float* dst = op + ((b * heads + (per_head ? h : hk)) * q_len + t0 + r) * n;
-          if (top == -INFINITY) continue;  // every piece -inf: every block stays -inf
-          exp_in_place(row, cols, top);  // one shift for the row: vectorized
+          // One shift for the row (vectorized): its largest finite piece, so that a NaN or
+          // infinite piece changes its own block's score only.
+          float top = finite_max(row, cols), shift = top == -INFINITY ? 0.f : top;
+          exp_in_place(row, cols, shift);
           for (int64_t j = 0; j < seen; ++j) {
             float sum = 0.f;
             for (int64_t i = 0; i < m; ++i) sum += row[j * m + i];
-            float score = top + std::log(sum);
-            if (sum == 0.f) {  // underflow: the block lies far below the row's best; exact
+            float score = shift + std::log(sum);
+            if (sum == 0.f) {  // underflow (or every piece -inf): the block's own shift, exact
               const float* raw = mp + ((b * hq + h) * q_len + t0 + r) * dim;
-              std::vector<float> piece(m);
               for (int64_t i = 0; i < m; ++i) {
                 const float* key = k_head + (j * m + i) * dim;
                 float dot = 0.f;
                 for (int64_t d = 0; d < dim; ++d) dot += raw[d] * key[d];
                 piece[i] = dot;
               }
-              float best = max_of(piece.data(), m, -INFINITY);
-              score = best == -INFINITY ? best : best + std::log(exp_in_place(piece.data(), m, best));
+              score = log_sum_exp(piece.data(), m);
             }
             if (g == 0 || per_head || std::isnan(score) || score > dst[j]) dst[j] = score;
           }

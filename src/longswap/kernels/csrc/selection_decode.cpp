@@ -4,9 +4,9 @@
 // own block, window and sinks: `static_keys`, sorted) plus the complete key blocks it
 // selects: the `top_k` best-scoring candidates (`Selection.candidates`: complete blocks
 // before its own that the static part does not show in full), ties going to the more
-// recent block, as `Selection.select_blocks` decides. Scores come one row per query
-// head, or one per KV group shared by the group's heads. A candidate scored -inf or NaN
-// takes a place but is not attended (NaN ranks above every number, as in torch.topk).
+// recent block, a NaN score ranking above every number and -inf never chosen, by the rule
+// of `top_places` (patterns/block_topk.py; `rank_key` of attention_rows.h). Scores come one
+// row per query head, or one per KV group shared by the group's heads.
 //
 // One task per (sequence, KV head): it selects the blocks of each of its score rows, then
 // each of its query heads reads exactly the runs of keys it sees (a selected block's keys
@@ -16,6 +16,8 @@
 // be contiguous); arithmetic is float32. Products are vectorized loops (ATen's
 // Vectorized<float>): BLAS per run of 64 keys measured slower, its per-call cost dominating.
 // No -ffast-math: NaN and infinities follow IEEE.
+#include "attention_rows.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -64,22 +66,18 @@ void axpy(float w, const float* x, float* out, int64_t dim) {
   for (; i < dim; ++i) out[i] += w * x[i];
 }
 
-// The selected blocks of one score row: the `places` best-scoring `candidates` (ties: the
-// more recent block), of which only those scored above -inf.
+// The selected blocks of one score row, in block order: of the `places` best-ranked
+// `candidates`, those chosen (top_places's rule).
 std::vector<int64_t> select(const float* scores, const std::vector<int64_t>& candidates,
                             int64_t places) {
-  std::vector<int64_t> order(candidates);
-  auto better = [scores](int64_t a, int64_t b) {
-    float x = scores[a], y = scores[b];
-    bool xn = std::isnan(x), yn = std::isnan(y);
-    if (xn || yn) return xn && (!yn || a > b);
-    return x > y || (x == y && a > b);
-  };
-  places = std::min<int64_t>(places, order.size());
-  std::partial_sort(order.begin(), order.begin() + places, order.end(), better);
+  using longswap_rows::kFirstChosen, longswap_rows::rank_key, longswap_rows::rank_order;
+  std::vector<int64_t> keys;
+  for (int64_t j : candidates) keys.push_back(rank_key(rank_order(scores[j]), j));
+  places = std::min<int64_t>(places, keys.size());
+  std::partial_sort(keys.begin(), keys.begin() + places, keys.end(), std::greater<int64_t>());
   std::vector<int64_t> chosen;
   for (int64_t i = 0; i < places; ++i)
-    if (scores[order[i]] > -std::numeric_limits<float>::infinity()) chosen.push_back(order[i]);
+    if (keys[i] >= kFirstChosen) chosen.push_back(longswap_rows::ranked_block(keys[i]));
   std::sort(chosen.begin(), chosen.end());
   return chosen;
 }
@@ -230,8 +228,9 @@ at::Tensor selection_decode(const at::Tensor& q, const at::Tensor& k, const at::
 // A learned gate's block scores for one query row per head (`BlockGate.score`):
 // q (B, Hq, D) float32; block_keys (B, Hkv, n, m, D) float32, m piece keys per block;
 // query_map (G, D, D) float32 with Hq = G * Hkv. Head h's mapped query is q_h M_g / sqrt(D);
-// a block's score is the log-sum-exp of its pieces' scores; per head, or the largest over
-// the group's heads (NaN wins, as in torch.amax). Blocks from `seen` on are -inf.
+// a block's score is the log-sum-exp of its pieces' scores (as torch.logsumexp: NaN, +inf
+// and all -inf pieces as there); per head, or the largest over the group's heads (NaN
+// wins, as in torch.amax). Blocks from `seen` on are -inf.
 // Returns (B, Hq or Hkv, n) float32.
 at::Tensor gate_scores(const at::Tensor& q, const at::Tensor& block_keys,
                        const at::Tensor& query_map, bool per_head, int64_t seen) {
@@ -274,13 +273,7 @@ at::Tensor gate_scores(const at::Tensor& q, const at::Tensor& block_keys,
           if (j < seen) {
             for (int64_t p = 0; p < m; ++p)
               pieces[p] = dot(mapped.data() + i * dim, keys + (j * m + p) * dim, dim);
-            score = pieces[0];
-            if (m > 1) {
-              float top = *std::max_element(pieces.begin(), pieces.end());
-              float total = 0.f;
-              for (int64_t p = 0; p < m; ++p) total += std::exp(pieces[p] - top);
-              score = std::log(total) + top;
-            }
+            score = m > 1 ? longswap_rows::log_sum_exp(pieces.data(), m) : pieces[0];
           }
           if (per_head)
             o_data[(b * hq + g * group + i) * n + j] = score;
