@@ -35,6 +35,13 @@ def test_patterns_plot_refuses_a_file(tmp_path, capsys):
     assert target.read_text() == "keep me"
 
 
+def test_patterns_plot_refuses_a_folder_it_cannot_create_before_listing(tmp_path, capsys):
+    (tmp_path / "file.txt").write_text("keep me")
+    assert main(["patterns", "--plot", str(tmp_path / "file.txt" / "plots")]) == 2
+    captured = capsys.readouterr()
+    assert "cannot be created" in captured.err and not captured.out
+
+
 @pytest.mark.parametrize("length", ["0", "-5"])
 def test_patterns_plot_refuses_a_length_below_one(tmp_path, capsys, length):
     assert main(["patterns", "--plot", str(tmp_path / "p"), "--length", length]) == 2

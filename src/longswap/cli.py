@@ -22,21 +22,33 @@ def cmd_patterns(plot: Path | None = None, length: int = 2048) -> int:
     """List the pattern catalogue; with ``--plot DIR``, write one PNG per pattern there."""
     from longswap.patterns.catalogue import CATALOGUE
 
+    if plot is not None:
+        problem = _plot_folder_problem(plot, length)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
     for name, (example, about) in CATALOGUE.items():
         print(f"{name:16s} {about}\n{'':16s} e.g. {example}")
     if plot is not None:
         from longswap.plots import plot_pattern
 
-        if plot.exists() and not plot.is_dir():
-            print(f"error: --plot {plot} exists and is not a directory", file=sys.stderr)
-            return 2
-        if length < 1:
-            print(f"error: --length must be a positive token count, got {length}", file=sys.stderr)
-            return 2
         for name, (example, _) in CATALOGUE.items():
             written = plot_pattern(example, plot / f"{name}.png", length=length)
             print(f"wrote {written}")
     return 0
+
+
+def _plot_folder_problem(plot: Path, length: int) -> str | None:
+    """What keeps ``patterns --plot`` from writing into ``plot`` (created here), or None."""
+    if length < 1:
+        return f"--length must be a positive token count, got {length}"
+    if plot.exists() and not plot.is_dir():
+        return f"--plot {plot} exists and is not a directory"
+    try:
+        plot.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"--plot {plot} cannot be created ({err.strerror}); give a folder you can write"
+    return None
 
 
 def cmd_swap(

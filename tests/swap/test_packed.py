@@ -58,7 +58,9 @@ def _packed_and_alone(model, docs):
     model.zero_grad()
     logits = model(packed, position_ids=positions).logits
     bounds = torch.tensor([0, *LENGTHS]).cumsum(0).tolist()
-    losses = [_loss_sum(logits[:, a:b], d) for a, b, d in zip(bounds, bounds[1:], docs)]
+    losses = [
+        _loss_sum(logits[:, a:b], d) for a, b, d in zip(bounds[:-1], bounds[1:], docs, strict=True)
+    ]
     torch.stack(losses).sum().backward()
     packed_grads = _grads(model)
     model.zero_grad()
@@ -109,7 +111,7 @@ def test_sparse_attention_with_document_ids_runs_each_document_alone(pattern, ba
     out = sparse_attention(q, k, v, pattern, backend=backend, document_ids=docs)
     offset = 208 - q_len
     for row, cuts in enumerate(([0, 70, 115, 208], [0, 150, 208])):
-        for start, end in zip(cuts, cuts[1:]):
+        for start, end in zip(cuts[:-1], cuts[1:], strict=True):
             if end <= offset:
                 continue
             first = max(start, offset)

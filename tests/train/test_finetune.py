@@ -206,6 +206,9 @@ def test_a_pattern_that_skips_nothing_at_the_length_is_refused(base, tmp_path, p
         (["--lora-alpha", "-8"], "lora_alpha must be a positive integer, got -8"),
         (["--method", "full", "--merge"], "--method full trains none: leave out --merge"),
         (["--method", "full", "--full-layers", "-1"], "this model is dense and no --pattern"),
+        (["--seed", "-1"], "seed must be an integer in [0, 2**32), got -1"),
+        (["--seed", str(2**32)], "seed must be an integer in [0, 2**32)"),
+        (["--validation-sequences", "65"], "validation_sequences must be 0"),
     ],
 )
 def test_bad_training_flags_are_refused_before_any_work(base, tmp_path, capsys, flags, message):

@@ -55,7 +55,7 @@ def test_sft_trainer_packed_batches_equal_their_documents_alone(tmp_path):
             F.cross_entropy(
                 model(ids[:, a:b]).logits.float()[0, :-1], ids[0, a + 1 : b], reduction="sum"
             )
-            for a, b in zip(starts, starts[1:])
+            for a, b in zip(starts[:-1], starts[1:], strict=True)
         )
     torch.testing.assert_close(packed_loss, alone_loss, rtol=1e-5, atol=1e-4)
     trainer.train()

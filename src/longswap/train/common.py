@@ -85,6 +85,13 @@ def common_problems(config: TrainingFields) -> list[str]:
         found.append(f"synthetic_ratio must be in [0, 1), got {config.synthetic_ratio!r}")
     if not 0 < config.validation_share < 1:
         found.append(f"validation_share must be in (0, 1), got {config.validation_share!r}")
+    if isinstance(config.validation_sequences, int) and config.validation_sequences > 64:
+        found.append(
+            f"validation_sequences must be 0 (as many as fill 65,536 tokens) or 1 to 64, got "
+            f"{config.validation_sequences}"
+        )
+    if not isinstance(config.seed, int) or not 0 <= config.seed < 2**32:
+        found.append(f"seed must be an integer in [0, 2**32), got {config.seed!r}")
     return found
 
 
