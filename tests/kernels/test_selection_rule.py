@@ -10,6 +10,7 @@ from longswap.kernels import cpp, selection_cpu
 from longswap.patterns import block_topk, learned_topk, sliding_window
 from longswap.patterns.block_topk import top_places
 from longswap.selectors import BlockGate
+from longswap.selectors.distill import top_blocks
 
 NAN, INF = float("nan"), float("inf")
 
@@ -188,3 +189,58 @@ def test_top_k_gradients_add_up_in_float32():
     out = sparse_attention(q, k, v, block_topk(16, 2), backend="blocks", scale=1.0)
     (grad,) = torch.autograd.grad((out * w).sum(), q)
     assert grad[0, 0, 63, :3].tolist() == [0.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("pattern", [block_topk(16, 3), learned_topk(16, 3)], ids=str)
+@pytest.mark.parametrize("backend", ["blocks", "auto"])
+def test_given_scores_count_where_the_pattern_covers_the_keys(pattern, backend):
+    """At a length where ``top_k`` places hold every complete block the pattern is dense,
+    unless given scores leave a block out: a block scored -inf stays unseen, as on the
+    oracle, for a prompt and a decoding step, with and without gradients."""
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 4, 60, 16, generator=g)
+    k, v = (torch.randn(1, 2, 60, 16, generator=g) for _ in "kv")
+    assert pattern.covers(60)
+    scores = torch.randn(1, 4, 60, 3, generator=g)
+    scores[..., 1] = -INF  # block 1 is never selected
+    for rows in (slice(None), slice(59, 60)):
+        case = (q[:, :, rows], k, v, pattern)
+        given = {"block_scores": scores[:, :, rows]}
+        ref = sparse_attention(*case, backend="reference", **given)
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                out = sparse_attention(
+                    case[0].clone().requires_grad_(grad), *case[1:], backend=backend, **given
+                )
+            torch.testing.assert_close(out.detach(), ref, atol=1e-5, rtol=1e-5)
+        everything = sparse_attention(
+            *case, backend="reference", block_scores=torch.zeros_like(given["block_scores"])
+        )
+        assert (ref - everything).abs().amax() > 1e-2  # the -inf block mattered
+
+
+def test_distillation_selects_by_the_rule():
+    """The selection that training and evaluation score (``distill.top_blocks``) is the one
+    the kernels make: NaN selected first, ties to the more recent block, -inf and blocks a
+    query may not select never chosen."""
+    pattern = learned_topk(16, 3)
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(1, 4, 96, 16, generator=g)
+    k = torch.randn(1, 2, 96, 16, generator=g)
+    k[0, 1, 40, 3] = NAN  # explains NaN scores of block 2 for KV group 1
+    scores = torch.randint(-2, 3, (1, 2, 96, 6), generator=g).float()
+    scores[torch.rand(scores.shape, generator=g) < 0.2] = -INF
+    scores[0, 1, :, 2] = NAN
+    candidates = pattern.candidates(96, 96)
+    kernels = pattern.select(q, k, block_scores=scores)  # (1, Hq, Lq, n)
+    for places in (0, 3, 9):
+        selected = top_blocks(scores, candidates, places)
+        if places == 3:
+            assert torch.equal(selected.repeat_interleave(2, dim=1), kernels)
+        blocks, chosen = top_places(scores, candidates, min(places, 6))
+        expected = torch.zeros(scores.shape, dtype=torch.bool).scatter_(-1, blocks, chosen)
+        assert torch.equal(selected, expected)
+    row = torch.tensor([[[[NAN, 1.0, 1.0, -INF, 0.5]]]])
+    assert top_blocks(row, torch.ones(1, 5, dtype=torch.bool), 2).tolist() == [
+        [[[True, False, True, False, False]]]
+    ]

@@ -120,13 +120,16 @@ DENSE_PROMPT_PAIRS = {"selecting": 1 << 16, "other": 1 << 12}
 CUDA_DENSE_PAIRS = 1 << 20
 
 
-def dense_is_cheaper(pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool = True) -> bool:
+def dense_is_cheaper(
+    pattern: Pattern | None, q: Tensor, k: Tensor, plain: bool = True, scored: bool = False
+) -> bool:
     """Whether the dense oracle beats the sparse backends on this call without gradients.
 
-    ``plain``: no key padding mask, no soft-capping and no sinks.
+    ``plain``: no key padding mask, no soft-capping and no sinks. ``scored``: block scores
+    were given (a block they score -inf stays unseen even where ``pattern.covers`` the keys).
     """
     q_len, kv_len = q.shape[2], k.shape[2]
-    if plain and pattern is not None and pattern.covers(kv_len):
+    if plain and not scored and pattern is not None and pattern.covers(kv_len):
         return False  # dense attention at this length: SDPA's kernel (``blocks``) is best
     if q.device.type == "cuda":
         return q_len * kv_len <= CUDA_DENSE_PAIRS
@@ -149,17 +152,19 @@ def resolve_backend(
     v: Tensor,
     pattern: Pattern | None = None,
     plain: bool = True,
+    scored: bool = False,
 ) -> str:
     """The concrete backend for ``backend`` on these inputs (``auto`` decides here).
 
-    ``plain``: the call has no key padding mask, no soft-capping and no sinks.
+    ``plain``: the call has no key padding mask, no soft-capping and no sinks; ``scored``:
+    it has block scores.
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     if backend != "auto":
         return backend
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    if not needs_grad and dense_is_cheaper(pattern, q, k, plain):
+    if not needs_grad and dense_is_cheaper(pattern, q, k, plain, scored):
         return "reference"
     if q.device.type == "cuda":
         return "flex"
@@ -234,7 +239,7 @@ def sparse_attention(
 
         return per_document(attend, q, k, v, document_ids, key_padding_mask)
     plain = all(x is None for x in (key_padding_mask, softcap, sinks))
-    chosen = resolve_backend(backend, q, k, v, pattern, plain)
+    chosen = resolve_backend(backend, q, k, v, pattern, plain, block_scores is not None)
     extras = {"block_scores": block_scores, "softcap": softcap, "sinks": sinks}
     if chosen == "reference":
         return reference_attention(q, k, v, pattern, scale, key_padding_mask, **extras)

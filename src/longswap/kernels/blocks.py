@@ -262,7 +262,8 @@ def blocks_attention(
     hkv, kv_len = k.shape[1], k.shape[2]
     plain = key_padding_mask is None
     fast = plain and softcap is None and sinks is None
-    if fast and pattern.covers(kv_len):  # dense attention here: SDPA's causal kernel
+    # Dense attention here (SDPA's causal kernel), unless given scores leave blocks out.
+    if fast and block_scores is None and pattern.covers(kv_len):
         return causal_attention(q, k, v, scale)
     if fast and not force_math and window_kernel_applies(pattern, q):
         return window_attention(q, k, v, pattern, scale)

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from longswap.kernels.reference import capped
 from longswap.patterns import Pattern
+from longswap.patterns.block_topk import top_places
 
 
 def _dense_chunks(
@@ -189,13 +190,10 @@ def captured_mass(
 
 
 def top_blocks(scores: Tensor, candidates: Tensor, places: int) -> Tensor:
-    """``(B, Hkv, Lq, n)`` bool: the ``places`` best candidate blocks per query (fewer when
-    there are fewer candidates)."""
-    keep = candidates.expand_as(scores)
-    masked = scores.float().masked_fill(~keep, float("-inf"))
-    places = min(places, scores.shape[-1])
-    if places == 0:
-        return torch.zeros_like(keep)
-    top = masked.topk(places, dim=-1)
-    out = torch.zeros_like(keep)
-    return out.scatter_(-1, top.indices, top.values > float("-inf"))
+    """``(B, Hkv or Hq, Lq, n)`` bool: the blocks the kernels select from ``scores`` given
+    ``places`` per query among ``candidates`` (broadcastable bool), by :func:`top_places`
+    (NaN selected first, ties to the more recent block, -inf never chosen; fewer when a row
+    has fewer such blocks)."""
+    blocks, chosen = top_places(scores, candidates, min(places, scores.shape[-1]))
+    out = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    return out.scatter_(-1, blocks, chosen)
