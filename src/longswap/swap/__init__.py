@@ -1,6 +1,6 @@
 """Where a pattern goes: into a Hugging Face model, per instance, reversibly, saved with it."""
 
-from longswap.swap.attention import AttentionCall, register
+from longswap.swap.attention import AttentionCall, Observer, register
 from longswap.swap.cache import sparse_cache
 from longswap.swap.model import (
     SwapReport,
@@ -20,6 +20,7 @@ register()
 
 __all__ = [
     "AttentionCall",
+    "Observer",
     "SwapReport",
     "SwapSpec",
     "apply_spec",

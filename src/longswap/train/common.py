@@ -110,6 +110,7 @@ RUN_FIELDS = (
     "dtype",
     "selector_rows",
     "selector_reuse",
+    "kl_weight",
 )
 
 

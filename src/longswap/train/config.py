@@ -163,6 +163,13 @@ class FinetuneConfig(TrainingFields):
         "learns to reproduce dense attention's output (LoLCATs-style); needs a swap",
         default=0,
     )
+    kl_weight: float = help_field(
+        "share w of the loss that learns from the dense parent (the same weights with full "
+        "attention; with LoRA+ the model with its adapters disabled, otherwise a frozen "
+        "copy): (1 - w) * LM loss + w * KL(parent || model) of the next-token "
+        "distributions at every position; 0: the LM loss alone",
+        default=0.0,
+    )
     dense_fraction: float = help_field(
         "share of the first steps trained with full attention before the sparse pattern "
         "takes over (MoBA's hybrid schedule)",

@@ -40,6 +40,7 @@ from longswap.train.distributed import (
     main_process,
     zero_stage,
 )
+from longswap.train.recovery import DenseParent, recovery_problems
 from longswap.train.runner import Joint, SelectorStage, WarmUp, train, write_record
 from longswap.train.trainable import apply_method, projection_names
 
@@ -79,6 +80,7 @@ def problems(config: FinetuneConfig) -> list[str]:
             "sparse layers taught dense attention's outputs): pass one of the two"
         )
     found += deepspeed_problems(config.deepspeed, config.sequence_parallel)
+    found += recovery_problems(config)
     if config.transfer_steps and zero_stage(config.deepspeed, config.sequence_parallel) == 3:
         found.append(
             "--transfer-steps on ZeRO stage 3 (which --sequence-parallel runs on too): attention "
@@ -286,6 +288,13 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
     if config.method == "selector":
         selector_stage = WarmUp(config.selector_rows, config.selector_reuse)
     model = apply_method(model, config.method, config.lora_rank, config.lora_alpha)
+    parent = DenseParent(model) if config.kl_weight else None
+    if parent is not None:
+        how = "its adapters disabled" if parent.adapters else "a frozen copy"
+        notes.append(
+            f"loss: {1 - config.kl_weight:g} x LM + {config.kl_weight:g} x KL from the dense "
+            f"parent ({how}, full attention)"
+        )
     callbacks = []
     switch = round(config.dense_fraction * config.steps)
     if config.dense_fraction:
@@ -311,6 +320,8 @@ def finetune(config: FinetuneConfig, **extra: Any) -> dict[str, Any]:
                 transfer_steps=config.transfer_steps,
                 dense_steps=switch,
                 selectors=selector_stage,
+                parent=parent,
+                kl_weight=config.kl_weight,
                 **extra,
             )
         run["notes"] = notes + [n for n in [run["parallelism"].get("note")] if n]

@@ -24,6 +24,7 @@ from longswap.train.budget import check_budget
 from longswap.train.common import RUN_FILE, run_fields
 from longswap.train.config import TrainingFields
 from longswap.train.distributed import parallelism, sharded, whole_size
+from longswap.train.recovery import DenseParent, recovery_loss
 from longswap.train.signals import AttentionTransfer, SelectorDistillation, step_generator
 from longswap.train.teacher import SelectorStudent, warm_up_samples
 
@@ -143,11 +144,14 @@ class SignalTrainer(Trainer):
         transfer_steps: int = 0,
         dense_steps: int = 0,
         selectors: Literal["none"] | Joint = "none",
+        parent: DenseParent | None = None,
+        kl_weight: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.transfer_steps, self.dense_steps = transfer_steps, dense_steps
         self.selectors = selectors
+        self.parent, self.kl_weight = parent, kl_weight
         self._forwards = (-1, 0)  # (step, its forwards so far): each micro-batch draws anew
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -160,7 +164,8 @@ class SignalTrainer(Trainer):
         """The loss of this step (see the class); evaluation always reports the LM loss."""
         transfer = model.training and self.state.global_step < self.transfer_steps
         selecting = self.selectors != "none" and self.state.global_step >= self.dense_steps
-        if not model.training or not (selecting or transfer):
+        recovering = self.parent is not None and model.training and not transfer
+        if not model.training or not (selecting or transfer or recovering):
             return super().compute_loss(model, inputs, *args, **kwargs)
         if transfer:
             signal = AttentionTransfer()
@@ -173,7 +178,11 @@ class SignalTrainer(Trainer):
         micro = self._forwards[1] + 1 if self._forwards[0] == step else 0
         self._forwards = (step, micro)
         sampler = step_generator(self.args.seed, step, micro)
-        distill = SelectorDistillation(self.selectors.rows, sampler)
+        distill = SelectorDistillation(self.selectors.rows, sampler) if selecting else None
+        if recovering and self.parent is not None:
+            loss = recovery_loss(model, self.parent, inputs, self.kl_weight, observer=distill)
+            loss = loss if distill is None else loss + distill.loss()
+            return (loss, None) if kwargs.get("return_outputs") else loss
         with observe(model, distill):
             result = super().compute_loss(model, inputs, *args, **kwargs)
         lm_loss = result[0] if isinstance(result, tuple) else result
@@ -191,6 +200,8 @@ def train(
     transfer_steps: int = 0,
     selectors: SelectorStage = "none",
     dense_steps: int = 0,
+    parent: DenseParent | None = None,
+    kl_weight: float = 0.0,
     **extra: Any,
 ) -> tuple[Trainer, dict[str, Any]]:
     """Run the Trainer; returns it and a record of the run (config, command, metrics).
@@ -240,6 +251,8 @@ def train(
         transfer_steps=transfer_steps,
         dense_steps=dense_steps,
         selectors="none" if trained is not model else selectors,  # a student's loss is whole
+        parent=parent,
+        kl_weight=kl_weight,
         model=trained,
         args=args,
         train_dataset=train_data,
