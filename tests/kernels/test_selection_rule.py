@@ -97,10 +97,7 @@ def test_every_path_selects_as_the_oracle(kernels, pattern):
     out = sparse_attention(
         q, k, v, pattern, backend="blocks", block_scores=scores, key_padding_mask=keep
     )
-    # Padded tiles also spread a NaN key to rows of its tiles that do not see it: the others.
-    finite = ~out.isnan().any(-1)
-    assert not (finite & must).any()
-    torch.testing.assert_close(out[finite], ref[finite])
+    torch.testing.assert_close(out, ref, equal_nan=True)
     for i in (63, 64, 100, 159):  # rows past the lengths the pattern covers (dense there)
         n = (i + 1) // 16
         step = (q[:, :, i : i + 1], k[:, :, : i + 1], v[:, :, : i + 1])
