@@ -167,10 +167,12 @@ def test_a_nan_key_leaves_the_fused_gates_other_blocks_alone(kernels):
         assert not out.isnan()[0, :2].any() and not out.isnan()[0, 2:, :40].any()
 
 
-def test_top_k_gradients_add_up_in_float32():
-    """bfloat16 through the own-block view path: the query gradient of row 63 is its own
-    block's 1 plus +256 and -256 from two selected blocks (exact in bfloat16), in whatever
-    order the parts arrive; an addition in bfloat16 loses the 1 (257 rounds to 256)."""
+@pytest.mark.parametrize("padding", [False, True], ids=["own-block view", "tiles"])
+def test_top_k_gradients_add_up_in_float32(padding):
+    """bfloat16 through the own-block view path, and through the tiles (a padding mask that
+    keeps every key): the query gradient of row 63 is its own block's 1 plus +256 and -256
+    from two selected blocks (exact in bfloat16), in whatever order the parts arrive; an
+    addition in bfloat16 loses the 1 (257 rounds to 256)."""
     q = torch.zeros(1, 1, 64, 16)
     k, v = torch.zeros(1, 1, 64, 16), torch.zeros(1, 1, 64, 16)
     q[0, 0, 63, 0] = 16.0
@@ -183,7 +185,10 @@ def test_top_k_gradients_add_up_in_float32():
     q, k, v = (x.bfloat16().requires_grad_() for x in (q, k, v))
     w = torch.zeros(1, 1, 64, 16, dtype=torch.bfloat16)
     w[0, 0, 63, 0] = 1.0
-    out = sparse_attention(q, k, v, block_topk(16, 2), backend="blocks", scale=1.0)
+    keep = torch.ones(1, 64, dtype=torch.bool) if padding else None
+    out = sparse_attention(
+        q, k, v, block_topk(16, 2), backend="blocks", scale=1.0, key_padding_mask=keep
+    )
     (grad,) = torch.autograd.grad((out * w).sum(), q)
     assert grad[0, 0, 63, :3].tolist() == [0.0, 1.0, 1.0]
 

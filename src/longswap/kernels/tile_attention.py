@@ -315,8 +315,10 @@ class TileAttention(torch.autograd.Function):
             dsinks = dsinks.to(sinks.dtype)
         if ctx.queries is None:
             return None, None, None, dsinks, None, None, None, None, None
-        dq = torch.zeros(out.shape[0], q.shape[-1], dtype=q.dtype, device=q.device)
-        dkv: dict[int, tuple[Tensor, Tensor]] = {}  # per key unit: blocked dk, dv
+        # Partial gradients add up in float32 (a bfloat16 sum may lose a tile's share); one
+        # cast at the end.
+        dq = torch.zeros(out.shape[0], q.shape[-1], device=q.device)
+        dkv: dict[int, tuple[Tensor, ...]] = {}  # per key unit: blocked dk, dv
         for ts, queries in zip(ctx.sets, ctx.queries, strict=True):
             rows = ts.rows
             g = grad[rows]
@@ -332,16 +334,22 @@ class TileAttention(torch.autograd.Function):
                 ts.mask_as(q.dtype),
                 ctx.scale,
             )
-            dq.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, q.shape[-1]))
+            dq.index_add_(0, rows.reshape(-1), dq_t.reshape(-1, q.shape[-1]).float())
             unit = ts.kv_unit
             if unit not in dkv:
-                dkv[unit] = (torch.zeros_like(kb.view(unit)), torch.zeros_like(vb.view(unit)))
+                dkv[unit] = tuple(
+                    torch.zeros(x.view(unit).shape, device=q.device) for x in (kb, vb)
+                )
             for acc, part in zip(dkv[unit], (dk_t, dv_t), strict=True):
-                acc.index_add_(0, ts.kv_index.reshape(-1), part.reshape(-1, unit, part.shape[-1]))
+                acc.index_add_(
+                    0, ts.kv_index.reshape(-1), part.float().reshape(-1, unit, part.shape[-1])
+                )
         dk, dv = (
-            sum(_unblocked(acc[i], x.shape) for acc in dkv.values()) for i, x in ((0, k), (1, v))
+            sum(_unblocked(acc[i], x.shape) for acc in dkv.values()).to(x.dtype)
+            for i, x in ((0, k), (1, v))
         )
-        return dq[:-1].view_as(q), dk, dv, dsinks, None, None, None, None, None
+        dq = dq[:-1].view_as(q).to(q.dtype)
+        return dq, dk, dv, dsinks, None, None, None, None, None
 
 
 def _unblocked(x: Tensor, shape: torch.Size) -> Tensor:
