@@ -68,3 +68,16 @@ def test_overwrite_replaces_an_empty_folder_and_longswap_outputs(model, tmp_path
     make_model("llama").save_pretrained(plain)
     assert swap(model, plain, "--overwrite") == 2
     assert "did not write" in capsys.readouterr().err
+
+
+def test_a_folder_holding_only_the_marker_counts_as_empty(model, tmp_path, capsys):
+    """What a run that stopped before writing anything leaves (the marker, an empty
+    checkpoints folder) takes the next run without --overwrite."""
+    left = tmp_path / "left"
+    (left / "checkpoints").mkdir(parents=True)
+    write_json(left / MARKER, {"written_by": "longswap"})
+    assert swap(model, left) == 0 and (left / "config.json").is_file()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    assert swap(model, tmp_path / "kept") == 2
+    assert "not empty" in capsys.readouterr().err

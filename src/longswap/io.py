@@ -108,8 +108,15 @@ def written_by_longswap(folder: Path) -> bool:
 
 
 def is_empty(folder: Path) -> bool:
-    """Whether ``folder`` is absent or an empty folder."""
-    return not folder.is_dir() or not any(folder.iterdir())
+    """Whether ``folder`` is absent, or holds nothing but longswap's :data:`MARKER` and empty
+    folders (what a run that stopped before writing anything leaves; also what the main
+    process of a launch has written when the others look)."""
+    if not folder.is_dir():
+        return True  # absent (a file in its place is refused apart)
+    return all(
+        item.name == MARKER or (item.is_dir() and not any(item.iterdir()))
+        for item in folder.iterdir()
+    )
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:

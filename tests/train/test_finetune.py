@@ -568,3 +568,17 @@ def test_the_budget_extrapolates_memory_linearly_and_time_with_the_length():
     assert estimate.peak_gb == 17.0 and estimate.fitting_batch() == 5
     assert "--batch-size 5 fits" in estimate.problem()
     assert "17 min for 100 steps" in estimate.summary()
+
+
+def test_only_the_main_process_checks_the_state_of_out(base, tmp_path, monkeypatch):
+    """The main process of a launch starts writing --out while the others may still be
+    checking their fields: they leave --out's state to it (a race, seen in CI)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    config = FinetuneConfig(model=str(base / "base"), seq_len=32, out=str(out))
+    assert any("is not empty" in p for p in problems(config))
+    monkeypatch.setenv("RANK", "1")
+    assert not any("is not empty" in p for p in problems(config))
+    inside = FinetuneConfig(model=str(base / "base"), seq_len=32, out=str(base / "base" / "x"))
+    assert any("--model" in p for p in problems(inside))  # overlaps: every process

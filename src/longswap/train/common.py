@@ -35,32 +35,13 @@ def common_problems(config: TrainingFields) -> list[str]:
         found.append("--out is required")
     else:
         out = Path(config.out)
-        unfinished = unfinished_run(out)
         inputs = [("--data", path) for path in config.data]
         if getattr(config, "model", ""):  # fine-tuning's
             inputs.insert(0, ("--model", config.model))
         if overlaps := overlap_problems(out, inputs):  # then the state of --out is beside the point
             found += overlaps
-        elif out.exists() and not out.is_dir():
-            found.append(f"--out {out} exists and is not a folder")
-        elif problem := output_problem(out):
-            found.append(problem)
-        elif unfinished and not config.resume:
-            found.append(
-                f"{unfinished} holds the checkpoints of an unfinished run that replaces --out "
-                f"{out} once it finishes: pass --resume to continue it, or delete "
-                f"{unfinished.parent} to start again"
-            )
-        elif not is_empty(out) and not (config.overwrite or config.resume):
-            found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
-        elif config.overwrite and not config.resume and (problem := replace_problem(out)):
-            found.append(problem)
-        found += leftover_problems(out)
-        home = unfinished or out
-        if config.resume and not (home / "checkpoints").is_dir():
-            found.append(f"--resume: {home}/checkpoints holds no checkpoint to resume from")
-        elif config.resume:
-            found += _resume_problems(config, home / "checkpoints" / RUN_FILE)
+        elif main_process():  # the other processes of a launch follow it (it alone writes)
+            found += _out_problems(config, out)
     if config.no_checkpoints and config.save_steps:
         found.append(
             f"--save-steps {config.save_steps} with --no-checkpoints: a run writes checkpoints "
@@ -133,6 +114,36 @@ def _resume_problems(config: TrainingFields, record: Path) -> list[str]:
         for name, value in run_fields(config).items()
         if name in before and before[name] != value
     ]
+
+
+def _out_problems(config: TrainingFields, out: Path) -> list[str]:
+    """What the state of ``out`` (and of an unfinished run beside it) says against the run.
+
+    Checked by the main process alone: it starts writing there while the other processes of
+    a launch may still be checking, and they would find its first files."""
+    found = []
+    unfinished = unfinished_run(out)
+    if out.exists() and not out.is_dir():
+        found.append(f"--out {out} exists and is not a folder")
+    elif problem := output_problem(out):
+        found.append(problem)
+    elif unfinished and not config.resume:
+        found.append(
+            f"{unfinished} holds the checkpoints of an unfinished run that replaces --out "
+            f"{out} once it finishes: pass --resume to continue it, or delete "
+            f"{unfinished.parent} to start again"
+        )
+    elif not is_empty(out) and not (config.overwrite or config.resume):
+        found.append(f"--out {out} is not empty; pass --resume to continue or --overwrite")
+    elif config.overwrite and not config.resume and (problem := replace_problem(out)):
+        found.append(problem)
+    found += leftover_problems(out)
+    home = unfinished or out
+    if config.resume and not (home / "checkpoints").is_dir():
+        found.append(f"--resume: {home}/checkpoints holds no checkpoint to resume from")
+    elif config.resume:
+        found += _resume_problems(config, home / "checkpoints" / RUN_FILE)
+    return found
 
 
 def refuse(found: list[str], what: str) -> None:
