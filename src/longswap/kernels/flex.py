@@ -8,8 +8,8 @@ inputs that require grad instead of failing deep inside the compiler.
 
 NaN policy (the same on every backend): an output row holds NaN when its query, or a key
 or value it sees, holds a NaN. FlexAttention's kernels drop NaN scores (a NaN query gives
-a row of zeros, a NaN key is skipped), so :func:`_propagate_nan` restores the rule after
-the call, filling such rows with NaN.
+a row of zeros, a NaN key is skipped), so the rows of NaN queries are filled with NaN after
+the call, and those that see a NaN key or value through ``kernels.nan``.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
+from longswap.kernels.nan import with_nan_rows
 from longswap.patterns import Pattern, Selection
 from longswap.patterns.base import MaskMod, compact
 
@@ -216,23 +217,5 @@ def flex_attention_backend(
         keep = torch.sigmoid(aux.lse - sinks.float().view(1, -1, 1))  # 0 where lse is -inf
         return (out.float() * keep[..., None]).to(out.dtype)
 
-    return _propagate_nan(attend(q, k, v), q, k, v, attend)
-
-
-def _propagate_nan(
-    out: Tensor, q: Tensor, k: Tensor, v: Tensor, attend: Callable[[Tensor, Tensor, Tensor], Tensor]
-) -> Tensor:
-    """``out`` with NaN in every row whose query, or a key or value it sees, holds a NaN.
-
-    ``attend`` is the call that produced ``out``. Rows that see a NaN key or value are found
-    only when there is one (a second call, on zero queries and keys, so that every visible
-    key weighs the same, over values that flag the NaN keys); a clean call costs one scan of
-    q, k and v.
-    """
-    rows = q.isnan().any(-1, keepdim=True)  # (B, Hq, Lq, 1)
-    bad_keys = (k.isnan().any(-1) | v.isnan().any(-1))[..., None]  # (B, Hkv, Lk, 1)
-    if bool(bad_keys.any()):
-        flags = bad_keys.to(v.dtype).expand_as(v).contiguous()
-        seen = attend(torch.zeros_like(q), torch.zeros_like(k), flags)
-        rows = rows | (seen[..., :1] > 0)
-    return out.masked_fill(rows, float("nan"))
+    out = with_nan_rows(attend, q, k, v)
+    return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan"))

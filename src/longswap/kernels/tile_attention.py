@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from longswap.kernels.nan import with_nan_rows
 from longswap.kernels.reference import capped
 
 
@@ -377,36 +378,10 @@ def tile_attention(
     A NaN key or value makes exactly the rows that see it NaN. A tile adds its mask to the
     scores and weighs every value row, so a NaN that the mask hides (NaN - inf, 0 * NaN)
     would reach the tile's other rows too: where k or v holds a NaN, the tiles run on zeros
-    in its place and the rows that see it are set to NaN.
+    in its place and the rows that see it are set to NaN (``kernels.nan``).
     """
-    bad = _nan_keys(k, v)
-    if bad is None:
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return TileAttention.apply(q, k, v, sinks, sets, scale, force_math, disjoint, softcap)
-    clean = ~bad[..., None]
-    out = TileAttention.apply(
-        q, k.where(clean, 0), v.where(clean, 0), sinks, sets, scale, force_math, disjoint, softcap
-    )
-    return out.masked_fill(_rows_seeing(sets, bad, q.shape)[..., None], float("nan"))
 
-
-def _nan_keys(k: Tensor, v: Tensor) -> Tensor | None:
-    """``(B, Hkv, Lk)`` bool: the keys whose key or value holds a NaN; None when none does.
-    Two sums find out on clean inputs (a NaN sum, from a NaN or from opposite infinities,
-    calls for the exact scan), twenty times faster than the scan itself."""
-    if not bool(torch.isnan(k.detach().sum() + v.detach().sum())):
-        return None
-    bad = k.isnan().any(-1) | v.isnan().any(-1)
-    return bad if bool(bad.any()) else None
-
-
-def _rows_seeing(sets: list[TileSet], keys: Tensor, shape: torch.Size) -> Tensor:
-    """``(B, Hq, Lq)`` bool: the query rows (of q's ``shape``) that see one of ``keys (B,
-    Hkv, Lk)`` in some tile of ``sets``."""
-    flat = torch.zeros(shape[0] * shape[1] * shape[2] + 1, dtype=torch.bool, device=keys.device)
-    held = _Blocked(keys[..., None])
-    for ts in sets:
-        slots = held.gather(ts.kv_index, ts.kv_unit)[:, :, :, 0]  # (N, 1, K)
-        visible = ts.visible()  # (N or 1, R or 1, K), None: every pair
-        sees = (slots if visible is None else visible & slots).any(-1)  # (N, R or 1)
-        flat[ts.rows[sees.expand_as(ts.rows)]] = True
-    return flat[:-1].view(*shape[:3])
+    return with_nan_rows(attend, q, k, v)
