@@ -277,9 +277,11 @@ def test_auto_choice():
         "reference"
     )
     assert resolve_backend("auto", prompt_128, prompt_128, prompt_128, window_sinks) == "blocks"
-    with torch.no_grad():  # bfloat16: no kernel, a small call stays on the oracle
+    with torch.no_grad():  # bfloat16 runs the window kernel too; float16 has none
         keys = prompt_128.bfloat16()  # longer than the window and sinks: not dense
-        assert resolve_backend("auto", small.bfloat16(), keys, keys, window_sinks) == ("reference")
+        assert resolve_backend("auto", small.bfloat16(), keys, keys, window_sinks) == "blocks"
+        keys = prompt_128.half()
+        assert resolve_backend("auto", small.half(), keys, keys, window_sinks) == "reference"
         # Dense at this length (4 keys inside the window): SDPA's kernel, through blocks.
         assert resolve_backend("auto", small.bfloat16(), small, small, window_sinks) == "blocks"
 

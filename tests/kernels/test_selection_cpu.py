@@ -1,6 +1,6 @@
-"""The C++ block-selection kernels of ``blocks`` (float32 on CPU): the static part through
-the window kernel (its own-block argument), the selected blocks grouped by key block, and
-the compiled top-k."""
+"""The C++ block-selection kernels of ``blocks`` (float32 and bfloat16 on CPU): the static
+part through the window kernel (its own-block argument), the selected blocks grouped by key
+block, and the compiled top-k."""
 
 import pytest
 import torch
@@ -74,6 +74,46 @@ def test_kernel_equals_reference(batch, heads, q_len, kv_len, pattern, kernel_ca
     assert kernel_calls == ([] if pattern.covers(kv_len) else [pattern])
 
 
+def relative_error(a, b):
+    """``|a - b| / |b|`` over the whole tensor, in float32."""
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize(
+    ("heads", "q_len", "kv_len", "pattern"),
+    [
+        ((4, 2), 1000, 1000, "block_topk(block_size=64, top_k=4)"),
+        ((4, 2), 777, 777, "sliding_window(window=128, sinks=4) | block_topk(32, 3)"),
+        ((6, 2), 500, 900, "sliding_window(window=100, sinks=40) | block_topk(32, 5)"),
+        ((4, 2), 600, 611, "sliding_window(64, sinks=4) | learned_topk(16, 4, per_head=True)"),
+    ],
+    ids=str,
+)
+def test_bfloat16_kernel_equals_reference(heads, q_len, kv_len, pattern, kernel_calls):
+    """bfloat16 inputs run the kernels (bfloat16 products, float32 accumulation): outputs
+    and gradients, in bfloat16, within bfloat16's rounding of the float32 oracle's on the
+    same (rounded) inputs, per head and per group, with cached keys and sinks."""
+    pattern = parse_pattern(pattern)
+    q, k, v = inputs(2, *heads, q_len, kv_len, dim=64, dtype=torch.bfloat16)
+    exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    scores = _scores(pattern, q, k)
+    w = torch.randn(2, heads[0], q_len, 64)
+    ref = _outputs_and_grads(
+        lambda *x: reference_attention(*x, pattern, 0.125, block_scores=scores), *exact, w
+    )
+    got = _outputs_and_grads(
+        lambda *x: blocks.blocks_attention(*x, pattern, 0.125, block_scores=scores).float(),
+        q,
+        k,
+        v,
+        w,
+    )
+    assert kernel_calls == [pattern]
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref, strict=True):
+        assert relative_error(a, b) < 8e-3, name  # bfloat16 keeps 8 bits: 2**-8 = 3.9e-3
+    assert all(g.dtype == torch.bfloat16 for g in got[1:])
+
+
 def test_nan_stays_in_its_row():
     """A NaN query makes its own row NaN and no other (IEEE, as the oracle)."""
     pattern = parse_pattern("sliding_window(window=32, sinks=2) | block_topk(16, 2)")
@@ -108,9 +148,9 @@ def test_other_patterns_keep_their_paths():
     ):
         assert not selection_cpu.selection_kernel_applies(parse_pattern(text), q)
     assert selection_cpu.selection_kernel_applies(parse_pattern("block_topk(16, 2)"), q)
-    assert not selection_cpu.selection_kernel_applies(
-        parse_pattern("block_topk(16, 2)"), q.double()
-    )
+    assert selection_cpu.selection_kernel_applies(parse_pattern("block_topk(16, 2)"), q.bfloat16())
+    for other in (q.double(), q.half()):
+        assert not selection_cpu.selection_kernel_applies(parse_pattern("block_topk(16, 2)"), other)
 
 
 def test_selection_kernel_checks_its_arguments():
@@ -152,3 +192,23 @@ def test_fused_gate_scores_equal_pure_pytorch(per_head, sub_block):
     assert gate._prompt_kernel(q, 100) is None  # the gate's parameters want gradients
     expected = gate(q, k).detach()
     torch.testing.assert_close(fused[..., can_select], expected[..., can_select])
+
+
+def test_fused_gate_scores_a_bfloat16_gate():
+    """A bfloat16 gate (a bfloat16 model's) scores through the fused kernel in float32: the
+    pure-PyTorch bfloat16 scores within their rounding."""
+    from longswap.selectors import BlockGate
+
+    gate = BlockGate(16, 2, 32, per_head=True, sub_block=4).bfloat16().requires_grad_(False)
+    q, k = torch.randn(1, 4, 300, 16).bfloat16(), torch.randn(1, 2, 400, 16).bfloat16()
+    own = (torch.arange(100, 400) // 32)[:, None]
+    can_select = torch.arange(400 // 32)[None] < own  # (Lq, n)
+    with torch.no_grad():
+        assert gate._prompt_kernel(q, 100) is not None
+        fused = gate.score(q, gate.block_keys(k), offset=100)
+        gate._prompt_kernel = lambda q, offset: None  # the pure-PyTorch scores
+        expected = gate.score(q, gate.block_keys(k), offset=100)
+    assert fused.dtype == torch.float32
+    torch.testing.assert_close(
+        fused[..., can_select], expected[..., can_select].float(), atol=0.05, rtol=0.02
+    )

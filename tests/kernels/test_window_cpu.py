@@ -1,4 +1,4 @@
-"""The C++ sliding-window kernel of ``blocks`` (float32 on CPU)."""
+"""The C++ sliding-window kernel of ``blocks`` (float32 and bfloat16 on CPU)."""
 
 import warnings
 
@@ -71,15 +71,43 @@ def test_kernel_takes_any_gradient_layout():
         torch.testing.assert_close(a, b, atol=2e-5, rtol=2e-5)
 
 
-def test_kernel_serves_only_float32_windows_on_cpu(kernel_calls, monkeypatch):
+@pytest.mark.parametrize(
+    ("heads", "q_len", "kv_len", "pattern"),
+    [
+        ((2, 2), 1000, 1000, sliding_window(100)),
+        ((4, 2), 700, 900, sliding_window(150, sinks=4)),  # cached keys, sinks
+        ((4, 2), 500, 500, dilated(20, 3)),
+    ],
+    ids=str,
+)
+def test_bfloat16_kernel_equals_reference(heads, q_len, kv_len, pattern, kernel_calls):
+    """bfloat16 windows run the kernel: outputs and gradients (bfloat16) within bfloat16's
+    rounding of the float32 oracle's on the same rounded inputs."""
+    from tests.kernels.test_selection_cpu import relative_error
+
+    q, k, v = inputs(2, *heads, q_len, kv_len, dim=64, dtype=torch.bfloat16)
+    exact = [x.detach().float().requires_grad_() for x in (q, k, v)]
+    w = torch.randn(2, heads[0], q_len, 64)
+    out = blocks.blocks_attention(q, k, v, pattern, 0.125)
+    ref = reference_attention(*exact, pattern, 0.125)
+    assert kernel_calls == [pattern] and out.dtype == torch.bfloat16
+    assert relative_error(out, ref) < 8e-3
+    got = torch.autograd.grad((out.float() * w).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * w).sum(), exact)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want, strict=True):
+        assert a.dtype == torch.bfloat16 and relative_error(a, b) < 8e-3, name
+
+
+def test_kernel_serves_float32_and_bfloat16_windows_on_cpu(kernel_calls, monkeypatch):
     q, k, v = inputs(1, 2, 2, 300, 300)
     blocks.blocks_attention(q, k, v, sliding_window(16) | dilated(4, 40), 0.25)  # band
     blocks.blocks_attention(q, k, v, shifted_groups(64), 0.25)  # tiles
     blocks.blocks_attention(q, k, v, sliding_window(40), 0.25, force_math=True)
     blocks.blocks_attention(q, k, v, sliding_window(40), 0.25, torch.ones(1, 300, dtype=bool))
-    q16, k16, v16 = (t.detach().bfloat16() for t in (q, k, v))
-    blocks.blocks_attention(q16, k16, v16, sliding_window(40), 0.25)
+    q16, k16, v16 = (t.detach().half() for t in (q, k, v))
+    blocks.blocks_attention(q16, k16, v16, sliding_window(40), 0.25)  # float16: band
     assert kernel_calls == []
+    assert window_cpu.window_kernel_applies(sliding_window(40), q.bfloat16())
     monkeypatch.setenv(cpp.SWITCH, "0")  # switched off: pure PyTorch throughout
     cpp.compiled.cache_clear()
     try:

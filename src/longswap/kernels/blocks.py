@@ -1,23 +1,23 @@
 """The ``blocks`` backend: visits only the key blocks each query block needs.
 
-PyTorch throughout, except sliding and dilated windows in float32 on CPU, which run a
-small C++ kernel compiled on first use (``window_cpu``; ``LONGSWAP_CPU_KERNEL=0`` keeps
+PyTorch throughout, except sliding and dilated windows in float32 or bfloat16 on CPU, which
+run a small C++ kernel compiled on first use (``window_cpu``; ``LONGSWAP_CPU_KERNEL=0`` keeps
 them in PyTorch). Differentiable on CPU and GPU; time and memory are O(L x keys visited
 per query), never O(L^2) for a sparse pattern. The pattern becomes tiles (see ``tile_attention``):
 
-* sliding and dilated windows in float32 on CPU: a C++ kernel that computes each block of
-  64 query rows against exactly its key range (``window_cpu``).
-* other distance-only patterns (unions and intersections of windows; windows in other
-  dtypes, on other devices or without the kernel): overlapping key slices read as strided
-  views (``band``).
+* sliding and dilated windows in float32 or bfloat16 on CPU: a C++ kernel that computes
+  each block of 64 query rows against exactly its key range (``window_cpu``).
+* other distance-only patterns (unions and intersections of windows; windows in float16,
+  on other devices or without the kernel): overlapping key slices read as strided views
+  (``band``).
 * static patterns: one tile per (batch, key head, query block) holding the query rows of
   all ``G`` query heads that share the key head (grouped-query attention without expanding
   keys), against the key blocks of the block structure. Per-head patterns get one tile per
   query head instead. Tiles are built once per shape and cached.
 * decoding steps (a few queries) of selection patterns: their static keys and selected
   blocks gathered per key head (``decode``).
-* block selections in float32 on CPU (``block_topk``, ``learned_topk``, and their unions
-  with a sliding window and sinks): two C++ kernels, the static part through the window
+* block selections in float32 or bfloat16 on CPU (``block_topk``, ``learned_topk``, and
+  their unions with a sliding window and sinks): two C++ kernels, the static part through the window
   kernel and the selected blocks grouped by key block (``selection_cpu``).
 * ``block_topk`` elsewhere: the own block is a static tile set; every (query, selected block) pair
   is grouped by key block, so that each key block is one tile holding the queries that

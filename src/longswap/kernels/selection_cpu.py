@@ -1,4 +1,4 @@
-"""Block selections on CPU in float32: two C++ kernels, no tiles and no masks.
+"""Block selections on CPU in float32 or bfloat16: two C++ kernels, no tiles and no masks.
 
 ``block_topk`` and ``learned_topk`` (own block plus selected blocks), and their unions with
 a sliding window and sinks (``sliding_window(window=512, sinks=4) | block_topk(64, 16)``),
@@ -11,8 +11,9 @@ split into a static part and the selected blocks:
   product, and each row's partial softmax merges into the static part's (online softmax).
 
 Backward runs both kernels from the merged output and log-sum-exp, as FlashAttention does
-across key splits. The selection itself is not differentiable (its indices come from
-``Selection.select_blocks``). Both kernels are built on first use (``kernels.cpp``);
+across key splits. bfloat16 inputs multiply in bfloat16 with float32 accumulation; the merge,
+the outputs and the gradients stay float32 until they leave. The selection itself is not
+differentiable (its indices come from ``Selection.select_blocks``). Both kernels are built on first use (``kernels.cpp``);
 without them, ``blocks`` keeps to its pure-PyTorch tiles.
 """
 
@@ -22,7 +23,14 @@ import torch
 from torch import Tensor
 
 from longswap.kernels.cpp import compiled
-from longswap.kernels.window_cpu import BLOCK, extension, rows_contiguous, window_backward
+from longswap.kernels.window_cpu import (
+    BLOCK,
+    DTYPES,
+    cast_like,
+    extension,
+    rows_contiguous,
+    window_backward,
+)
 from longswap.patterns import BlockTopK, Pattern, SelectionUnion, SlidingWindow
 
 
@@ -38,12 +46,12 @@ def static_part(pattern: Pattern) -> tuple[int, int, int] | None:
 
 
 def selection_kernel_applies(pattern: Pattern, q: Tensor) -> bool:
-    """True for a selection :func:`static_part` serves, q in float32 on CPU, both kernels
-    built."""
+    """True for a selection :func:`static_part` serves, q in float32 or bfloat16 on CPU, both
+    kernels built."""
     return (
         static_part(pattern) is not None
         and q.device.type == "cpu"
-        and q.dtype == torch.float32
+        and q.dtype in DTYPES
         and extension() is not None
         and compiled("selection_attention") is not None
     )
@@ -79,6 +87,7 @@ class SelectionAttention(torch.autograd.Function):
         out, lse = compiled("selection_attention").forward(
             q, k, v, blocks, chosen, out, lse, window, own_block, sinks, block_size, scale
         )
+        out = out.to(q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, blocks, chosen)
         ctx.args = window, own_block, sinks, block_size, scale
         return out
@@ -92,7 +101,8 @@ class SelectionAttention(torch.autograd.Function):
         dq_s, dk_s, dv_s = compiled("selection_attention").backward(
             grad, q, k, v, out, lse, blocks, chosen, *ctx.args
         )
-        return dq + dq_s, dk + dk_s, dv + dv_s, None, None, None, None, None
+        grads = cast_like((dq + dq_s, dk + dk_s, dv + dv_s), (q, k, v))
+        return *grads, None, None, None, None, None
 
 
 def selection_attention(

@@ -1,10 +1,13 @@
 """The window path of ``blocks`` on CPU: a small C++ kernel, built on first use.
 
-``sliding_window(window, sinks)`` in float32 on CPU runs ``csrc/window_attention.cpp``:
-each block of 64 query rows multiplies against exactly its key range (the window of its
-first row up to its last row, plus the sinks) through BLAS, and masks by two intervals
-per row. It computes ``window + 63`` keys per query, where torch's flash kernels over
-band slices compute ``window + 192`` and skip nothing inside a slice.
+``sliding_window(window, sinks)`` in float32 or bfloat16 on CPU runs
+``csrc/window_attention.cpp``: each block of 64 query rows multiplies against exactly its
+key range (the window of its first row up to its last row, plus the sinks) through BLAS,
+and masks by two intervals per row. It computes ``window + 63`` keys per query, where
+torch's flash kernels over band slices compute ``window + 192`` and skip nothing inside a
+slice. bfloat16 inputs multiply in bfloat16 with float32 accumulation (MKL's bfloat16
+product: AVX512-BF16 or AMX where the CPU has them); softmax, outputs and gradients are
+float32 inside the kernel and cast to the inputs' dtype on the way out.
 
 ``dilated(window, dilation)`` is ``dilation`` interleaved windows: the queries at
 positions ``r, r + dilation, ...`` see exactly the keys at those positions, ``window`` of
@@ -22,6 +25,9 @@ from torch import Tensor
 from longswap.kernels.cpp import compiled
 from longswap.patterns import Dilated, Pattern, SlidingWindow
 
+#: Input dtypes the C++ kernels take (float32 or bfloat16; float16 keeps to PyTorch).
+DTYPES = (torch.float32, torch.bfloat16)
+
 #: Query rows per block: the kernel computes ``window + BLOCK - 1`` keys for each block.
 BLOCK = 64
 
@@ -32,11 +38,12 @@ def extension():  # noqa: ANN201 (a compiled module)
 
 
 def window_kernel_applies(pattern: Pattern, q: Tensor) -> bool:
-    """True for a sliding or dilated window with q in float32 on CPU (kernel built)."""
+    """True for a sliding or dilated window with q in float32 or bfloat16 on CPU (kernel
+    built)."""
     return (
         isinstance(pattern, (SlidingWindow, Dilated))
         and q.device.type == "cpu"
-        and q.dtype == torch.float32
+        and q.dtype in DTYPES
         and extension() is not None
     )
 
@@ -93,7 +100,7 @@ class WindowAttention(torch.autograd.Function):
             for rows, keys in parts
         ]
         if parts == _WHOLE:
-            out = results[0][0]
+            out = results[0][0].to(q.dtype)
         else:  # each window's rows back in place
             out = q.new_empty(*q.shape[:3], v.shape[3])
             for (rows, _), (part, _) in zip(parts, results, strict=True):
@@ -108,7 +115,7 @@ class WindowAttention(torch.autograd.Function):
         grad = rows_contiguous(grad)
         if ctx.parts == _WHOLE:
             grads = window_backward(grad, q, k, v, out, lses[0], ctx.window, ctx.sinks, ctx.scale)
-            return *grads, None, None
+            return *cast_like(grads, (q, k, v)), None, None
         # rows of several windows; keys no query sees keep zeros
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         for (rows, keys), lse in zip(ctx.parts, lses, strict=True):
@@ -140,7 +147,8 @@ def window_backward(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dq, dk, dv)`` of the window kernel's keys (window, own block and ``sinks``, see
     ``csrc/window_attention.cpp``) from ``out`` and ``lse``: the window's own, or those of a
-    whole pattern the window is part of (the window's share of its gradients)."""
+    whole pattern the window is part of (the window's share of its gradients). float32, for
+    the caller to add up and cast."""
     dq, dk, dv, dk_sink, dv_sink = extension().backward(
         grad, q, k, v, out, lse, window, sinks, scale, BLOCK, own_block
     )
@@ -148,6 +156,11 @@ def window_backward(
         dk[:, :, :sinks] += dk_sink.sum(2)
         dv[:, :, :sinks] += dv_sink.sum(2)
     return dq, _per_key_head(dk, k.shape[1]), _per_key_head(dv, k.shape[1])
+
+
+def cast_like(grads: tuple[Tensor, ...], inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Each float32 gradient in its input's dtype (unchanged for float32 inputs)."""
+    return tuple(g.to(x.dtype) for g, x in zip(grads, inputs, strict=True))
 
 
 def window_attention(

@@ -133,9 +133,9 @@ class BlockGate(nn.Module):
         mapped = (queries @ self.query_map) * (1 / math.sqrt(dim))  # (B, Hkv, g, Lq, D)
         kernel = self._prompt_kernel(q, offset) if pieces > 1 else None
         if kernel is not None:  # pieces of a prompt without gradients: one fused call
-            return kernel.gate_prompt_scores(
-                mapped.flatten(1, 2).contiguous(),
-                block_keys.contiguous(),
+            return kernel.gate_prompt_scores(  # float32 scores, whatever the gate's dtype
+                mapped.flatten(1, 2).float().contiguous(),
+                block_keys.float().contiguous(),
                 self.per_head,
                 offset,
                 self.block_size,
@@ -158,12 +158,10 @@ class BlockGate(nn.Module):
         return torch.cat(out, 2) if len(out) > 1 else out[0]  # (B, Hq or Hkv, Lq, n)
 
     def _prompt_kernel(self, q: Tensor, offset: int | None):  # noqa: ANN202 (a module)
-        """The compiled prompt scorer for an attention call's rows in float32 on CPU when
-        no gradient reaches the gate; else None."""
+        """The compiled prompt scorer (float32 arithmetic) for an attention call's rows on
+        CPU when no gradient reaches the gate; else None."""
         trains = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
         if offset is None or trains or q.device.type != "cpu":
-            return None
-        if self.query_map.dtype != torch.float32:
             return None
         return compiled("selection_attention")
 

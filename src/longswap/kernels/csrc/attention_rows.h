@@ -1,5 +1,5 @@
 // Helpers shared by longswap's CPU attention kernels: BLAS products over rows of
-// (B, H, L, D) tensors, vectorized softmax pieces that keep NaN and infinities (IEEE,
+// (B, H, L, D) float32 or bfloat16 tensors (bfloat16 products accumulate in float32), vectorized softmax pieces that keep NaN and infinities (IEEE,
 // no -ffast-math; exponentials through ATen's Vectorized<float>, i.e. SLEEF), and the rank
 // of a key block by its score.
 #pragma once
@@ -23,6 +23,13 @@ extern "C" void sgemm_(const char* trans_a, const char* trans_b, const int* m, c
                        const int* k, const float* alpha, const float* a, const int* lda,
                        const float* b, const int* ldb, const float* beta, float* c,
                        const int* ldc);
+// MKL's bfloat16 product with float32 accumulation and output (same arguments as sgemm_,
+// bfloat16 as its 16 bits); weak: absent where torch's BLAS is not MKL.
+extern "C" void gemm_bf16bf16f32_(const char* trans_a, const char* trans_b, const int* m,
+                                  const int* n, const int* k, const float* alpha,
+                                  const uint16_t* a, const int* lda, const uint16_t* b,
+                                  const int* ldb, const float* beta, float* c, const int* ldc)
+    __attribute__((weak));
 // MKL's thread count for the calling thread; weak: absent where torch's BLAS is not MKL.
 extern "C" int MKL_Set_Num_Threads_Local(int threads) __attribute__((weak));
 
@@ -39,6 +46,56 @@ inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, 
   sgemm_(&tb, &ta, &mm, &nn, &kk, &alpha, b, &la, a, &lb, &beta, c, &lc);
 }
 
+// The rows x cols matrix x (row stride ld) as dense float32 rows in `buf`.
+inline const float* widened(const at::BFloat16* x, int64_t rows, int64_t cols, int64_t ld,
+                            std::vector<float>& buf) {
+  buf.resize(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) at::vec::convert(x + r * ld, buf.data() + r * cols, cols);
+  return buf.data();
+}
+
+// The same product of bfloat16 matrices, accumulated in float32 into float32 C: MKL's
+// bfloat16 kernel (AVX512-BF16 or AMX where the CPU has them), else both widened to float32.
+inline void matmul(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+            const at::BFloat16* a, int64_t lda, const at::BFloat16* b, int64_t ldb, float beta,
+            float* c, int64_t ldc) {
+  if (m == 0 || n == 0 || k == 0) return;
+  if (!gemm_bf16bf16f32_) {
+    thread_local std::vector<float> wa, wb;
+    int64_t ra = trans_a ? k : m, rb = trans_b ? n : k;
+    const float* fa = widened(a, ra, trans_a ? m : k, lda, wa);
+    const float* fb = widened(b, rb, trans_b ? k : n, ldb, wb);
+    matmul(trans_a, trans_b, m, n, k, alpha, fa, trans_a ? m : k, fb, trans_b ? k : n, beta, c,
+           ldc);
+    return;
+  }
+  const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+  const int mm = int(n), nn = int(m), kk = int(k), la = int(ldb), lb = int(lda), lc = int(ldc);
+  gemm_bf16bf16f32_(&tb, &ta, &mm, &nn, &kk, &alpha, reinterpret_cast<const uint16_t*>(b), &la,
+                    reinterpret_cast<const uint16_t*>(a), &lb, &beta, c, &lc);
+}
+
+// x[0, n) (float32 weights or gradients) as an operand of a product with T rows: x itself
+// for float32, else rounded to bfloat16 in `buf` (as FlashAttention rounds its weights).
+template <typename T>
+const T* operand(const float* x, int64_t n, std::vector<T>& buf) {
+  buf.resize(n);
+  at::vec::convert(x, buf.data(), n);
+  return buf.data();
+}
+template <>
+inline const float* operand<float>(const float* x, int64_t, std::vector<float>&) {
+  return x;
+}
+
+// sum_i a[i] b[i] over [0, n) in float32.
+template <typename T>
+float dot_of(const T* a, const T* b, int64_t n) {
+  float total = 0.f;
+  for (int64_t i = 0; i < n; ++i) total += float(a[i]) * float(b[i]);
+  return total;
+}
+
 // While alive, MKL calls made by this thread stay on this thread: each task is already one
 // thread's share of the work.
 struct SequentialBlas {
@@ -48,24 +105,28 @@ struct SequentialBlas {
   }
 };
 
-// A (B, H, L, D) tensor read through its strides; rows must be contiguous. A single row's
-// stride along L is never followed: BLAS gets D instead, whatever torch recorded.
+// A (B, H, L, D) tensor of T read through its strides; rows must be contiguous. A single
+// row's stride along L is never followed: BLAS gets D instead, whatever torch recorded.
+template <typename T = float>
 struct View {
-  float* data;
+  T* data;
   int64_t sb, sh, sl;
   explicit View(const at::Tensor& x)
-      : data(x.data_ptr<float>()), sb(x.stride(0)), sh(x.stride(1)),
+      : data(x.data_ptr<T>()), sb(x.stride(0)), sh(x.stride(1)),
         sl(x.size(2) > 1 ? x.stride(2) : std::max<int64_t>(x.size(3), 1)) {}
-  float* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
+  T* row(int64_t b, int64_t h, int64_t l) const { return data + b * sb + h * sh + l * sl; }
 };
 
 using Vec = at::vec::Vectorized<float>;
 
-// A (B, H, L, D) float32 CPU tensor whose rows BLAS can read: unit stride along D, a row
-// stride of at least D (rows do not overlap), every stride and size within BLAS's int.
-inline void check_rows(const at::Tensor& x, const char* kernel, const char* name) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 4,
-              kernel, ": ", name, " must be a 4-D float32 CPU tensor (B, H, L, D), got ",
+// A (B, H, L, D) CPU tensor of `dtype` (float32 or bfloat16) whose rows BLAS can read:
+// unit stride along D, a row stride of at least D (rows do not overlap), every stride and
+// size within BLAS's int.
+inline void check_rows(const at::Tensor& x, const char* kernel, const char* name,
+                       at::ScalarType dtype = at::kFloat) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == dtype && x.dim() == 4,
+              kernel, ": ", name, " must be a 4-D ",
+              dtype == at::kFloat ? "float32" : "bfloat16", " CPU tensor (B, H, L, D), got ",
               x.scalar_type(), " on ", x.device(), " with shape ", x.sizes());
   bool rows = x.size(2) > 1;
   TORCH_CHECK(x.numel() == 0 || (x.stride(3) == 1 && (!rows || x.stride(2) >= x.size(3))),
@@ -74,6 +135,13 @@ inline void check_rows(const at::Tensor& x, const char* kernel, const char* name
               " with strides ", x.strides(), "; pass x.contiguous()");
   TORCH_CHECK(x.size(3) <= INT_MAX && (!rows || x.stride(2) <= INT_MAX), kernel, ": ", name, " has rows too long for BLAS (D ", x.size(3), ", row stride ", x.stride(2),
               "; at most ", INT_MAX, ")");
+}
+
+// The element type of q: float32 or bfloat16, the kernels' two input dtypes.
+inline at::ScalarType input_dtype(const at::Tensor& q, const char* kernel) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, kernel,
+              ": q, k and v must be float32 or bfloat16, got ", q.scalar_type());
+  return q.scalar_type();
 }
 
 // Largest of m and x[0, n); NaN when one is NaN (as torch.amax), so that a caller who skips

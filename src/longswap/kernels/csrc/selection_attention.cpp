@@ -1,5 +1,7 @@
 // The selected key blocks of a block selection (block_topk, learned_topk, and their unions
-// with a window and sinks) on CPU, float32: forward and backward, with no mask stored.
+// with a window and sinks) on CPU: forward and backward, with no mask stored. q, k, v in
+// float32 or bfloat16; scores, softmax, outputs and gradients in float32 (weights rounded to
+// bfloat16 for their products with bfloat16 rows).
 //
 // Query row t of head h sits at absolute position p = offset + t. blocks / chosen
 // (B, Hq, Lq, P) name the complete key blocks of `block_size` keys each row selected (the
@@ -39,9 +41,10 @@ struct Selected {
            const at::Tensor& blocks_, const at::Tensor& chosen_, int64_t window_,
            int64_t own_block_, int64_t sinks_, int64_t block_size_, double scale) {
     const char* what = "selection kernel";
-    check_rows(q, what, "q");
-    check_rows(k, what, "k");
-    check_rows(v, what, "v");
+    at::ScalarType dtype = input_dtype(q, what);
+    check_rows(q, what, "q", dtype);
+    check_rows(k, what, "k", dtype);
+    check_rows(v, what, "v", dtype);
     TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0) && k.size(1) == v.size(1) &&
                     k.size(2) == v.size(2) && q.size(3) == k.size(3) && k.size(1) >= 1 &&
                     q.size(1) % k.size(1) == 0 && q.size(2) <= k.size(2),
@@ -135,18 +138,18 @@ struct TaskPairs {
 };
 
 // Copies the rows of x named by the pairs [lo, hi) into buf (one row of `width` each).
-void gather(const View& x, int64_t width, const TaskPairs& tp, int64_t lo, int64_t hi,
-            float* buf) {
+template <typename T>
+void gather(const View<T>& x, int64_t width, const TaskPairs& tp, int64_t lo, int64_t hi,
+            T* buf) {
   for (int64_t e = lo; e < hi; ++e) {
     std::copy_n(x.row(tp.b, tp.head[e], tp.row[e]), width, buf + (e - lo) * width);
   }
 }
 
-}  // namespace
-
 // out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of the whole pattern: the static part's
 // out_static / lse_static merged with the selected blocks.
-std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor& k,
+template <typename T>
+std::vector<at::Tensor> forward_of(const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& blocks,
                                           const at::Tensor& chosen, const at::Tensor& out_static,
                                           const at::Tensor& lse_static, int64_t window,
@@ -163,14 +166,16 @@ std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor&
   auto out = out_static.clone();
   auto lse = lse_static.clone();  // the running maximum until the end
   auto total = at::ones_like(lse);  // the running sum of exponentials, relative to it
-  View qv(q), kv(k), vv(v), ov(out);
+  View<T> qv(q), kv(k), vv(v);
+  View<float> ov(out);
   float* m_data = lse.data_ptr<float>();
   float* l_data = total.data_ptr<float>();
   float sc = float(scale);
   at::parallel_for(0, s.tasks(), 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
-    std::vector<float> qbuf(kMaxRows * s.dim), sbuf(kMaxRows * s.block_size),
-        pv(kMaxRows * s.dim_v), m_blk(kMaxRows), l_blk(kMaxRows);
+    std::vector<T> qbuf(kMaxRows * s.dim), weights;
+    std::vector<float> sbuf(kMaxRows * s.block_size), pv(kMaxRows * s.dim_v), m_blk(kMaxRows),
+        l_blk(kMaxRows);
     for (int64_t task = begin; task < end; ++task) {
       TaskPairs tp(s, task);
       for (int64_t j = 0; j < s.n_blocks; ++j) {
@@ -194,7 +199,8 @@ std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor&
             std::fill(r, r + c0, 0.f);
             std::fill(r + c1, r + s.block_size, 0.f);
           }
-          matmul(false, false, n, s.dim_v, s.block_size, 1.f, sbuf.data(), s.block_size,
+          matmul(false, false, n, s.dim_v, s.block_size, 1.f,
+                 operand(sbuf.data(), n * s.block_size, weights), s.block_size,
                  vv.row(tp.b, tp.hk, j * s.block_size), vv.sl, 0.f, pv.data(), s.dim_v);
           for (int64_t e = 0; e < n; ++e) {
             if (m_blk[e] == -INFINITY) continue;  // nothing seen (or every score -inf)
@@ -224,9 +230,9 @@ std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor&
   return {out, lse};
 }
 
-// The selected blocks' share of the gradients: dq (B, Hq, Lq, D), dk (B, Hkv, Lk, D) and
-// dv (B, Hkv, Lk, Dv), from the whole pattern's out and lse (selection_forward's).
-std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Tensor& q,
+// The gradients of selection_backward (below) for inputs of T.
+template <typename T>
+std::vector<at::Tensor> backward_of(const at::Tensor& grad, const at::Tensor& q,
                                            const at::Tensor& k, const at::Tensor& v,
                                            const at::Tensor& out, const at::Tensor& lse,
                                            const at::Tensor& blocks, const at::Tensor& chosen,
@@ -234,7 +240,7 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
                                            int64_t block_size, double scale) {
   Selected s(q, k, v, blocks, chosen, window, own_block, sinks, block_size, scale);
   for (auto [x, name] : {std::pair{&grad, "grad"}, {&out, "out"}}) {
-    check_rows(*x, "selection kernel", name);
+    check_rows(*x, "selection kernel", name, q.scalar_type());
     TORCH_CHECK(x->sizes() == at::IntArrayRef({s.batch, s.heads, s.q_len, s.dim_v}),
                 "selection kernel: ", name, " must be (B, Hq, Lq, Dv), got ", x->sizes());
   }
@@ -242,11 +248,13 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
                   lse.sizes() == at::IntArrayRef({s.batch, s.heads, s.q_len}),
               "selection kernel: lse must be contiguous float32 (B, Hq, Lq), got ", lse.sizes());
   int64_t slots = std::min<int64_t>(s.tasks(), at::get_num_threads());
-  auto dq = at::zeros({s.batch, s.heads, s.q_len, s.dim}, q.options());
-  auto dk_slots = at::zeros({slots, s.batch, s.kv_heads, s.kv_len, s.dim}, q.options());
-  auto dv_slots = at::zeros({slots, s.batch, s.kv_heads, s.kv_len, s.dim_v}, q.options());
-  View gv(grad), qv(q), kv(k), vv(v), ov(out), dqv(dq);
-  std::vector<View> dk_views, dv_views;
+  auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::zeros({s.batch, s.heads, s.q_len, s.dim}, f32);
+  auto dk_slots = at::zeros({slots, s.batch, s.kv_heads, s.kv_len, s.dim}, f32);
+  auto dv_slots = at::zeros({slots, s.batch, s.kv_heads, s.kv_len, s.dim_v}, f32);
+  View<T> gv(grad), qv(q), kv(k), vv(v), ov(out);
+  View<float> dqv(dq);
+  std::vector<View<float>> dk_views, dv_views;
   for (int64_t slot = 0; slot < slots; ++slot) {
     dk_views.emplace_back(dk_slots[slot]);
     dv_views.emplace_back(dv_slots[slot]);
@@ -255,27 +263,26 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
   float sc = float(scale);
   at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
-    std::vector<float> qbuf(kMaxRows * s.dim), gbuf(kMaxRows * s.dim_v),
-        pbuf(kMaxRows * s.block_size), dsbuf(kMaxRows * s.block_size), dqbuf(kMaxRows * s.dim);
+    std::vector<T> qbuf(kMaxRows * s.dim), gbuf(kMaxRows * s.dim_v), p_op, ds_op;
+    std::vector<float> pbuf(kMaxRows * s.block_size), dsbuf(kMaxRows * s.block_size),
+        dqbuf(kMaxRows * s.dim);
     for (int64_t slot = begin; slot < end; ++slot) {
-      const View& dkv = dk_views[slot];
-      const View& dvv = dv_views[slot];
+      const View<float>& dkv = dk_views[slot];
+      const View<float>& dvv = dv_views[slot];
       for (int64_t task = slot; task < s.tasks(); task += slots) {
         TaskPairs tp(s, task);
         // dO . O of each row of the task, by (head in group, row in chunk).
         std::vector<float> dots(s.groups * tp.rows);
         for (int64_t g = 0; g < s.groups; ++g) {
           for (int64_t t = 0; t < tp.rows; ++t) {
-            const float* o = ov.row(tp.b, tp.hk * s.groups + g, tp.t0 + t);
-            const float* d = gv.row(tp.b, tp.hk * s.groups + g, tp.t0 + t);
-            float dot = 0.f;
-            for (int64_t i = 0; i < s.dim_v; ++i) dot += o[i] * d[i];
-            dots[g * tp.rows + t] = dot;
+            int64_t h = tp.hk * s.groups + g;
+            dots[g * tp.rows + t] = dot_of(ov.row(tp.b, h, tp.t0 + t), gv.row(tp.b, h, tp.t0 + t),
+                                           s.dim_v);
           }
         }
         for (int64_t j = 0; j < s.n_blocks; ++j) {
-          const float* k_blk = kv.row(tp.b, tp.hk, j * s.block_size);
-          const float* v_blk = vv.row(tp.b, tp.hk, j * s.block_size);
+          const T* k_blk = kv.row(tp.b, tp.hk, j * s.block_size);
+          const T* v_blk = vv.row(tp.b, tp.hk, j * s.block_size);
           for (int64_t lo = tp.start[j]; lo < tp.start[j + 1]; lo += kMaxRows) {
             int64_t hi = std::min(tp.start[j + 1], lo + kMaxRows), n = hi - lo;
             gather(qv, s.dim, tp, lo, hi, qbuf.data());
@@ -300,12 +307,14 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
               std::fill(dr + c1, dr + s.block_size, 0.f);
             }
             // dv += p^T dO, dk += scale * ds^T q, dq = scale * ds k
-            matmul(true, false, s.block_size, s.dim_v, n, 1.f, pbuf.data(), s.block_size,
-                   gbuf.data(), s.dim_v, 1.f, dvv.row(tp.b, tp.hk, j * s.block_size), dvv.sl);
-            matmul(true, false, s.block_size, s.dim, n, sc, dsbuf.data(), s.block_size,
-                   qbuf.data(), s.dim, 1.f, dkv.row(tp.b, tp.hk, j * s.block_size), dkv.sl);
-            matmul(false, false, n, s.dim, s.block_size, sc, dsbuf.data(), s.block_size, k_blk,
-                   kv.sl, 0.f, dqbuf.data(), s.dim);
+            const T* ds_w = operand(dsbuf.data(), n * s.block_size, ds_op);
+            matmul(true, false, s.block_size, s.dim_v, n, 1.f,
+                   operand(pbuf.data(), n * s.block_size, p_op), s.block_size, gbuf.data(),
+                   s.dim_v, 1.f, dvv.row(tp.b, tp.hk, j * s.block_size), dvv.sl);
+            matmul(true, false, s.block_size, s.dim, n, sc, ds_w, s.block_size, qbuf.data(),
+                   s.dim, 1.f, dkv.row(tp.b, tp.hk, j * s.block_size), dkv.sl);
+            matmul(false, false, n, s.dim, s.block_size, sc, ds_w, s.block_size, k_blk, kv.sl,
+                   0.f, dqbuf.data(), s.dim);
             for (int64_t e = 0; e < n; ++e) {
               float* dst = dqv.row(tp.b, tp.head[lo + e], tp.row[lo + e]);
               const float* src = dqbuf.data() + e * s.dim;
@@ -317,6 +326,38 @@ std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Ten
     }
   });
   return {dq, dk_slots.sum(0), dv_slots.sum(0)};
+}
+
+}  // namespace
+
+// out (B, Hq, Lq, Dv) and lse (B, Hq, Lq), float32, of the whole pattern: the static part's
+// out_static / lse_static (float32) merged with the selected blocks; q, k, v float32 or
+// bfloat16.
+std::vector<at::Tensor> selection_forward(const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& blocks,
+                                          const at::Tensor& chosen, const at::Tensor& out_static,
+                                          const at::Tensor& lse_static, int64_t window,
+                                          int64_t own_block, int64_t sinks, int64_t block_size,
+                                          double scale) {
+  auto f = input_dtype(q, "selection kernel") == at::kBFloat16 ? forward_of<at::BFloat16>
+                                                               : forward_of<float>;
+  return f(q, k, v, blocks, chosen, out_static, lse_static, window, own_block, sinks,
+           block_size, scale);
+}
+
+// The selected blocks' share of the gradients, float32: dq (B, Hq, Lq, D), dk
+// (B, Hkv, Lk, D) and dv (B, Hkv, Lk, Dv), from the whole pattern's out (q's dtype) and lse
+// (selection_forward's).
+std::vector<at::Tensor> selection_backward(const at::Tensor& grad, const at::Tensor& q,
+                                           const at::Tensor& k, const at::Tensor& v,
+                                           const at::Tensor& out, const at::Tensor& lse,
+                                           const at::Tensor& blocks, const at::Tensor& chosen,
+                                           int64_t window, int64_t own_block, int64_t sinks,
+                                           int64_t block_size, double scale) {
+  auto f = input_dtype(q, "selection kernel") == at::kBFloat16 ? backward_of<at::BFloat16>
+                                                               : backward_of<float>;
+  return f(grad, q, k, v, out, lse, blocks, chosen, window, own_block, sinks, block_size,
+           scale);
 }
 
 // The `places` best blocks of each row of scores (rows..., Lq, n) among those valid (Lq, n)
@@ -433,6 +474,6 @@ at::Tensor gate_prompt_scores(const at::Tensor& mapped, const at::Tensor& keys, 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gate_prompt_scores", &gate_prompt_scores, "a learned gate's block scores (CPU)");
   m.def("top_blocks", &top_blocks, "the best valid blocks of each row of scores (CPU)");
-  m.def("forward", &selection_forward, "selected key blocks, forward (CPU, float32)");
-  m.def("backward", &selection_backward, "selected key blocks, backward (CPU, float32)");
+  m.def("forward", &selection_forward, "selected key blocks, forward (CPU)");
+  m.def("backward", &selection_backward, "selected key blocks, backward (CPU)");
 }

@@ -1,4 +1,6 @@
-// Sliding-window attention (with optional attention sinks) on CPU, float32.
+// Sliding-window attention (with optional attention sinks) on CPU: q, k, v in float32 or
+// bfloat16; scores, softmax, outputs and gradients in float32 (the weights are rounded to
+// bfloat16 for their products with bfloat16 rows, as FlashAttention does).
 //
 // Query row t sits at absolute position p = offset + t and sees the keys j with
 // start(p) <= j <= p, plus the keys j < sinks, where start(p) = min(p - window + 1,
@@ -34,9 +36,10 @@ struct Geometry {
   // Checks q (B, Hq, Lq, D), k (B, Hkv, Lk, D), v (B, Hkv, Lk, Dv) and the arguments.
   Geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t window_,
            int64_t sinks_, double scale, int64_t block_, int64_t own_block_) {
-    check_rows(q, "window kernel", "q");
-    check_rows(k, "window kernel", "k");
-    check_rows(v, "window kernel", "v");
+    at::ScalarType dtype = input_dtype(q, "window kernel");
+    check_rows(q, "window kernel", "q", dtype);
+    check_rows(k, "window kernel", "k", dtype);
+    check_rows(v, "window kernel", "v", dtype);
     TORCH_CHECK(q.size(0) == k.size(0) && k.size(0) == v.size(0),
                 "window kernel: q, k and v must share the batch size, got q ", q.sizes(),
                 ", k ", k.sizes(), ", v ", v.sizes());
@@ -104,8 +107,9 @@ struct BlockKeys {
 
 // s (rows x width) = alpha * a x^T over the block's keys: a (rows x inner) is the query
 // block against keys, or the output gradient against values.
-void against_keys(const BlockKeys& bk, int64_t inner, float alpha, const float* a, int64_t lda,
-                  const View& x, int64_t b, int64_t hk, float* s) {
+template <typename T>
+void against_keys(const BlockKeys& bk, int64_t inner, float alpha, const T* a, int64_t lda,
+                  const View<T>& x, int64_t b, int64_t hk, float* s) {
   int64_t w = bk.width();
   matmul(false, true, bk.rows, bk.ns, inner, alpha, a, lda, x.row(b, hk, 0), x.sl, 0.f, s, w);
   matmul(false, true, bk.rows, bk.hi - bk.lo, inner, alpha, a, lda, x.row(b, hk, bk.lo), x.sl,
@@ -113,7 +117,8 @@ void against_keys(const BlockKeys& bk, int64_t inner, float alpha, const float* 
 }
 
 // c (rows x n) = alpha * p (rows x width) @ x over the block's keys (x: values or keys).
-void times_keys(const BlockKeys& bk, int64_t n, float alpha, const float* p, const View& x,
+template <typename T>
+void times_keys(const BlockKeys& bk, int64_t n, float alpha, const T* p, const View<T>& x,
                 int64_t b, int64_t hk, float* c, int64_t ldc) {
   int64_t w = bk.width();
   matmul(false, false, bk.rows, n, bk.ns, alpha, p, w, x.row(b, hk, 0), x.sl, 0.f, c, ldc);
@@ -123,31 +128,32 @@ void times_keys(const BlockKeys& bk, int64_t n, float alpha, const float* p, con
 
 // Key-side gradients: alpha * weights^T a (weights: rows x width, a: rows x n) added to the
 // sink keys' rows in `sinks` (ns x n) and to the window's rows lo.. of `keys`.
-void add_to_keys(const BlockKeys& bk, int64_t n, float alpha, const float* weights,
-                 const float* a, int64_t lda, float* sinks, const View& keys, int64_t b,
-                 int64_t h) {
+template <typename T>
+void add_to_keys(const BlockKeys& bk, int64_t n, float alpha, const T* weights, const T* a,
+                 int64_t lda, float* sinks, const View<float>& keys, int64_t b, int64_t h) {
   int64_t w = bk.width();
   matmul(true, false, bk.ns, n, bk.rows, alpha, weights, w, a, lda, 1.f, sinks, n);
   matmul(true, false, bk.hi - bk.lo, n, bk.rows, alpha, weights + bk.ns, w, a, lda, 1.f,
          keys.row(b, h, bk.lo), keys.sl);
 }
 
-}  // namespace
-
 // out (B, Hq, Lq, Dv) and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v (B, Hkv, Lk, *).
-std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
-                                       const at::Tensor& v, int64_t window, int64_t sinks,
-                                       double scale, int64_t block, int64_t own_block) {
+template <typename T>
+std::vector<at::Tensor> forward_of(const at::Tensor& q, const at::Tensor& k,
+                                   const at::Tensor& v, int64_t window, int64_t sinks,
+                                   double scale, int64_t block, int64_t own_block) {
   Geometry g(q, k, v, window, sinks, scale, block, own_block);
   int64_t batch = g.batch, hq = g.heads;
-  auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options());
-  auto lse = at::empty({batch, hq, g.q_len}, q.options());
-  View qv(q), kv(k), vv(v), ov(out);
+  auto out = at::empty({batch, hq, g.q_len, g.dim_v}, q.options().dtype(at::kFloat));
+  auto lse = at::empty({batch, hq, g.q_len}, q.options().dtype(at::kFloat));
+  View<T> qv(q), kv(k), vv(v);
+  View<float> ov(out);
   float* lse_data = lse.data_ptr<float>();
   int64_t n_blocks = g.blocks();
   at::parallel_for(0, batch * hq * n_blocks, 1, [&](int64_t begin, int64_t end) {
     SequentialBlas sequential;
     std::vector<float> s(g.block * g.columns());
+    std::vector<T> weights;
     for (int64_t task = begin; task < end; ++task) {
       int64_t b = task / (hq * n_blocks), h = task / n_blocks % hq;
       BlockKeys bk(g, task % n_blocks);
@@ -166,23 +172,24 @@ std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
         for (int64_t j = 0; j < f; ++j) row[j] *= inv;
         lse_row[r] = m + std::log(total);
       }
-      times_keys(bk, g.dim_v, 1.f, s.data(), vv, b, hk, ov.row(b, h, bk.t0), ov.sl);
+      times_keys(bk, g.dim_v, 1.f, operand(s.data(), bk.rows * w, weights), vv, b, hk,
+                 ov.row(b, h, bk.t0), ov.sl);
     }
   });
   return {out, lse};
 }
 
-// dq (B, Hq, Lq, D), dk and dv per query head (B, Hq, Lk, *), and the sink keys' gradients
-// per segment (B, Hq, segments, sinks, *): the caller adds those to the first keys.
-std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor& q,
-                                        const at::Tensor& k, const at::Tensor& v,
-                                        const at::Tensor& out, const at::Tensor& lse,
-                                        int64_t window, int64_t sinks, double scale,
-                                        int64_t block, int64_t own_block) {
+// The gradients of window_backward (below) for inputs of T.
+template <typename T>
+std::vector<at::Tensor> backward_of(const at::Tensor& grad, const at::Tensor& q,
+                                    const at::Tensor& k, const at::Tensor& v,
+                                    const at::Tensor& out, const at::Tensor& lse,
+                                    int64_t window, int64_t sinks, double scale,
+                                    int64_t block, int64_t own_block) {
   Geometry g(q, k, v, window, sinks, scale, block, own_block);
   int64_t batch = g.batch, hq = g.heads;
   for (auto [x, name] : {std::pair{&grad, "grad"}, {&out, "out"}}) {
-    check_rows(*x, "window kernel", name);
+    check_rows(*x, "window kernel", name, q.scalar_type());
     TORCH_CHECK(x->sizes() == at::IntArrayRef({batch, hq, g.q_len, g.dim_v}),
                 "window kernel: ", name, " must be (B, Hq, Lq, Dv) = (", batch, ", ", hq, ", ",
                 g.q_len, ", ", g.dim_v, "), got ", x->sizes());
@@ -198,12 +205,14 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
   int64_t want = std::max<int64_t>(1, 4 * at::get_num_threads() / std::max<int64_t>(1, batch * hq));
   int64_t per_segment = std::max(min_blocks, (n_blocks + 2 * want - 1) / (2 * want));
   int64_t segments = (n_blocks + per_segment - 1) / per_segment;
-  auto dq = at::empty({batch, hq, g.q_len, g.dim}, q.options());
-  auto dk = at::zeros({batch, hq, g.kv_len, g.dim}, q.options());
-  auto dv = at::zeros({batch, hq, g.kv_len, g.dim_v}, q.options());
-  auto dk_sink = at::zeros({batch, hq, segments, sinks, g.dim}, q.options());
-  auto dv_sink = at::zeros({batch, hq, segments, sinks, g.dim_v}, q.options());
-  View gv(grad), qv(q), kv(k), vv(v), ov(out), dqv(dq), dkv(dk), dvv(dv);
+  auto f32 = q.options().dtype(at::kFloat);
+  auto dq = at::empty({batch, hq, g.q_len, g.dim}, f32);
+  auto dk = at::zeros({batch, hq, g.kv_len, g.dim}, f32);
+  auto dv = at::zeros({batch, hq, g.kv_len, g.dim_v}, f32);
+  auto dk_sink = at::zeros({batch, hq, segments, sinks, g.dim}, f32);
+  auto dv_sink = at::zeros({batch, hq, segments, sinks, g.dim_v}, f32);
+  View<T> gv(grad), qv(q), kv(k), vv(v), ov(out);
+  View<float> dqv(dq), dkv(dk), dvv(dv);
   const float* lse_data = lse.data_ptr<float>();
   float* dk_sink_data = dk_sink.data_ptr<float>();
   float* dv_sink_data = dv_sink.data_ptr<float>();
@@ -213,6 +222,7 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
     at::parallel_for(0, batch * hq * per_parity, 1, [&](int64_t begin, int64_t end) {
       SequentialBlas sequential;
       std::vector<float> p(g.block * g.columns()), ds(g.block * g.columns());
+      std::vector<T> p_op, ds_op;
       for (int64_t task = begin; task < end; ++task) {
         int64_t b = task / (hq * per_parity), h = task / per_parity % hq;
         int64_t segment = 2 * (task % per_parity) + parity;
@@ -223,16 +233,13 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
         for (int64_t index = segment * per_segment; index < last; ++index) {
           BlockKeys bk(g, index);
           int64_t w = bk.width();
-          const float* q_blk = qv.row(b, h, bk.t0);
-          const float* do_blk = gv.row(b, h, bk.t0);
+          const T* q_blk = qv.row(b, h, bk.t0);
+          const T* do_blk = gv.row(b, h, bk.t0);
           against_keys(bk, g.dim, sc, q_blk, qv.sl, kv, b, hk, p.data());
           against_keys(bk, g.dim_v, 1.f, do_blk, gv.sl, vv, b, hk, ds.data());  // dO V^T
           const float* lse_row = lse_data + (b * hq + h) * g.q_len + bk.t0;
           for (int64_t r = 0; r < bk.rows; ++r) {
-            const float* o = ov.row(b, h, bk.t0 + r);
-            const float* d = gv.row(b, h, bk.t0 + r);
-            float dot = 0.f;
-            for (int64_t i = 0; i < g.dim_v; ++i) dot += o[i] * d[i];
+            float dot = dot_of(ov.row(b, h, bk.t0 + r), gv.row(b, h, bk.t0 + r), g.dim_v);
             int64_t e, a, f;
             bk.intervals(g, r, &e, &a, &f);
             float* pr = p.data() + r * w;
@@ -245,12 +252,12 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
             std::fill(pr + f, pr + w, 0.f);
             std::fill(dr + f, dr + w, 0.f);
           }
-          times_keys(bk, g.dim, sc, ds.data(), kv, b, hk, dqv.row(b, h, bk.t0), dqv.sl);
+          const T* ds_w = operand(ds.data(), bk.rows * w, ds_op);
+          times_keys(bk, g.dim, sc, ds_w, kv, b, hk, dqv.row(b, h, bk.t0), dqv.sl);
           // dk += scale * ds^T q, dv += p^T dO: sinks into this segment's slot
-          add_to_keys(bk, g.dim, sc, ds.data(), q_blk, qv.sl, dk_sink_data + slot * g.dim, dkv,
-                      b, h);
-          add_to_keys(bk, g.dim_v, 1.f, p.data(), do_blk, gv.sl, dv_sink_data + slot * g.dim_v,
-                      dvv, b, h);
+          add_to_keys(bk, g.dim, sc, ds_w, q_blk, qv.sl, dk_sink_data + slot * g.dim, dkv, b, h);
+          add_to_keys(bk, g.dim_v, 1.f, operand(p.data(), bk.rows * w, p_op), do_blk, gv.sl,
+                      dv_sink_data + slot * g.dim_v, dvv, b, h);
         }
       }
     });
@@ -258,7 +265,33 @@ std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor
   return {dq, dk, dv, dk_sink, dv_sink};
 }
 
+}  // namespace
+
+// out (B, Hq, Lq, Dv) float32 and lse (B, Hq, Lq) of q (B, Hq, Lq, D) over k, v
+// (B, Hkv, Lk, *), all three float32 or all bfloat16.
+std::vector<at::Tensor> window_forward(const at::Tensor& q, const at::Tensor& k,
+                                       const at::Tensor& v, int64_t window, int64_t sinks,
+                                       double scale, int64_t block, int64_t own_block) {
+  if (input_dtype(q, "window kernel") == at::kBFloat16)
+    return forward_of<at::BFloat16>(q, k, v, window, sinks, scale, block, own_block);
+  return forward_of<float>(q, k, v, window, sinks, scale, block, own_block);
+}
+
+// dq (B, Hq, Lq, D), dk and dv per query head (B, Hq, Lk, *), and the sink keys' gradients
+// per segment (B, Hq, segments, sinks, *), all float32: the caller adds the sinks' to the
+// first keys. grad and out share q's dtype; lse is float32.
+std::vector<at::Tensor> window_backward(const at::Tensor& grad, const at::Tensor& q,
+                                        const at::Tensor& k, const at::Tensor& v,
+                                        const at::Tensor& out, const at::Tensor& lse,
+                                        int64_t window, int64_t sinks, double scale,
+                                        int64_t block, int64_t own_block) {
+  if (input_dtype(q, "window kernel") == at::kBFloat16)
+    return backward_of<at::BFloat16>(grad, q, k, v, out, lse, window, sinks, scale, block,
+                                     own_block);
+  return backward_of<float>(grad, q, k, v, out, lse, window, sinks, scale, block, own_block);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("forward", &window_forward, "sliding-window attention forward (CPU, float32)");
-  m.def("backward", &window_backward, "sliding-window attention backward (CPU, float32)");
+  m.def("forward", &window_forward, "sliding-window attention forward (CPU)");
+  m.def("backward", &window_backward, "sliding-window attention backward (CPU)");
 }
