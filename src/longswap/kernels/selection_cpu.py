@@ -13,8 +13,8 @@ split into a static part and the selected blocks:
 Backward runs both kernels from the merged output and log-sum-exp, as FlashAttention does
 across key splits. bfloat16 inputs multiply in bfloat16 with float32 accumulation; the merge,
 the outputs and the gradients stay float32 until they leave. The selection itself is not
-differentiable (its indices come from ``Selection.select_blocks``). Both kernels are built on first use (``kernels.cpp``);
-without them, ``blocks`` keeps to its pure-PyTorch tiles.
+differentiable (its indices come from ``Selection.select_blocks``). Both kernels are built on
+first use (``kernels.cpp``); without them, ``blocks`` keeps to its pure-PyTorch tiles.
 """
 
 from __future__ import annotations
