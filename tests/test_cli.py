@@ -90,7 +90,9 @@ REQUIRED = {
     "finetune": "--out OUT --model MODEL",
     "eval": "--model MODEL [MODEL ...] --out OUT",
     "generate": "--model MODEL",
+    "harness": "--model MODEL",
     "merge": "--model MODEL --out OUT",
+    "serve": "--model MODEL",
 }
 
 

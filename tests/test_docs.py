@@ -78,27 +78,33 @@ def test_the_speed_table_renders_with_and_without_its_results_file(copy):
         {
             "arm": arm,
             "pattern": pattern,
+            "dtype": dtype,
             "length": 8192,
             "pass": kind,
-            "seconds": [seconds],
-            "median_seconds": seconds,
+            "seconds": [seconds * slower],
+            "min_seconds": seconds * slower,
+            "median_seconds": seconds * slower,
+            "max_seconds": seconds * slower,
             "peak_memory_mb": 1000.0,
         }
         for arm, pattern, seconds in (
             ("dense", "dense (SDPA)", 20.0),
             ("window-1024", "sliding_window(window=1024, sinks=4)", 10.0),
         )
-        for kind in ("forward", "forward+backward")
+        for dtype, slower in (("float32", 1.0), ("bfloat16", 0.5))
+        for kind in ("forward", "train lora-plus")
     ]
     environment = {"torch": "2.13.0+cpu", "device": "Some CPU", "threads": 2, "time": "2027-01-01"}
-    record = {"command": "python benchmarks/real_model_speed.py", "dtype": "float32"}
+    record = {"command": "python benchmarks/real_model_speed.py"}
     record |= {"environment": environment, "rows": rows}
     (copy / SPEED).write_text(json.dumps(record))
     assert module.render(copy, check=True)  # the placeholder no longer matches
     module.render(copy)
     assert module.render(copy, check=True) == []
     table = module.render_real_model_speed(copy)
-    assert "| window-1024 |" in table and "2.00x" in table and "Some CPU" in table
+    assert "| window-1024 | float32 |" in table and "Some CPU" in table
+    # float32: 2x its dense, as fast as bfloat16's dense; bfloat16: 2x its dense, 2x the fastest
+    assert "| 2.00x | 1.00x |" in table and "| 2.00x | 2.00x |" in table
 
 
 def test_an_unknown_or_unclosed_marker_is_an_error(copy):

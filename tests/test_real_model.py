@@ -213,14 +213,21 @@ def test_the_real_model_benchmarks_run_in_their_smoke_mode(tmp_path):
     assert all(math.isfinite(r["perplexity"]) for r in study["records"] if r["task"] == "ppl")
     arms = "dense,window-512+moba-64x16"
     speed = smoke("real_model_speed", tmp_path / "speed.json", "--arms", arms)
-    cells = {(r["arm"], r["length"], r["pass"]) for r in speed["rows"]}
+    cells = {(r["arm"], r["dtype"], r["length"], r["pass"]) for r in speed["rows"]}
     for arm in arms.split(","):
-        assert {
-            (arm, 512, "forward"),
-            (arm, 512, "forward+backward"),
-            (arm, 1024, "forward"),
-        } <= cells
-    assert all(r["median_seconds"] > 0 and r["peak_memory_mb"] >= 0 for r in speed["rows"])
+        for dtype in ("float32", "bfloat16"):
+            assert {
+                (arm, dtype, 512, "forward"),
+                (arm, dtype, 512, "train lora-plus"),
+                (arm, dtype, 512, "train full"),
+                (arm, dtype, 1024, "forward"),
+            } <= cells
+    for r in speed["rows"]:
+        assert 0 < r["min_seconds"] <= r["median_seconds"] <= r["max_seconds"]
+        assert r["peak_memory_mb"] >= 0 and len(r["seconds"]) == (
+            2 if r["length"] == 512 and r["pass"] == "forward" else 1
+        )
+    assert speed["environment"]["cpu_flags"] is not None
 
 
 def test_a_quick_demo_plans_a_fine_tuning_that_fits_the_machine():

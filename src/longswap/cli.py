@@ -13,6 +13,7 @@ from longswap.cli_flags import (
     config_flags,
     flat,
     generate_flags,
+    harness_flags,
     plain,
     swap_flags,
 )
@@ -202,6 +203,42 @@ def cmd_merge(model: Path, out: Path, overwrite: bool = False, base: Path | None
     return 0
 
 
+def cmd_harness(args: argparse.Namespace) -> int:
+    """Run lm-evaluation-harness on a swapped model, a LoRA output, a .gguf file or a dense
+    model, offline, with longswap's attention registered; --tasks long-context runs RULER's
+    offline synthetic tasks and longswap's passkey at --lengths. Needs longswap[harness]."""
+    from longswap.harness import HarnessConfig, run_harness
+
+    fields = vars(args).keys() & HarnessConfig.__dataclass_fields__.keys()
+    record = run_harness(HarnessConfig(**{name: getattr(args, name) for name in fields}))
+    for task, metrics in record["results"].items():
+        shown = ", ".join(
+            f"{name.split(',')[0]} {value:.3f}"
+            for name, value in metrics.items()
+            if isinstance(value, float) and "stderr" not in name and value >= 0
+        )
+        print(f"{task}: {shown}")
+    print(f"wrote {args.out} (pattern: {record['pattern']})")
+    return 0
+
+
+def cmd_serve(
+    model: Path,
+    host: str,
+    port: int,
+    device: str = "auto",
+    dtype: str = "auto",
+    base: Path | None = None,
+) -> int:
+    """Serve a swapped model, a LoRA output, a .gguf file or a dense model through
+    transformers' OpenAI-compatible server (/v1/completions, /v1/chat/completions), every
+    request attending through the model's pattern. Needs longswap[serve]."""
+    from longswap.serve import serve
+
+    serve(model, host, port, device, dtype, base)
+    return 0
+
+
 def cmd_env() -> int:
     """Print what a bug report needs: versions, device, CPU capability, threads, and the
     state of the C++ kernels."""
@@ -283,6 +320,25 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--base", type=Path, help=BASE_HELP)
     p.set_defaults(run=lambda a: cmd_merge(a.model, a.out, a.overwrite, a.base))
+    p = sub.add_parser(
+        "harness", help=plain(cmd_harness), description=plain(cmd_harness), flags=harness_flags
+    )
+    p.set_defaults(run=cmd_harness)
+    p = sub.add_parser("serve", help=plain(cmd_serve), description=plain(cmd_serve))
+    p.add_argument(
+        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
+    )
+    p.add_argument("--base", type=Path, help=BASE_HELP)
+    p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a.device, a.dtype, a.base))
     p = sub.add_parser("env", help=plain(cmd_env), description=plain(cmd_env))
     p.set_defaults(run=lambda a: cmd_env())
     return parser

@@ -148,3 +148,51 @@ def generate_flags(p: argparse.ArgumentParser) -> None:
         help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
     )
     p.add_argument("--base", type=Path, help=BASE_HELP)
+
+
+def harness_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``longswap harness`` (lm-eval's own names where it has them)."""
+    from longswap.config import comma_list
+    from longswap.harness import PRESETS, HarnessConfig
+
+    defaults = HarnessConfig(Path())
+    p.add_argument(
+        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
+    )
+    p.add_argument(
+        "--tasks",
+        type=comma_list(str),
+        default=defaults.tasks,
+        help=f"lm-eval tasks, or the preset {', '.join(PRESETS)} (RULER's offline synthetic "
+        "tasks and longswap's passkey); comma-separated (default: long-context)",
+    )
+    p.add_argument(
+        "--lengths",
+        type=comma_list(int),
+        default=defaults.lengths,
+        help="prompt lengths in tokens of the long-context tasks, lm-eval's max_seq_lengths "
+        "(default: 4096)",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=defaults.out,
+        help="JSON record to write (default: harness.json)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier record at --out")
+    p.add_argument(
+        "--limit", type=float, help="samples per task at most (below 1: a share), as in lm-eval"
+    )
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: 1")
+    p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (lm-eval's)")
+    p.add_argument("--gen-kwargs", help="generation arguments, e.g. max_gen_toks=32 (lm-eval's)")
+    p.add_argument("--include-path", type=Path, help="a folder of your own task YAML files")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="every seed lm-eval takes")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
+    )
+    p.add_argument("--base", type=Path, help=BASE_HELP)

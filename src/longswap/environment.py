@@ -37,6 +37,7 @@ def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu,
         "threads": torch.get_num_threads(),
         "cpu_bfloat16": cpu_runs_bfloat16(),
+        "cpu_flags": cpu_flags(),
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -68,6 +69,20 @@ def bug_report() -> dict[str, str]:
     }
     found |= {f"kernel {name}": state for name, state in kernel_status().items()}
     return found
+
+
+#: The CPU features that decide how fast attention and matrix products run here.
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_bf16")
+
+
+def cpu_flags() -> list[str]:
+    """Which of :data:`CPU_FLAGS` this CPU has (from ``/proc/cpuinfo``; empty elsewhere)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return [flag for flag in CPU_FLAGS if flag in have]
+    return []
 
 
 def cpu_runs_bfloat16() -> bool | None:

@@ -374,17 +374,12 @@ TILED_NAN_PATTERNS = [
 @pytest.mark.parametrize("where", ["key", "value"])
 @pytest.mark.parametrize("padding", ["none", "all kept", "some dropped"])
 @pytest.mark.parametrize("force_math", [False, True], ids=["cpu kernels", "portable kernels"])
-def test_a_nan_in_a_tile_reaches_only_the_rows_that_see_it(
-    pattern, where, padding, force_math, request
-):
-    """Through the tiles (static tiles, padding, selected blocks), a NaN key or value makes
-    exactly the rows that see it NaN, as on the oracle; rows that share its tiles without
+def test_a_nan_in_a_tile_reaches_only_the_rows_that_see_it(pattern, where, padding, force_math):
+    """Through the tiles (static tiles, padding, selected blocks) and the C++ window and
+    selection kernels, a NaN key or value makes exactly the rows that see it NaN, as on the
+    oracle; rows that share its tiles without
     seeing it stay equal to the oracle (which spreads a NaN value to its column in every
     row of its KV head: compared elsewhere)."""
-    compiled = not force_math and padding == "none"  # these two: C++ kernels, not tiles
-    if compiled and where == "value" and pattern.name in ("sliding_window", "block_topk"):
-        reason = "the C++ window and selection kernels weigh a NaN value by zero weights"
-        request.applymarker(pytest.mark.xfail(reason=reason, strict=True))
     g = torch.Generator().manual_seed(9)
     q = torch.randn(2, 4, 130, 16, generator=g)
     k, v = (torch.randn(2, 2, 130, 16, generator=g) for _ in "kv")

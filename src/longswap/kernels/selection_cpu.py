@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from longswap.kernels.cpp import compiled
+from longswap.kernels.nan import with_nan_rows
 from longswap.kernels.window_cpu import (
     BLOCK,
     DTYPES,
@@ -123,4 +124,7 @@ def selection_attention(
             f"one sliding window; got {pattern}"
         )
     blocks, chosen = selection
-    return SelectionAttention.apply(q, k, v, static, blocks, chosen, pattern.block_size, scale)
+    args = static, blocks, chosen, pattern.block_size, scale
+    # Exactly the rows that see a NaN key or value are NaN (kernels.nan), whatever blocks
+    # the selection holds: the kernels weigh every key of a block, hidden ones by zero.
+    return with_nan_rows(lambda *x: SelectionAttention.apply(*x, *args), q, k, v)

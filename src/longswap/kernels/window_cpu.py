@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from longswap.kernels.cpp import compiled
+from longswap.kernels.nan import with_nan_rows
 from longswap.patterns import Dilated, Pattern, SlidingWindow
 
 #: Input dtypes the C++ kernels take (float32 or bfloat16; float16 keeps to PyTorch).
@@ -167,5 +168,6 @@ def window_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern: SlidingWindow | Dilated, scale: float
 ) -> Tensor:
     """``(B, Hq, Lq, Dv)`` sliding or dilated window attention through the C++ kernel
-    (differentiable)."""
-    return WindowAttention.apply(q, k, v, pattern, scale)
+    (differentiable); exactly the rows that see a NaN key or value are NaN
+    (``kernels.nan``: the kernel weighs every key of its range, hidden ones by zero)."""
+    return with_nan_rows(lambda *x: WindowAttention.apply(*x, pattern, scale), q, k, v)
