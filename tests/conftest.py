@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -53,3 +54,19 @@ class SlowTests:
 def pytest_configure(config):
     if getattr(config, "cache", None) is not None:
         config.pluginmanager.register(SlowTests(config), "longswap-slow-tests")
+
+
+#: The pattern of the :func:`swapped` embedded model.
+SWAPPED_WINDOW = "sliding_window(window=32, sinks=4)"
+
+
+@pytest.fixture(scope="module")
+def swapped(tmp_path_factory):
+    """The embedded model swapped to :data:`SWAPPED_WINDOW`, written by ``longswap swap``."""
+    from longswap.cli import main
+    from longswap.demo import EMBEDDED_MODEL
+
+    out = tmp_path_factory.mktemp("swapped") / "swapped"
+    flags = ["--model", str(EMBEDDED_MODEL), "--pattern", SWAPPED_WINDOW, "--out", str(out)]
+    assert main(["swap", *flags]) == 0
+    return out

@@ -10,15 +10,7 @@ from longswap.harness import HarnessConfig, harness_problems, task_names
 
 pytest.importorskip("lm_eval")
 
-WINDOW = "sliding_window(window=32, sinks=4)"
-
-
-@pytest.fixture(scope="module")
-def swapped(tmp_path_factory):
-    out = tmp_path_factory.mktemp("harness") / "swapped"
-    flags = ["--model", str(EMBEDDED_MODEL), "--pattern", WINDOW, "--out", str(out)]
-    assert main(["swap", *flags]) == 0
-    return out
+from tests.conftest import SWAPPED_WINDOW as WINDOW
 
 
 def test_a_swapped_model_runs_the_passkey_and_a_ruler_task_offline(swapped, tmp_path, capsys):

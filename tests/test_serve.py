@@ -17,8 +17,6 @@ from longswap.serve import serve_problems
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-WINDOW = "sliding_window(window=32, sinks=4)"
-
 
 def free_port():
     with socket.socket() as s:
@@ -33,10 +31,8 @@ def ask(url, body=None, timeout=60):
         return json.loads(answer.read())
 
 
-def test_a_swapped_model_answers_a_completion_request(tmp_path):
-    model = tmp_path / "swapped"
-    flags = ["--model", str(EMBEDDED_MODEL), "--pattern", WINDOW, "--out", str(model)]
-    assert main(["swap", *flags]) == 0
+def test_a_swapped_model_answers_a_completion_request(tmp_path, swapped):
+    model = swapped
     port = free_port()
     command = [sys.executable, "-m", "longswap.cli", "serve", "--model", str(model)]
     log = (tmp_path / "server.log").open("w")

@@ -16,9 +16,9 @@ from longswap import generate as generate_module
 from longswap.cli import main
 from longswap.demo import EMBEDDED_MODEL
 from longswap.io import mark_written
+from tests.conftest import SWAPPED_WINDOW as WINDOW
 
 PROMPT = "import os\n\n\ndef read_config(path):\n    " + "# settings\n" * 40
-WINDOW = "sliding_window(window=32, sinks=4)"
 
 
 class Recorder:
@@ -57,14 +57,6 @@ def generate(monkeypatch, capsys, model, prompt, *flags):
 
 def cache_mib(err):
     return float(err.split("MiB")[0].split()[-1])
-
-
-@pytest.fixture(scope="module")
-def swapped(tmp_path_factory):
-    out = tmp_path_factory.mktemp("use") / "swapped"
-    flags = ["--model", str(EMBEDDED_MODEL), "--pattern", WINDOW, "--out", str(out)]
-    assert main(["swap", *flags]) == 0
-    return out
 
 
 @pytest.fixture(scope="module")

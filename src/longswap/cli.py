@@ -15,6 +15,7 @@ from longswap.cli_flags import (
     generate_flags,
     harness_flags,
     plain,
+    serve_flags,
     swap_flags,
 )
 
@@ -222,20 +223,13 @@ def cmd_harness(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(
-    model: Path,
-    host: str,
-    port: int,
-    device: str = "auto",
-    dtype: str = "auto",
-    base: Path | None = None,
-) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
     """Serve a swapped model, a LoRA output, a .gguf file or a dense model through
     transformers' OpenAI-compatible server (/v1/completions, /v1/chat/completions), every
     request attending through the model's pattern. Needs longswap[serve]."""
     from longswap.serve import serve
 
-    serve(model, host, port, device, dtype, base)
+    serve(args.model, args.host, args.port, args.device, args.dtype, args.base)
     return 0
 
 
@@ -324,21 +318,10 @@ def _parser() -> argparse.ArgumentParser:
         "harness", help=plain(cmd_harness), description=plain(cmd_harness), flags=harness_flags
     )
     p.set_defaults(run=cmd_harness)
-    p = sub.add_parser("serve", help=plain(cmd_serve), description=plain(cmd_serve))
-    p.add_argument(
-        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
+    p = sub.add_parser(
+        "serve", help=plain(cmd_serve), description=plain(cmd_serve), flags=serve_flags
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
-    )
-    p.add_argument("--base", type=Path, help=BASE_HELP)
-    p.set_defaults(run=lambda a: cmd_serve(a.model, a.host, a.port, a.device, a.dtype, a.base))
+    p.set_defaults(run=cmd_serve)
     p = sub.add_parser("env", help=plain(cmd_env), description=plain(cmd_env))
     p.set_defaults(run=lambda a: cmd_env())
     return parser

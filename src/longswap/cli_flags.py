@@ -116,26 +116,12 @@ BASE_HELP = (
 )
 
 
-def generate_flags(p: argparse.ArgumentParser) -> None:
-    """The flags of ``longswap generate`` (sampling defaults from ``Sampling``)."""
-    from longswap.generate import Sampling
-
+def loaded_model_flags(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype`` and ``--base``: the flags of every command that
+    loads a model as ``longswap generate`` does (``generate.load_for_generation``)."""
     p.add_argument(
         "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
     )
-    p.add_argument(
-        "--prompt-file", type=Path, metavar="FILE", help="the prompt (default: standard input)"
-    )
-    defaults = Sampling()
-    for flag, kind, text in (
-        ("--max-new-tokens", int, "tokens to generate at most"),
-        ("--temperature", float, "sampling temperature; 0 decodes greedily"),
-        ("--top-p", float, "sample from the smallest set of tokens holding this probability"),
-        ("--top-k", int, "sample among this many most likely tokens (0: no limit)"),
-        ("--seed", int, "random seed of the sampling"),
-    ):
-        default = getattr(defaults, flag[2:].replace("-", "_"))
-        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
     p.add_argument(
         "--device",
         default="auto",
@@ -150,15 +136,40 @@ def generate_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, help=BASE_HELP)
 
 
+def serve_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``longswap serve``."""
+    loaded_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+
+
+def generate_flags(p: argparse.ArgumentParser) -> None:
+    """The flags of ``longswap generate`` (sampling defaults from ``Sampling``)."""
+    from longswap.generate import Sampling
+
+    loaded_model_flags(p)
+    p.add_argument(
+        "--prompt-file", type=Path, metavar="FILE", help="the prompt (default: standard input)"
+    )
+    defaults = Sampling()
+    for flag, kind, text in (
+        ("--max-new-tokens", int, "tokens to generate at most"),
+        ("--temperature", float, "sampling temperature; 0 decodes greedily"),
+        ("--top-p", float, "sample from the smallest set of tokens holding this probability"),
+        ("--top-k", int, "sample among this many most likely tokens (0: no limit)"),
+        ("--seed", int, "random seed of the sampling"),
+    ):
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default: {default})")
+
+
 def harness_flags(p: argparse.ArgumentParser) -> None:
     """The flags of ``longswap harness`` (lm-eval's own names where it has them)."""
     from longswap.config import comma_list
     from longswap.harness import PRESETS, HarnessConfig
 
     defaults = HarnessConfig(Path())
-    p.add_argument(
-        "--model", type=Path, required=True, help="model folder, LoRA output folder or .gguf file"
-    )
+    loaded_model_flags(p)
     p.add_argument(
         "--tasks",
         type=comma_list(str),
@@ -188,11 +199,3 @@ def harness_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gen-kwargs", help="generation arguments, e.g. max_gen_toks=32 (lm-eval's)")
     p.add_argument("--include-path", type=Path, help="a folder of your own task YAML files")
     p.add_argument("--seed", type=int, default=defaults.seed, help="every seed lm-eval takes")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (default: auto)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=["auto", "float32", "bfloat16", "float16"],
-        help="weights' dtype; auto: float32 on CPU, bfloat16 on GPU (default: auto)",
-    )
-    p.add_argument("--base", type=Path, help=BASE_HELP)
