@@ -69,6 +69,11 @@ def test_targets_spread_over_documents_and_stay_put_across_lengths():
     records = [perplexity(model, docs, n, 100, context=64, spread=4) for n in (16, 128)]
     assert [r["documents"] for r in records] == [4, 4]
     assert records[0]["convention"].startswith("100 tokens at the ends of 4 documents")
+    # The same tokens at both lengths: the same chunks, whose sums make the mean loss.
+    chunks = [r["chunks"] for r in records]
+    assert chunks[0]["counts"] == chunks[1]["counts"] and sum(chunks[0]["counts"]) == 100
+    for r in records:
+        assert sum(r["chunks"]["sums"]) / 100 == pytest.approx(r["nll"])
 
 
 def test_bootstrap_interval_is_seeded_and_brackets_the_estimate():

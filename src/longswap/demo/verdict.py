@@ -1,8 +1,11 @@
 """The demo's verdict: its expectations checked against the measured records.
 
-Perplexities are compared with their bootstrap intervals: an expectation holds when the
-whole interval is on its side of the threshold, fails when the whole interval is on the other
-side, and is left undecided ("within noise") when the threshold falls inside. The cost of
+Two perplexities scored on the same tokens (records that keep their per-chunk loss sums) are
+compared by their paired ratio (``longswap.evaluate.paired``): an expectation holds when the
+ratio's whole interval is on its side of the threshold, fails when it is wholly on the
+other side, and is left undecided ("within noise") when the threshold falls inside. Records
+without per-chunk sums are compared by their own intervals instead (both must agree), which
+decides far less. The cost of
 fine-tuning is judged by the CPU seconds of each arm's process, which the machine's load
 barely moves; wall times are shown beside them, and flagged when the two disagree.
 """
@@ -15,6 +18,7 @@ from typing import Any, NamedTuple
 
 import torch
 
+from longswap.evaluate import paired
 from longswap.patterns import BlockTopK, LearnedTopK, Pattern, SelectionUnion
 
 #: Arm folder names, in study order (the sixth only with ``--learned``).
@@ -35,6 +39,8 @@ RETRIEVES = 0.8
 #: "Fine-tuning recovers most of the swap's loss": at least this share of it, judged only
 #: when the swap lost more than ``SWAP_LOSS`` of arm 1's perplexity.
 RECOVERS, SWAP_LOSS = 2 / 3, 0.01
+#: ... and, where the records allow a paired interval, its lower end at least this share.
+RECOVERS_LOW = 1 / 2
 #: Wall times are unreliable when the arms' CPU-per-wall-second differ by more than this.
 UNRELIABLE = 1.25
 
@@ -68,6 +74,34 @@ def at_least(x: Estimate, y: Estimate, factor: float) -> bool | None:
     if x.high < factor * y.low:
         return False
     return None
+
+
+def ppl_record(records: list[dict], arm: str, length: int) -> dict | None:
+    """The perplexity record of one arm at one length, or None."""
+    found = matching(records, arm, "ppl", length, "perplexity")
+    return found[0] if found else None
+
+
+def compared(
+    records: list[dict], x: tuple[str, int], y: tuple[str, int], factor: float, most: bool
+) -> tuple[bool | None, str]:
+    """Whether perplexity ``x <= factor * y`` (``most``) or ``x >= factor * y`` (``x``,
+    ``y``: (arm, length)), and the evidence in words: the paired ratio and its interval when
+    both records hold the same chunks, else the two intervals."""
+    rx, ry = ppl_record(records, *x), ppl_record(records, *y)
+    try:
+        if rx is None or ry is None:
+            raise ValueError("not measured")
+        d = paired.ratio(rx, ry)
+    except ValueError:
+        ex, ey = perplexity_of(records, *x), perplexity_of(records, *y)
+        return (at_most if most else at_least)(ex, ey, factor), ""
+    low, high = 1 + d.low, 1 + d.high
+    if most:
+        holds = True if high <= factor else False if low > factor else None
+    else:
+        holds = True if low >= factor else False if high < factor else None
+    return holds, f" (paired: x{1 + d.value:.3f} [{low:.3f}, {high:.3f}])"
 
 
 def _all(*parts: bool | None) -> bool | None:
@@ -209,7 +243,7 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
     best = [metric(records, arm, "selection", long, "oracle_mass") for arm in (ARMS[2], ARMS[5])]
     better = None if math.isnan(kept[0] + kept[1]) else kept[1] > kept[0]
     headroom = kept[0] / best[0] if best[0] > 0 else math.nan
-    no_worse = at_most(a6, a3, NO_WORSE)
+    no_worse, paired_text = compared(records, (ARMS[5], long), (ARMS[2], long), NO_WORSE, True)
     c3, c6 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[5]]["cpu_seconds"]
     return (
         "A selector distilled from dense attention (arm 6) keeps more of it than MoBA's mean "
@@ -218,8 +252,8 @@ def _learned_row(records: list[dict], cost: dict, long: int) -> tuple[str, str, 
         f"{kept[0]:.3f} (the best selection of the budget: {best[1]:.3f}, {best[0]:.3f}; mean "
         f"keys keep {headroom:.1%} of what the best keeps, the rest is what "
         "distillation can add); "
-        f"perplexity at {long}: arm 6 {a6}, arm 3 {a3} (no worse: up to x{NO_WORSE})"
-        f"{_why(no_worse)}; CPU time {c6:.1f} s vs {c3:.1f} s",
+        f"perplexity at {long}: arm 6 {a6}, arm 3 {a3}{paired_text} (no worse: up to "
+        f"x{NO_WORSE}){_why(no_worse)}; CPU time {c6:.1f} s vs {c3:.1f} s",
         _all(better, no_worse),
     )
 
@@ -239,12 +273,23 @@ def _recovered_row(records: list[dict], tuned: int) -> tuple[str, str, bool | No
             None,
         )
     share = 1 - left / lost
+    found = [ppl_record(records, ARMS[i], tuned) for i in (1, 0, 2, 4)]
+    try:
+        if None in found:
+            raise ValueError("not measured")
+        d = paired.recovered(*found)
+    except ValueError:  # records without per-chunk sums: the point estimate alone
+        evidence, holds = "(point estimates)", share >= RECOVERS
+    else:
+        evidence = f"(paired, in log-loss: {d.value:.0%} [{d.low:.0%}, {d.high:.0%}])"
+        holds = d.value >= RECOVERS and d.low >= RECOVERS_LOW
+        holds = True if holds else False if d.high < RECOVERS else None
     return (
         claim,
         f"perplexity at {tuned}: the swap costs {lost:+.3f} (arm 2 {a2} vs arm 1 {a1}); after "
         f"fine-tuning, {left:+.3f} is left (arm 3 {a3} vs arm 5 {a5}): {share:.0%} recovered "
-        "(point estimates)",
-        share >= RECOVERS,
+        f"{evidence}",
+        holds,
     )
 
 
@@ -255,11 +300,12 @@ def _beyond_row(
     parts, outcomes = [], []
     for n in (n for n in lengths if n > tuned):
         a1, a3, a5 = (perplexity_of(records, ARMS[i], n) for i in (0, 2, 4))
-        vs5, vs1 = at_most(a3, a5, NO_WORSE), at_most(a3, a1, 1.0)
+        vs5, text5 = compared(records, (ARMS[2], n), (ARMS[4], n), NO_WORSE, True)
+        vs1, text1 = compared(records, (ARMS[2], n), (ARMS[0], n), 1.0, True)
         outcomes += [vs5, vs1]
         parts.append(
-            f"at {n}: arm 3 {a3}, arm 5 {a5} (no worse: up to x{NO_WORSE}){_why(vs5)}, "
-            f"arm 1 {a1}{_why(vs1)}"
+            f"at {n}: arm 3 {a3}, arm 5 {a5}{text5} (no worse: up to x{NO_WORSE}){_why(vs5)}, "
+            f"arm 1 {a1}{text1}{_why(vs1)}"
         )
     return (
         f"Beyond {tuned}, arm 3 is no worse than arm 5 and better than arm 1",
@@ -296,8 +342,10 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
     a3_far = perplexity_of(records, ARMS[2], far)
     c3, c5 = cost[ARMS[2]]["cpu_seconds"], cost[ARMS[4]]["cpu_seconds"]
     w3, w5 = cost[ARMS[2]]["wall_seconds"], cost[ARMS[4]]["wall_seconds"]
-    wide, no_worse = at_least(a4, a3, WIDE), at_most(a3_far, a1_short, NO_WORSE)
-    close, degrades = at_most(a3, a5, CLOSE), at_least(a1_far, a1_short, DEGRADES)
+    wide, wide_text = compared(records, (ARMS[3], tuned), (ARMS[2], tuned), WIDE, False)
+    no_worse, no_worse_text = compared(records, (ARMS[2], far), (ARMS[0], trained), NO_WORSE, True)
+    close, close_text = compared(records, (ARMS[2], tuned), (ARMS[4], tuned), CLOSE, True)
+    degrades, degrades_text = compared(records, (ARMS[0], far), (ARMS[0], trained), DEGRADES, False)
     unreliable = (
         " (wall times unreliable: the machine was loaded)" if wall_times_unreliable(cost) else ""
     )
@@ -305,16 +353,16 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
     rows = [
         (
             "Arm 3 beats arm 4 (random init, same budget) by a wide margin",
-            f"perplexity at {tuned}: arm 3 {a3}, arm 4 {a4} (x{a4.value / a3.value:.2f}; "
-            f"wide: >= x{WIDE}){_why(wide)}",
+            f"perplexity at {tuned}: arm 3 {a3}, arm 4 {a4} (x{a4.value / a3.value:.2f}"
+            f"{wide_text}; wide: >= x{WIDE}){_why(wide)}",
             wide,
         ),
         *(
             [
                 (
                     f"Arm 3 at {far} is no worse than arm 1 at its trained length {trained}",
-                    f"perplexity: arm 3 {a3_far} at {far}, arm 1 {a1_short} at {trained} "
-                    f"(allowed up to x{NO_WORSE}){_why(no_worse)}",
+                    f"perplexity: arm 3 {a3_far} at {far}, arm 1 {a1_short} at {trained}"
+                    f"{no_worse_text} (allowed up to x{NO_WORSE}){_why(no_worse)}",
                     no_worse,
                 )
             ]
@@ -323,8 +371,8 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
         ),
         (
             "Arm 3 is close to arm 5 (dense fine-tune) at a fraction of its cost",
-            f"perplexity at {tuned}: arm 3 {a3}, arm 5 {a5} (close: within x{CLOSE})"
-            f"{_why(close)}; CPU time {c3:.1f} s vs {c5:.1f} s ({c3 / c5:.3f} of it; a "
+            f"perplexity at {tuned}: arm 3 {a3}, arm 5 {a5}{close_text} (close: within "
+            f"x{CLOSE}){_why(close)}; CPU time {c3:.1f} s vs {c5:.1f} s ({c3 / c5:.3f} of it; a "
             f"fraction: <= {FRACTION}); wall time {w3:.1f} s vs {w5:.1f} s{unreliable}",
             _all(close, c3 <= FRACTION * c5),
         ),
@@ -335,7 +383,7 @@ def verdict(records: list[dict], cost: dict, pattern: Pattern, plan: Any) -> lis
             [
                 (
                     f"Arm 1 degrades at {far} compared with {trained}",
-                    f"perplexity: {a1_short} at {trained}, {a1_far} at {far} "
+                    f"perplexity: {a1_short} at {trained}, {a1_far} at {far}{degrades_text} "
                     f"(degrades: > x{DEGRADES}){_why(degrades)}",
                     degrades,
                 )

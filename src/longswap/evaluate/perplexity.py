@@ -16,7 +16,10 @@ Only the logits of scored positions are computed (``logits_to_keep``), so a long
 a large vocabulary never materialises ``length x vocabulary`` logits.
 
 The 95% interval resamples chunks of ``chunk`` consecutive targets (never straddling two
-documents) with replacement, seeded: the same inputs give the same interval.
+documents) with replacement, seeded: the same inputs give the same interval. The record
+keeps each chunk's loss sum, so that two models scored on the same targets can be compared
+by their paired difference (``longswap.evaluate.paired``), far tighter than their
+intervals.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from longswap.environment import peak_memory
+from longswap.evaluate.paired import chunk_sums
 
 
 def select_targets(
@@ -77,14 +81,14 @@ def _window_losses(model: Any, window: Tensor, new: int, state: dict[str, bool])
 
 
 def _interval(
-    losses: list[Tensor], chunk: int, confidence: float, resamples: int, seed: int
+    chunks: dict[str, Any], confidence: float, resamples: int, seed: int
 ) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean NLL over chunks of consecutive targets."""
-    pieces = [p for doc in losses for p in doc.split(chunk)]
-    sums = torch.stack([p.sum() for p in pieces]).double()
-    counts = torch.tensor([p.numel() for p in pieces], dtype=torch.float64)
+    """Percentile bootstrap interval of the mean NLL over the chunks of consecutive targets
+    (:func:`longswap.evaluate.paired.chunk_sums`)."""
+    sums = torch.tensor(chunks["sums"], dtype=torch.float64)
+    counts = torch.tensor(chunks["counts"], dtype=torch.float64)
     generator = torch.Generator().manual_seed(seed)
-    draws = torch.randint(0, len(pieces), (resamples, len(pieces)), generator=generator)
+    draws = torch.randint(0, len(sums), (resamples, len(sums)), generator=generator)
     means = sums[draws].sum(1) / counts[draws].sum(1)
     tail = (1 - confidence) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
@@ -122,7 +126,9 @@ def perplexity(
     Returns the record: ``nll`` (mean, nats), ``perplexity``,
     ``perplexity_ci`` and ``nll_ci`` (``confidence`` bootstrap intervals), ``bits_per_token``,
     ``target_tokens``, ``documents``, ``windows``, ``seconds`` and ``peak_memory_mb`` of the
-    forwards (device memory on CUDA, resident-set growth on CPU), and the convention in words.
+    forwards (device memory on CUDA, resident-set growth on CPU), the convention in words, and
+    ``chunks``: the loss sums of the chunks the interval resamples, from which two records of
+    the same tokens are compared pairwise (``longswap.evaluate.paired``).
     """
     docs = [documents] if isinstance(documents, Tensor) else list(documents)
     stride = stride or max(length // 2, 1)
@@ -145,7 +151,8 @@ def perplexity(
             losses.append(torch.cat(parts))
     seconds = time.perf_counter() - start_time
     nll = float(torch.cat(losses).double().mean())
-    low, high = _interval(losses, chunk, confidence, resamples, seed)
+    chunks = chunk_sums(losses, chunk)
+    low, high = _interval(chunks, confidence, resamples, seed)
     least = min(context, length - stride)
     return {
         "length": length,
@@ -168,4 +175,5 @@ def perplexity(
             f"least {least} tokens of its own document as context (strided sliding windows); "
             f"{confidence:.0%} interval: bootstrap over chunks of {chunk} targets"
         ),
+        "chunks": chunks,
     }
