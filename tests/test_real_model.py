@@ -23,6 +23,7 @@ from longswap.patterns import block_topk, sliding_window
 from longswap.train import FinetuneConfig, finetune
 
 from .swap.conftest import assert_generate_equals_recomputation
+from .test_demo import assert_heldout
 
 GGUF = smollm2_path()
 pytestmark = pytest.mark.skipif(
@@ -177,7 +178,8 @@ def test_damaged_gguf_files_get_one_clear_error(tmp_path):
 
 def test_quick_demo_on_the_real_model(tmp_path, capsys):
     """`longswap demo --model <SmolLM2> --quick`: every arm of the recipe on the real model,
-    held-out text from longswap's own source (every length below its trained 8192)."""
+    held-out text from the addresses or longswap's own source (every length below its trained
+    8192)."""
     out = tmp_path / "demo"
     pattern = "sliding_window(window=128, sinks=4) | block_topk(block_size=32, top_k=2)"
     args = ["demo", "--model", str(GGUF), "--quick", "--steps", "1", "--seq-len", "512"]
@@ -188,7 +190,7 @@ def test_quick_demo_on_the_real_model(tmp_path, capsys):
     assert main([*args, "--pattern", pattern, "--out", str(out)]) == 0
     results = json.loads((out / "demo.json").read_text())
     assert results["trained_length"] == 8192 and results["long_length"] == 512
-    assert "own source files" in results["heldout"] and (out / "heldout").is_dir()
+    assert_heldout(results, out)
     records = json.loads((out / "eval" / "results.json").read_text())["records"]
     ppl = [r for r in records if r["task"] == "ppl"]
     assert len(ppl) == 10 and all(math.isfinite(r["perplexity"]) for r in ppl)

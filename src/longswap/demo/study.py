@@ -51,7 +51,7 @@ from longswap.demo.config import (
     plan_for,
     problems,
 )
-from longswap.demo.heldout import HELDOUT_PARTS, heldout_folder, heldout_source
+from longswap.demo.heldout import heldout_folder, heldout_source, heldout_spread
 from longswap.demo.report import report
 from longswap.demo.verdict import ARMS, learned_counterpart, verdict
 from longswap.environment import environment
@@ -273,7 +273,7 @@ def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) ->
         resume=True,
         data=[str(heldout_folder(staging))] if config.model else [],
     )
-    common["spread"] = HELDOUT_PARTS if config.model else 4 if config.quick else 8
+    common["spread"] = heldout_spread(config.model, config.quick)
     _say(
         f"evaluating {len(built)} arms: perplexity at {plan.lengths}, speed at {plan.tuned}, "
         f"passkey at {plan.passkey_lengths}"
