@@ -101,3 +101,39 @@ def test_the_verdict_compares_paired_when_the_records_allow_it():
     for r in records:
         del r["chunks"]
     assert compared(records, ("a", 64), ("b", 64), 1.05, True) == (None, "")
+
+
+def passkey_records(arm, found, length=1024):
+    """Passkey records of one arm: prompt i (key 10000 + i, two per depth) found or not."""
+    records = []
+    for d in range(0, len(found), 2):
+        answers = [
+            {"key": 10000 + i, "answered": 10000 + i if found[i] else None} for i in (d, d + 1)
+        ]
+        records.append(
+            {
+                "model": f"/runs/{arm}",
+                "task": "passkey",
+                "length": length,
+                "depth": d / len(found),
+                "accuracy": sum(found[d : d + 2]) / 2,
+                "answers": answers,
+            }
+        )
+    return records
+
+
+@pytest.mark.parametrize(
+    ("arm3", "arm1", "holds"),
+    [
+        ([True] * 10, [True] * 5 + [False] * 5, True),
+        ([False] * 10, [True] * 10, False),  # arm 1 alone on 10 prompts: p = 0.002
+        ([True] * 4 + [False] * 6, [True] * 6 + [False] * 4, None),  # fewer, not significant
+    ],
+)
+def test_the_passkey_row_compares_the_same_prompts_exactly(arm3, arm1, holds):
+    from longswap.demo.verdict import ARMS, _passkey_vs_dense_row
+
+    records = passkey_records(ARMS[2], arm3) + passkey_records(ARMS[0], arm1)
+    _, measured, outcome = _passkey_vs_dense_row(records, 1024)
+    assert outcome is holds and "on the same 10 prompts" in measured

@@ -41,6 +41,8 @@ RETRIEVES = 0.8
 RECOVERS, SWAP_LOSS = 2 / 3, 0.01
 #: ... and, where the records allow a paired interval, its lower end at least this share.
 RECOVERS_LOW = 1 / 2
+#: A paired retrieval difference is significant below this two-sided p-value.
+SIGNIFICANT = 0.05
 #: Wall times are unreliable when the arms' CPU-per-wall-second differ by more than this.
 UNRELIABLE = 1.25
 
@@ -314,13 +316,30 @@ def _beyond_row(
     )
 
 
+def passkey_hits(records: list[dict], arm: str, length: int) -> list[tuple[int, bool]]:
+    """``(key, found)`` of every passkey prompt of one arm at one length, by depth."""
+    found = sorted(matching(records, arm, "passkey", length, "answers"), key=lambda r: r["depth"])
+    return [(a["key"], a["answered"] == a["key"]) for r in found for a in r["answers"]]
+
+
 def _passkey_vs_dense_row(records: list[dict], length: int) -> tuple[str, str, bool | None]:
-    """Arm 3's passkey accuracy at ``length`` against arm 1's (the untrained dense base)."""
+    """Arm 3's passkey accuracy at ``length`` against arm 1's (the untrained dense base), on
+    the same prompts: it fails when arm 1 finds significantly more keys (McNemar's exact
+    test, two-sided p < ``SIGNIFICANT``), is undecided when arm 3 finds fewer without
+    significance, and holds otherwise."""
     a1, a3 = (metric(records, arm, "passkey", length, "accuracy") for arm in (ARMS[0], ARMS[2]))
-    holds = None if math.isnan(a1 + a3) else a3 >= a1
+    claim = f"Arm 3 retrieves the passkey at {length} at least as well as arm 1"
+    measured = f"passkey accuracy at {length}: arm 3 {a3:.0%}, arm 1 {a1:.0%}"
+    h1, h3 = passkey_hits(records, ARMS[0], length), passkey_hits(records, ARMS[2], length)
+    if math.isnan(a1 + a3) or not h1 or [k for k, _ in h1] != [k for k, _ in h3]:
+        return claim, measured, None if math.isnan(a1 + a3) else a3 >= a1
+    test = paired.exact_test([hit for _, hit in h3], [hit for _, hit in h1])
+    worse = test["b_only"] > test["a_only"]
+    holds = (not worse) or (None if test["p_value"] >= SIGNIFICANT else False)
     return (
-        f"Arm 3 retrieves the passkey at {length} at least as well as arm 1",
-        f"passkey accuracy at {length}: arm 3 {a3:.0%}, arm 1 {a1:.0%}",
+        claim,
+        f"{measured} on the same {len(h1)} prompts (arm 3 alone {test['a_only']}, arm 1 alone "
+        f"{test['b_only']}; exact test p = {test['p_value']:.3g})",
         holds,
     )
 
