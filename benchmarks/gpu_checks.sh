@@ -22,9 +22,9 @@ status=0
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_cuda.py \
     tests/train/test_distributed.py::test_fsdp2_on_gpus_shards_and_equals_one_process \
     2>&1 | tee "$out/tests.log" || status=1
-timeout 270 python3 benchmarks/real_model_speed.py --device cuda --dtype bfloat16 \
+timeout 270 python3 benchmarks/real_model_speed.py --device cuda --dtypes bfloat16 \
     --backend flex --random-weights --model benchmarks/smollm2-135m \
-    --lengths 8192,16384,32768 --forward-only 65536 --repeats 3 --backward-repeats 3 \
-    --long-repeats 3 --out "$out/real_model_speed-gpu.json" 2>&1 | tee "$out/speed.log" \
-    || status=1
+    --lengths 8192,16384,32768 --forward-only 65536 --train-lengths 8192,16384 \
+    --full-lengths 8192 --repeats 3 --train-repeats 3 --long-repeats 3 \
+    --out "$out/real_model_speed-gpu.json" 2>&1 | tee "$out/speed.log" || status=1
 exit $status

@@ -15,8 +15,8 @@ of its own dtype and with the fastest dense of the run). Measured, side by side 
   gradients, as a prefill runs;
 * ``train lora-plus`` and ``train full``: one training step as ``longswap finetune`` takes
   it (``--method lora-plus`` or ``full``, ``--gradient-checkpointing``, the model in the
-  dtype): the forward with the LM head and the loss over the vocabulary, the backward, the
-  gradient clipping and AdamW's step;
+  dtype): the forward, the LM head and the loss over the vocabulary a chunk of positions at
+  a time, the backward, the gradient clipping and AdamW's step;
 
 each with the peak growth of resident memory (``longswap.environment.peak_memory``). Before
 the timed calls of a pass, every arm runs it once at ``--warm-up`` tokens (2048: past every
@@ -51,6 +51,7 @@ from longswap.config import comma_list
 from longswap.environment import environment, peak_memory
 from longswap.io import write_atomic, write_json
 from longswap.kernels import BACKENDS
+from longswap.train.recovery import recovery_loss
 from longswap.train.trainable import apply_method
 
 ARMS = {
@@ -104,15 +105,16 @@ def forward_step(model: Any) -> Step:
 
 
 def training_step(model: Any, method: str) -> Step:
-    """One training step of ``model`` (made trainable by ``method``, as ``finetune`` does):
-    forward with the LM loss, backward, clipping to norm 1 and AdamW's step (lr 1e-5)."""
+    """One training step of ``model`` (made trainable by ``method``) as ``finetune`` takes
+    it: the LM loss from the hidden states a chunk of positions at a time
+    (``recovery_loss``), backward, clipping to norm 1 and AdamW's step (lr 1e-5)."""
     trained = apply_method(model, method)
     trained.enable_input_require_grads()
     weights = [p for p in trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(weights, lr=1e-5, betas=(0.9, 0.95))
 
     def step(ids: torch.Tensor) -> None:
-        trained(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        recovery_loss(trained, None, {"input_ids": ids, "labels": ids}, 0.0).backward()
         torch.nn.utils.clip_grad_norm_(weights, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -162,13 +164,16 @@ def row(arm: str, dtype: str, length: int, kind: str, runs: list[dict]) -> dict[
     }
 
 
-def measure_dtype(base: Any, dtype: str, args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every pass of the plan for every arm with the model in ``dtype``."""
+def measure_dtype(
+    base: Any, dtype: str, args: argparse.Namespace, rows: list[dict[str, Any]], save: Callable
+) -> None:
+    """Every pass of the plan for every arm with the model in ``dtype``, each pass's rows
+    appended to ``rows`` and ``save()`` called after it (a stopped run keeps what it
+    measured, in ``--out``'s ``.partial.json``)."""
     base = copy.deepcopy(base).to(args.device, getattr(torch, dtype))
     base.train()  # dropout is 0; train() only lets checkpointing run
     base.activation_checkpointing_enable()
     gen = torch.Generator().manual_seed(0)
-    rows = []
 
     def record(kind: str, steps: dict[str, Step], length: int, repeats: int) -> None:
         ids = torch.randint(0, base.config.vocab_size, (1, length), generator=gen)
@@ -179,6 +184,7 @@ def measure_dtype(base: Any, dtype: str, args: argparse.Namespace) -> list[dict[
                 f"{rows[-1]['median_seconds']:8.2f} s {rows[-1]['peak_memory_mb']:8.0f} MB",
                 flush=True,
             )
+        save()
 
     models = arm_models(base, args.arms, args.backend)
     for length in args.lengths + args.forward_only:
@@ -194,7 +200,6 @@ def measure_dtype(base: Any, dtype: str, args: argparse.Namespace) -> list[dict[
         for length in lengths:
             record(f"train {method}", steps, length, args.train_repeats)
         del steps
-    return rows
 
 
 def table(record: dict) -> str:
@@ -297,7 +302,7 @@ def main() -> None:
     """Measure every arm in every dtype, pass and length; write the JSON record and table."""
     args = arguments()
     base = base_model(Path(args.model), args.random_weights)
-    rows = [r for dtype in args.dtypes for r in measure_dtype(base, dtype, args)]
+    rows: list[dict[str, Any]] = []
     record = {
         "command": command(sys.argv[1:]),
         "model": str(args.model),
@@ -313,8 +318,17 @@ def main() -> None:
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    partial = args.out.with_suffix(".partial.json")  # the earlier --out stays until the end
+
+    def save() -> None:
+        write_json(partial, record)
+
+    for dtype in args.dtypes:
+        measure_dtype(base, dtype, args, rows, save)
     write_json(args.out, record)
     write_atomic(args.out.with_suffix(".md"), table(record) + "\n")
+    partial.unlink()
     print(table(record))
 
 

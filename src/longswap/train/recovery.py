@@ -8,8 +8,9 @@ step's loss mixes the language-model loss with the KL divergence from the parent
 next-token distribution to the model's, at every predicted position:
 ``(1 - w) * LM + w * KL(parent || model)``, each a mean over the predicted tokens.
 
-Logits are never held for a whole sequence (16,384 x 49,152 floats are 3.2 GB): both
-models' final hidden states are computed once, and the logits of each chunk of
+Logits are never held for a whole sequence (16,384 x 49,152 floats are 3.2 GB), with or
+without the parent (``longswap finetune`` computes its plain LM loss this way too): the
+final hidden states are computed once, and the logits of each chunk of
 :data:`CHUNK` positions are computed from them, reduced to the chunk's loss and recomputed
 in the backward pass (activation checkpointing), so a step holds one chunk's logits at a
 time.
@@ -83,39 +84,47 @@ class DenseParent:
 
 def recovery_loss(
     model: nn.Module,
-    parent: DenseParent,
+    parent: DenseParent | None,
     inputs: dict[str, Tensor],
     weight: float,
     chunk: int = CHUNK,
     observer: Observer | None = None,
 ) -> Tensor:
     """``(1 - weight) * LM + weight * KL(parent || model)`` over ``inputs`` (``input_ids``,
-    ``labels`` and, for packed documents, ``position_ids``), each term a mean over the
-    predicted tokens; ``chunk`` positions' logits at a time. ``observer`` sees the model's
-    attention calls (not the parent's), as ``swap.observe`` hands them."""
-    kept = {k: inputs[k] for k in ("input_ids", "position_ids") if k in inputs}
+    ``labels`` and, for packed documents, ``position_ids``; an ``attention_mask`` if any),
+    each term a mean over the predicted tokens; ``chunk`` positions' logits at a time.
+    ``parent`` None: the LM loss alone (``weight`` 0), computed the same way, so a long
+    sequence never holds its whole logits. ``observer`` sees the model's attention calls
+    (not the parent's), as ``swap.observe`` hands them."""
+    if parent is None and weight:
+        raise ValueError(f"a KL weight ({weight}) needs the dense parent")
+    kept = {k: inputs[k] for k in ("input_ids", "position_ids", "attention_mask") if k in inputs}
     targets = inputs["labels"][:, 1:]  # (B, L - 1): position i predicts token i + 1
     lm = causal_lm(model)
-    parent.to(targets.device)
-    with parent.active(model) as teacher:
-        taught = teacher.base_model(**kept).last_hidden_state[:, :-1]
+    taught = None
+    if parent is not None:
+        parent.to(targets.device)
+        with parent.active(model) as teacher:
+            taught = teacher.base_model(**kept).last_hidden_state[:, :-1]
     with contextlib.nullcontext() if observer is None else observe(model, observer):
         hidden = lm.base_model(**kept).last_hidden_state[:, :-1]  # (B, L - 1, H)
 
-    def chunk_loss(student: Tensor, dense: Tensor, labels: Tensor) -> Tensor:
+    def chunk_loss(student: Tensor, labels: Tensor, dense: Tensor | None = None) -> Tensor:
         log_q = F.log_softmax(_logits(lm, student), -1)  # (B, C, V)
-        with parent.active(model, attention=False) as teacher:
-            log_p = F.log_softmax(_logits(teacher, dense), -1)
         valid = labels != IGNORE
-        lm_term = -log_q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
-        kl_term = (log_p.exp() * (log_p - log_q)).sum(-1)
-        return (((1 - weight) * lm_term + weight * kl_term) * valid).sum()
+        loss = -log_q.gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        if dense is not None:
+            with parent.active(model, attention=False) as teacher:
+                log_p = F.log_softmax(_logits(teacher, dense), -1)
+            loss = (1 - weight) * loss + weight * (log_p.exp() * (log_p - log_q)).sum(-1)
+        return (loss * valid).sum()
 
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[1], chunk):
         part = slice(start, start + chunk)
+        extra = () if taught is None else (taught[:, part],)
         total = total + checkpoint(
-            chunk_loss, hidden[:, part], taught[:, part], targets[:, part], use_reentrant=False
+            chunk_loss, hidden[:, part], targets[:, part], *extra, use_reentrant=False
         )
     return total / (targets != IGNORE).sum().clamp_min(1)
 

@@ -135,7 +135,9 @@ class SignalTrainer(Trainer):
     selected blocks only (the selectors' inputs are detached, so each loss trains only its
     own parameters); its sampled rows derive from the seed and the step. The selector
     warm-up trains a ``SelectorStudent`` (``train.teacher``), whose own loss the Trainer
-    takes as it is.
+    takes as it is. ``chunked``: the training loss of a causal LM comes from its hidden
+    states a chunk of positions at a time (``recovery.recovery_loss`` without a parent), so
+    that a long sequence never holds its whole logits; evaluation keeps the model's loss.
     """
 
     def __init__(
@@ -146,12 +148,18 @@ class SignalTrainer(Trainer):
         selectors: Literal["none"] | Joint = "none",
         parent: DenseParent | None = None,
         kl_weight: float = 0.0,
+        chunked: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
         self.transfer_steps, self.dense_steps = transfer_steps, dense_steps
         self.selectors = selectors
         self.parent, self.kl_weight = parent, kl_weight
+        self.chunked = chunked
+        if chunked or parent is not None:
+            # recovery_loss is a mean over its own batch's tokens: the Trainer divides it by
+            # the accumulation steps, and each process's mean weighs alike.
+            self.loss_is_scaled_for_ga = False
         self._forwards = (-1, 0)  # (step, its forwards so far): each micro-batch draws anew
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -165,7 +173,8 @@ class SignalTrainer(Trainer):
         transfer = model.training and self.state.global_step < self.transfer_steps
         selecting = self.selectors != "none" and self.state.global_step >= self.dense_steps
         recovering = self.parent is not None and model.training and not transfer
-        if not model.training or not (selecting or transfer or recovering):
+        chunked = self.chunked and model.training and not transfer
+        if not model.training or not (selecting or transfer or recovering or chunked):
             return super().compute_loss(model, inputs, *args, **kwargs)
         if transfer:
             signal = AttentionTransfer()
@@ -179,8 +188,9 @@ class SignalTrainer(Trainer):
         self._forwards = (step, micro)
         sampler = step_generator(self.args.seed, step, micro)
         distill = SelectorDistillation(self.selectors.rows, sampler) if selecting else None
-        if recovering and self.parent is not None:
-            loss = recovery_loss(model, self.parent, inputs, self.kl_weight, observer=distill)
+        if recovering or chunked:
+            parent, weight = (self.parent, self.kl_weight) if recovering else (None, 0.0)
+            loss = recovery_loss(model, parent, inputs, weight, observer=distill)
             loss = loss if distill is None else loss + distill.loss()
             return (loss, None) if kwargs.get("return_outputs") else loss
         with observe(model, distill):
@@ -253,6 +263,8 @@ def train(
         selectors="none" if trained is not model else selectors,  # a student's loss is whole
         parent=parent,
         kl_weight=kl_weight,
+        # DeepSpeed's engine (and its sequence-parallel loss) keeps the model's own loss.
+        chunked=trained is model and not args.deepspeed,
         model=trained,
         args=args,
         train_dataset=train_data,
