@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import longswap
-from longswap.train.recovery import DenseParent, recovery_loss
+from longswap.train.recovery import DenseParent, causal_lm, recovery_loss
 from longswap.train.trainable import apply_method
 
 from ..swap.conftest import make_model
@@ -49,6 +49,44 @@ def test_the_lm_term_is_the_models_own_loss():
         logits[:, :-1].flatten(0, 1), inputs["labels"][:, 1:].flatten(), ignore_index=-100
     )
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora-plus", "full"])
+def test_without_a_parent_it_is_the_lm_loss_and_the_trainer_takes_it_in_chunks(method, tmp_path):
+    """Plain fine-tuning's loss: the model's own LM loss and gradients, computed without the
+    whole sequence's logits (the head sees the predicting positions only, a chunk at a time);
+    the Trainer's training step takes it so, and evaluation keeps the model's loss."""
+    from transformers import TrainingArguments
+
+    from longswap.train.runner import SignalTrainer
+
+    model = _swapped(SPARSE, method)
+    inputs = _inputs()
+    inputs["labels"][:, :5] = -100
+    loss = recovery_loss(model, None, inputs, weight=0.0, chunk=16)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    expected = model(**inputs).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(
+            grad, dict(model.named_parameters())[name].grad, rtol=1e-4, atol=1e-6
+        )
+    with pytest.raises(ValueError, match="needs the dense parent"):
+        recovery_loss(model, None, inputs, weight=0.5)
+    shapes = []
+    head = causal_lm(model).get_output_embeddings()
+    head.register_forward_hook(lambda module, args, out: shapes.append(out.shape[1]))
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = SignalTrainer(model=model, args=args, chunked=True)
+    torch.testing.assert_close(trainer.compute_loss(model.train(), inputs), expected)
+    assert shapes == [59]  # the 59 predicting positions of 60, not the whole sequence
+    assert trainer.loss_is_scaled_for_ga is False
+    shapes.clear()
+    trainer.compute_loss(model.eval(), inputs)
+    assert shapes == [60]  # evaluation: the model's own loss
 
 
 @pytest.mark.parametrize("method", ["lora-plus", "full", "attention"])
