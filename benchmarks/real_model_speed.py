@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import statistics
 import sys
 import time
@@ -262,13 +263,13 @@ def arguments() -> argparse.Namespace:
     args = apply_smoke(
         parser,
         args,
-        lengths=[512],
-        forward_only=[1024],
-        train_lengths=[512],
-        full_lengths=[512],
+        lengths=[256],
+        forward_only=[512],
+        train_lengths=[256],
+        full_lengths=[256],
         repeats=2,
         train_repeats=1,
-        warm_up=256,
+        warm_up=128,
     )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no GPU here")
@@ -295,7 +296,7 @@ def command(argv: list[str]) -> str:
             skip = word == "--out"
             continue
         kept.append(word)
-    return " ".join(["python benchmarks/real_model_speed.py", *kept])
+    return shlex.join(["python", "benchmarks/real_model_speed.py", *kept])
 
 
 def main() -> None:

@@ -454,8 +454,8 @@ def render_real_model_history(root: Path) -> str:
     return table(header, "lrrrrr", rows) + "\n\n" + study_stamp(data, "real_model.json")
 
 
-#: The passes of the real-model speed benchmark that the summaries quote.
-PASSES = ("forward", "train lora-plus")
+#: The (pass, length) cells of the real-model speed benchmark that the summaries quote.
+CELLS = (("forward", 8192), ("forward", 16384), ("train lora-plus", 8192))
 #: The real-model speed benchmark's results and command.
 SPEED, SPEED_COMMAND = RESULTS / "real_model_speed.json", "python benchmarks/real_model_speed.py"
 #: A speed cell's key: (arm, dtype, length, pass).
@@ -501,7 +501,7 @@ def render_real_model_speed(root: Path) -> str:
         )
     header = ["arm", "dtype", "length", "pass", "seconds (min / median / max)"]
     header += ["vs dense, same dtype", "vs fastest dense", "peak memory MB"]
-    patterns = "; ".join(f"{a}: `{cell(p)}`" for a, p in arm_speed_patterns(data).items())
+    patterns = "; ".join(f"{a}: `{p}`" for a, p in arm_speed_patterns(data).items())
     return (
         table(header, "llrlrrrr", rows)
         + f"\n\nPatterns: {patterns}.\n\n"
@@ -556,16 +556,12 @@ Ratio = Callable[[str, int, str, str], float]
 
 def unions_speed(root: Path) -> tuple[dict[str, Any], Ratio] | None:
     """The speed benchmark and its :data:`Ratio` against dense of the same dtype, when it
-    measured dense and both unions at 8k and 16k in both passes and both dtypes; else None."""
+    measured dense and both unions in both dtypes at every one of :data:`CELLS`; else None."""
     if (found := speed_seconds(root)) is None:
         return None
     data, seconds = found
     needed = [
-        (a, d, n, k)
-        for a in ("dense", *UNIONS)
-        for d in ("float32", "bfloat16")
-        for n in (8192, 16384)
-        for k in PASSES
+        (a, d, n, k) for a in ("dense", *UNIONS) for d in ("float32", "bfloat16") for k, n in CELLS
     ]
     if any(key not in seconds for key in needed):
         return None
@@ -577,14 +573,16 @@ def unions_speed(root: Path) -> tuple[dict[str, Any], Ratio] | None:
 
 
 #: What a paragraph about the unions says before the speed benchmark has measured them.
-NO_UNIONS = missing(SPEED, f"{SPEED_COMMAND} (dense and the unions at 8k and 16k)")
+NO_UNIONS = missing(SPEED, f"{SPEED_COMMAND} (dense and the unions, both dtypes)")
 
 
 def speed_pairs(ratio: Ratio, arm: str, kind: str) -> str:
-    """``1.4x and 2.1x (bfloat16: 1.2x and 1.8x)``: the arm's speed-ups at 8k and 16k."""
+    """``1.40x and 1.95x (bfloat16: 1.64x and 2.69x)``: the arm's speed-ups at the lengths
+    of :data:`CELLS` for ``kind``, in float32 (bfloat16)."""
+    lengths = [n for k, n in CELLS if k == kind]
 
     def pair(dtype: str) -> str:
-        return f"{ratio(arm, 8192, kind, dtype):.2f}x and {ratio(arm, 16384, kind, dtype):.2f}x"
+        return " and ".join(f"{ratio(arm, n, kind, dtype):.2f}x" for n in lengths)
 
     return f"{pair('float32')} (bfloat16: {pair('bfloat16')})"
 
@@ -596,11 +594,12 @@ def render_real_model_speed_headline(root: Path) -> str:
     data, ratio = found
     union, learned = UNIONS
     return (
-        "On SmolLM2-135M on a 2-core CPU, against dense attention in the same dtype at 8k "
-        "and 16k tokens in float32 (and bfloat16), the union of a 512-token window with "
-        "sinks and 16 selected blocks of 64 runs a prefill at "
-        f"{speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training step at "
-        f"{speed_pairs(ratio, union, 'train lora-plus')}; with the learned pieces-of-4 "
+        "On SmolLM2-135M on a 2-core CPU, against dense attention in the same dtype, in "
+        "float32 (and bfloat16), the union of a 512-token window with sinks and 16 selected "
+        "blocks of 64 runs a prefill of 8k and 16k tokens at "
+        f"{speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training step of "
+        f"8k tokens at {speed_pairs(ratio, union, 'train lora-plus')}; with the learned "
+        "pieces-of-4 "
         f"gate, a prefill at {speed_pairs(ratio, learned, 'forward')} and a training step "
         f"at {speed_pairs(ratio, learned, 'train lora-plus')} "
         f"(`{data.get('command', SPEED_COMMAND)}`, "
@@ -615,10 +614,11 @@ def render_real_model_speed_bullet(root: Path) -> str:
     _, ratio = found
     union, learned = UNIONS
     return (
-        "* **A real model on CPU** (SmolLM2-135M, against dense of the same dtype at 8k and "
-        "16k, float32 (bfloat16)): the window | `block_topk(64, 16)` union runs a forward at "
-        f"{speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training step at "
-        f"{speed_pairs(ratio, union, 'train lora-plus')}; the same union with the learned "
+        "* **A real model on CPU** (SmolLM2-135M, against dense of the same dtype, float32 "
+        "(bfloat16)): the window | `block_topk(64, 16)` union runs a forward of 8k and 16k "
+        f"tokens at {speed_pairs(ratio, union, 'forward')} dense's speed and a LoRA+ training "
+        f"step of 8k at {speed_pairs(ratio, union, 'train lora-plus')}; the same union with "
+        "the learned "
         f"pieces-of-4 gate, a forward at {speed_pairs(ratio, learned, 'forward')} and a "
         f"training step at {speed_pairs(ratio, learned, 'train lora-plus')} (table below)."
     )
@@ -935,9 +935,8 @@ def render_default_choice(root: Path) -> str:
         return NO_UNIONS
     _, ratio = found
     tuned, far = run.tuned, run.far
-    lengths = [(n, kind) for n in (8192, 16384) for kind in PASSES]
     cheaper = [
-        run.cost(arm) < 1 and all(ratio(union, *at, "float32") > 1 for at in lengths)
+        run.cost(arm) < 1 and all(ratio(union, n, k, "float32") > 1 for k, n in CELLS)
         for arm, union in zip((TUNED, LEARNED), UNIONS, strict=True)
     ]
     if cheaper != [True, False]:

@@ -214,20 +214,22 @@ def test_the_real_model_benchmarks_run_in_their_smoke_mode(tmp_path):
     assert ("learned-64x16-untrained", "selection") in done
     assert all(math.isfinite(r["perplexity"]) for r in study["records"] if r["task"] == "ppl")
     arms = "dense,window-512+moba-64x16"
-    speed = smoke("real_model_speed", tmp_path / "speed.json", "--arms", arms)
+    # bfloat16 alone (each dtype's passes take a minute here; the committed run has both).
+    extra = ("--arms", arms, "--dtypes", "bfloat16")
+    speed = smoke("real_model_speed", tmp_path / "speed.json", *extra)
     cells = {(r["arm"], r["dtype"], r["length"], r["pass"]) for r in speed["rows"]}
     for arm in arms.split(","):
-        for dtype in ("float32", "bfloat16"):
+        for dtype in ("bfloat16",):
             assert {
+                (arm, dtype, 256, "forward"),
+                (arm, dtype, 256, "train lora-plus"),
+                (arm, dtype, 256, "train full"),
                 (arm, dtype, 512, "forward"),
-                (arm, dtype, 512, "train lora-plus"),
-                (arm, dtype, 512, "train full"),
-                (arm, dtype, 1024, "forward"),
             } <= cells
     for r in speed["rows"]:
         assert 0 < r["min_seconds"] <= r["median_seconds"] <= r["max_seconds"]
         assert r["peak_memory_mb"] >= 0 and len(r["seconds"]) == (
-            2 if r["length"] == 512 and r["pass"] == "forward" else 1
+            2 if r["length"] == 256 and r["pass"] == "forward" else 1
         )
     assert speed["environment"]["cpu_flags"] is not None
 

@@ -194,7 +194,9 @@ def harness_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit", type=float, help="samples per task at most (below 1: a share), as in lm-eval"
     )
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: 1")
+    p.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="prompts per batch (default: 1)"
+    )
     p.add_argument("--num-fewshot", type=int, help="few-shot examples per prompt (lm-eval's)")
     p.add_argument("--gen-kwargs", help="generation arguments, e.g. max_gen_toks=32 (lm-eval's)")
     p.add_argument("--include-path", type=Path, help="a folder of your own task YAML files")

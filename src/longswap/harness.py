@@ -216,8 +216,9 @@ def _evaluate(
 
 
 def _pattern(model: Any) -> str:
-    """The model's longswap pattern as recorded in its config, or ``dense``."""
-    record = getattr(model.config, "longswap", None)
-    if isinstance(record, dict) and record.get("pattern"):
-        return str(record["pattern"])
-    return "dense"
+    """The model's longswap pattern (its layers' patterns, each once, `` ; ``-joined), or
+    ``dense``."""
+    from longswap.swap import swap_spec
+
+    spec = swap_spec(model)
+    return "dense" if spec is None else " ; ".join(dict.fromkeys(spec.layers))

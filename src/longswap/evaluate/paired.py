@@ -77,9 +77,12 @@ def _draws(chunks: int, resamples: int, seed: int) -> Tensor:
 
 
 def _estimate(point: float, draws: Tensor, confidence: float) -> Difference:
+    """``point`` with the percentile interval of the draws that have a value (NaN: none)."""
+    kept = draws[~draws.isnan()]
+    if kept.numel() == 0:
+        return Difference(point, math.nan, math.nan)
     tail = (1 - confidence) / 2
-    q = torch.tensor([tail, 1 - tail], dtype=torch.float64)
-    low, high = torch.quantile(draws[~draws.isnan()], q)
+    low, high = torch.quantile(kept, torch.tensor([tail, 1 - tail], dtype=torch.float64))
     return Difference(point, float(low), float(high))
 
 

@@ -263,8 +263,9 @@ def train(
         selectors="none" if trained is not model else selectors,  # a student's loss is whole
         parent=parent,
         kl_weight=kl_weight,
-        # DeepSpeed's engine (and its sequence-parallel loss) keeps the model's own loss.
-        chunked=trained is model and not args.deepspeed,
+        # DeepSpeed's engine (and its sequence-parallel loss) and DDP's wrapper (whose
+        # forward must run for its gradients) keep the model's own loss.
+        chunked=trained is model and not args.deepspeed and args.world_size == 1,
         model=trained,
         args=args,
         train_dataset=train_data,
