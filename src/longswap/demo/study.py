@@ -170,7 +170,7 @@ def _study(config: DemoConfig, staging: Path, out: Path) -> tuple[dict[str, Any]
     results = {
         "config": asdict(config),
         "base": str(source),
-        "heldout": heldout_source(config.model),
+        "heldout": heldout_source(config.model, config.quick),
         "pattern": pattern,
         "learned_pattern": format_pattern(learned) if learned is not None else None,
         "trained_length": plan.trained,
@@ -271,7 +271,7 @@ def _evaluate(config: DemoConfig, plan: Plan, parsed: Pattern, staging: Path) ->
         depths=plan.depths,
         targets=plan.targets,
         resume=True,
-        data=[str(heldout_folder(staging))] if config.model else [],
+        data=[str(heldout_folder(staging, config.quick))] if config.model else [],
     )
     common["spread"] = heldout_spread(config.model, config.quick)
     _say(
